@@ -1,0 +1,84 @@
+"""Image bytes -> (format, width, height) after a full decode, or the reason they are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+# Our own pixel limit is checked before decoding; Pillow's warning would only repeat it.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class ImageRejected(Exception):
+    """An item that cannot be stored; str() is '<reason>: <detail>', the reason a short slug."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    max_pixels: int
+    formats: frozenset[str]
+
+    @classmethod
+    def from_settings(cls, ingest) -> "Limits":
+        return cls(ingest.max_bytes, ingest.max_pixels, frozenset(ingest.formats))
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    image_id: str
+    format: str
+    width: int
+    height: int
+
+
+def image_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def inspect_image(data: bytes, limits: Limits) -> ImageInfo:
+    """Validate fully (header, limits, complete decode) or raise ImageRejected."""
+    if not data:
+        raise ImageRejected("empty", "the file has 0 bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected("too-large", f"more than ingest.max_bytes={limits.max_bytes} bytes")
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow refuses outright above twice this
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not-an-image", "not a format Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{pixels.group(1)} pixels" if pixels else "the image"
+        raise ImageRejected("too-many-pixels", f"{size} is over ingest.max_pixels={limits.max_pixels}") from None
+    except Exception as exc:  # Pillow raises many types for damaged headers
+        raise ImageRejected("corrupt", _first_line(exc)) from None
+    with image:
+        if image.format not in limits.formats:
+            raise ImageRejected("unsupported-format", f"{image.format} is not in ingest.formats")
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ImageRejected("too-many-pixels", f"{width}x{height} is over ingest.max_pixels={limits.max_pixels}")
+        if width == 0 or height == 0:
+            raise ImageRejected("corrupt", f"{width}x{height} image")
+        try:
+            image.load()
+        except Exception as exc:
+            message = _first_line(exc)
+            reason = "truncated" if "truncated" in message or "end of file" in message.lower() else "corrupt"
+            raise ImageRejected(reason, message) from None
+        return ImageInfo(image_id(data), image.format, width, height)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

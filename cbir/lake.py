@@ -1,0 +1,258 @@
+"""The lake: content-addressed images and Parquet tables that commit a whole run at a time.
+
+Layout under the lake root (a local folder or s3://bucket/prefix):
+
+    images/<id[:2]>/<id>.<ext>            image bytes; id = sha256 of the bytes
+    <table>/run=<run_id>/part-*.parquet   a table's rows, one folder per committed run
+    <table>/_commits/<run_id>.json        the commit record: run id, time, files, rows
+    <table>/_staging/<run_id>/            a run in flight; readers skip names starting with '_'
+    models/  queries/                     model versions and query runs
+
+Executors write a run's parts into _staging; the driver commits them. On a local folder the
+commit is one directory rename, so any reader sees all of a run or none of it. Object stores
+have no rename: parts are copied into run=<id>/ and the commit record is written last, so
+readers that follow _commits (cbir itself, or DuckDB over the listed files) never see half a
+run; a crash mid-commit is rolled forward by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cbir.errors import UsageError
+from cbir.schemas import SCHEMAS
+from cbir.settings import S3, Settings
+
+TABLES = ("manifest", "features", "captions")
+ROOTS = ("images", "models", "queries")
+STALE_STAGING_S = 24 * 3600
+READY = "_ready.json"
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across machines, never parsed as a number."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def open_filesystem(uri: str, s3: S3) -> tuple[pafs.FileSystem, str]:
+    """A URI (local path, file:// or s3://) -> (filesystem, path within it)."""
+    if uri.startswith("s3://"):
+        return pafs.S3FileSystem(**_s3_options(s3)), uri.removeprefix("s3://").rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def _s3_options(s3: S3) -> dict:
+    # Delayed open lets a small write be one PutObject instead of a three-request multipart upload.
+    options: dict = {"allow_delayed_open": True}
+    if s3.endpoint_url:
+        scheme, _, host = s3.endpoint_url.rstrip("/").partition("://")
+        options.update(endpoint_override=host, scheme=scheme)
+    if s3.region:
+        options["region"] = s3.region
+    if s3.access_key and s3.secret_key:
+        options.update(access_key=s3.access_key.get_secret_value(), secret_key=s3.secret_key.get_secret_value())
+    return options
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def put_bytes(fs: pafs.FileSystem, path: str, data: bytes, overwrite: bool = False) -> bool:
+    """Write atomically; without overwrite, False when the path exists (content-addressed reuse)."""
+    if not overwrite and fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    if is_local(fs):  # a reader must never see a half-written file
+        parent = path.rsplit("/", 1)[0]
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    else:  # an object PUT is atomic already, and S3 has no folders to create
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    return True
+
+
+@dataclass
+class Lake:
+    uri: str
+    fs: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def open(cls, settings: Settings) -> "Lake":
+        fs, root = open_filesystem(settings.lake, settings.s3)
+        return cls(settings.lake, fs, root)
+
+    def check(self) -> None:
+        """Fail early, in one line, when the lake cannot be reached or created."""
+        try:
+            if is_local(self.fs):
+                self.fs.create_dir(self.root, recursive=True)
+            else:
+                bucket = self.root.split("/", 1)[0]
+                if self.fs.get_file_info(bucket).type != pafs.FileType.Directory:
+                    raise UsageError(f"lake {self.uri}: bucket '{bucket}' does not exist")
+        except OSError as exc:
+            raise UsageError(f"lake {self.uri} is not reachable: {str(exc).splitlines()[0]}") from None
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def uri_of(self, path: str) -> str:
+        return path if is_local(self.fs) else f"s3://{path}"
+
+    def table(self, name: str) -> "Table":
+        return Table(name, self.fs, self.path(name), SCHEMAS[name])
+
+    def table_uris(self) -> dict[str, str]:
+        return {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}
+
+    # Content-addressed images.
+    def image_path(self, image_id: str, image_format: str) -> str:
+        ext = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}.get(image_format, image_format.lower())
+        return self.path("images", image_id[:2], f"{image_id}.{ext}")
+
+    def put_image(self, image_id: str, image_format: str, data: bytes) -> bool:
+        return put_bytes(self.fs, self.image_path(image_id, image_format), data)
+
+
+@dataclass
+class Table:
+    name: str
+    fs: pafs.FileSystem
+    path: str
+    schema: pa.Schema
+
+    # Reading: committed runs only.
+    def committed_runs(self) -> set[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_commits", allow_not_found=True))
+        return {i.base_name[: -len(".json")] for i in infos if i.is_file and i.base_name.endswith(".json")}
+
+    def files(self) -> list[str]:
+        committed = self.committed_runs()
+        if not committed:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        files = []
+        for info in infos:
+            run_dir, _, name = info.path[len(self.path) + 1:].partition("/")
+            if info.is_file and name.endswith(".parquet") and run_dir.removeprefix("run=") in committed:
+                files.append(info.path)
+        return sorted(files)
+
+    def dataset(self, files: list[str] | None = None) -> ds.Dataset:
+        files = self.files() if files is None else files
+        return ds.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return self.dataset().to_table(columns=columns)
+
+    # Writing: parts into _staging, then one commit.
+    def staging(self, run_id: str) -> str:
+        return f"{self.path}/_staging/{run_id}"
+
+    def write_part(self, run_id: str, batches: Iterable[pa.RecordBatch], tag: str = "") -> tuple[str | None, int]:
+        """Write one part file of a run (called in executors): (file name, rows); no file for no rows."""
+        name = f"part-{tag}{uuid.uuid4().hex[:12]}.parquet"
+        writer, rows = None, 0
+        try:
+            for batch in batches:
+                if not batch.num_rows:
+                    continue
+                if writer is None:
+                    if is_local(self.fs):
+                        self.fs.create_dir(self.staging(run_id), recursive=True)
+                    path = f"{self.staging(run_id)}/{name}"
+                    writer = pq.ParquetWriter(path, self.schema, filesystem=self.fs, compression="zstd")
+                writer.write_batch(batch.select(self.schema.names).cast(self.schema))
+                rows += batch.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        return (name if rows else None), rows
+
+    def commit(self, run_id: str, parts: list[tuple[str, int]]) -> dict | None:
+        """Publish the named parts of a run (other files in its staging folder are failed attempts)."""
+        self.recover()
+        parts = [(name, rows) for name, rows in parts if rows]
+        if not parts:
+            self.abort(run_id)
+            return None
+        record = {
+            "run_id": run_id,
+            "committed_at": datetime.now(timezone.utc).isoformat(),
+            "files": [name for name, _ in parts],
+            "rows": sum(rows for _, rows in parts),
+        }
+        # From here on the run is decided: a crash before the end is rolled forward by recover().
+        self._write_json(f"{self.staging(run_id)}/{READY}", record)
+        self._publish(record)
+        return record
+
+    def abort(self, run_id: str) -> None:
+        if self.fs.get_file_info(self.staging(run_id)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.staging(run_id))
+
+    def recover(self) -> None:
+        """Finish commits that a crash interrupted; drop abandoned staging older than a day."""
+        staged = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_staging", allow_not_found=True))
+        for info in staged:
+            ready = f"{info.path}/{READY}"
+            if self.fs.get_file_info(ready).is_file:
+                self._publish(self._read_json(ready))
+            elif self._newest_mtime(info.path) < time.time() - STALE_STAGING_S:
+                self.abort(info.base_name)
+        committed = self.committed_runs()
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)):
+            run_id = info.base_name.removeprefix("run=")
+            ready = f"{info.path}/{READY}"  # renamed into place, record not yet written
+            if info.base_name.startswith("run=") and run_id not in committed and self.fs.get_file_info(ready).is_file:
+                self._publish(self._read_json(ready))
+
+    def _publish(self, record: dict) -> None:
+        run_id = record["run_id"]
+        staging, run_dir = self.staging(run_id), f"{self.path}/run={run_id}"
+        staged = self.fs.get_file_info(staging).type == pafs.FileType.Directory
+        if staged and is_local(self.fs):
+            keep = {*record["files"], READY}
+            for info in self.fs.get_file_info(pafs.FileSelector(staging)):
+                if info.base_name not in keep:
+                    self.fs.delete_file(info.path)
+            self.fs.move(staging, run_dir)  # one rename: the whole run appears at once
+        elif staged:
+            def copy(name: str) -> None:
+                if self.fs.get_file_info(f"{run_dir}/{name}").type == pafs.FileType.NotFound:
+                    self.fs.copy_file(f"{staging}/{name}", f"{run_dir}/{name}")
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(copy, record["files"]))
+        self._write_json(f"{self.path}/_commits/{run_id}.json", record)
+        self.abort(run_id)
+        if self.fs.get_file_info(f"{run_dir}/{READY}").is_file:
+            self.fs.delete_file(f"{run_dir}/{READY}")
+
+    def _newest_mtime(self, path: str) -> float:
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return max((i.mtime.timestamp() for i in infos if i.mtime is not None), default=0.0)
+
+    def _write_json(self, path: str, data: dict) -> None:
+        put_bytes(self.fs, path, json.dumps(data, indent=1).encode(), overwrite=True)
+
+    def _read_json(self, path: str) -> dict:
+        with self.fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())

@@ -1,0 +1,29 @@
+"""Arrow schemas of the lake's tables; the README's table reference is written from these."""
+
+import pyarrow as pa
+
+
+def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
+    return pa.field(name, type_, metadata={"doc": doc})
+
+
+MANIFEST = pa.schema(
+    [
+        _field("image_id", pa.string(), "sha256 of the image bytes (hex); null when the item failed"),
+        _field("source", pa.string(), "what was ingested: a folder, a prefix or a manifest file"),
+        _field("uri", pa.string(), "where this item came from"),
+        _field("format", pa.string(), "image format as Pillow names it: JPEG, PNG, ..."),
+        _field("width", pa.int32(), "pixels"),
+        _field("height", pa.int32(), "pixels"),
+        _field("bytes", pa.int64(), "size of the image file"),
+        _field("status", pa.string(), "ok, duplicate (same bytes as an image already stored) or failed"),
+        _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
+        _field("title", pa.string(), "source title, if any"),
+        _field("tags", pa.list_(pa.string()), "source tags, if any"),
+        _field("caption", pa.string(), "a caption that came with the image, if any"),
+        _field("ingested_at", pa.timestamp("us", tz="UTC"), "when the run started"),
+        _field("run_id", pa.string(), "the ingest run that wrote the row"),
+    ]
+)
+
+SCHEMAS = {"manifest": MANIFEST}

@@ -1,0 +1,245 @@
+"""Settings: a conf/<profile>.yaml, then --conf FILE, then CBIR_* variables, then --set KEY=VALUE.
+
+Every layer is merged into one dict and validated once, so an error names the key, the value
+and the layer it came from. Unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from cbir.errors import UsageError
+
+PROFILES = ("local", "s3", "cluster")
+ENV_PREFIX = "CBIR_"
+# Variables that choose the layers rather than being settings themselves.
+ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class S3(Section):
+    """Any S3-compatible endpoint. Credentials default to the AWS_* variables and the usual chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError("must look like http(s)://host[:port]")
+        return value
+
+
+class Spark(Section):
+    master: str = "local[*]"
+    partitions: int = Field(0, ge=0, description="0: about 1,000 items a partition, at least 4 per core")
+    driver_memory: str = "2g"
+    ui: bool = False
+    conf: dict[str, str] = {}
+
+    @field_validator("master")
+    @classmethod
+    def _known_master(cls, value: str) -> str:
+        if not re.match(r"^(local(\[(\*|\d+)(,\d+)?\])?|(spark|k8s|mesos)://\S+|yarn)$", value):
+            raise ValueError("must be local, local[N], local[*], spark://HOST:PORT, k8s://URL or yarn")
+        return value
+
+
+class Ingest(Section):
+    max_bytes: int = Field(50 * 2**20, gt=0)
+    max_pixels: int = Field(89_478_485, gt=0)
+    formats: list[str] = list(IMAGE_FORMATS)
+    threads: int = Field(8, ge=1, le=256, description="concurrent reads per Spark task")
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _format_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in re.split(r"[,\s]+", value) if part]
+        if isinstance(value, list):
+            value = [str(part).upper() for part in value]
+            unknown = sorted(set(value) - set(IMAGE_FORMATS))
+            if unknown:
+                raise ValueError(f"unknown format {unknown[0]}; known: {', '.join(IMAGE_FORMATS)}")
+        return value
+
+
+class Settings(Section):
+    profile: str = "local"
+    state_dir: str = ".cbir"
+    lake: str = ".cbir/lake"
+    s3: S3 = S3()
+    spark: Spark = Spark()
+    ingest: Ingest = Ingest()
+
+    @field_validator("lake")
+    @classmethod
+    def _lake_uri(cls, value: str) -> str:
+        scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", value)
+        if scheme and scheme.group(1) not in ("s3", "file"):
+            raise ValueError("must be a local folder or an s3://bucket/prefix URI")
+        if scheme and scheme.group(1) == "s3" and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{2,62}(/|$)", value):
+            raise ValueError("must name a bucket: s3://bucket/prefix")
+        return value
+
+    @property
+    def lake_is_local(self) -> bool:
+        return not self.lake.startswith("s3://")
+
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON-ready data, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(
+    profile: str | None = None,
+    conf_file: str | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge the layers, validate once, and make local paths absolute."""
+    environ = os.environ if environ is None else environ
+    profile = profile or environ.get("CBIR_PROFILE") or "local"
+    conf_file = conf_file or environ.get("CBIR_CONF")
+    layers = [(f"profile '{profile}'", _profile_layer(profile))]
+    if conf_file:
+        layers.append((conf_file, _yaml_layer(conf_file)))
+    layers += _env_layers(environ)
+    layers.append(("--set", _set_layer(overrides)))
+
+    merged: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for origin, layer in layers:
+        _merge(merged, layer, origins, origin)
+    merged["profile"] = profile
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise UsageError(_describe(exc.errors()[0], merged, origins)) from None
+    return _absolute_paths(settings)
+
+
+def _profile_layer(name: str) -> dict[str, Any]:
+    if name not in PROFILES:
+        raise UsageError(f"unknown profile '{name}'; profiles: {', '.join(PROFILES)}")
+    return _parse_yaml(resources.files("conf").joinpath(f"{name}.yaml").read_text(), f"profile '{name}'")
+
+
+def _yaml_layer(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read settings file {path}: {exc.strerror}") from None
+    return _parse_yaml(text, path)
+
+
+def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"settings file {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"settings file {origin} must hold a mapping of settings")
+    return data
+
+
+def _env_layers(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """CBIR_SECTION__KEY=value -> {section: {key: value}}, one layer a variable so errors can name it."""
+    layers = []
+    for name, value in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and name not in ENV_CONTROL:
+            layer: dict[str, Any] = {}
+            _assign(layer, name[len(ENV_PREFIX):].lower().split("__"), value)
+            layers.append((f"environment variable {name}", layer))
+    return layers
+
+
+def _set_layer(overrides: Iterable[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set needs KEY=VALUE, got '{item}'")
+        _assign(layer, _split_key(key.strip()), value)
+    return layer
+
+
+def _split_key(key: str) -> list[str]:
+    """Dotted key -> path; below a mapping-valued setting (spark.conf) the rest is one key."""
+    parts = key.split(".")
+    model: type[BaseModel] | None = Settings
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return parts
+        annotation = field.annotation
+        if getattr(annotation, "__origin__", None) is dict:
+            return parts[: i + 1] + [".".join(parts[i + 1:])] if i + 1 < len(parts) else parts
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return parts
+
+
+def _assign(layer: dict[str, Any], path: list[str], raw: str) -> None:
+    node = layer
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    # Strings stay strings (pydantic coerces "4" or "true" per field); YAML flow syntax makes lists and maps.
+    node[path[-1]] = yaml.safe_load(raw) if raw.strip()[:1] in ("[", "{") else raw
+
+
+def _merge(into: dict[str, Any], layer: dict[str, Any], origins: dict, origin: str, prefix=()) -> None:
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origins, origin, path)
+        else:
+            into[key] = value
+            origins[path] = origin
+            if isinstance(value, dict):
+                _record_leaves(value, origins, origin, path)
+
+
+def _record_leaves(value: dict, origins: dict, origin: str, prefix: tuple) -> None:
+    for key, item in value.items():
+        origins[(*prefix, str(key))] = origin
+        if isinstance(item, dict):
+            _record_leaves(item, origins, origin, (*prefix, str(key)))
+
+
+def _describe(error: dict, merged: dict, origins: dict) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
+    origin = origins.get(loc) or next((origins[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origins), "defaults")
+    if error["type"] == "extra_forbidden":
+        parent = Settings
+        for part in loc[:-1]:
+            parent = parent.model_fields[part].annotation
+        known = ", ".join(parent.model_fields)
+        return f"unknown setting '{key}' (from {origin}); known here: {known}"
+    value = error.get("input")
+    shown = "'***'" if any(word in key for word in ("secret", "key", "token", "password")) else repr(value)
+    return f"bad setting {key}={shown} (from {origin}): {error['msg'].removeprefix('Value error, ')}"
+
+
+def _absolute_paths(settings: Settings) -> Settings:
+    updates: dict[str, Any] = {"state_dir": os.path.abspath(os.path.expanduser(settings.state_dir))}
+    if settings.lake_is_local:
+        path = settings.lake.removeprefix("file://")
+        updates["lake"] = os.path.abspath(os.path.expanduser(path))
+    else:
+        updates["lake"] = settings.lake.rstrip("/")
+    return settings.model_copy(update=updates)

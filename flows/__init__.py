@@ -1,0 +1,1 @@
+"""Prefect flows: one per user-facing job. They orchestrate; jobs compute."""

@@ -1,0 +1,126 @@
+"""The cbir command: parse arguments, load settings, run the verb's flow.
+
+Exit 0 when a run succeeds (bad items are rows, not failures), 2 on bad usage or settings,
+1 when a run fails. Errors are one line on stderr; CBIR_DEBUG=1 shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cbir.errors import CbirError
+from cbir.lake import Lake
+from cbir.settings import Settings, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.profile, args.conf, [*args.set, *getattr(args, "set_after", [])])
+        prepare_environment(settings)
+        return args.command(args, settings) or 0
+    except CbirError as exc:
+        return _fail(exc, exc.exit_code)
+    except KeyboardInterrupt:
+        print("cbir: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failed run: Prefect has logged the details
+        return _fail(exc, 1, f"{type(exc).__name__}: ")
+
+
+def _fail(exc: Exception, code: int, prefix: str = "") -> int:
+    if os.environ.get("CBIR_DEBUG"):
+        raise exc
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"cbir: error: {prefix}{message}", file=sys.stderr)
+    return code
+
+
+def prepare_environment(settings: Settings) -> None:
+    """Keep Prefect's and Keras' state in the project's state folder; must run before they are imported."""
+    state = Path(settings.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("KERAS_HOME", str(state / "keras"))
+
+
+# Verbs.
+def info(args, settings: Settings) -> None:
+    tables = Lake.open(settings).table_uris()
+    if args.json:
+        print(json.dumps({"settings": settings.public(), "tables": tables}, indent=2))
+        return
+    print(f"profile: {settings.profile}\nlake:    {settings.lake}\nstate:   {settings.state_dir}")
+    for name, uri in tables.items():
+        print(f"  {name:<9} {uri}")
+
+
+def ingest(args, settings: Settings) -> None:
+    from flows.ingest import ingest_flow
+    from jobs.reader import resolve_source
+
+    Lake.open(settings).check()
+    resolve_source(args.source, settings)  # a missing source is bad usage: say so before starting a run
+    ingest_flow(args.source, retry_failed=args.retry_failed, settings=settings)
+
+
+def demo(args, settings: Settings) -> None:
+    from flows.demo import demo_flow
+
+    Lake.open(settings).check()
+    demo_flow(settings=settings)
+
+
+def ui(args, settings: Settings) -> int:
+    url = f"http://{args.host}:{args.port}"
+    print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}).", file=sys.stderr)
+    print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
+          file=sys.stderr)
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbir", description="Caption-based reverse image search, as a batch pipeline.")
+    _add_common(parser, after_verb=False)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, function, help: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help, description=help)
+        _add_common(sub, after_verb=True)
+        sub.set_defaults(command=function)
+        return sub
+
+    sub = verb("info", info, "print the active settings (secrets masked) and the lake's tables")
+    sub.add_argument("--json", action="store_true", help="one JSON object: settings and tables")
+    sub = verb("ingest", ingest, "store the images of a folder, s3:// prefix or manifest file in the lake")
+    sub.add_argument("source", help="folder, s3://bucket/prefix, image, or manifest (.csv .jsonl .parquet .txt)")
+    sub.add_argument("--retry-failed", action="store_true", help="try again the items that failed before")
+    verb("demo", demo, "run the pipeline on the sample photos that pip installed")
+    sub = verb("ui", ui, "start the Prefect server and UI, its database in the state folder")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=4200)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser, after_verb: bool) -> None:
+    # After the verb, defaults are SUPPRESS so they never overwrite what came before it.
+    default = argparse.SUPPRESS if after_verb else None
+    parser.add_argument("--conf", metavar="FILE", default=default, help="a YAML settings file over the profile")
+    parser.add_argument("--profile", metavar="NAME", default=default, help="local (default), s3 or cluster")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="set_after" if after_verb else "set",
+                        default=argparse.SUPPRESS if after_verb else [], help="override one setting")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

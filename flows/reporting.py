@@ -1,0 +1,54 @@
+"""What a person sees of a run: progress in the terminal and the Prefect UI, and a summary table."""
+
+from __future__ import annotations
+
+import io
+import time
+
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+class Progress:
+    """A Prefect progress artifact plus a terminal line at every tenth, fed (done, total) tasks."""
+
+    def __init__(self, key: str, description: str, min_interval_s: float = 2.0):
+        self.description = description
+        self.artifact = create_progress_artifact(progress=0.0, key=key, description=description)
+        self.min_interval_s = min_interval_s
+        self.shown_tenth = 0
+        self.updated_at = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100.0 * done / total if total else 0.0
+        now = time.monotonic()
+        if now - self.updated_at >= self.min_interval_s:
+            update_progress_artifact(self.artifact, percent)
+            self.updated_at = now
+        if int(percent // 10) > self.shown_tenth:
+            self.shown_tenth = int(percent // 10)
+            print(f"{self.description}: {percent:.0f}% ({done}/{total} Spark tasks)")
+
+    def finish(self) -> None:
+        update_progress_artifact(self.artifact, 100.0)
+
+
+def render_table(title: str, rows: list[dict]) -> str:
+    table = Table()
+    for column in rows[0] if rows else []:
+        table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
+    for row in rows:
+        table.add_row(*(escape(str(value)) for value in row.values()))
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=False)
+    console.print(escape(title))
+    console.print(table)
+    return out.getvalue()
+
+
+def publish_summary(key: str, title: str, rows: list[dict]) -> None:
+    """Print the summary and keep it as a Prefect table artifact."""
+    print("\n" + render_table(title, rows))
+    create_table_artifact(table=rows, key=key, description=title)

@@ -1,0 +1,1 @@
+"""Spark jobs: plain functions of (spark, lake, settings, inputs). No Prefect here."""

@@ -1,0 +1,183 @@
+"""Ingest: read, validate and store each image of a source in Spark tasks, then commit its manifest rows.
+
+Stages: reader (driver lists the source) -> skip what the manifest has -> probe (tasks read,
+fully decode and store each image content-addressed) -> mark duplicates by hash -> write
+parts -> commit. Every item gets a row: ok, duplicate or failed with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from cbir.images import ImageRejected, Limits, inspect_image
+from cbir.lake import Lake, new_run_id, open_filesystem
+from cbir.schemas import MANIFEST
+from cbir.settings import S3, Settings
+from jobs.lakeio import read_table, write_run
+from jobs.progress import Report, tracked
+from jobs.reader import ENTRY_DDL, Entry, Source, read_entries
+from jobs.spark import default_partitions
+
+PROBED = pa.schema([MANIFEST.field(name) for name in (
+    "uri", "caption", "title", "tags", "image_id", "format", "width", "height", "bytes", "status", "error")])
+
+
+@dataclass
+class IngestSummary:
+    run_id: str
+    source: str
+    found: int = 0
+    skipped: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def probed(self) -> int:
+        return self.ingested + self.duplicates + sum(self.failed.values())
+
+    @property
+    def images_per_s(self) -> float:
+        return self.probed / self.seconds if self.seconds else 0.0
+
+    def rows(self) -> list[dict]:
+        """The summary as (what, count) rows: the printed table and the Prefect artifact."""
+        rows = [
+            {"what": "found in source", "count": self.found},
+            {"what": "skipped (already in manifest)", "count": self.skipped},
+            {"what": "ingested", "count": self.ingested},
+            {"what": "duplicates (same bytes)", "count": self.duplicates},
+        ]
+        rows += [{"what": f"failed: {reason}", "count": n} for reason, n in sorted(self.failed.items())]
+        rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
+        return rows
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+
+
+def run(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    source: Source,
+    *,
+    retry_failed: bool = False,
+    progress: Report | None = None,
+) -> IngestSummary:
+    started, run_id = time.monotonic(), new_run_id()
+    summary = IngestSummary(run_id, source.uri)
+    entries = list(read_entries(source))
+    summary.found = len(entries)
+    unique: dict[str, Entry] = {}
+    for entry in entries:  # a uri listed twice counts once, with its first row
+        unique.setdefault(entry.uri, entry)
+    entries = list(unique.values())
+    if entries:
+        table = lake.table("manifest")
+        known = read_table(spark, table, ["uri", "image_id", "status"])
+        rows = _new_rows(spark, entries, known, lake, settings, retry_failed)
+        rows = rows.select(
+            *PROBED.names,
+            F.lit(source.uri).alias("source"),
+            F.lit(datetime.now(timezone.utc)).alias("ingested_at"),
+            F.lit(run_id).alias("run_id"),
+        )
+        try:
+            with tracked(spark, f"ingest {source.uri}", progress):
+                parts, counts = write_run(rows, table, run_id, count=_count_statuses)
+            table.commit(run_id, parts)
+        except BaseException:
+            table.abort(run_id)
+            raise
+        summary.ingested, summary.duplicates = counts.pop("ok", 0), counts.pop("duplicate", 0)
+        summary.failed = {reason.removeprefix("failed:"): n for reason, n in counts.items()}
+        summary.skipped = summary.found - summary.probed
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _new_rows(spark, entries, known: DataFrame, lake: Lake, settings: Settings, retry_failed: bool) -> DataFrame:
+    """Entries not yet in the manifest, probed in tasks, with duplicates marked."""
+    skip = known.where(F.col("status") != "failed") if retry_failed else known
+    new = (
+        spark.createDataFrame(entries, ENTRY_DDL)
+        .join(skip.select("uri"), "uri", "left_anti")
+    )
+    partitions = default_partitions(spark, len(entries), settings.spark.partitions)
+    probe = partial(probe_partition, lake, Limits.from_settings(settings.ingest), settings.s3, settings.ingest.threads)
+    probed = new.repartition(partitions).mapInArrow(probe, from_arrow_schema(PROBED))
+    return mark_duplicates(probed, known)
+
+
+def mark_duplicates(probed: DataFrame, known: DataFrame) -> DataFrame:
+    """An ok image whose bytes are already stored, or stored by an earlier uri of this run, is a duplicate."""
+    stored = known.where(F.col("status") == "ok").select("image_id").distinct().withColumn("_stored", F.lit(True))
+    first = F.row_number().over(Window.partitionBy("image_id").orderBy("uri"))
+    duplicate = (F.col("status") == "ok") & (F.col("_stored").isNotNull() | (first > 1))
+    return (
+        probed.join(stored, "image_id", "left")
+        .withColumn("status", F.when(duplicate, F.lit("duplicate")).otherwise(F.col("status")))
+        .drop("_stored")
+    )
+
+
+def _count_statuses(batch: pa.RecordBatch) -> Counter:
+    statuses = batch.column("status").to_pylist()
+    errors = batch.column("error").to_pylist()
+    return Counter(s if s != "failed" else f"failed:{(e or '').split(':')[0]}" for s, e in zip(statuses, errors))
+
+
+# Executor side.
+def probe_partition(lake: Lake, limits: Limits, s3: S3, threads: int, batches: Iterator[pa.RecordBatch]):
+    filesystems: dict[str, pafs.FileSystem] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for batch in batches:
+            rows = pool.map(partial(probe, lake, limits, s3, filesystems), batch.to_pylist())
+            yield pa.RecordBatch.from_pylist(list(rows), schema=PROBED)
+
+
+def probe(lake: Lake, limits: Limits, s3: S3, filesystems: dict, entry: dict) -> dict:
+    """One item -> its manifest fields. Item problems become a failed row; lake problems fail the task."""
+    row = {name: entry.get(name) for name in PROBED.names}
+    if entry["error"]:
+        return {**row, "status": "failed"}
+    try:
+        data = read_bytes(entry["uri"], s3, filesystems, limits.max_bytes)
+        row["bytes"] = len(data)
+        info = inspect_image(data, limits)
+    except ImageRejected as exc:
+        return {**row, "status": "failed", "error": str(exc)}
+    lake.put_image(info.image_id, info.format, data)
+    return {**row, "image_id": info.image_id, "format": info.format, "width": info.width,
+            "height": info.height, "status": "ok", "error": None}
+
+
+def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes of the item (enough to know it is too large)."""
+    scheme = "s3" if uri.startswith("s3://") else "local"
+    if scheme not in filesystems:  # one filesystem per task, shared by its threads
+        filesystems[scheme] = open_filesystem(uri, s3)[0]
+    fs = filesystems[scheme]
+    path = uri.removeprefix("s3://")
+    try:
+        with fs.open_input_stream(path) as stream:
+            data = stream.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageRejected("not-found", "no such file") from None
+    except OSError as exc:
+        raise ImageRejected("unreadable", str(exc).splitlines()[0][:300]) from None
+    return data

@@ -1,0 +1,205 @@
+"""Reader: a SOURCE (a folder, an s3:// prefix, one image, or a manifest file) -> entries to ingest.
+
+A manifest is CSV, JSONL (or a JSON array) or Parquet with a `uri` column and optional `caption`,
+`title` and `tags`, or a .txt file with one uri per line; .gz, .bz2 and .zst copies work too.
+Relative uris are resolved against the manifest's folder. A bad row becomes an entry that
+carries its error, so it is recorded as a failed manifest row and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cbir.errors import UsageError
+from cbir.lake import open_filesystem
+from cbir.settings import Settings
+
+MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+COMPRESSIONS = (".gz", ".bz2", ".zst")
+
+
+class Entry(NamedTuple):
+    uri: str
+    caption: str | None = None
+    title: str | None = None
+    tags: list[str] | None = None
+    error: str | None = None
+
+
+ENTRY_DDL = "uri string, caption string, title string, tags array<string>, error string"
+
+
+@dataclass(frozen=True)
+class Source:
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+    kind: str  # folder | image | csv | jsonl | parquet | txt
+
+    def uri_of(self, path: str) -> str:
+        return path if isinstance(self.fs, pafs.LocalFileSystem) else f"s3://{path}"
+
+
+def resolve_source(uri: str, settings: Settings) -> Source:
+    """Check that SOURCE exists and say what it is; a UsageError names what is wrong."""
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    if scheme and scheme.group(1) in ("http", "https"):
+        raise UsageError(f"source {uri}: web addresses are fetched with `cbir crawl urls`, not ingested")
+    if scheme and scheme.group(1) not in ("s3", "file"):
+        raise UsageError(f"source {uri}: only local paths, file:// and s3:// are supported")
+    fs, path = open_filesystem(uri, settings.s3)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise UsageError(f"source {uri} is not reachable: {str(exc).splitlines()[0]}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UsageError(f"source {uri} does not exist")
+    if info.type == pafs.FileType.Directory:
+        return Source(uri, fs, path, "folder")
+    name = _strip_compression(path.lower())
+    kind = MANIFEST_FORMATS.get(posixpath.splitext(name)[1], "image")
+    source = Source(uri, fs, path, kind)
+    if kind in ("csv", "parquet"):
+        _check_columns(source)
+    return source
+
+
+def read_entries(source: Source) -> Iterator[Entry]:
+    if source.kind == "folder":
+        yield from _folder_entries(source)
+    elif source.kind == "image":
+        yield Entry(source.uri_of(source.path))
+    else:
+        for number, row in enumerate(_manifest_rows(source), start=1):
+            if row is not None:  # a blank line
+                yield _entry(source, number, row)
+
+
+def _folder_entries(source: Source) -> Iterator[Entry]:
+    selector = pafs.FileSelector(source.path, recursive=True)
+    for info in sorted(source.fs.get_file_info(selector), key=lambda i: i.path):
+        relative = info.path[len(source.path):].strip("/")
+        hidden = any(part.startswith(".") for part in relative.split("/"))
+        if info.type == pafs.FileType.File and not hidden:
+            yield Entry(source.uri_of(info.path))
+
+
+def _manifest_rows(source: Source) -> Iterator[Any]:
+    if source.kind == "parquet":
+        with source.fs.open_input_file(source.path) as raw:
+            for batch in pq.ParquetFile(raw).iter_batches(batch_size=10_000):
+                yield from batch.to_pylist()
+        return
+    with source.fs.open_input_stream(source.path) as raw:  # decompresses by file extension
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        if source.kind == "csv":
+            yield from csv.DictReader(text)
+        elif source.kind == "txt":
+            for line in text:
+                line = line.strip()
+                yield {"uri": line} if line and not line.startswith("#") else None
+        else:
+            yield from _json_rows(text)
+
+
+def _json_rows(text: io.TextIOBase) -> Iterator[Any]:
+    head: list[str] = []
+    for line in text:
+        head.append(line)
+        if line.strip():
+            break
+    if head and head[-1].lstrip().startswith("["):  # a JSON array of objects, not JSON lines
+        try:
+            yield from json.loads("".join(head) + text.read())
+        except json.JSONDecodeError as exc:
+            yield ValueError(f"the file is not valid JSON: {exc}")
+        return
+    for number, line in enumerate(itertools.chain(head, text), start=1):
+        if not line.strip():
+            yield None
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield ValueError(f"line {number} is not JSON: {exc.msg}")
+
+
+def _entry(source: Source, number: int, row: Any) -> Entry:
+    row_uri = f"{source.uri}#row={number}"
+    if isinstance(row, Exception):
+        return Entry(row_uri, error=f"bad-row: {row}")
+    if not isinstance(row, dict):
+        return Entry(row_uri, error=f"bad-row: expected an object with a uri, got {type(row).__name__}")
+    uri = row.get("uri")
+    if not isinstance(uri, str) or not uri.strip():
+        return Entry(row_uri, error="bad-row: no uri")
+    meta = dict(caption=_text(row.get("caption")), title=_text(row.get("title")), tags=_tags(row.get("tags")))
+    uri = uri.strip()
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    if scheme and scheme.group(1) in ("http", "https"):
+        return Entry(uri, **meta, error="unsupported-uri: web addresses are fetched with `cbir crawl urls`")
+    if scheme and scheme.group(1) not in ("s3", "file"):
+        return Entry(uri, **meta, error=f"unsupported-uri: scheme {scheme.group(1)}:// is not supported")
+    return Entry(_resolve(source, uri), **meta)
+
+
+def _resolve(source: Source, uri: str) -> str:
+    """Relative uris are relative to the manifest's folder, on the manifest's filesystem."""
+    if uri.startswith(("s3://", "/")):
+        return uri
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    return source.uri_of(posixpath.normpath(posixpath.join(posixpath.dirname(source.path), uri)))
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _tags(value: Any) -> list[str] | None:
+    """A list, or a string of tags separated by commas (or, without commas, by spaces as Flickr does)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        items = [str(item).strip() for item in value if item is not None]
+    else:
+        text = str(value)
+        items = [item.strip() for item in (text.split(",") if "," in text else text.split())]
+    return [item for item in items if item] or None
+
+
+def _strip_compression(name: str) -> str:
+    for suffix in COMPRESSIONS:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_columns(source: Source) -> None:
+    """A manifest without a uri column is a wrong file, not a file of bad rows."""
+    try:
+        if source.kind == "parquet":
+            with source.fs.open_input_file(source.path) as raw:
+                columns = pq.read_schema(raw).names
+        else:
+            with source.fs.open_input_stream(source.path) as raw:
+                header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="").readline()
+                columns = next(csv.reader([header]), [])
+    except Exception as exc:
+        raise UsageError(f"manifest {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    if "uri" not in columns:
+        shown = ", ".join(columns[:10]) or "none"
+        raise UsageError(f"manifest {source.uri} has no 'uri' column (columns: {shown})")

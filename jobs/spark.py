@@ -1,0 +1,57 @@
+"""Spark session from settings: reuse an active session, and own (stop) only one we create."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from importlib import resources
+from typing import Iterator
+
+from pyspark.sql import SparkSession
+
+from cbir.settings import Settings
+
+
+@contextmanager
+def spark_session(settings: Settings) -> Iterator[SparkSession]:
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    spark = build_session(settings)
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def build_session(settings: Settings) -> SparkSession:
+    # Workers must run this interpreter, so they import the same cbir, TensorFlow and Pillow.
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    if settings.spark.master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    log_config = f"-Dlog4j.configurationFile=file:{resources.files('conf') / 'log4j2.properties'}"
+    builder = (
+        SparkSession.builder.master(settings.spark.master)
+        .appName("cbir")
+        .config("spark.driver.memory", settings.spark.driver_memory)
+        .config("spark.driver.extraJavaOptions", log_config)
+        .config("spark.ui.enabled", str(settings.spark.ui).lower())
+        .config("spark.ui.showConsoleProgress", "false")  # flows report progress themselves
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    )
+    for key, value in settings.spark.conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+def default_partitions(spark: SparkSession, items: int, configured: int = 0, per_partition: int = 1000) -> int:
+    """The configured count, or enough for every core to take several tasks and no task to be huge."""
+    if configured:
+        return configured
+    cores = spark.sparkContext.defaultParallelism
+    return max(1, min(items, max(4 * cores, -(-items // per_partition))))

@@ -1,0 +1,1 @@
+"""TensorFlow/Keras models: image encoders and the LSTM captioner (filled by the captioner issue)."""

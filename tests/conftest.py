@@ -1,0 +1,94 @@
+"""Shared fixtures: one local Spark session, a moto S3 server on 127.0.0.1, settings for both lakes."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir.settings import Settings, load_settings
+
+# Prefect and Keras keep their state out of the home folder, as the cbir command arranges.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def make_settings(tmp: Path, *overrides: str) -> Settings:
+    defaults = [f"lake={tmp}/lake", f"state_dir={tmp}/state", "spark.master=local[2]",
+                "ingest.max_bytes=400000", "ingest.max_pixels=1500000"]  # small limits, small test images
+    return load_settings(overrides=[*defaults, *overrides], environ={})
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from jobs.spark import build_session
+
+    session = build_session(make_settings(tmp_path_factory.mktemp("spark")))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.update(S3_KEYS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    name = f"lake-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_client(s3_endpoint):
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def local_settings(tmp_path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def s3_settings(tmp_path, s3_endpoint, bucket) -> Settings:
+    return make_settings(
+        tmp_path, f"lake=s3://{bucket}/lake", f"s3.endpoint_url={s3_endpoint}", "s3.region=us-east-1",
+        "s3.access_key=testing", "s3.secret_key=testing",
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def settings(request) -> Settings:
+    """Each test that takes this runs once on a local lake and once on the moto S3 lake."""
+    return request.getfixturevalue(f"{request.param}_settings")
+
+
+def image_bytes(seed: int, size=(64, 48), fmt="JPEG", noise=False) -> bytes:
+    """A distinct picture per seed: a colour gradient, or noise that compresses badly."""
+    rng = np.random.default_rng(seed)
+    if noise:
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    else:
+        y, x = np.mgrid[0:size[1], 0:size[0]]
+        base = rng.integers(0, 256, 3)
+        pixels = ((base + np.stack([x * 3, y * 5, x + y], -1)) % 256).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()

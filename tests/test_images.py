@@ -1,0 +1,76 @@
+"""Image checks: each kind of bad file gets its own reason; random bytes never crash the check."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from cbir.images import ImageRejected, Limits, image_id, inspect_image
+from conftest import image_bytes
+
+LIMITS = Limits(max_bytes=300_000, max_pixels=1_000_000, formats=frozenset({"JPEG", "PNG", "GIF", "WEBP"}))
+
+
+def reason(data: bytes, limits: Limits = LIMITS) -> str:
+    with pytest.raises(ImageRejected) as caught:
+        inspect_image(data, limits)
+    return caught.value.reason
+
+
+def test_a_good_image_is_described():
+    data = image_bytes(1, size=(120, 80), fmt="WEBP")
+    info = inspect_image(data, LIMITS)
+    assert (info.format, info.width, info.height, info.image_id) == ("WEBP", 120, 80, image_id(data))
+
+
+def test_each_bad_file_has_its_reason():
+    png = image_bytes(2, size=(200, 200), fmt="PNG")
+    assert reason(b"") == "empty"
+    assert reason(b"GIF89a but then nothing useful") == "not-an-image"
+    assert reason(b"%PDF-1.4 a document") == "not-an-image"
+    assert reason(image_bytes(3, size=(400, 400), fmt="PNG", noise=True)) == "too-large"
+    assert reason(image_bytes(4, size=(1100, 1000), fmt="PNG")) == "too-many-pixels"
+    assert reason(image_bytes(5, size=(10, 10), fmt="BMP")) == "unsupported-format"
+    assert reason(png[: len(png) // 2]) == "truncated"
+    idat = png.index(b"IDAT") + 8
+    assert reason(png[:idat] + b"\x00" * 64 + png[idat + 64:]) == "corrupt"
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    # 15000 x 15000 pixels of one colour: some kB on disk, 225 megapixels once decoded.
+    out = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(out, format="PNG")
+    assert len(out.getvalue()) < LIMITS.max_bytes
+    with pytest.raises(ImageRejected) as caught:
+        inspect_image(out.getvalue(), LIMITS)
+    assert caught.value.reason == "too-many-pixels" and "225000000" in str(caught.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_arbitrary_bytes_are_either_an_image_or_a_reason(data):
+    try:
+        info = inspect_image(data, LIMITS)
+    except ImageRejected as exc:
+        assert exc.reason in {"empty", "not-an-image", "corrupt", "truncated", "unsupported-format", "too-many-pixels"}
+    else:
+        assert info.width * info.height <= LIMITS.max_pixels
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.sampled_from(["JPEG", "PNG", "GIF", "WEBP"]), st.integers(0, 99))
+def test_any_small_image_in_an_allowed_format_is_accepted(width, height, fmt, seed):
+    data = image_bytes(seed, size=(width, height), fmt=fmt)
+    info = inspect_image(data, LIMITS)
+    assert (info.format, info.width, info.height) == (fmt, width, height)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.integers(0, 99))
+def test_any_cut_of_an_image_is_refused_not_crashed(keep_percent, seed):
+    data = image_bytes(seed, size=(80, 60), fmt="PNG")
+    cut = data[: len(data) * keep_percent // 100]
+    assert reason(cut) in {"empty", "not-an-image", "corrupt", "truncated"}
