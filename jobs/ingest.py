@@ -157,7 +157,7 @@ def probe(lake: Lake, limits: Limits, s3: S3, filesystems: dict, entry: dict) ->
         return {**row, "status": "failed"}
     try:
         data = read_bytes(entry["uri"], s3, filesystems, limits.max_bytes)
-        row["bytes"] = len(data)
+        row["bytes"] = len(data) if len(data) <= limits.max_bytes else None  # only max + 1 were read
         info = inspect_image(data, limits)
     except ImageRejected as exc:
         return {**row, "status": "failed", "error": str(exc)}
