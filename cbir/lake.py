@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cbir.errors import UsageError
-from cbir.schemas import SCHEMAS
+from cbir.schemas import SCHEMAS, features_schema
 from cbir.settings import S3, Settings
 
 TABLES = ("manifest", "features", "captions")
@@ -118,6 +118,11 @@ class Lake:
 
     def table(self, name: str) -> "Table":
         return Table(name, self.fs, self.path(name), SCHEMAS[name])
+
+    def features_table(self, encoder_key: str, dim: int, dtype: str) -> "Table":
+        """Features are cached per encoder (and storage type): features/<encoder key>-<dtype>/."""
+        name = f"{encoder_key}-{dtype}"
+        return Table(f"features/{name}", self.fs, self.path("features", name), features_schema(dim, dtype))
 
     def table_uris(self) -> dict[str, str]:
         return {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}

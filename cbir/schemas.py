@@ -27,3 +27,13 @@ MANIFEST = pa.schema(
 )
 
 SCHEMAS = {"manifest": MANIFEST}
+
+
+def features_schema(dim: int, dtype: str) -> pa.Schema:
+    """One table per encoder: its vectors have a fixed length that pyarrow, DuckDB and Spark read as arrays."""
+    value = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
+    return pa.schema([
+        _field("image_id", pa.string(), "sha256 of the image bytes"),
+        _field("vector", pa.list_(value, dim), "the encoder's features"),
+        _field("run_id", pa.string(), "the run that computed them"),
+    ])

@@ -10,7 +10,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -22,6 +22,7 @@ ENV_PREFIX = "CBIR_"
 # Variables that choose the layers rather than being settings themselves.
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
+ENCODERS = ("vgg16",)  # the registry in models/encoders.py; listed here so settings fail at start
 
 
 class Section(BaseModel):
@@ -78,6 +79,42 @@ class Ingest(Section):
         return value
 
 
+class Encoder(Section):
+    name: str = "vgg16"
+    weights: str = Field("imagenet", description="imagenet (Keras download), random (tests only) or a weights file")
+    batch_size: int = Field(16, ge=1, le=4096)
+    threads: int = Field(0, ge=0, description="TensorFlow threads per Spark task; 0: cores / parallel tasks")
+    dtype: Literal["float16", "float32"] = Field("float16", description="how feature vectors are stored")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in ENCODERS:
+            raise ValueError(f"unknown encoder; known: {', '.join(ENCODERS)}")
+        return value
+
+
+class Captioner(Section):
+    version: str = Field("current", pattern=r"^[A-Za-z0-9._-]+$")
+    embedding_dim: int = Field(256, ge=1)
+    units: int = Field(256, ge=1)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    min_word_count: int = Field(2, ge=1)
+    max_length: int = Field(40, ge=3, le=200, description="tokens per caption, markers included")
+    decode: Literal["greedy", "beam"] = "greedy"
+    beam_width: int = Field(3, ge=1, le=50)
+
+
+class Train(Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    patience: int = Field(3, ge=1, description="epochs without a better dev loss before stopping")
+    dev_fraction: float = Field(0.1, ge=0, lt=0.5, description="for data sets without splits")
+    test_fraction: float = Field(0.1, ge=0, lt=0.5)
+    seed: int = 0
+
+
 class Settings(Section):
     profile: str = "local"
     state_dir: str = ".cbir"
@@ -85,6 +122,9 @@ class Settings(Section):
     s3: S3 = S3()
     spark: Spark = Spark()
     ingest: Ingest = Ingest()
+    encoder: Encoder = Encoder()
+    captioner: Captioner = Captioner()
+    train: Train = Train()
 
     @field_validator("lake")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -49,6 +50,21 @@ def prepare_environment(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("KERAS_HOME", str(state / "keras"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices, in every Spark worker too
+
+
+def run_flow(flow, **parameters):
+    """Run a flow (Prefect has set up its logging by the time one is imported) without printing
+    tracebacks for CbirErrors: their one line says it all, and the run's log in Prefect keeps the rest."""
+
+    def drop_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CbirError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(drop_traceback)
+    return flow(**parameters)
 
 
 # Verbs.
@@ -68,14 +84,23 @@ def ingest(args, settings: Settings) -> None:
 
     Lake.open(settings).check()
     resolve_source(args.source, settings)  # a missing source is bad usage: say so before starting a run
-    ingest_flow(args.source, retry_failed=args.retry_failed, settings=settings)
+    run_flow(ingest_flow, source=args.source, retry_failed=args.retry_failed, settings=settings)
+
+
+def train(args, settings: Settings) -> None:
+    from flows.train import train_flow
+    from jobs.reader import resolve_source
+
+    Lake.open(settings).check()
+    resolve_source(args.dataset, settings, columns=("uri", "caption"), what="data set")
+    run_flow(train_flow, dataset=args.dataset, images=args.images, settings=settings)
 
 
 def demo(args, settings: Settings) -> None:
     from flows.demo import demo_flow
 
     Lake.open(settings).check()
-    demo_flow(settings=settings)
+    run_flow(demo_flow, settings=settings)
 
 
 def ui(args, settings: Settings) -> int:
@@ -106,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("ingest", ingest, "store the images of a folder, s3:// prefix or manifest file in the lake")
     sub.add_argument("source", help="folder, s3://bucket/prefix, image, or manifest (.csv .jsonl .parquet .txt)")
     sub.add_argument("--retry-failed", action="store_true", help="try again the items that failed before")
+    sub = verb("train", train, "train a captioner on a Flickr8k folder, a COCO captions JSON or a table")
+    sub.add_argument("dataset", help="Flickr8k folder, COCO captions .json, or .csv/.jsonl/.parquet of uri, caption")
+    sub.add_argument("--images", metavar="DIR", help="the image folder of a COCO captions file")
     verb("demo", demo, "run the pipeline on the sample photos that pip installed")
     sub = verb("ui", ui, "start the Prefect server and UI, its database in the state folder")
     sub.add_argument("--host", default="127.0.0.1")

@@ -12,10 +12,11 @@ from rich.table import Table
 
 
 class Progress:
-    """A Prefect progress artifact plus a terminal line at every tenth, fed (done, total) tasks."""
+    """A Prefect progress artifact plus a terminal line at every tenth, fed (done, total) steps."""
 
-    def __init__(self, key: str, description: str, min_interval_s: float = 2.0):
-        self.description = description
+    def __init__(self, key: str, description: str, unit: str = "Spark tasks", announce: bool = True,
+                 min_interval_s: float = 2.0):
+        self.description, self.unit, self.announce = description, unit, announce
         self.artifact = create_progress_artifact(progress=0.0, key=key, description=description)
         self.min_interval_s = min_interval_s
         self.shown_tenth = 0
@@ -27,12 +28,14 @@ class Progress:
         if now - self.updated_at >= self.min_interval_s:
             update_progress_artifact(self.artifact, percent)
             self.updated_at = now
-        if int(percent // 10) > self.shown_tenth:
+        if self.announce and int(percent // 10) > self.shown_tenth:
             self.shown_tenth = int(percent // 10)
-            print(f"{self.description}: {percent:.0f}% ({done}/{total} Spark tasks)")
+            print(f"{self.description}: {percent:.0f}% ({done}/{total} {self.unit})")
 
     def finish(self) -> None:
         update_progress_artifact(self.artifact, 100.0)
+        if self.announce and self.shown_tenth < 10:
+            print(f"{self.description}: 100%")
 
 
 def render_table(title: str, rows: list[dict]) -> str:

@@ -142,7 +142,8 @@ def _count_statuses(batch: pa.RecordBatch) -> Counter:
 
 
 # Executor side.
-def probe_partition(lake: Lake, limits: Limits, s3: S3, threads: int, batches: Iterator[pa.RecordBatch]):
+def probe_partition(lake: Lake | None, limits: Limits, s3: S3, threads: int, batches: Iterator[pa.RecordBatch]):
+    """Check (and, given a lake, store) each entry of the partition; threads overlap the reads."""
     filesystems: dict[str, pafs.FileSystem] = {}
     with ThreadPoolExecutor(threads) as pool:
         for batch in batches:
@@ -150,7 +151,7 @@ def probe_partition(lake: Lake, limits: Limits, s3: S3, threads: int, batches: I
             yield pa.RecordBatch.from_pylist(list(rows), schema=PROBED)
 
 
-def probe(lake: Lake, limits: Limits, s3: S3, filesystems: dict, entry: dict) -> dict:
+def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: dict) -> dict:
     """One item -> its manifest fields. Item problems become a failed row; lake problems fail the task."""
     row = {name: entry.get(name) for name in PROBED.names}
     if entry["error"]:
@@ -161,7 +162,8 @@ def probe(lake: Lake, limits: Limits, s3: S3, filesystems: dict, entry: dict) ->
         info = inspect_image(data, limits)
     except ImageRejected as exc:
         return {**row, "status": "failed", "error": str(exc)}
-    lake.put_image(info.image_id, info.format, data)
+    if lake is not None:
+        lake.put_image(info.image_id, info.format, data)
     return {**row, "image_id": info.image_id, "format": info.format, "width": info.width,
             "height": info.height, "status": "ok", "error": None}
 

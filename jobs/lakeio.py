@@ -38,17 +38,23 @@ def _read_files(table: Table, columns: list[str], batches: Iterator[pa.RecordBat
         yield from dataset.to_batches(columns=columns)
 
 
+Transform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
 def write_run(
     df: DataFrame,
     table: Table,
     run_id: str,
     count: Callable[[pa.RecordBatch], Counter] | None = None,
+    transform: Transform | None = None,
 ) -> tuple[list[tuple[str, int]], Counter]:
     """Each partition writes one part into the run's staging folder; returns the parts and merged counts.
 
-    `count` tallies each batch (for example rows by status) so summaries need no second pass.
+    `transform` turns a partition's rows into the table's rows inside the task (so large values,
+    such as feature vectors, never pass through Spark); `count` tallies each written batch, so
+    summaries need no second pass.
     """
-    rows = df.mapInArrow(partial(_write_partition, table, run_id, count), PARTS_DDL).collect()
+    rows = df.mapInArrow(partial(_write_partition, table, run_id, count, transform), PARTS_DDL).collect()
     parts = [(row.file, row.rows) for row in rows if row.rows]
     counts: Counter = Counter()
     for row in rows:
@@ -56,11 +62,11 @@ def write_run(
     return parts, counts
 
 
-def _write_partition(table, run_id, count, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _write_partition(table, run_id, count, transform, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     counts: Counter = Counter()
 
     def tallied() -> Iterator[pa.RecordBatch]:
-        for batch in batches:
+        for batch in transform(batches) if transform else batches:
             if count:
                 counts.update(count(batch))
             yield batch

@@ -50,27 +50,30 @@ class Source:
         return path if isinstance(self.fs, pafs.LocalFileSystem) else f"s3://{path}"
 
 
-def resolve_source(uri: str, settings: Settings) -> Source:
-    """Check that SOURCE exists and say what it is; a UsageError names what is wrong."""
+def resolve_source(uri: str, settings: Settings, columns: tuple[str, ...] = ("uri",), what: str = "source") -> Source:
+    """Check that SOURCE exists and say what it is; a UsageError names what is wrong.
+
+    A CSV or Parquet manifest must have the named columns (JSON lines are checked row by row).
+    """
     scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     if scheme and scheme.group(1) in ("http", "https"):
-        raise UsageError(f"source {uri}: web addresses are fetched with `cbir crawl urls`, not ingested")
+        raise UsageError(f"{what} {uri}: web addresses are fetched with `cbir crawl urls`, not ingested")
     if scheme and scheme.group(1) not in ("s3", "file"):
-        raise UsageError(f"source {uri}: only local paths, file:// and s3:// are supported")
+        raise UsageError(f"{what} {uri}: only local paths, file:// and s3:// are supported")
     fs, path = open_filesystem(uri, settings.s3)
     try:
         info = fs.get_file_info(path)
     except OSError as exc:
-        raise UsageError(f"source {uri} is not reachable: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{what} {uri} is not reachable: {str(exc).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
-        raise UsageError(f"source {uri} does not exist")
+        raise UsageError(f"{what} {uri} does not exist")
     if info.type == pafs.FileType.Directory:
         return Source(uri, fs, path, "folder")
     name = _strip_compression(path.lower())
     kind = MANIFEST_FORMATS.get(posixpath.splitext(name)[1], "image")
     source = Source(uri, fs, path, kind)
     if kind in ("csv", "parquet"):
-        _check_columns(source)
+        _check_columns(source, columns)
     return source
 
 
@@ -80,7 +83,7 @@ def read_entries(source: Source) -> Iterator[Entry]:
     elif source.kind == "image":
         yield Entry(source.uri_of(source.path))
     else:
-        for number, row in enumerate(_manifest_rows(source), start=1):
+        for number, row in enumerate(read_rows(source), start=1):
             if row is not None:  # a blank line
                 yield _entry(source, number, row)
 
@@ -94,7 +97,8 @@ def _folder_entries(source: Source) -> Iterator[Entry]:
             yield Entry(source.uri_of(info.path))
 
 
-def _manifest_rows(source: Source) -> Iterator[Any]:
+def read_rows(source: Source) -> Iterator[Any]:
+    """A manifest's rows: dicts, None for a blank line, an exception for a line that cannot be parsed."""
     if source.kind == "parquet":
         with source.fs.open_input_file(source.path) as raw:
             for batch in pq.ParquetFile(raw).iter_batches(batch_size=10_000):
@@ -143,18 +147,24 @@ def _entry(source: Source, number: int, row: Any) -> Entry:
     uri = row.get("uri")
     if not isinstance(uri, str) or not uri.strip():
         return Entry(row_uri, error="bad-row: no uri")
-    meta = dict(caption=_text(row.get("caption")), title=_text(row.get("title")), tags=_tags(row.get("tags")))
+    meta = dict(caption=text_value(row.get("caption")), title=text_value(row.get("title")), tags=_tags(row.get("tags")))
+    try:
+        return Entry(resolve_uri(source, uri), **meta)
+    except ValueError as exc:
+        return Entry(uri.strip(), **meta, error=f"unsupported-uri: {exc}")
+
+
+def resolve_uri(source: Source, uri: str) -> str:
+    """A uri from a manifest, made absolute: relative ones are relative to the manifest's folder.
+
+    Raises ValueError for web addresses and schemes other than s3:// and file://.
+    """
     uri = uri.strip()
     scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     if scheme and scheme.group(1) in ("http", "https"):
-        return Entry(uri, **meta, error="unsupported-uri: web addresses are fetched with `cbir crawl urls`")
+        raise ValueError("web addresses are fetched with `cbir crawl urls`")
     if scheme and scheme.group(1) not in ("s3", "file"):
-        return Entry(uri, **meta, error=f"unsupported-uri: scheme {scheme.group(1)}:// is not supported")
-    return Entry(_resolve(source, uri), **meta)
-
-
-def _resolve(source: Source, uri: str) -> str:
-    """Relative uris are relative to the manifest's folder, on the manifest's filesystem."""
+        raise ValueError(f"scheme {scheme.group(1)}:// is not supported")
     if uri.startswith(("s3://", "/")):
         return uri
     if uri.startswith("file://"):
@@ -162,7 +172,7 @@ def _resolve(source: Source, uri: str) -> str:
     return source.uri_of(posixpath.normpath(posixpath.join(posixpath.dirname(source.path), uri)))
 
 
-def _text(value: Any) -> str | None:
+def text_value(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and value != value):
         return None
     text = str(value).strip()
@@ -188,7 +198,7 @@ def _strip_compression(name: str) -> str:
     return name
 
 
-def _check_columns(source: Source) -> None:
+def _check_columns(source: Source, required: tuple[str, ...]) -> None:
     """A manifest without a uri column is a wrong file, not a file of bad rows."""
     try:
         if source.kind == "parquet":
@@ -200,6 +210,7 @@ def _check_columns(source: Source) -> None:
                 columns = next(csv.reader([header]), [])
     except Exception as exc:
         raise UsageError(f"manifest {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
-    if "uri" not in columns:
-        shown = ", ".join(columns[:10]) or "none"
-        raise UsageError(f"manifest {source.uri} has no 'uri' column (columns: {shown})")
+    for name in required:
+        if name not in columns:
+            shown = ", ".join(columns[:10]) or "none"
+            raise UsageError(f"manifest {source.uri} has no '{name}' column (columns: {shown})")

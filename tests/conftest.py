@@ -18,6 +18,7 @@ from cbir.settings import Settings, load_settings
 # Prefect and Keras keep their state out of the home folder, as the cbir command arranges.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -92,3 +93,41 @@ def image_bytes(seed: int, size=(64, 48), fmt="JPEG", noise=False) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format=fmt)
     return out.getvalue()
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10)}
+
+
+def shapes_dataset(folder: Path, count: int, seed: int = 0) -> list[dict]:
+    """Images whose content decides their captions: a coloured shape on a plain background.
+
+    Writes the images and returns rows of uri, caption (five per image, as Flickr8k has) and
+    split (every sixth image test, the next dev), so held-out sets do not depend on paths.
+    """
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        colour, shape, background = (str(rng.choice(list(options))) for options in (COLOURS, SHAPES, BACKGROUNDS))
+        image = Image.new("RGB", (96, 96), BACKGROUNDS[background])
+        draw = ImageDraw.Draw(image)
+        size = int(rng.integers(36, 60))
+        x, y = (int(v) for v in rng.integers(4, 92 - size, 2))
+        box = (x, y, x + size, y + size)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[colour])
+        else:
+            draw.polygon([(x + size // 2, y), (x, y + size), (x + size, y + size)], fill=COLOURS[colour])
+        path = folder / f"{i:04d}.png"
+        image.save(path)
+        for caption in (f"a {colour} {shape} on a {background} background", f"a {colour} {shape}",
+                        f"{colour} {shape} on {background}", f"there is a {colour} {shape} on a {background} background",
+                        f"a {background} background with a {colour} {shape}"):
+            rows.append({"uri": str(path), "caption": caption, "split": ("test", "dev", *["train"] * 4)[i % 6]})
+    return rows

@@ -43,6 +43,7 @@ def test_info_json_shows_settings_with_secrets_masked_and_every_table(tmp_path):
         (["info", "--set", "nope=1"], 2, "cbir: error: unknown setting 'nope' (from --set)"),
         (["ingest", "/no/such/folder"], 2, "cbir: error: source /no/such/folder does not exist"),
         (["ingest", "https://example.com/x.jpg"], 2, "cbir: error: source https://example.com/x.jpg: web addresses"),
+        (["train", "/no/such/captions.csv"], 2, "cbir: error: data set /no/such/captions.csv does not exist"),
         (["launch"], 2, "invalid choice: 'launch'"),
     ],
 )

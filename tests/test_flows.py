@@ -47,3 +47,33 @@ def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server,
     stored = json.dumps(run.parameters, default=str) + json.dumps([a.model_dump(mode="json") for a in artifacts])
     assert "flow-secret-value" not in stored and "AKIAFLOWKEY" not in stored
     assert run.parameters["source"] == str(folder)
+
+
+def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
+    import csv
+
+    from conftest import shapes_dataset
+
+    settings = make_settings(tmp_path, "encoder.weights=random", "captioner.units=32", "captioner.embedding_dim=16",
+                             "captioner.min_word_count=1", "train.epochs=3", "train.patience=3")
+    with open(tmp_path / "shapes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["uri", "caption", "split"])
+        writer.writeheader()
+        writer.writerows(shapes_dataset(tmp_path / "shapes", 18))
+    from flows.train import train_flow
+
+    state = train_flow(str(tmp_path / "shapes.csv"), settings=settings, return_state=True)
+
+    assert state.is_completed()
+    card = state.result()
+    assert card["training"]["epochs_run"] == 3 and "greedy" in card["metrics"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert by_key["train-epochs-progress"].data == 100.0
+    table = by_key["train-summary"].data
+    rows = {row["what"]: row["value"] for row in (json.loads(table) if isinstance(table, str) else table)}
+    assert rows["encoder"].startswith("vgg16 (random (tests only")
+    greedy = card["metrics"]["greedy"]
+    assert rows["BLEU-1..4 greedy"] == " ".join(f"{greedy[f'bleu{n}']:.3f}" for n in range(1, 5))

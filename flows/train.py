@@ -1,0 +1,55 @@
+"""Train flow: a captioned data set -> cached features -> an LSTM captioner, evaluated and versioned."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from cbir.lake import Lake
+from cbir.settings import Settings, load_settings
+from flows.reporting import Progress, publish_summary
+from jobs import train
+from jobs.datasets import read_dataset
+from jobs.spark import spark_session
+
+
+@flow(name="train", log_prints=True)
+def train_flow(dataset: str, images: str | None = None, settings: Settings | None = None) -> dict:
+    """Train a captioner on DATASET, report BLEU on its test split, and make it the current version."""
+    settings = settings or load_settings()
+    lake = Lake.open(settings)
+    lake.check()
+    if settings.encoder.weights == "random":
+        print("encoder.weights=random: features carry no learned meaning; use this model for tests only")
+    features = Progress("train-features-progress", "features")
+    epochs = Progress("train-epochs-progress", "training", unit="epochs", announce=False)
+
+    def on_epoch(epoch: int, logs: dict) -> None:
+        epochs(epoch, settings.train.epochs)
+        print(f"epoch {epoch}/{settings.train.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+
+    data = read_dataset(dataset, settings, images)
+    print(f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else ""))
+    with spark_session(settings) as spark:
+        card = train.run(spark, lake, settings, data, features_progress=features, on_epoch=on_epoch)
+    features.finish()
+    epochs.finish()
+    publish_summary("train-summary", f"captioner {card['version']} (now current)", summary_rows(card))
+    return card
+
+
+def summary_rows(card: dict) -> list[dict]:
+    data, metrics = card["dataset"], card["metrics"]
+    rows = [
+        {"what": "encoder", "value": f"{card['encoder']['name']} ({card['encoder']['weights']})"},
+        {"what": "captions train/dev/test", "value": "/".join(str(data["captions"][s]) for s in ("train", "dev", "test"))},
+        {"what": "images train/dev/test", "value": "/".join(str(data["images"][s]) for s in ("train", "dev", "test"))},
+        {"what": "rows skipped", "value": ", ".join(f"{k} {v}" for k, v in data["skipped"].items()) or "none"},
+        {"what": "vocabulary", "value": str(card["sizes"]["vocabulary"])},
+        {"what": "epochs (best)", "value": f"{card['training']['epochs_run']} ({card['training']['best_epoch']})"},
+    ]
+    for method in ("greedy", "beam"):
+        if method in metrics:
+            bleu = " ".join(f"{metrics[method][f'bleu{n}']:.3f}" for n in range(1, 5))
+            label = f"BLEU-1..4 {method}" + (f" (width {metrics['beam_width']})" if method == "beam" else "")
+            rows.append({"what": label, "value": bleu})
+    return rows

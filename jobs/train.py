@@ -1,0 +1,148 @@
+"""Train: a captioned data set -> features (Spark, cached per encoder) -> LSTM captioner -> BLEU -> a version.
+
+The encoder runs in Spark tasks; the captioner trains on the driver from the cached features,
+which are small (one vector per image), so any machine that holds them can train.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+from pyspark.sql import SparkSession
+
+from cbir.errors import UsageError
+from cbir.lake import Lake
+from cbir.settings import Settings
+from jobs.datasets import Dataset
+from jobs.embed import embed, encoder_config, identify, read_features
+from jobs.progress import Report
+from models import store
+from models.encoders import weights_label
+from models.tokenizer import Tokenizer
+from models.training import Split, evaluate, fit
+
+EpochReport = Callable[[int, dict], None]
+
+
+def run(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    dataset: Dataset,
+    *,
+    features_progress: Report | None = None,
+    on_epoch: EpochReport | None = None,
+) -> dict:
+    """Train, evaluate and save a captioner version (made current); returns its model card.
+
+    `dataset` comes from jobs.datasets.read_dataset, read before Spark starts so a wrong file fails fast.
+    """
+    started = time.monotonic()
+    config = encoder_config(settings, spark.sparkContext.defaultParallelism)
+    image_of = _identify(spark, settings, dataset)
+    computed = embed(spark, lake, config, {i: uri for uri, i in image_of.items()}, features_progress)
+    features = read_features(lake, config, list(image_of.values()))
+    splits = _splits(dataset, image_of, features)
+    if not splits["train"].captions:
+        skipped = ", ".join(f"{reason} {n}" for reason, n in dataset.skipped.most_common()) or "none"
+        raise UsageError(f"data set {dataset.uri} has no usable training rows (skipped: {skipped})")
+
+    c, t = settings.captioner, settings.train
+    tokenizer = Tokenizer.fit(splits["train"].captions, c.min_word_count)
+    longest = max(len(tokenizer.encode(caption)) - 1 for caption in splits["train"].captions)
+    max_length = min(c.max_length, longest)
+    captioner, history = fit(
+        splits["train"], splits["dev"], tokenizer, max_length=max_length, embedding_dim=c.embedding_dim,
+        units=c.units, dropout=c.dropout, epochs=t.epochs, batch_size=t.batch_size,
+        learning_rate=t.learning_rate, patience=t.patience, seed=t.seed, on_epoch=on_epoch)
+    test = splits["test"]
+    references = _references(test)
+    metrics = (evaluate(captioner, test.features, references, c.beam_width) if references else {})
+
+    card = {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "dataset": {
+            "uri": dataset.uri, "kind": dataset.kind,
+            "captions": {name: len(split) for name, split in splits.items()},
+            "images": {name: len(split.features) for name, split in splits.items()},
+            "skipped": dict(dataset.skipped),
+        },
+        "encoder": {"name": config.name, "weights": weights_label(config.weights), "key": config.key,
+                    "feature_dim": config.dim, "features_computed": computed},
+        "sizes": {"vocabulary": len(tokenizer), "max_length": max_length, "embedding_dim": c.embedding_dim,
+                  "units": c.units, "dropout": c.dropout, "min_word_count": c.min_word_count},
+        "training": {"epochs_run": len(history), "best_epoch": _best_epoch(history), "history": history,
+                     "batch_size": t.batch_size, "learning_rate": t.learning_rate, "seed": t.seed,
+                     "seconds": round(time.monotonic() - started, 1)},
+        "metrics": {"test_images": len(references), "beam_width": c.beam_width, **metrics},
+        "software": _versions(),
+    }
+    card["version"] = store.save(lake, captioner, card)
+    return card
+
+
+def _identify(spark: SparkSession, settings: Settings, dataset: Dataset) -> dict[str, str]:
+    """uri -> image_id for the good images; rows of bad ones are dropped and counted by reason."""
+    checked = identify(spark, settings, sorted({row.uri for row in dataset.rows}))
+    kept = []
+    for row in dataset.rows:
+        image_id, error = checked[row.uri]
+        if image_id:
+            kept.append(row)
+        else:
+            dataset.skipped[f"image {error.split(':')[0]}"] += 1
+    dataset.rows = kept
+    return {uri: image_id for uri, (image_id, _) in checked.items() if image_id}
+
+
+def _splits(dataset: Dataset, image_of: dict[str, str], features: dict[str, np.ndarray]) -> dict[str, Split]:
+    """Rows -> one Split each for train/dev/test: unique images' features and an index per caption."""
+    grouped: dict[str, dict[str, list[str]]] = {"train": defaultdict(list), "dev": defaultdict(list),
+                                                  "test": defaultdict(list)}
+    for row in dataset.rows:
+        image_id = image_of[row.uri]
+        if image_id in features:
+            grouped[row.split][image_id].append(row.caption)
+        else:
+            dataset.skipped["no-features"] += 1
+    splits = {}
+    for name, by_image in grouped.items():
+        ids = sorted(by_image)
+        index = [i for i, image_id in enumerate(ids) for _ in by_image[image_id]]
+        captions = [caption for image_id in ids for caption in by_image[image_id]]
+        matrix = np.stack([features[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
+        splits[name] = Split(matrix, np.array(index, np.int32), captions)
+    return splits
+
+
+def _references(split: Split) -> list[list[str]]:
+    """All captions of each image of a split, in the order of its feature rows."""
+    references: list[list[str]] = [[] for _ in range(len(split.features))]
+    for index, caption in zip(split.image_index, split.captions):
+        references[index].append(caption)
+    return references if split.captions else []
+
+
+def _best_epoch(history: list[dict]) -> int:
+    key = "val_loss" if history and "val_loss" in history[0] else "loss"
+    return 1 + int(np.argmin([epoch[key] for epoch in history])) if history else 0
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    names = ("cbir", "tensorflow-cpu", "keras", "numpy", "nltk", "pyspark", "pyarrow")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), **found}
+
+

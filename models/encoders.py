@@ -1,0 +1,129 @@
+"""Image encoders, chosen by name: image bytes -> pixels -> one feature vector per image.
+
+VGG16's fc2 layer (4096 values) is the classic captioning feature. The weights come from
+Keras' ImageNet download (machines online), a local weights file, or `random`, which is for
+tests only: its features and every model trained on them are labelled as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cbir.errors import UsageError
+
+RANDOM_SEED = 1234  # random weights must be identical in every process that computes features
+
+
+def configure_tensorflow(threads: int) -> None:
+    """Threads per process, so Spark's parallel tasks times TensorFlow's threads match the cores."""
+    import tensorflow as tf
+
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        except RuntimeError:  # TensorFlow already started in this process: keep its pool
+            pass
+
+
+def pixels(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (height, width, 3): camera orientation applied, transparency over white, bilinear resize."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+class VGG16:
+    name = "vgg16"
+    feature_dim = 4096
+    image_size = (224, 224)
+
+    def __init__(self, weights: str):
+        import keras
+
+        self.weights = weights
+        if weights == "random":
+            keras.utils.set_random_seed(RANDOM_SEED)
+            base = keras.applications.VGG16(weights=None)
+        elif weights == "imagenet":
+            try:
+                base = keras.applications.VGG16(weights="imagenet")
+            except Exception as exc:
+                raise UsageError(
+                    f"encoder.weights=imagenet: the VGG16 ImageNet weights could not be downloaded ({_short(exc)}); "
+                    "offline, put vgg16_weights_tf_dim_ordering_tf_kernels.h5 in $KERAS_HOME/models "
+                    "or set encoder.weights to a weights file") from None
+        else:
+            if not Path(weights).is_file():
+                raise UsageError(f"encoder.weights={weights}: no such weights file")
+            base = keras.applications.VGG16(weights=weights)
+        self.model = keras.Model(base.input, base.get_layer("fc2").output, name="vgg16_fc2")
+
+    def preprocess(self, batch: np.ndarray) -> np.ndarray:
+        """Exactly Keras' VGG16 preprocessing: RGB -> BGR, ImageNet channel means subtracted."""
+        from keras.applications.vgg16 import preprocess_input
+
+        return preprocess_input(batch.astype(np.float32))
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 pixels (n, 224, 224, 3) -> float32 features (n, 4096)."""
+        return np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+
+
+ENCODERS = {"vgg16": VGG16}
+
+
+def encoder_key(name: str, weights: str) -> str:
+    """Names the encoder and its weights, for feature tables and model cards: vgg16-imagenet, vgg16-random, ..."""
+    if name not in ENCODERS:
+        raise UsageError(f"unknown encoder '{name}'; known: {', '.join(ENCODERS)}")
+    if weights in ("imagenet", "random"):
+        return f"{name}-{weights}"
+    path = Path(weights)
+    if not path.is_file():
+        raise UsageError(f"encoder.weights={weights}: no such weights file")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{name}-file-{digest.hexdigest()[:12]}"
+
+
+def feature_dim(name: str) -> int:
+    return ENCODERS[name].feature_dim
+
+
+def image_size(name: str) -> tuple[int, int]:
+    return ENCODERS[name].image_size
+
+
+_LOADED: dict[tuple[str, str], object] = {}
+
+
+def load_encoder(name: str, weights: str):
+    """One encoder per process and weights: Spark workers load it once, not once a batch."""
+    if (name, weights) not in _LOADED:
+        _LOADED[(name, weights)] = ENCODERS[name](weights)
+    return _LOADED[(name, weights)]
+
+
+def _short(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def weights_label(weights: str) -> str:
+    """How a model card and a log name the weights; random ones are flagged wherever they appear."""
+    if weights == "random":
+        return "random (tests only: features carry no learned meaning)"
+    return weights if weights == "imagenet" else os.path.basename(weights)

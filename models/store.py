@@ -1,0 +1,82 @@
+"""Captioner versions in the lake: models/captioner/<version>/{model.keras, tokenizer.json, card.json}.
+
+A version is written whole before `models/captioner/current` points at it, so a reader never
+loads half a model. Loading checks that the model, its tokenizer and the configured encoder agree.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from cbir.errors import UsageError
+from cbir.lake import Lake, new_run_id, put_bytes
+from models.captioner import Captioner
+from models.tokenizer import Tokenizer
+
+ROOT = ("models", "captioner")
+
+
+def _read(lake: Lake, path: str) -> bytes:
+    with lake.fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def save(lake: Lake, captioner: Captioner, card: dict, promote: bool = True) -> str:
+    """Write a new version; with promote, make it current. Returns the version."""
+    version = new_run_id()
+    folder = lake.path(*ROOT, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model.keras"
+        captioner.model.save(local)  # Keras writes local files only
+        put_bytes(lake.fs, f"{folder}/model.keras", local.read_bytes())
+    put_bytes(lake.fs, f"{folder}/tokenizer.json", captioner.tokenizer.to_json().encode())
+    put_bytes(lake.fs, f"{folder}/card.json", json.dumps({**card, "version": version}, indent=1).encode())
+    if promote:
+        put_bytes(lake.fs, lake.path(*ROOT, "current"), version.encode(), overwrite=True)
+    return version
+
+
+def resolve(lake: Lake, version: str = "current") -> str:
+    if version != "current":
+        return version
+    pointer = lake.path(*ROOT, "current")
+    if lake.fs.get_file_info(pointer).type == pafs.FileType.NotFound:
+        raise UsageError(f"no captioner in the lake {lake.uri} yet: train one with `cbir train DATASET`")
+    return _read(lake, pointer).decode().strip()
+
+
+def card(lake: Lake, version: str = "current") -> dict:
+    version = resolve(lake, version)
+    path = lake.path(*ROOT, version, "card.json")
+    if lake.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise UsageError(f"captioner version '{version}' is not in the lake {lake.uri}")
+    return json.loads(_read(lake, path))
+
+
+def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tuple[Captioner, dict]:
+    """The captioner and its card; `encoder` (an encoder key) must be the one it was trained on."""
+    import keras
+
+    info = card(lake, version)
+    folder = lake.path(*ROOT, info["version"])
+    if encoder is not None and info["encoder"]["key"] != encoder:
+        raise UsageError(
+            f"captioner {info['version']} was trained on {info['encoder']['key']} features, "
+            f"but the encoder settings give {encoder}: set encoder.name/encoder.weights to match, or train again")
+    tokenizer = Tokenizer.from_json(_read(lake, f"{folder}/tokenizer.json").decode())
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model.keras"
+        local.write_bytes(_read(lake, f"{folder}/model.keras"))
+        model = keras.models.load_model(local, compile=False)
+    try:
+        captioner = Captioner(model, tokenizer)
+    except ValueError as exc:
+        raise UsageError(f"captioner {info['version']} is inconsistent: {exc}") from None
+    if captioner.feature_dim != info["encoder"]["feature_dim"]:
+        raise UsageError(f"captioner {info['version']} expects {captioner.feature_dim} features per image, "
+                         f"its card says {info['encoder']['feature_dim']}")
+    return captioner, info
