@@ -171,28 +171,15 @@ class Table:
     def staging(self, run_id: str) -> str:
         return f"{self.path}/_staging/{run_id}"
 
-    def write_part(self, run_id: str, batches: Iterable[pa.RecordBatch], tag: str = "") -> tuple[str | None, int]:
-        """Write one part file of a run (called in executors): (file name, rows); no file for no rows."""
-        name = f"part-{tag}{uuid.uuid4().hex[:12]}.parquet"
-        writer, rows = None, 0
-        try:
-            for batch in batches:
-                if not batch.num_rows:
-                    continue
-                if writer is None:
-                    if is_local(self.fs):
-                        self.fs.create_dir(self.staging(run_id), recursive=True)
-                    path = f"{self.staging(run_id)}/{name}"
-                    writer = pq.ParquetWriter(path, self.schema, filesystem=self.fs, compression="zstd")
-                writer.write_batch(batch.select(self.schema.names).cast(self.schema))
-                rows += batch.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        return (name if rows else None), rows
+    def part_writer(self, run_id: str, tag: str = "") -> "PartWriter":
+        """A writer for one part file of a run (used in executors); the file appears on the first rows."""
+        return PartWriter(self, run_id, f"part-{tag}{uuid.uuid4().hex[:12]}.parquet")
 
-    def commit(self, run_id: str, parts: list[tuple[str, int]]) -> dict | None:
-        """Publish the named parts of a run (other files in its staging folder are failed attempts)."""
+    def commit(self, run_id: str, parts: list[tuple[str, int]], **meta) -> dict | None:
+        """Publish the named parts of a run (other files in its staging folder are failed attempts).
+
+        `meta` (for example the model version) is kept in the commit record.
+        """
         self.recover()
         parts = [(name, rows) for name, rows in parts if rows]
         if not parts:
@@ -203,11 +190,26 @@ class Table:
             "committed_at": datetime.now(timezone.utc).isoformat(),
             "files": [name for name, _ in parts],
             "rows": sum(rows for _, rows in parts),
+            **meta,
         }
         # From here on the run is decided: a crash before the end is rolled forward by recover().
         self._write_json(f"{self.staging(run_id)}/{READY}", record)
         self._publish(record)
         return record
+
+    def commits(self) -> list[dict]:
+        """The commit records, oldest first."""
+        records = [self._read_json(f"{self.path}/_commits/{run_id}.json") for run_id in self.committed_runs()]
+        return sorted(records, key=lambda record: record["committed_at"])
+
+    def drop_runs(self, run_ids: Iterable[str]) -> None:
+        """Remove committed runs: the record goes first, so readers stop seeing the run at once."""
+        for run_id in run_ids:
+            record = f"{self.path}/_commits/{run_id}.json"
+            if self.fs.get_file_info(record).is_file:
+                self.fs.delete_file(record)
+            if self.fs.get_file_info(f"{self.path}/run={run_id}").type == pafs.FileType.Directory:
+                self.fs.delete_dir(f"{self.path}/run={run_id}")
 
     def abort(self, run_id: str) -> None:
         if self.fs.get_file_info(self.staging(run_id)).type == pafs.FileType.Directory:
@@ -261,3 +263,29 @@ class Table:
     def _read_json(self, path: str) -> dict:
         with self.fs.open_input_stream(path) as stream:
             return json.loads(stream.read())
+
+
+class PartWriter:
+    """Rows of one table into one Parquet part in a run's staging folder, opened on the first rows."""
+
+    def __init__(self, table: Table, run_id: str, name: str):
+        self.table, self.run_id, self.name = table, run_id, name
+        self.rows, self._writer = 0, None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        if self._writer is None:
+            staging = self.table.staging(self.run_id)
+            if is_local(self.table.fs):
+                self.table.fs.create_dir(staging, recursive=True)
+            self._writer = pq.ParquetWriter(f"{staging}/{self.name}", self.table.schema, filesystem=self.table.fs,
+                                            compression="zstd")
+        self._writer.write_batch(batch.select(self.table.schema.names).cast(self.table.schema))
+        self.rows += batch.num_rows
+
+    def close(self) -> tuple[str | None, int]:
+        """(file name, rows); no file when no rows came."""
+        if self._writer is not None:
+            self._writer.close()
+        return (self.name if self.rows else None), self.rows

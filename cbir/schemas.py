@@ -26,7 +26,21 @@ MANIFEST = pa.schema(
     ]
 )
 
-SCHEMAS = {"manifest": MANIFEST}
+CAPTIONS = pa.schema(
+    [
+        _field("image_id", pa.string(), "sha256 of the image bytes"),
+        _field("uri", pa.string(), "where the image came from (its first uri in the manifest)"),
+        _field("caption", pa.string(), "the generated caption, without startseq/endseq; null when failed"),
+        _field("logprob", pa.float64(), "the caption's log-probability under the model"),
+        _field("model_version", pa.string(), "the captioner version that wrote it"),
+        _field("status", pa.string(), "ok or failed"),
+        _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
+        _field("indexed_at", pa.timestamp("us", tz="UTC"), "when the run started"),
+        _field("run_id", pa.string(), "the index run that wrote the row"),
+    ]
+)
+
+SCHEMAS = {"manifest": MANIFEST, "captions": CAPTIONS}
 
 
 def features_schema(dim: int, dtype: str) -> pa.Schema:

@@ -85,6 +85,8 @@ class Encoder(Section):
     batch_size: int = Field(16, ge=1, le=4096)
     threads: int = Field(0, ge=0, description="TensorFlow threads per Spark task; 0: cores / parallel tasks")
     dtype: Literal["float16", "float32"] = Field("float16", description="how feature vectors are stored")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="encoder arithmetic; auto: bfloat16 where the CPU has it (AMX or AVX512-BF16)")
 
     @field_validator("name")
     @classmethod

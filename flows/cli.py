@@ -96,6 +96,13 @@ def train(args, settings: Settings) -> None:
     run_flow(train_flow, dataset=args.dataset, images=args.images, settings=settings)
 
 
+def index(args, settings: Settings) -> None:
+    from flows.index import index_flow
+
+    Lake.open(settings).check()
+    run_flow(index_flow, drop_version=args.drop_version, settings=settings)
+
+
 def demo(args, settings: Settings) -> None:
     from flows.demo import demo_flow
 
@@ -134,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("train", train, "train a captioner on a Flickr8k folder, a COCO captions JSON or a table")
     sub.add_argument("dataset", help="Flickr8k folder, COCO captions .json, or .csv/.jsonl/.parquet of uri, caption")
     sub.add_argument("--images", metavar="DIR", help="the image folder of a COCO captions file")
+    sub = verb("index", index, "caption every new image of the manifest with the current captioner")
+    sub.add_argument("--drop-version", metavar="V", help="instead, remove captioner version V's captions")
     verb("demo", demo, "run the pipeline on the sample photos that pip installed")
     sub = verb("ui", ui, "start the Prefect server and UI, its database in the state folder")
     sub.add_argument("--host", default="127.0.0.1")

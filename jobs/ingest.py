@@ -104,7 +104,7 @@ def run(
             table.abort(run_id)
             raise
         summary.ingested, summary.duplicates = counts.pop("ok", 0), counts.pop("duplicate", 0)
-        summary.failed = {reason.removeprefix("failed:"): n for reason, n in counts.items()}
+        summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
         summary.skipped = summary.found - summary.probed
     summary.seconds = time.monotonic() - started
     return summary

@@ -7,6 +7,7 @@ lake through pyarrow.fs. Only file names and row counts travel back to the drive
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from functools import partial
 from typing import Callable, Iterator
@@ -18,60 +19,85 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.lake import Table
 
-PARTS_DDL = "file string, rows long, counts string"
+PARTS_DDL = "table string, file string, rows long, counts string"
 
 
 def read_table(spark: SparkSession, table: Table, columns: list[str]) -> DataFrame:
     """The committed rows of a lake table as a DataFrame, read by the executors."""
-    schema = pa.schema([table.schema.field(name) for name in columns])
+    schema = pa.schema([_spark_field(table.schema.field(name)) for name in columns])
     files = table.files()
     if not files:
         return spark.createDataFrame([], from_arrow_schema(schema))
     paths = spark.createDataFrame([(f,) for f in files], "path string")
     paths = paths.repartition(min(len(files), spark.sparkContext.defaultParallelism * 4))
-    return paths.mapInArrow(partial(_read_files, table, columns), from_arrow_schema(schema))
+    return paths.mapInArrow(partial(_read_files, table, schema), from_arrow_schema(schema))
 
 
-def _read_files(table: Table, columns: list[str], batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _spark_field(field: pa.Field) -> pa.Field:
+    """Spark has no float16 and no fixed-size lists: vectors travel as lists of float32."""
+    if pa.types.is_fixed_size_list(field.type):
+        return field.with_type(pa.list_(pa.float32()))
+    return field
+
+
+def _read_files(table: Table, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         dataset = table.dataset(batch.column(0).to_pylist())
-        yield from dataset.to_batches(columns=columns)
+        for part in dataset.to_batches(columns=schema.names):
+            yield part.cast(schema)
 
 
-Transform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+Produce = Callable[[Iterator[pa.RecordBatch]], Iterator["tuple[str, pa.RecordBatch] | Counter"]]
 
 
-def write_run(
-    df: DataFrame,
-    table: Table,
-    run_id: str,
-    count: Callable[[pa.RecordBatch], Counter] | None = None,
-    transform: Transform | None = None,
-) -> tuple[list[tuple[str, int]], Counter]:
-    """Each partition writes one part into the run's staging folder; returns the parts and merged counts.
+def write_tables(df: DataFrame, tables: dict[str, Table], run_id: str,
+                 produce: Produce) -> tuple[dict[str, list[tuple[str, int]]], Counter]:
+    """Each partition writes at most one part per table into the run's staging folders.
 
-    `transform` turns a partition's rows into the table's rows inside the task (so large values,
-    such as feature vectors, never pass through Spark); `count` tallies each written batch, so
-    summaries need no second pass.
+    `produce` runs in the task: it turns the partition's rows into (table name, batch) pairs
+    to write, and Counters (rows by status, seconds by stage) that are summed for the summary.
+    Returns the parts of each table, to commit, and the summed counts.
     """
-    rows = df.mapInArrow(partial(_write_partition, table, run_id, count, transform), PARTS_DDL).collect()
-    parts = [(row.file, row.rows) for row in rows if row.rows]
+    rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
+    parts: dict[str, list[tuple[str, int]]] = {name: [] for name in tables}
     counts: Counter = Counter()
     for row in rows:
+        if row.rows:
+            parts[row.table].append((row.file, row.rows))
         counts.update(json.loads(row.counts))
     return parts, counts
 
 
-def _write_partition(table, run_id, count, transform, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    counts: Counter = Counter()
-
-    def tallied() -> Iterator[pa.RecordBatch]:
-        for batch in transform(batches) if transform else batches:
+def write_run(df: DataFrame, table: Table, run_id: str,
+              count: Callable[[pa.RecordBatch], Counter] | None = None) -> tuple[list[tuple[str, int]], Counter]:
+    """The rows of df as one run of one table; `count` tallies each batch for the summary."""
+    def produce(batches: Iterator[pa.RecordBatch]):
+        for batch in batches:
+            yield table.name, batch
             if count:
-                counts.update(count(batch))
-            yield batch
+                yield count(batch)
 
+    parts, counts = write_tables(df, {table.name: table}, run_id, produce)
+    return parts[table.name], counts
+
+
+def _write_partition(tables, run_id, produce, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     context = TaskContext.get()
     tag = f"{context.partitionId():05d}-" if context else ""
-    name, rows = table.write_part(run_id, tallied(), tag=tag)
-    yield pa.RecordBatch.from_pylist([{"file": name, "rows": rows, "counts": json.dumps(counts)}])
+    writers = {name: table.part_writer(run_id, tag) for name, table in tables.items()}
+    counts: Counter = Counter()
+    for item in produce(batches):
+        if isinstance(item, Counter):
+            counts.update(item)
+        else:
+            clock = time.perf_counter()
+            writers[item[0]].write(item[1])
+            counts["seconds:write"] += time.perf_counter() - clock
+    stats = []
+    for name, writer in writers.items():
+        clock = time.perf_counter()
+        file, rows = writer.close()
+        counts["seconds:write"] += time.perf_counter() - clock
+        stats.append({"table": name, "file": file, "rows": rows, "counts": "{}"})
+    stats[0]["counts"] = json.dumps(counts)  # one copy of the counts per task
+    yield pa.RecordBatch.from_pylist(stats)

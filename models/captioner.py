@@ -63,8 +63,10 @@ class Captioner:
             logits, h, c = step_model([token, h, c, image], training=False)
             return tf.nn.log_softmax(logits + banned), h, c
 
-        self._image_fn = tf.function(lambda f: image_model(f, training=False), reduce_retracing=True)
-        self._step_fn = tf.function(step, reduce_retracing=True)
+        # One trace each, whatever the batch size.
+        rows = lambda width, dtype=tf.float32: tf.TensorSpec([None, width], dtype)  # noqa: E731
+        self._image_fn = tf.function(lambda f: image_model(f, training=False), input_signature=[rows(self.feature_dim)])
+        self._step_fn = tf.function(step, input_signature=[rows(1, tf.int32), rows(units), rows(units), rows(units)])
         self.units = units
 
     def _image(self, features: np.ndarray) -> np.ndarray:

@@ -44,31 +44,54 @@ def pixels(data: bytes, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
+def bfloat16_supported() -> bool:
+    """True where the CPU multiplies bfloat16 natively (Intel AMX or AVX512-BF16); elsewhere it is emulated, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bfloat16" if bfloat16_supported() else "float32"
+    return precision
+
+
 class VGG16:
     name = "vgg16"
     feature_dim = 4096
     image_size = (224, 224)
 
-    def __init__(self, weights: str):
+    def __init__(self, weights: str, precision: str = "float32"):
         import keras
 
-        self.weights = weights
+        self.weights, self.precision = weights, resolve_precision(precision)
+        # Layers built under a mixed policy keep float32 weights and compute in bfloat16.
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if self.precision == "bfloat16" else "float32")
+        try:
+            base = self._build(keras, weights)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        self.model = keras.Model(base.input, base.get_layer("fc2").output, name="vgg16_fc2")
+
+    @staticmethod
+    def _build(keras, weights: str):
         if weights == "random":
             keras.utils.set_random_seed(RANDOM_SEED)
-            base = keras.applications.VGG16(weights=None)
-        elif weights == "imagenet":
+            return keras.applications.VGG16(weights=None)
+        if weights == "imagenet":
             try:
-                base = keras.applications.VGG16(weights="imagenet")
+                return keras.applications.VGG16(weights="imagenet")
             except Exception as exc:
                 raise UsageError(
                     f"encoder.weights=imagenet: the VGG16 ImageNet weights could not be downloaded ({_short(exc)}); "
                     "offline, put vgg16_weights_tf_dim_ordering_tf_kernels.h5 in $KERAS_HOME/models "
                     "or set encoder.weights to a weights file") from None
-        else:
-            if not Path(weights).is_file():
-                raise UsageError(f"encoder.weights={weights}: no such weights file")
-            base = keras.applications.VGG16(weights=weights)
-        self.model = keras.Model(base.input, base.get_layer("fc2").output, name="vgg16_fc2")
+        if not Path(weights).is_file():
+            raise UsageError(f"encoder.weights={weights}: no such weights file")
+        return keras.applications.VGG16(weights=weights)
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """Exactly Keras' VGG16 preprocessing: RGB -> BGR, ImageNet channel means subtracted."""
@@ -108,14 +131,15 @@ def image_size(name: str) -> tuple[int, int]:
     return ENCODERS[name].image_size
 
 
-_LOADED: dict[tuple[str, str], object] = {}
+_LOADED: dict[tuple[str, str, str], object] = {}
 
 
-def load_encoder(name: str, weights: str):
-    """One encoder per process and weights: Spark workers load it once, not once a batch."""
-    if (name, weights) not in _LOADED:
-        _LOADED[(name, weights)] = ENCODERS[name](weights)
-    return _LOADED[(name, weights)]
+def load_encoder(name: str, weights: str, precision: str = "float32"):
+    """One encoder per process, weights and precision: Spark workers load it once, not once a batch."""
+    key = (name, weights, resolve_precision(precision))
+    if key not in _LOADED:
+        _LOADED[key] = ENCODERS[name](weights, key[2])
+    return _LOADED[key]
 
 
 def _short(exc: Exception) -> str:

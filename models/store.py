@@ -57,16 +57,22 @@ def card(lake: Lake, version: str = "current") -> dict:
     return json.loads(_read(lake, path))
 
 
+def check_encoder(info: dict, encoder: str) -> None:
+    """A captioner reads only the features it was trained on."""
+    if info["encoder"]["key"] != encoder:
+        raise UsageError(
+            f"captioner {info['version']} was trained on {info['encoder']['key']} features, "
+            f"but the encoder settings give {encoder}: set encoder.name/encoder.weights to match, or train again")
+
+
 def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tuple[Captioner, dict]:
     """The captioner and its card; `encoder` (an encoder key) must be the one it was trained on."""
     import keras
 
     info = card(lake, version)
     folder = lake.path(*ROOT, info["version"])
-    if encoder is not None and info["encoder"]["key"] != encoder:
-        raise UsageError(
-            f"captioner {info['version']} was trained on {info['encoder']['key']} features, "
-            f"but the encoder settings give {encoder}: set encoder.name/encoder.weights to match, or train again")
+    if encoder is not None:
+        check_encoder(info, encoder)
     tokenizer = Tokenizer.from_json(_read(lake, f"{folder}/tokenizer.json").decode())
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model.keras"

@@ -20,6 +20,12 @@ def _rows(run_id: str, n: int, start: int = 0) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(data, schema=MANIFEST)
 
 
+def _part(table, run_id: str, batch: pa.RecordBatch) -> tuple[str, int]:
+    writer = table.part_writer(run_id)
+    writer.write(batch)
+    return writer.close()
+
+
 def _plain_uris(lake: Lake) -> list[str]:
     """What a reader that knows nothing of cbir sees: every Parquet file pyarrow discovers."""
     dataset = ds.dataset(lake.path("manifest"), filesystem=lake.fs, format="parquet", partitioning="hive")
@@ -33,8 +39,8 @@ def test_staged_parts_are_invisible_until_commit(settings):
     lake.check()
     table = lake.table("manifest")
     run_id = new_run_id()
-    parts = [table.write_part(run_id, [_rows(run_id, 3, start)]) for start in (0, 3)]
-    table.write_part(run_id, [_rows(run_id, 5, 100)])  # a failed task attempt: written, never committed
+    parts = [_part(table, run_id, _rows(run_id, 3, start)) for start in (0, 3)]
+    _part(table, run_id, _rows(run_id, 5, 100))  # a failed task attempt: written, never committed
 
     assert table.files() == [] and table.read().num_rows == 0
     assert _plain_uris(lake) == []
@@ -54,10 +60,11 @@ def test_an_aborted_run_leaves_nothing(settings):
     lake.check()
     table = lake.table("manifest")
     run_id = new_run_id()
-    table.write_part(run_id, [_rows(run_id, 4)])
+    _part(table, run_id, _rows(run_id, 4))
     table.abort(run_id)
     assert table.read().num_rows == 0 and _plain_uris(lake) == []
     assert table.commit(new_run_id(), []) is None
+    assert table.part_writer(run_id).close() == (None, 0)  # no rows, no file
 
 
 def test_a_commit_interrupted_after_its_decision_is_rolled_forward(settings):
@@ -65,7 +72,7 @@ def test_a_commit_interrupted_after_its_decision_is_rolled_forward(settings):
     lake.check()
     table = lake.table("manifest")
     run_id = new_run_id()
-    parts = [table.write_part(run_id, [_rows(run_id, 2, start)]) for start in (0, 2)]
+    parts = [_part(table, run_id, _rows(run_id, 2, start)) for start in (0, 2)]
     # The driver wrote its decision, then died before publishing.
     table._write_json(f"{table.staging(run_id)}/{READY}", {"run_id": run_id, "files": [p for p, _ in parts], "rows": 4})
     if not settings.lake_is_local:  # on S3 it had copied one part of two
@@ -73,7 +80,7 @@ def test_a_commit_interrupted_after_its_decision_is_rolled_forward(settings):
     assert table.read().num_rows == 0  # no commit record yet: cbir readers see nothing
 
     later = new_run_id()
-    table.commit(later, [table.write_part(later, [_rows(later, 1, 50)])])  # the next writer recovers first
+    table.commit(later, [_part(table, later, _rows(later, 1, 50))])  # the next writer recovers first
 
     assert table.committed_runs() == {run_id, later}
     assert sorted(table.read().column("uri").to_pylist()) == sorted(f"/img/{i}.jpg" for i in (0, 1, 2, 3, 50))
@@ -98,3 +105,19 @@ def test_table_uris_cover_the_contract(settings):
     uris = Lake.open(settings).table_uris()
     assert set(uris) >= {"manifest", "features", "captions", "models", "queries", "images"}
     assert uris["manifest"] == f"{settings.lake}/manifest" and uris["models"] == f"{settings.lake}/models"
+
+
+def test_commit_records_keep_metadata_and_dropped_runs_vanish(settings):
+    lake = Lake.open(settings)
+    lake.check()
+    table = lake.table("manifest")
+    first, second = new_run_id(), new_run_id()
+    table.commit(first, [_part(table, first, _rows(first, 2))], model_version="v1")
+    table.commit(second, [_part(table, second, _rows(second, 3, 10))], model_version="v2")
+    assert [(r["run_id"], r["model_version"], r["rows"]) for r in table.commits()] == [(first, "v1", 2), (second, "v2", 3)]
+
+    table.drop_runs([first])
+
+    assert table.committed_runs() == {second}
+    assert sorted(table.read().column("uri").to_pylist()) == [f"/img/{i}.jpg" for i in (10, 11, 12)]
+    assert _plain_uris(lake) == [f"/img/{i}.jpg" for i in (10, 11, 12)]

@@ -1,0 +1,220 @@
+"""Index: the manifest's ok images -> features (cached per encoder) and a caption per model version.
+
+In each task: read (from the lake's image store) -> decode and resize -> encode (batched) ->
+caption (batched greedy or beam) -> write its own Parquet parts. Images whose features are
+already cached (from training, or an earlier model version) are only captioned. The driver
+commits features and captions once every task has succeeded, so an interrupted run leaves
+nothing, and a rerun starts from what is committed: it never captions an image twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from cbir.images import ImageRejected
+from cbir.lake import Lake, new_run_id
+from cbir.schemas import CAPTIONS
+from cbir.settings import Settings
+from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_config
+from jobs.lakeio import read_table, write_tables
+from jobs.progress import Report, tracked
+from jobs.spark import default_partitions
+from models import store
+from models.encoders import configure_tensorflow
+
+CAPTIONS_PER_TASK = 4096  # captioning cached features is quick
+STAGES = ("load", "read", "decode", "encode", "caption", "write")  # load: the models, once per worker
+
+
+@dataclass(frozen=True)
+class IndexContext:
+    """What a task needs: the lake (the model is loaded from it, once per worker) and how to decode."""
+
+    lake: Lake
+    version: str
+    encoder: EncoderConfig
+    method: str
+    beam_width: int
+    run_id: str
+    indexed_at: datetime
+
+    def captioner(self):
+        key = (self.lake.uri, self.version)
+        if key not in _CAPTIONERS:
+            configure_tensorflow(self.encoder.threads)  # before TensorFlow's first use in this worker
+            _CAPTIONERS[key] = store.load(self.lake, self.version, encoder=self.encoder.key)[0]
+        return _CAPTIONERS[key]
+
+    def captions_batch(self, rows: list[dict], decoded: list[tuple[str, float]],
+                       failed: list[tuple[dict, str]]) -> pa.RecordBatch:
+        out = [dict(image_id=row["image_id"], uri=row["uri"], caption=caption, logprob=logprob, status="ok", error=None)
+               for row, (caption, logprob) in zip(rows, decoded)]
+        out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed", error=error)
+                for row, error in failed]
+        for row in out:
+            row.update(model_version=self.version, indexed_at=self.indexed_at, run_id=self.run_id)
+        return pa.RecordBatch.from_pylist(out, schema=CAPTIONS)
+
+
+_CAPTIONERS: dict = {}
+
+
+@dataclass
+class IndexSummary:
+    run_id: str
+    version: str
+    pending: int = 0
+    skipped: int = 0
+    indexed: int = 0
+    encoded: int = 0
+    reused: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.indexed + sum(self.failed.values())) / self.seconds if self.seconds else 0.0
+
+    def rows(self) -> list[dict]:
+        rows = [
+            {"what": "already captioned (skipped)", "count": self.skipped},
+            {"what": "images to index", "count": self.pending},
+            {"what": "indexed", "count": self.indexed},
+            {"what": "  features computed", "count": self.encoded},
+            {"what": "  features reused", "count": self.reused},
+        ]
+        rows += [{"what": f"failed: {reason}", "count": n} for reason, n in sorted(self.failed.items())]
+        rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
+        rows += [{"what": f"task seconds: {stage}", "count": round(self.stages.get(stage, 0.0), 1)} for stage in STAGES]
+        return rows
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+
+
+def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
+    started = time.monotonic()
+    card = store.card(lake, settings.captioner.version)
+    config = encoder_config(settings, spark.sparkContext.defaultParallelism)
+    store.check_encoder(card, config.key)
+    version = card["version"]
+    summary = IndexSummary(new_run_id(), version)
+
+    manifest = read_table(spark, lake.table("manifest"), ["image_id", "uri", "format", "status"])
+    images = manifest.where(F.col("status") == "ok").groupBy("image_id").agg(
+        F.min("uri").alias("uri"), F.first("format").alias("format"))
+    done = read_table(spark, lake.table("captions"), ["image_id", "model_version"]).where(F.col("model_version") == version)
+    todo = images.join(done, "image_id", "left_anti").persist()
+    records = lake.table("captions").commits()
+    summary.skipped = sum(record["rows"] for record in records if record.get("model_version") == version)
+    try:
+        summary.pending = todo.count()
+        if summary.pending:
+            context = IndexContext(lake, version, config, settings.captioner.decode, settings.captioner.beam_width,
+                                   summary.run_id, datetime.now(timezone.utc))
+            counts = _index(spark, context, todo, summary.pending, settings.spark.partitions, progress)
+            summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
+            summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
+            summary.stages = {stage: counts[f"seconds:{stage}"] for stage in STAGES}
+    finally:
+        todo.unpersist()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> Counter:
+    """One Spark job: encode and caption the images without features, caption those with; commit both."""
+    lake, config, run_id = context.lake, context.encoder, context.run_id
+    features, captions = config.table(lake), lake.table("captions")
+    columns = ["image_id", "uri", "format", "vector"]
+    to_encode = (todo.join(read_table(spark, features, ["image_id"]), "image_id", "left_anti")
+                 .withColumn("vector", F.lit(None).cast("array<float>"))
+                 .repartition(default_partitions(spark, pending, partitions, IMAGES_PER_TASK)))
+    # The pending images are broadcast to the tasks reading cached vectors; the repartition keeps
+    # captioning out of the reading stage, so each task runs one Python worker, which loads the models.
+    to_caption = (read_table(spark, features, ["image_id", "vector"])
+                  .join(F.broadcast(todo.select("image_id", "uri", "format")), "image_id")
+                  .repartition(default_partitions(spark, pending, partitions, CAPTIONS_PER_TASK)))
+    work = to_encode.select(columns).unionByName(to_caption.select(columns))
+    try:
+        with tracked(spark, f"index with captioner {context.version}", progress):
+            parts, counts = write_tables(work, {"features": features, "captions": captions}, run_id,
+                                         partial(index_partition, context))
+        features.commit(run_id, parts["features"])
+        captions.commit(run_id, parts["captions"], model_version=context.version)
+    except BaseException:
+        features.abort(run_id)
+        captions.abort(run_id)
+        raise
+    return counts
+
+
+def drop_version(lake: Lake, version: str) -> tuple[int, int]:
+    """Remove a model version's captions (features stay: they belong to the encoder). Returns (runs, rows)."""
+    captions = lake.table("captions")
+    runs = [record for record in captions.commits() if record.get("model_version") == version]
+    captions.drop_runs(record["run_id"] for record in runs)
+    return len(runs), sum(record["rows"] for record in runs)
+
+
+# Executor side.
+def index_partition(context: IndexContext, batches: Iterator[pa.RecordBatch]):
+    """A partition holds either images to encode (no vector) or cached vectors: caption them all."""
+    clock = time.perf_counter()
+    context.captioner()
+    yield Counter({"seconds:load": time.perf_counter() - clock})
+    for batch in batches:
+        if batch.column("vector").null_count < batch.num_rows:
+            yield from caption_cached(context, batch)
+        else:
+            yield from encode_and_caption(context, batch.to_pylist())
+
+
+def encode_and_caption(context: IndexContext, rows: list[dict]):
+    """(image_id, uri, format) rows -> features and captions, encoder.batch_size images at a time."""
+    lake, captioner = context.lake, context.captioner()
+
+    def read(row: dict) -> bytes:
+        try:
+            with lake.fs.open_input_stream(lake.image_path(row["image_id"], row["format"])) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise ImageRejected("not-found", "the image is not in the lake's image store") from None
+
+    for chunk in encode_chunks(context.encoder, rows, read):
+        clock = time.perf_counter()
+        decoded = captioner.decode(chunk.vectors, context.method, context.beam_width) if chunk.rows else []
+        seconds = chunk.seconds + Counter(caption=time.perf_counter() - clock)
+        if chunk.rows:
+            yield "features", chunk.features_batch(context.encoder, context.run_id)
+        yield "captions", context.captions_batch(chunk.rows, decoded, chunk.failed)
+        yield _tally(chunk.rows, chunk.failed, seconds, encoded=len(chunk.rows))
+
+
+def caption_cached(context: IndexContext, batch: pa.RecordBatch):
+    """(image_id, uri, vector) rows from the features table -> captions."""
+    clock = time.perf_counter()
+    vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
+    vectors = vectors.reshape(-1, context.encoder.dim).astype(np.float32)
+    rows = batch.select(["image_id", "uri"]).to_pylist()
+    decoded = context.captioner().decode(vectors, context.method, context.beam_width)
+    yield "captions", context.captions_batch(rows, decoded, [])
+    yield _tally(rows, [], Counter(caption=time.perf_counter() - clock), reused=len(rows))
+
+
+def _tally(rows: list, failed: list[tuple[dict, str]], seconds: Counter, **extra: int) -> Counter:
+    counts = Counter({"ok": len(rows), **extra})
+    counts.update(f"failed:{error.split(':')[0]}" for _, error in failed)
+    counts.update({f"seconds:{stage}": value for stage, value in seconds.items()})
+    return counts

@@ -1,0 +1,247 @@
+"""Index: every ok image captioned once per model version, incremental, safe to interrupt, on a real cluster too."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from cbir.errors import UsageError
+from cbir.lake import Lake
+from conftest import make_settings, shapes_dataset
+from jobs import index, ingest, train
+from jobs.datasets import read_dataset
+from jobs.embed import encoder_config, read_features
+from jobs.reader import resolve_source
+from models import store
+
+SMALL_MODEL = ("encoder.weights=random", "captioner.units=64", "captioner.embedding_dim=32",
+               "captioner.min_word_count=1", "train.epochs=12", "encoder.batch_size=4")
+
+
+def prepare(spark, settings, tmp: Path, new_images: int = 30) -> dict:
+    """Train a small captioner on 24 shapes, then ingest new images plus 6 of the training ones."""
+    lake = Lake.open(settings)
+    lake.check()
+    rows = shapes_dataset(tmp / "train", 24, seed=1)
+    with open(tmp / "train.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["uri", "caption", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    card = train.run(spark, lake, settings, read_dataset(str(tmp / "train.csv"), settings))
+    shapes_dataset(tmp / "new", new_images, seed=2)
+    for path in sorted((tmp / "train").glob("*.png"))[:6]:
+        (tmp / "new" / f"seen-{path.name}").write_bytes(path.read_bytes())
+    summary = ingest.run(spark, lake, settings, resolve_source(str(tmp / "new"), settings))
+    assert summary.ingested == new_images + 6
+    return {"lake": lake, "card": card}
+
+
+def captions_of(lake: Lake, version: str | None = None) -> list[dict]:
+    rows = lake.table("captions").read().to_pylist()
+    return [row for row in rows if version is None or row["model_version"] == version]
+
+
+def stored_images(lake: Lake) -> dict[str, str]:
+    """image_id -> path in the lake's image store, for the manifest's ok images."""
+    rows = lake.table("manifest").read(["image_id", "format", "status"]).to_pylist()
+    return {r["image_id"]: lake.image_path(r["image_id"], r["format"]) for r in rows if r["status"] == "ok"}
+
+
+def with_small_model(settings, tmp: Path):
+    small = make_settings(tmp, *SMALL_MODEL)
+    return settings.model_copy(update={key: getattr(small, key) for key in ("encoder", "captioner", "train")})
+
+
+@pytest.fixture(scope="module")
+def prepared_local(spark, tmp_path_factory):
+    """A local lake with a trained captioner and 36 ingested images, prepared once."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    settings = make_settings(tmp, *SMALL_MODEL)
+    return settings, prepare(spark, settings, tmp)["card"], tmp
+
+
+@pytest.fixture
+def fresh_local(prepared_local, tmp_path):
+    """A copy of the prepared lake that a test may index and change."""
+    settings, card, source = prepared_local
+    shutil.copytree(settings.lake, tmp_path / "lake")
+    settings = settings.model_copy(update={"lake": str(tmp_path / "lake")})
+    return settings, {"lake": Lake.open(settings), "card": card}, source
+
+
+@pytest.fixture(params=["local", "s3"])
+def setup(request, spark, tmp_path):
+    if request.param == "local":
+        settings, prepared, _ = request.getfixturevalue("fresh_local")
+        return settings, prepared
+    settings = with_small_model(request.getfixturevalue("s3_settings"), tmp_path)
+    return settings, prepare(spark, settings, tmp_path)
+
+
+def test_index_captions_each_image_once_as_the_captioner_would(spark, setup):
+    settings, prepared = setup
+    lake, card = prepared["lake"], prepared["card"]
+    images = stored_images(lake)
+    broken, missing = sorted(images)[:2]
+    with lake.fs.open_output_stream(images[broken]) as out:
+        out.write(b"\x89PNG\r\n\x1a\n damaged after ingest")
+    lake.fs.delete_file(images[missing])
+
+    summary = index.run(spark, lake, settings)
+
+    assert (summary.pending, summary.indexed, summary.reused) == (36, 34, 6)
+    assert summary.encoded == 28 and summary.failed == {"decode-failed": 1, "not-found": 1}
+    assert all(summary.stages[stage] > 0 for stage in ("read", "decode", "encode", "caption", "write"))
+    rows = captions_of(lake, card["version"])
+    assert sorted(row["image_id"] for row in rows) == sorted(images)  # each image exactly once
+    by_id = {row["image_id"]: row for row in rows}
+    assert by_id[broken]["status"] == "failed" and by_id[broken]["error"].startswith("decode-failed:")
+    assert by_id[missing]["error"] == "not-found: the image is not in the lake's image store"
+
+    captioner, _ = store.load(lake, encoder="vgg16-random")
+    ok = [row for row in rows if row["status"] == "ok"]
+    vectors = read_features(lake, encoder_config(settings, 1), [row["image_id"] for row in ok])
+    for row in ok:  # what the captioner says of each image alone, from its stored features
+        caption, logprob = captioner.decode(vectors[row["image_id"]][None, :])[0]
+        assert (row["caption"], row["logprob"]) == (caption, pytest.approx(logprob, abs=1e-4))
+        assert row["uri"].endswith(".png") and row["model_version"] == card["version"]
+    assert len({row["caption"] for row in ok}) > 1
+
+    again = index.run(spark, lake, settings)
+    assert (again.pending, again.indexed) == (0, 0)
+    assert len(lake.table("captions").committed_runs()) == 1
+
+
+def test_a_new_version_keeps_the_old_captions_until_dropped(spark, fresh_local):
+    settings, prepared, source = fresh_local
+    lake, first = prepared["lake"], prepared["card"]["version"]
+    index.run(spark, lake, settings)
+    second = train.run(spark, lake, settings, read_dataset(str(source / "train.csv"), settings))["version"]
+
+    summary = index.run(spark, lake, settings)
+
+    assert summary.version == second and summary.encoded == 0 and summary.reused == 36  # features are reused
+    assert len(captions_of(lake, first)) == len(captions_of(lake, second)) == 36
+    assert index.drop_version(lake, first) == (1, 36)
+    assert captions_of(lake, first) == [] and len(captions_of(lake, second)) == 36
+
+
+def test_no_model_is_one_clear_line(spark, local_settings):
+    with pytest.raises(UsageError, match=r"no captioner in the lake .* train one with `cbir train DATASET`"):
+        index.run(spark, Lake.open(local_settings), local_settings)
+
+
+def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fresh_local):
+    settings, prepared, _ = fresh_local
+    lake = prepared["lake"]
+    settings = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"batch_size": 1})})
+    staging = lake.path("captions", "_staging")
+    outcome: dict = {}
+
+    def run_index():
+        try:
+            outcome["summary"] = index.run(spark, lake, settings)
+        except Exception as exc:  # noqa: BLE001 - the failure is what this test wants
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run_index)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not _has_files(lake, staging) and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.02)
+    killed = _kill_python_workers()
+    runner.join(timeout=300)
+
+    assert killed and "error" in outcome, "the run should have failed when a task's Python worker died"
+    assert captions_of(lake) == [] and lake.table("captions").committed_runs() == set()
+    assert not _has_files(lake, staging)  # the failed run removed its parts
+
+    summary = index.run(spark, lake, settings)
+    assert summary.indexed == 36
+    assert sorted(row["image_id"] for row in captions_of(lake)) == sorted(stored_images(lake))
+
+
+def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, s3_settings, tmp_path):
+    settings = with_small_model(s3_settings, tmp_path)
+    lake = prepare(spark, settings, tmp_path, new_images=6)["lake"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spark_class = str(Path(sys.executable).parent / "spark-class")
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work")}
+    master = subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                               "--port", str(port), "--webui-port", "0"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
+                               "--host", "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port", "0"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_port(port)
+        overrides = [f"lake={settings.lake}", f"s3.endpoint_url={settings.s3.endpoint_url}", "s3.region=us-east-1",
+                     f"spark.master=spark://127.0.0.1:{port}", "spark.ui=false", *SMALL_MODEL]
+        command = [str(Path(sys.executable).parent / "cbir"), "index"]
+        for item in overrides:
+            command += ["--set", item]
+        cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))}
+        result = subprocess.run(command, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "│ indexed" in result.stdout + result.stderr
+    finally:
+        for process in (worker, master):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+    rows = captions_of(lake)
+    assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))
+    assert all(row["status"] == "ok" and row["caption"] is not None for row in rows)
+
+
+def _has_files(lake: Lake, path: str) -> bool:
+    infos = lake.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return any(info.is_file for info in infos)
+
+
+def _kill_python_workers() -> bool:
+    """SIGKILL the Python workers that Spark's daemon forked, busy ones included: their tasks fail.
+    The daemon itself lives on, so later jobs in this session get new workers."""
+    spark_pythons = {pid for pid, cmd in _processes() if "pyspark.daemon" in cmd}
+    workers = [pid for pid in spark_pythons if _parent(pid) in spark_pythons]
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    return bool(workers)
+
+
+def _processes():
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                yield int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _wait_for_port(port: int, seconds: int = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
