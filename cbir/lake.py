@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cbir.errors import UsageError
-from cbir.schemas import SCHEMAS, features_schema
+from cbir.schemas import ERRORS, RESULTS, SCHEMAS, features_schema
 from cbir.settings import S3, Settings
 
 TABLES = ("manifest", "features", "captions")
@@ -123,6 +123,12 @@ class Lake:
         """Features are cached per encoder (and storage type): features/<encoder key>-<dtype>/."""
         name = f"{encoder_key}-{dtype}"
         return Table(f"features/{name}", self.fs, self.path("features", name), features_schema(dim, dtype))
+
+    def query_tables(self, run_id: str) -> tuple["Table", "Table"]:
+        """A query run's results and errors: queries/<run_id>/{results,errors}/."""
+        folder = self.path("queries", run_id)
+        return (Table("results", self.fs, f"{folder}/results", RESULTS),
+                Table("errors", self.fs, f"{folder}/errors", ERRORS))
 
     def table_uris(self) -> dict[str, str]:
         return {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}

@@ -117,6 +117,35 @@ class Train(Section):
     seed: int = 0
 
 
+class Bleu(Section):
+    """How a query is scored against an image's texts: nltk's sentence_bleu with these arguments."""
+
+    weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+    smoothing: Literal["method0", "method1", "method2", "method3"] = "method1"
+    auto_reweigh: bool = True
+    source_texts: bool = Field(False, description="also score against the image's source title and tags")
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weight_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in re.split(r"[,\s]+", value.strip("()[] ")) if part]
+        if isinstance(value, (list, tuple)):
+            if not 1 <= len(value) <= 8:
+                raise ValueError("give 1 to 8 weights, one per n-gram order")
+            if any(float(v) < 0 for v in value) or not any(float(v) > 0 for v in value):
+                raise ValueError("weights are non-negative and not all 0")
+        return value
+
+
+class Query(Section):
+    k: int = Field(10, ge=1, le=1000, description="results per query, unless a query row says otherwise")
+    hybrid: bool = Field(False, description="for image queries, blend BLEU with visual similarity")
+    visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
+    hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
+    gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
+
+
 class Settings(Section):
     profile: str = "local"
     state_dir: str = ".cbir"
@@ -127,6 +156,8 @@ class Settings(Section):
     encoder: Encoder = Encoder()
     captioner: Captioner = Captioner()
     train: Train = Train()
+    bleu: Bleu = Bleu()
+    query: Query = Query()
 
     @field_validator("lake")
     @classmethod

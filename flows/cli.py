@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
 
@@ -103,6 +103,39 @@ def index(args, settings: Settings) -> None:
     run_flow(index_flow, drop_version=args.drop_version, settings=settings)
 
 
+def query(args, settings: Settings) -> None:
+    from flows.query import query_flow
+    from jobs.reader import resolve_source
+
+    Lake.open(settings).check()
+    resolve_source(args.file, settings, columns=("query_id",), what="query file")
+    summary = run_flow(query_flow, query_file=args.file, captions=args.captions, settings=settings)
+    print(summary["run_uri"])  # the last line of standard output: the run's folder
+
+
+def search(args, settings: Settings) -> None:
+    from flows.query import search_flow
+
+    if (args.text is None) == (args.image is None):
+        raise UsageError("search needs a text or --image PATH (one of them)")
+    if args.k is not None and not 1 <= args.k <= 1000:
+        raise UsageError(f"-k must be from 1 to 1000, got {args.k}")
+    image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
+    Lake.open(settings).check()
+    run_flow(search_flow, text=args.text, image=image, k=args.k, settings=settings)
+
+
+def evaluate(args, settings: Settings) -> None:
+    from flows.evaluate import eval_flow
+    from jobs.reader import resolve_source
+
+    Lake.open(settings).check()
+    resolve_source(args.table, settings, columns=("uri", "caption"), what="evaluation table")
+    metrics = run_flow(eval_flow, table=args.table, settings=settings)
+    if args.json:
+        print(json.dumps(metrics))
+
+
 def demo(args, settings: Settings) -> None:
     from flows.demo import demo_flow
 
@@ -143,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--images", metavar="DIR", help="the image folder of a COCO captions file")
     sub = verb("index", index, "caption every new image of the manifest with the current captioner")
     sub.add_argument("--drop-version", metavar="V", help="instead, remove captioner version V's captions")
+    sub = verb("query", query, "answer a file of text and image queries; prints the run folder last")
+    sub.add_argument("file", help="CSV, JSONL or Parquet with query_id and text or image (and optional k)")
+    sub.add_argument("--captions", metavar="TABLE", help="search this Parquet dataset (image_id, caption[, uri])")
+    sub = verb("search", search, "one query by text or by example image, printed as a table")
+    sub.add_argument("text", nargs="?", help="the words to search for")
+    sub.add_argument("--image", metavar="PATH", help="search by this image's caption instead")
+    sub.add_argument("-k", type=int, help="how many results (default query.k)")
+    sub = verb("eval", evaluate, "measure retrieval: recall@1/5/10 (text to image) and mAP@10 (image to image)")
+    sub.add_argument("table", help="CSV, JSONL or Parquet with uri, caption and optional category")
+    sub.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     verb("demo", demo, "run the pipeline on the sample photos that pip installed")
     sub = verb("ui", ui, "start the Prefect server and UI, its database in the state folder")
     sub.add_argument("--host", default="127.0.0.1")

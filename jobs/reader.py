@@ -73,7 +73,7 @@ def resolve_source(uri: str, settings: Settings, columns: tuple[str, ...] = ("ur
     kind = MANIFEST_FORMATS.get(posixpath.splitext(name)[1], "image")
     source = Source(uri, fs, path, kind)
     if kind in ("csv", "parquet"):
-        _check_columns(source, columns)
+        _check_columns(source, columns, what)
     return source
 
 
@@ -198,7 +198,7 @@ def _strip_compression(name: str) -> str:
     return name
 
 
-def _check_columns(source: Source, required: tuple[str, ...]) -> None:
+def _check_columns(source: Source, required: tuple[str, ...], what: str) -> None:
     """A manifest without a uri column is a wrong file, not a file of bad rows."""
     try:
         if source.kind == "parquet":
@@ -209,8 +209,8 @@ def _check_columns(source: Source, required: tuple[str, ...]) -> None:
                 header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="").readline()
                 columns = next(csv.reader([header]), [])
     except Exception as exc:
-        raise UsageError(f"manifest {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{what} {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
     for name in required:
         if name not in columns:
             shown = ", ".join(columns[:10]) or "none"
-            raise UsageError(f"manifest {source.uri} has no '{name}' column (columns: {shown})")
+            raise UsageError(f"{what} {source.uri} has no '{name}' column (columns: {shown})")

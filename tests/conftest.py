@@ -50,6 +50,33 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A Prefect server for the whole session (Prefect's test harness, a temporary database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def cli_environment(prefect_server) -> dict:
+    """The environment for a cbir subprocess that reports to the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))}
+    return {**environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def flow_runs(name: str) -> list:
+    """The runs of a flow on the session's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+
+
 @pytest.fixture
 def bucket(s3_endpoint) -> str:
     name = f"lake-{uuid.uuid4().hex[:10]}"

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cbir.schemas import SCHEMAS, features_schema
+from cbir.schemas import RESULTS, SCHEMAS, features_schema
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -14,7 +14,7 @@ def documented_columns(table: str) -> list[tuple[str, str, str]]:
 
 
 def test_every_table_schema_is_documented_exactly():
-    tables = {**SCHEMAS, "features": features_schema(4096, "float16")}
+    tables = {**SCHEMAS, "features": features_schema(4096, "float16"), "results and errors (of a query run)": RESULTS}
     for name, schema in tables.items():
         documented = documented_columns(name)
         assert [(column, kind) for column, kind, _ in documented] == [

@@ -172,7 +172,7 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     assert sorted(row["image_id"] for row in captions_of(lake)) == sorted(stored_images(lake))
 
 
-def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, s3_settings, tmp_path):
+def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, s3_settings, tmp_path, cli_environment):
     settings = with_small_model(s3_settings, tmp_path)
     lake = prepare(spark, settings, tmp_path, new_images=6)["lake"]
     with socket.socket() as probe:
@@ -193,8 +193,8 @@ def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, s3_settings, tmp_p
         command = [str(Path(sys.executable).parent / "cbir"), "index"]
         for item in overrides:
             command += ["--set", item]
-        cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))}
-        result = subprocess.run(command, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, cwd=tmp_path, env=cli_environment, capture_output=True, text=True,
+                                timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "│ indexed" in result.stdout + result.stderr
     finally:

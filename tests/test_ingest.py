@@ -226,7 +226,7 @@ def test_bad_sources_are_usage_errors(local_settings, tmp_path):
     (tmp_path / "list.csv").write_text("path,caption\na.jpg,x\n")
     cases = {
         str(tmp_path / "nope"): "does not exist",
-        str(tmp_path / "list.csv"): "has no 'uri' column (columns: path, caption)",
+        str(tmp_path / "list.csv"): "source .*list.csv has no 'uri' column (columns: path, caption)",
         "https://example.com/photos": "cbir crawl urls",
         "gs://bucket/x": "only local paths",
     }

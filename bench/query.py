@@ -1,0 +1,166 @@
+"""BLEU retrieval: the engine against nltk's sentence_bleu loop, then 1,000,000 captions x 10,000 queries.
+
+1. On a sample (3,000 captions): pairs/s of nltk's loop and of the engine asked for every
+   caption's score, and the largest difference between them (must be 0: the engine is exact).
+2. The engine alone on generated captions (8 to 15 words, Zipf-like vocabulary of 20,000 words)
+   with queries drawn the same way, a quarter of them one to three words: index build and
+   exact top-10 for every query, with time per stage and peak memory. Its pairs/s (captions x
+   queries / seconds) is engine_pairs_per_s: pruning decides most pairs without scoring them.
+3. The same queries through the Spark job (jobs.query.search_captions), local[*].
+
+    .venv/bin/python bench/query.py [--captions N] [--queries Q]
+
+Prints a table, then one JSON line: engine_pairs_per_s, nltk_pairs_per_s, speedup, max_abs_diff,
+big_captions, big_queries, big_run_s, big_spark_run_s, big_peak_rss_gb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from cbir.bleu import BleuParams  # noqa: E402
+from cbir.engine import BleuIndex  # noqa: E402
+
+
+def corpus(n: int, vocabulary: int, seed: int, short_share: float = 0.0) -> list[list[str]]:
+    """Word sequences with Zipf-distributed words: captions 8-15 words; a share of 1-3 word ones."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, vocabulary + 1)
+    p = 1 / ranks**1.07
+    p /= p.sum()
+    lengths = rng.integers(8, 16, n)
+    short = rng.random(n) < short_share
+    lengths[short] = rng.integers(1, 4, short.sum())
+    words = rng.choice(vocabulary, size=int(lengths.sum()), p=p)
+    out, at = [], 0
+    for length in lengths:
+        out.append([f"w{w}" for w in words[at:at + length]])
+        at += length
+    return out
+
+
+def nltk_pairs(queries, captions, params: BleuParams) -> tuple[float, list[list[float]]]:
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    smoothing = getattr(SmoothingFunction(), params.smoothing)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = [[sentence_bleu([c], q, params.weights, smoothing, params.auto_reweigh) for c in captions]
+                  for q in queries]
+    return len(queries) * len(captions) / (time.perf_counter() - started), scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--captions", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--skip-spark", action="store_true")
+    args = parser.parse_args()
+    params = BleuParams()
+
+    # 1. Exactness and pair throughput on a sample, against nltk.
+    sample = corpus(3000, 2000, seed=1)
+    sample_queries = corpus(40, 2000, seed=2, short_share=0.25)
+    nltk_rate, nltk_scores = nltk_pairs(sample_queries[:4], sample, params)
+    ids = [f"{i:07d}" for i in range(len(sample))]
+    index = BleuIndex(ids, [[c] for c in sample])
+    index.search(sample_queries[0], len(sample), params)  # compile the kernels outside the timing
+    started = time.perf_counter()
+    hits = [index.search(q, len(sample), params) for q in sample_queries]
+    engine_rate = len(sample_queries) * len(sample) / (time.perf_counter() - started)
+    max_diff = 0.0
+    for q, expected in enumerate(nltk_scores):
+        got = {hit.image_id: hit.score for hit in hits[q]}
+        max_diff = max(max_diff, max(abs(got.get(i, 0.0) - s) for i, s in zip(ids, expected)))
+
+    # 2. The engine alone at scale.
+    t0 = time.perf_counter()
+    big = corpus(args.captions, 20_000, seed=3)
+    queries = corpus(args.queries, 20_000, seed=4, short_share=0.25)
+    t1 = time.perf_counter()
+    big_ids = [f"{i:08d}" for i in range(len(big))]
+    big_index = BleuIndex(big_ids, [[c] for c in big])
+    t2 = time.perf_counter()
+    results = [big_index.search(q, 10, params) for q in queries]
+    t3 = time.perf_counter()
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    top10_rate = len(big) * len(queries) / (t3 - t2)  # caption-query pairs decided per second
+    index_gb = big_index.nbytes / 2**30
+    answered = sum(1 for r in results if r)
+
+    spark_s, spark_same = None, None
+    if not args.skip_spark:
+        spark_s, spark_same = spark_run(big_ids, big, queries, results)
+
+    print(f"{'stage':<52}{'seconds':>10}")
+    print(f"{'generate captions and queries (not counted)':<52}{t1 - t0:>10.2f}")
+    print(f"{f'build the index over {len(big):,} captions':<52}{t2 - t1:>10.2f}")
+    print(f"{f'exact top-10 for {len(queries):,} queries':<52}{t3 - t2:>10.2f}")
+    print(f"{'engine total (build + queries)':<52}{t3 - t1:>10.2f}")
+    if spark_s is not None:
+        print(f"{'Spark job, local[*], same captions and queries':<52}{spark_s:>10.2f}")
+        print(f"Spark job's results equal the engine's: {spark_same}")
+    print(f"pairs/s: nltk loop {nltk_rate:,.0f}; engine scoring every pair {engine_rate:,.0f} "
+          f"({engine_rate / nltk_rate:,.0f}x); engine exact top-10 at scale {top10_rate:,.0f} "
+          f"({top10_rate / nltk_rate:,.0f}x); largest score difference from nltk: {max_diff}")
+    print(f"index {index_gb:.2f} GB in arrays; process peak {peak_gb:.2f} GB; {answered:,} queries had hits; "
+          f"{os.cpu_count()} cores")
+    print(json.dumps({
+        "engine_pairs_per_s": round(top10_rate),
+        "engine_all_pairs_per_s": round(engine_rate),
+        "nltk_pairs_per_s": round(nltk_rate),
+        "speedup": round(top10_rate / nltk_rate),
+        "max_abs_diff": max_diff,
+        "big_captions": len(big),
+        "big_queries": len(queries),
+        "big_build_s": round(t2 - t1, 2),
+        "big_run_s": round(t3 - t1, 2),
+        "big_spark_run_s": round(spark_s, 2) if spark_s is not None else None,
+        "spark_equals_engine": spark_same,
+        "big_peak_rss_gb": round(peak_gb, 2),
+        "big_index_gb": round(index_gb, 2),
+    }))
+
+
+def spark_run(ids, captions, queries, expected) -> tuple[float, bool]:
+    """The same search as a Spark job over a Parquet file of the captions; (seconds, same results?)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cbir.settings import load_settings
+    from jobs import query
+    from jobs.spark import build_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(pa.table({"image_id": ids, "caption": [" ".join(c) for c in captions]}), f"{tmp}/captions.parquet")
+        settings = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state"], environ={})
+        spark = build_session(settings)
+        asked = [query.Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
+        started = time.perf_counter()
+        frame, count = query.table_captions(spark, f"{tmp}/captions.parquet", settings)
+        rows = query.search(spark, frame, count, asked, query.bleu_params(settings)).collect()
+        seconds = time.perf_counter() - started
+        spark.stop()
+    got: dict[str, list] = {}
+    for row in sorted(rows, key=lambda r: (r["query_id"], r["rank"])):
+        got.setdefault(row["query_id"], []).append((row["image_id"], row["score"]))
+    same = all(got.get(f"q{i}", []) == [(h.image_id, h.score) for h in hits] for i, hits in enumerate(expected))
+    return seconds, same
+
+
+if __name__ == "__main__":
+    main()

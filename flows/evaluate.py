@@ -1,0 +1,28 @@
+"""Eval flow: ingest and index a captioned table's images, then measure retrieval on them."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from cbir.lake import Lake
+from cbir.settings import Settings, load_settings
+from flows.index import index_flow
+from flows.ingest import ingest_flow
+from flows.reporting import publish_summary
+from jobs import evaluate
+from jobs.spark import spark_session
+
+
+@flow(name="eval", log_prints=True)
+def eval_flow(table: str, settings: Settings | None = None) -> dict:
+    """Text-to-image recall@1/5/10 and image-to-image mAP@10 on TABLE (uri, caption[, category])."""
+    settings = settings or load_settings()
+    lake = Lake.open(settings)
+    lake.check()
+    rows = evaluate.read_table_rows(table, settings)
+    ingest_flow(table, settings=settings)
+    index_flow(settings=settings)
+    with spark_session(settings) as spark:
+        summary = evaluate.run(spark, lake, settings, rows)
+    publish_summary("eval-summary", f"retrieval quality on {table}", summary.rows())
+    return summary.contract()

@@ -1,0 +1,120 @@
+"""Evaluate retrieval on a table of (uri, caption[, category]) whose images are ingested and indexed.
+
+Text to image: every ground-truth caption is a query; its own image is the target; recall@1/5/10
+is the share of queries whose target ranks that high. Image to image: every image with a
+category is a query by its generated caption (itself left out of its results); AP@10 counts the
+other images of its category among the top 10, and mAP@10 is their mean over queries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from pyspark.sql import SparkSession
+
+from cbir.errors import UsageError
+from cbir.lake import Lake
+from cbir.settings import Settings
+from jobs.query import Query, bleu_params, lake_captions, search
+from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
+from models import store
+
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass
+class EvalSummary:
+    r_at_1: float
+    r_at_5: float
+    r_at_10: float
+    map_at_10: float
+    queries: int
+    image_queries: int
+    seconds: float
+
+    def rows(self) -> list[dict]:
+        return [{"what": key, "value": round(value, 4) if isinstance(value, float) else value}
+                for key, value in asdict(self).items()]
+
+    def contract(self) -> dict:
+        return {key: getattr(self, key) for key in ("r_at_1", "r_at_5", "r_at_10", "map_at_10", "queries")}
+
+
+def read_table_rows(uri: str, settings: Settings) -> list[dict]:
+    """(uri, caption, category) rows; a row without uri or caption is not a query."""
+    source = resolve_source(uri, settings, columns=("uri", "caption"), what="evaluation table")
+    rows = []
+    for row in read_rows(source):
+        if isinstance(row, dict) and text_value(row.get("uri")) and text_value(row.get("caption")):
+            try:
+                rows.append({"uri": resolve_uri(source, text_value(row["uri"])), "caption": text_value(row["caption"]),
+                             "category": text_value(row.get("category"))})
+            except ValueError:
+                continue
+    if not rows:
+        raise UsageError(f"evaluation table {uri} has no row with both a uri and a caption")
+    return rows
+
+
+def recall_at(ranks: list[int | None], k: int) -> float:
+    """Share of queries whose target is ranked k or better (None: not in the results)."""
+    return sum(1 for rank in ranks if rank is not None and rank <= k) / len(ranks) if ranks else 0.0
+
+
+def average_precision_at(relevant: list[bool], total_relevant: int, k: int = 10) -> float:
+    """AP@k: the mean of precision@i at each relevant rank i <= k, over min(total_relevant, k)."""
+    hits, precisions = 0, []
+    for i, is_relevant in enumerate(relevant[:k], start=1):
+        if is_relevant:
+            hits += 1
+            precisions.append(hits / i)
+    return sum(precisions) / min(total_relevant, k) if total_relevant else 0.0
+
+
+def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[dict]) -> EvalSummary:
+    """Measure; the images must be ingested and indexed already (the flow does both first)."""
+    started = time.monotonic()
+    card = store.card(lake, settings.captioner.version)
+    uris = pa.array(sorted({row["uri"] for row in table_rows}), pa.string())
+    manifest = lake.table("manifest").dataset().to_table(
+        columns=["uri", "image_id", "status"], filter=ds.field("uri").isin(uris)).to_pylist()
+    image_of = {r["uri"]: r["image_id"] for r in manifest if r["status"] in ("ok", "duplicate")}
+    rows = [dict(row, image_id=image_of[row["uri"]]) for row in table_rows if row["uri"] in image_of]
+    if not rows:
+        raise UsageError("none of the evaluation table's images is in the lake")
+    captions, n_captions = lake_captions(spark, lake, settings, card["version"])
+    params = bleu_params(settings)
+
+    texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
+    found = _ranked(search(spark, captions, n_captions, [q for q in texts if q.words], params))
+    ranks = [next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
+             for q, row in zip(texts, rows)]
+
+    category = {row["image_id"]: row["category"] for row in rows if row["category"]}
+    generated = {r["image_id"]: r["caption"] for r in captions.where(
+        captions.image_id.isin(list(category))).select("image_id", "caption").collect()}
+    images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category)
+              if generated.get(image_id)]
+    found = _ranked(search(spark, captions, n_captions, [q for q in images if q.words], params))
+    precisions = []
+    for q in images:
+        others = [image_id for image_id, _ in found.get(q.query_id, []) if image_id != q.query_id][:10]
+        total = sum(1 for image_id, c in category.items() if c == category[q.query_id] and image_id != q.query_id)
+        if total:
+            precisions.append(average_precision_at([category.get(i) == category[q.query_id] for i in others], total))
+    return EvalSummary(
+        r_at_1=recall_at(ranks, 1), r_at_5=recall_at(ranks, 5), r_at_10=recall_at(ranks, 10),
+        map_at_10=sum(precisions) / len(precisions) if precisions else 0.0, queries=len(ranks),
+        image_queries=len(precisions), seconds=round(time.monotonic() - started, 1))
+
+
+def _ranked(frame) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {}
+    for row in frame.select("query_id", "image_id", "rank").collect():
+        out.setdefault(row["query_id"], []).append((row["image_id"], row["rank"]))
+    for hits in out.values():
+        hits.sort(key=lambda hit: hit[1])
+    return out

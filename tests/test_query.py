@@ -1,0 +1,196 @@
+"""Query: BLEU scores equal nltk's, exact top k, the Spark job equals the engine, bad rows, the gallery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+from cbir.bleu import SMOOTHINGS, BleuParams, closest_ref_length, matches, score
+from cbir.engine import BleuIndex
+from cbir.lake import Lake
+from conftest import make_settings
+from jobs import gallery, query
+
+WORDS = ["a", "dog", "runs", "on", "the", "grass", "red", "ball", "two", "in"]  # small: overlaps are common
+WEIGHTS = [(0.25, 0.25, 0.25, 0.25), (0.5, 0.5), (0.4, 0.3, 0.2, 0.1), (1.0,), (0.1, 0.2, 0.3, 0.2, 0.2)]
+sentences = st.lists(st.sampled_from(WORDS), min_size=0, max_size=12)
+queries = st.lists(st.sampled_from(WORDS), min_size=1, max_size=9)
+params = st.builds(BleuParams, st.sampled_from(WEIGHTS), st.sampled_from(SMOOTHINGS), st.booleans())
+
+
+def nltk_score(references, hypothesis, p: BleuParams) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sentence_bleu(references, hypothesis, p.weights, getattr(SmoothingFunction(), p.smoothing), p.auto_reweigh)
+
+
+def brute_force(ids, texts, hypothesis, k, p: BleuParams) -> list[tuple[str, float]]:
+    scored = sorted((-nltk_score(refs, hypothesis, p), image_id) for image_id, refs in zip(ids, texts))
+    return [(image_id, -negative) for negative, image_id in scored if negative < 0][:k]
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(st.lists(sentences, min_size=1, max_size=3), queries, params)
+def test_scores_equal_nltk_bit_for_bit(references, hypothesis, p):
+    ours = score(matches(hypothesis, references, p.max_order), len(hypothesis),
+                 closest_ref_length([len(r) for r in references], len(hypothesis)), p)
+    assert ours == nltk_score(references, hypothesis, p)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.lists(sentences, min_size=1, max_size=3), min_size=1, max_size=60), queries, params,
+       st.integers(1, 12))
+def test_engine_top_k_equals_nltk_brute_force(texts, hypothesis, p, k):
+    ids = [f"img{i:03d}" for i in range(len(texts))][::-1]  # ids not in insertion order
+    index = BleuIndex(ids, texts, max_order=max(len(w) for w in WEIGHTS))
+    assert [(h.image_id, h.score) for h in index.search(hypothesis, k, p)] == brute_force(ids, texts, hypothesis, k, p)
+
+
+def zipf_corpus(n: int, seed: int, short: bool = False) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    vocabulary = [f"w{i}" for i in range(300)]
+    weights = 1 / np.arange(1, 301) ** 1.1
+    weights /= weights.sum()
+    lengths = rng.integers(1, 4, n) if short else rng.integers(6, 14, n)
+    return [list(rng.choice(vocabulary, size=length, p=weights)) for length in lengths]
+
+
+def test_exact_top_10_over_two_thousand_captions():
+    captions = zipf_corpus(2000, seed=1)
+    ids = [f"{i:05d}" for i in range(len(captions))]
+    index = BleuIndex(ids, [[c] for c in captions])
+    asked = zipf_corpus(12, seed=2) + zipf_corpus(6, seed=3, short=True) + [["w0"], ["w0", "w0", "w1"]]
+    for p in (BleuParams(), BleuParams(smoothing="method0", auto_reweigh=False)):
+        for hypothesis in asked:
+            got = [(h.image_id, h.score) for h in index.search(hypothesis, 10, p)]
+            assert got == brute_force(ids, [[c] for c in captions], hypothesis, 10, p), (hypothesis, p)
+
+
+def test_unknown_words_and_empty_queries_have_no_hits():
+    index = BleuIndex(["a", "b"], [[["red", "ball"]], [["blue", "sky"]]])
+    assert index.search(["zebra"], 5, BleuParams()) == []
+    assert index.search([], 5, BleuParams()) == []
+    assert [h.image_id for h in index.search(["zebra", "red"], 5, BleuParams())] == ["a"]
+
+
+def captions_parquet(path: Path, captions: list[list[str]]) -> list[str]:
+    ids = [f"{i:06d}" for i in range(len(captions))]
+    pq.write_table(pa.table({"image_id": ids, "caption": [" ".join(c) for c in captions],
+                             "uri": [f"/nowhere/{i}.jpg" for i in ids]}), path)
+    return ids
+
+
+def test_the_spark_job_equals_the_engine(spark, tmp_path):
+    captions = zipf_corpus(2000, seed=4)
+    ids = captions_parquet(tmp_path / "captions.parquet", captions)
+    settings = make_settings(tmp_path)
+    frame, count = query.table_captions(spark, str(tmp_path / "captions.parquet"), settings)
+    asked = [query.Query(f"q{i}", k=7, text=" ".join(q)) for i, q in enumerate(zipf_corpus(15, 5) + zipf_corpus(5, 6, True))]
+    params = query.bleu_params(settings)
+
+    rows = query.search(spark, frame, count, asked, params, partitions=3).collect()
+
+    index = BleuIndex(ids, [[c] for c in captions])
+    for q in asked:
+        expected = [(h.image_id, h.score) for h in index.search(q.words, q.k, params)]
+        got = sorted((r["rank"], r["image_id"], r["score"]) for r in rows if r["query_id"] == q.query_id)
+        assert [(image_id, s) for _, image_id, s in got] == expected
+        assert [rank for rank, _, _ in got] == list(range(1, len(expected) + 1))
+
+
+def test_bad_query_rows_land_in_the_errors_table(spark, tmp_path):
+    captions = [["a", "red", "ball", "on", "the", "grass"], ["two", "dogs", "in", "the", "water"]]
+    captions_parquet(tmp_path / "captions.parquet", captions)
+    (tmp_path / "queries.csv").write_text(
+        "query_id,text,image,k\n"
+        "good,a red ball,,\n"
+        "narrow,the water,,1\n"
+        ",orphan text,,\n"
+        "nothing,,,\n"
+        "both,a dog,dog.jpg,\n"
+        "badk,a dog,,zero\n"
+        "bigk,a dog,,5000\n"
+        "empty,!!! ...,,\n"
+        "unknown,zebra unicorn,,\n"
+        "good,again,,\n")
+    settings = make_settings(tmp_path)
+    summary = query.run(spark, Lake.open(settings), settings, str(tmp_path / "queries.csv"),
+                        captions_table=str(tmp_path / "captions.parquet"))
+
+    results, errors = Lake.open(settings).query_tables(summary.run_id)
+    reasons = {row["query_id"]: row["reason"].split(":")[0] for row in errors.read().to_pylist()}
+    assert reasons == {"#row=3": "bad-row", "nothing": "bad-row", "both": "bad-row", "badk": "bad-k", "bigk": "bad-k",
+                       "empty": "empty-text", "unknown": "no-match", "good": "duplicate-id"}
+    rows = results.read().to_pylist()
+    assert sorted((r["query_id"], r["rank"]) for r in rows) == [("good", 1), ("narrow", 1)]
+    good = [r for r in rows if r["query_id"] == "good" and r["rank"] == 1][0]
+    assert good["caption"] == "a red ball on the grass" and good["uri"] == "/nowhere/000000.jpg"
+    assert good["score"] == nltk_score([captions[0]], ["a", "red", "ball"], query.bleu_params(settings))
+    assert (summary.queries, summary.answered, summary.results) == (10, 2, 2)
+
+
+def test_an_unreadable_query_file_is_one_clear_error(tmp_path, local_settings):
+    from cbir.errors import UsageError
+
+    (tmp_path / "q.csv").write_text("id,text\n1,a dog\n")
+    with pytest.raises(UsageError, match="query file .* has no 'query_id' column"):
+        query.read_queries(str(tmp_path / "q.csv"), local_settings)
+    (tmp_path / "q.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(UsageError, match="q.parquet cannot be read"):
+        query.read_queries(str(tmp_path / "q.parquet"), local_settings)
+
+
+def test_the_gallery_escapes_every_text(local_settings):
+    lake = Lake.open(local_settings)
+    lake.check()
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    asked = [query.Query(evil, 3, text=f"dogs {evil}")]
+    rows = [{"query_id": evil, "rank": 1, "image_id": "ab" * 32, "uri": "/x.jpg", "caption": evil, "score": 0.5,
+             "query_caption": None, "visual_similarity": None, "blended_score": None}]
+    page = gallery.render(lake, local_settings, f"run {evil}", rows, asked, [(evil, f"bad-row: {evil}")], 10)
+    assert "<script>" not in page and "onerror=alert(1)>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+
+
+@pytest.mark.slow
+def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(tmp_path, cli_environment):
+    from conftest import flow_runs
+
+    captions_parquet(tmp_path / "captions.parquet", [["a", "cat", "on", "a", "mat"], ["a", "dog", "on", "a", "log"]])
+    with open(tmp_path / "q.jsonl", "w") as handle:
+        handle.write(json.dumps({"query_id": "cat", "text": "a cat", "k": 1}) + "\n")
+    before = len(flow_runs("query"))
+    result = subprocess.run([str(Path(sys.executable).parent / "cbir"), "query", str(tmp_path / "q.jsonl"),
+                             "--captions", str(tmp_path / "captions.parquet"), "--set", "spark.master=local[2]"],
+                            cwd=tmp_path, env=cli_environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(flow_runs("query")) == before + 1  # PREFECT_API_URL set: the run is on that server
+    run_folder = Path(result.stdout.strip().splitlines()[-1])
+    assert run_folder.parent == tmp_path / ".cbir" / "lake" / "queries"
+    assert (run_folder / "gallery.html").is_file()
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(str(run_folder / "results"), format="parquet").to_table().to_pylist()
+    assert [(r["query_id"], r["rank"], r["caption"]) for r in rows] == [("cat", 1, "a cat on a mat")]
+
+
+
+def test_recall_and_average_precision():
+    from jobs.evaluate import average_precision_at, recall_at
+
+    assert recall_at([1, 3, None, 10, 11], 1) == 0.2
+    assert recall_at([1, 3, None, 10, 11], 10) == 0.6
+    # Relevant at ranks 1 and 3 of 10, 4 relevant in all: (1/1 + 2/3) / 4.
+    assert average_precision_at([True, False, True] + [False] * 7, 4) == pytest.approx((1 + 2 / 3) / 4)
+    assert average_precision_at([True] * 12, 12) == 1.0  # only the top 10 count, over min(12, 10)
+    assert average_precision_at([False] * 10, 3) == 0.0 and average_precision_at([], 0) == 0.0
