@@ -18,7 +18,9 @@ image_id ascending, are then scored with cbir.bleu.score, which is nltk's arithm
 from __future__ import annotations
 
 import math
+import os
 import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ from numba import float64, int64, njit
 from numba.experimental import jitclass
 
 from cbir.bleu import BleuParams, denominators, score
+from cbir.text import words_array
 
 MARGIN = 1e-9  # relative: far above float rounding, far below any real difference between scores
 SMOOTHING_CODES = {"method0": 0, "method1": 1, "method2": 2, "method3": 3}
@@ -40,20 +43,34 @@ class Hit:
 
 
 class BleuIndex:
-    """An immutable index over images' texts (each image: one or more token lists)."""
+    """An immutable index over images' texts: each image has one or more texts, each a list of words."""
 
-    def __init__(self, image_ids: list[str], texts: list[list[list[str]]], max_order: int = 4):
+    @classmethod
+    def from_captions(cls, image_ids: list[str], captions, max_order: int = 4) -> "BleuIndex":
+        """One caption string per image, split into words as the captioner's tokenizer does."""
+        return cls(image_ids, words_array(captions), None, max_order)
+
+    @classmethod
+    def from_texts(cls, image_ids: list[str], texts: list[list[list[str]]], max_order: int = 4) -> "BleuIndex":
+        """Word lists: texts[i] are image i's texts (none counts as one empty text)."""
         if len(image_ids) != len(texts):
             raise ValueError("one list of texts per image")
+        refs = pa.array([ref for image_refs in texts for ref in (image_refs or [[]])], pa.list_(pa.string()))
+        return cls(image_ids, refs, np.array([max(len(image_refs), 1) for image_refs in texts], np.int64), max_order)
+
+    def __init__(self, image_ids: list[str], refs: pa.ListArray, refs_per_image: np.ndarray | None = None,
+                 max_order: int = 4):
+        """refs: word lists grouped by image, in image_ids order; refs_per_image: how many each (default 1)."""
+        refs_per_image = np.ones(len(image_ids), np.int64) if refs_per_image is None else refs_per_image
+        if len(refs_per_image) != len(image_ids) or refs_per_image.sum() != len(refs):
+            raise ValueError("the texts do not match the images")
         self.max_order = max_order
         self._spare: queue.SimpleQueue = queue.SimpleQueue()
-        refs = pa.array([ref for image_refs in texts for ref in (image_refs or [[]])], pa.list_(pa.string()))
-        refs_per_image = np.array([max(len(image_refs), 1) for image_refs in texts], np.int64)
         # Images are numbered by (shortest text, image_id): each postings list then runs from short
         # texts to long ones, and the brevity penalty lets a scan stop early. id_rank breaks ties.
         ref_lens = np.diff(refs.offsets.to_numpy())
         first_ref = np.concatenate([[0], np.cumsum(refs_per_image)[:-1]])
-        shortest = np.minimum.reduceat(ref_lens, first_ref) if len(texts) else ref_lens
+        shortest = np.minimum.reduceat(ref_lens, first_ref) if len(image_ids) else ref_lens
         id_rank = np.empty(len(image_ids), np.int64)
         id_rank[pc.sort_indices(pa.array(image_ids, pa.string())).to_numpy()] = np.arange(len(image_ids))
         order = np.lexsort((id_rank, shortest))
@@ -68,7 +85,7 @@ class BleuIndex:
         self.vocabulary = {word: i for i, word in enumerate(words.dictionary.to_pylist())}
         tokens = words.indices.to_numpy().astype(np.int64)
         ref_offsets = refs.offsets.to_numpy().astype(np.int64) - refs.offsets[0].as_py()
-        ref_image = np.repeat(np.arange(len(texts)), refs_per_image[order])
+        ref_image = np.repeat(np.arange(len(image_ids)), refs_per_image[order])
         self.base = max(len(self.vocabulary), 1)
         n_images = len(self.image_ids)
         self.ref_len_offsets = np.concatenate([[0], np.cumsum(refs_per_image[order])])
@@ -77,21 +94,31 @@ class BleuIndex:
         # The code of the n-gram starting at each position (-1 where it runs past its text):
         # the (n-1)-gram's code times the vocabulary size plus the next word. When that would
         # overflow, the (n-1)-gram codes are renumbered densely first (kept, for queries).
-        self.codes, self.renumbered, entries = [], [], []
-        position_codes = tokens.copy()
-        for n in range(1, max_order + 1):
-            if n > 1:
-                renumber = None
-                if position_codes.max(initial=0) >= 2**62 // self.base:
-                    valid = position_codes >= 0
-                    renumber, dense = np.unique(position_codes[valid], return_inverse=True)
-                    position_codes[valid] = dense
-                self.renumbered.append(renumber)
-                position_codes = _extend(position_codes, tokens, ref_offsets, n, self.base)
-            image, code, count = _image_grams(position_codes, ref_offsets, ref_image)
-            unique, gid = _dense_sorted(code)
-            self.codes.append(unique)
-            entries.append((image, gid + sum(len(c) for c in self.codes[:-1]), count))
+        self.renumbered, by_order = [], [tokens.copy()]
+        for n in range(2, max_order + 1):
+            position_codes = by_order[-1]
+            renumber = None
+            if position_codes.max(initial=0) >= 2**62 // self.base:
+                valid = position_codes >= 0
+                renumber, dense = np.unique(position_codes[valid], return_inverse=True)
+                position_codes = position_codes.copy()
+                position_codes[valid] = dense
+            self.renumbered.append(renumber)
+            by_order.append(_extend(position_codes, tokens, ref_offsets, n, self.base))
+
+        def grams(n: int):
+            """(image, gram id within order n, count) of every image's distinct n-grams, and the codes."""
+            image, code, count = _image_grams(by_order[n - 1], ref_offsets, ref_image)
+            # Single words are vocabulary ids already, 0..V-1 and all used: no renumbering needed.
+            unique, gid = (np.arange(self.base), code) if n == 1 else _dense_sorted(code)
+            return image, gid, count, unique
+
+        # The orders are independent from here: their kernels release the GIL and run side by side.
+        with ThreadPoolExecutor(min(max_order, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(grams, range(1, max_order + 1)))
+        self.codes = [unique for *_, unique in results]
+        offsets = np.cumsum([0] + [len(c) for c in self.codes])
+        entries = [(image, gid + offsets[n], count) for n, (image, gid, count, _) in enumerate(results)]
         image = np.concatenate([e[0] for e in entries])
         gid = np.concatenate([e[1] for e in entries])
         count = np.concatenate([e[2] for e in entries])
@@ -193,7 +220,7 @@ def _weights(params: BleuParams, query_length: int) -> tuple[float, ...]:
 
 
 # Build kernels.
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _extend(codes, tokens, ref_offsets, n, base):
     """Order n-1 codes by position -> order n codes: code * base + the n-th word, -1 past a text's end."""
     out = np.full(len(codes), -1, np.int64)
@@ -204,7 +231,7 @@ def _extend(codes, tokens, ref_offsets, n, base):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _image_grams(codes, ref_offsets, ref_image):
     """(image, code, count) for every distinct gram of each image: the largest count in any one of its texts."""
     images = np.empty(len(codes), np.int64)
@@ -251,7 +278,7 @@ def _image_grams(codes, ref_offsets, ref_image):
     return images[:out], out_codes[:out], counts[:out]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _densify(codes):
     """Number the distinct codes in order of first appearance (open addressing, Fibonacci hashing)."""
     size, shift = 1, 64
@@ -277,7 +304,7 @@ def _densify(codes):
     return out, distinct[:n]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _postings(gid, image, n_grams):
     """For each gram, the images that have it, in image order (entries come in image order)."""
     offsets = np.zeros(n_grams + 1, np.int64)
@@ -293,7 +320,7 @@ def _postings(gid, image, n_grams):
     return offsets, out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _forward(image, gid, count, n_images):
     """For each image, its grams sorted by id, with counts."""
     offsets = np.zeros(n_images + 1, np.int64)
@@ -317,7 +344,7 @@ def _forward(image, gid, count, n_images):
 
 
 # Query kernel.
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _approx_score(nums, dens, weights, smoothing, c, r):
     if nums[0] == 0:
         return 0.0
@@ -342,7 +369,7 @@ def _approx_score(nums, dens, weights, smoothing, c, r):
     return bp * math.exp(total)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets, post_images,
             fwd_offsets, fwd_gids, fwd_counts, ref_len_offsets, ref_lens, min_lens, id_rank, seen):
     """The candidates for the exact top k: the k best by approximate score (ties: lower id_rank)
@@ -423,7 +450,7 @@ def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets,
     return out_images, out_nums, out_refs
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def remaining_from(i, by_length, orders, qcounts, n_orders):
     """The query's gram counts per order over the lists by_length[i:]."""
     out = np.zeros(n_orders, np.int64)
@@ -432,7 +459,7 @@ def remaining_from(i, by_length, orders, qcounts, n_orders):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _count_of(fwd_gids, fwd_counts, start, end, gid):
     """An image's count of one gram: binary search in its sorted gram ids."""
     lo, hi = start, end
@@ -445,7 +472,7 @@ def _count_of(fwd_gids, fwd_counts, start, end, gid):
     return fwd_counts[lo] if lo < end and fwd_gids[lo] == gid else 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _closest(ref_lens, start, end, c):
     best = ref_lens[start]
     for i in range(start + 1, end):

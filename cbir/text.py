@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 START, END = "startseq", "endseq"
 _NOT_WORD = re.compile(r"[^\w\s]|_")
 
@@ -15,3 +19,31 @@ def words(text: str | None) -> list[str]:
         return []
     text = _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower())
     return [word for word in text.split() if word not in (START, END)]
+
+
+# Plain ASCII without control characters (tab, newline and carriage return allowed) is split by
+# Arrow's kernels; anything else goes through words() itself, so both give the same lists.
+_CONTROL = "[\\x00-\\x08\\x0b-\\x1f\\x7f]"
+
+
+def words_array(texts) -> pa.ListArray:
+    """words() of every text of a column (null -> no words), mostly computed in Arrow."""
+    texts = pc.fill_null(pa.array(texts, pa.string()) if not isinstance(texts, pa.Array) else texts.cast(pa.string()), "")
+    simple = pc.and_(pc.string_is_ascii(texts), pc.invert(pc.match_substring_regex(texts, _CONTROL)))
+    split = pc.ascii_split_whitespace(pc.replace_substring_regex(pc.ascii_lower(texts), "[^a-z0-9 \t\n\r]", " "))
+    tokens = split.flatten()
+    keep = pc.and_(pc.not_equal(tokens, ""), pc.invert(pc.is_in(tokens, value_set=pa.array([START, END]))))
+    values = tokens.filter(keep)
+    lengths = np.bincount(pc.list_parent_indices(split).filter(keep).to_numpy(), minlength=len(texts))
+    starts = np.cumsum(lengths) - lengths
+    others = np.flatnonzero(~simple.to_numpy(zero_copy_only=False))
+    if len(others):  # their words from Python, appended after Arrow's, and pointed at instead
+        extra = [words(texts[int(i)].as_py()) for i in others]
+        sizes = np.array([len(w) for w in extra], np.int64)
+        starts[others] = len(values) + np.cumsum(sizes) - sizes
+        lengths[others] = sizes
+        values = pa.concat_arrays([values, pa.array([w for ws in extra for w in ws], pa.string())])
+        take = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(starts, lengths)
+        values = values.take(pa.array(take, pa.int64()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # plain rows' tokens are in row order
+    return pa.ListArray.from_arrays(pa.array(offsets), values)

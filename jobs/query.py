@@ -247,11 +247,13 @@ def _search_partition(wanted, params: BleuParams, batches: Iterator[pa.RecordBat
     if not table.num_rows:
         return
     ids = table.column("image_id").to_pylist()
-    texts = [[words(c)] for c in table.column("caption").to_pylist()]
-    if "title" in table.column_names:
-        for refs, title, tags in zip(texts, table.column("title").to_pylist(), table.column("tags").to_pylist()):
-            refs += [w for w in (words(title), words(" ".join(tags or []))) if w]
-    index = BleuIndex(ids, texts, params.max_order)
+    if "title" in table.column_names:  # the source title and tags are more references
+        texts = [[words(caption)] + [w for w in (words(title), words(" ".join(tags or []))) if w]
+                 for caption, title, tags in zip(table.column("caption").to_pylist(), table.column("title").to_pylist(),
+                                                 table.column("tags").to_pylist())]
+        index = BleuIndex.from_texts(ids, texts, params.max_order)
+    else:
+        index = BleuIndex.from_captions(ids, table.column("caption").combine_chunks(), params.max_order)
     where = {image_id: i for i, image_id in enumerate(ids)}
     uris, captions = table.column("uri").to_pylist(), table.column("caption").to_pylist()
     out: dict[str, list] = {"query_id": [], "image_id": [], "uri": [], "caption": [], "score": []}

@@ -18,6 +18,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from cbir.bleu import SMOOTHINGS, BleuParams, closest_ref_length, matches, score
 from cbir.engine import BleuIndex
 from cbir.lake import Lake
+from cbir.text import words, words_array
 from conftest import make_settings
 from jobs import gallery, query
 
@@ -52,7 +53,7 @@ def test_scores_equal_nltk_bit_for_bit(references, hypothesis, p):
        st.integers(1, 12))
 def test_engine_top_k_equals_nltk_brute_force(texts, hypothesis, p, k):
     ids = [f"img{i:03d}" for i in range(len(texts))][::-1]  # ids not in insertion order
-    index = BleuIndex(ids, texts, max_order=max(len(w) for w in WEIGHTS))
+    index = BleuIndex.from_texts(ids, texts, max_order=max(len(w) for w in WEIGHTS))
     assert [(h.image_id, h.score) for h in index.search(hypothesis, k, p)] == brute_force(ids, texts, hypothesis, k, p)
 
 
@@ -65,10 +66,17 @@ def zipf_corpus(n: int, seed: int, short: bool = False) -> list[list[str]]:
     return [list(rng.choice(vocabulary, size=length, p=weights)) for length in lengths]
 
 
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(), st.lists(st.sampled_from(
+    ["startseq", "endseq", "A", "dog's", "snake_case", "x\x00y", "tab\there", "Émile", "ﬁne", "", "1,5"])).map(" ".join))))
+def test_words_of_a_column_equal_words_of_each_text(texts):
+    assert words_array(texts).to_pylist() == [words(t) for t in texts]
+
+
 def test_exact_top_10_over_two_thousand_captions():
     captions = zipf_corpus(2000, seed=1)
     ids = [f"{i:05d}" for i in range(len(captions))]
-    index = BleuIndex(ids, [[c] for c in captions])
+    index = BleuIndex.from_texts(ids, [[c] for c in captions])
     asked = zipf_corpus(12, seed=2) + zipf_corpus(6, seed=3, short=True) + [["w0"], ["w0", "w0", "w1"]]
     for p in (BleuParams(), BleuParams(smoothing="method0", auto_reweigh=False)):
         for hypothesis in asked:
@@ -77,7 +85,7 @@ def test_exact_top_10_over_two_thousand_captions():
 
 
 def test_unknown_words_and_empty_queries_have_no_hits():
-    index = BleuIndex(["a", "b"], [[["red", "ball"]], [["blue", "sky"]]])
+    index = BleuIndex.from_captions(["a", "b"], ["Red ball!", "blue sky"])
     assert index.search(["zebra"], 5, BleuParams()) == []
     assert index.search([], 5, BleuParams()) == []
     assert [h.image_id for h in index.search(["zebra", "red"], 5, BleuParams())] == ["a"]
@@ -100,7 +108,7 @@ def test_the_spark_job_equals_the_engine(spark, tmp_path):
 
     rows = query.search(spark, frame, count, asked, params, partitions=3).collect()
 
-    index = BleuIndex(ids, [[c] for c in captions])
+    index = BleuIndex.from_texts(ids, [[c] for c in captions])
     for q in asked:
         expected = [(h.image_id, h.score) for h in index.search(q.words, q.k, params)]
         got = sorted((r["rank"], r["image_id"], r["score"]) for r in rows if r["query_id"] == q.query_id)
