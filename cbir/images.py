@@ -82,3 +82,17 @@ def inspect_image(data: bytes, limits: Limits) -> ImageInfo:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def shrink(data: bytes, longest_side: int) -> bytes:
+    """A smaller copy whose longest side is longest_side: JPEG for photos, PNG where there is transparency."""
+    with Image.open(io.BytesIO(data)) as image:
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        image.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        if image.mode == "RGBA":
+            image.save(out, "PNG", optimize=True)
+        else:
+            image.save(out, "JPEG", quality=90)
+        return out.getvalue()

@@ -21,6 +21,11 @@ MANIFEST = pa.schema(
         _field("title", pa.string(), "source title, if any"),
         _field("tags", pa.list_(pa.string()), "source tags, if any"),
         _field("caption", pa.string(), "a caption that came with the image, if any"),
+        _field("source_id", pa.string(), "the photo's id at its source (flickr:<id>), if crawled from an API"),
+        _field("owner", pa.string(), "the photo's owner at its source, if known"),
+        _field("license", pa.string(), "the source's license id, if known (Flickr: 0-10)"),
+        _field("taken_at", pa.string(), "when the photo was taken, as the source gives it"),
+        _field("page_url", pa.string(), "the photo's page at its source"),
         _field("ingested_at", pa.timestamp("us", tz="UTC"), "when the run started"),
         _field("run_id", pa.string(), "the ingest run that wrote the row"),
     ]

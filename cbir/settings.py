@@ -6,6 +6,7 @@ and the layer it came from. Unknown keys are errors, not silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from importlib import resources
@@ -23,6 +24,11 @@ ENV_PREFIX = "CBIR_"
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 ENCODERS = ("vgg16",)  # the registry in models/encoders.py; listed here so settings fail at start
+
+
+def _split(value: Any) -> Any:
+    """A list setting given as one string ("a,b" or "a b", from --set or the environment) -> its items."""
+    return [part for part in re.split(r"[,\s]+", value) if part] if isinstance(value, str) else value
 
 
 class Section(BaseModel):
@@ -69,13 +75,72 @@ class Ingest(Section):
     @field_validator("formats", mode="before")
     @classmethod
     def _format_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part for part in re.split(r"[,\s]+", value) if part]
+        value = _split(value)
         if isinstance(value, list):
             value = [str(part).upper() for part in value]
             unknown = sorted(set(value) - set(IMAGE_FORMATS))
             if unknown:
                 raise ValueError(f"unknown format {unknown[0]}; known: {', '.join(IMAGE_FORMATS)}")
+        return value
+
+
+class Flickr(Section):
+    """The Flickr API (photos.search). The key and secret also come from CBIR_FLICKR__API_KEY / __API_SECRET."""
+
+    api_key: SecretStr | None = None
+    api_secret: SecretStr | None = None
+    rest_url: str = Field("https://api.flickr.com/services/rest/", pattern=r"^https?://\S+$")
+    sizes: list[str] = Field(["b", "c", "z", "o"], description="photo sizes to store, first available wins "
+                             "(Flickr's size letters: b 1024 px, c 800, z 640, o original, ...)")
+    per_page: int = Field(250, ge=1, le=500)
+    calls_per_hour: int = Field(3000, ge=1, le=3600, description="API calls; Flickr allows 3,600 an hour per key")
+    rate_limit_wait_s: float = Field(60.0, ge=0, description="pause after Flickr says too many calls, then resume")
+    rate_limit_waits: int = Field(10, ge=0, description="pauses in a row before the crawl gives up")
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _size_list(cls, value: Any) -> Any:
+        value = _split(value)
+        if isinstance(value, list):
+            bad = [v for v in value if not re.fullmatch(r"[a-z0-9]{1,3}", str(v))]
+            if bad or not value:
+                raise ValueError("give Flickr size letters such as b, c, z, o")
+        return value
+
+
+class Crawl(Section):
+    """Downloading from the web: polite, bounded and refusing private addresses unless allowed."""
+
+    allow_hosts: list[str] = Field([], description="hosts or CIDRs exempt from the private-address guard")
+    user_agent: str = "cbir/0.1 (caption-based image search crawler; +https://pypi.org/project/flickrapi/)"
+    timeout_s: float = Field(15.0, gt=0, description="per request: connect, and between bytes read")
+    retries: int = Field(3, ge=0, le=10, description="on timeouts, connection errors, 5xx and 429")
+    backoff_s: float = Field(0.5, ge=0, description="first retry's wait; doubles each time, with full jitter")
+    max_wait_s: float = Field(60.0, ge=0, description="the longest wait before a retry, Retry-After included")
+    per_host_per_s: float = Field(20.0, gt=0, description="requests per second to one host, all tasks together")
+    concurrency: int = Field(32, ge=1, le=256, description="downloads in flight per Spark task")
+    max_redirects: int = Field(5, ge=0, le=20)
+    resize: int = Field(0, ge=0, description="shrink stored copies to this longest side in pixels; 0 keeps them")
+    schedule: str = Field("0 3 * * *", description="cron of the scheduled crawl deployment")
+
+    @field_validator("allow_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        value = _split(value)
+        for item in value if isinstance(value, list) else []:
+            if "/" in str(item):
+                try:
+                    ipaddress.ip_network(str(item), strict=False)
+                except ValueError:
+                    raise ValueError(f"{item} is not a CIDR") from None
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("must be a cron expression of 5 fields, e.g. '0 3 * * *'")
         return value
 
 
@@ -129,7 +194,7 @@ class Bleu(Section):
     @classmethod
     def _weight_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [part for part in re.split(r"[,\s]+", value.strip("()[] ")) if part]
+            value = _split(value.strip("()[] "))
         if isinstance(value, (list, tuple)):
             if not 1 <= len(value) <= 8:
                 raise ValueError("give 1 to 8 weights, one per n-gram order")
@@ -153,6 +218,8 @@ class Settings(Section):
     s3: S3 = S3()
     spark: Spark = Spark()
     ingest: Ingest = Ingest()
+    flickr: Flickr = Flickr()
+    crawl: Crawl = Crawl()
     encoder: Encoder = Encoder()
     captioner: Captioner = Captioner()
     train: Train = Train()

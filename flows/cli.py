@@ -87,6 +87,31 @@ def ingest(args, settings: Settings) -> None:
     run_flow(ingest_flow, source=args.source, retry_failed=args.retry_failed, settings=settings)
 
 
+def crawl(args, settings: Settings) -> None:
+    Lake.open(settings).check()
+    if args.source == "urls":
+        from flows.crawl import crawl_urls_flow
+        from jobs.reader import resolve_url_list
+
+        resolve_url_list(args.file, settings)
+        run_flow(crawl_urls_flow, url_list=args.file, settings=settings)
+        return
+    from flows.crawl import crawl_flickr_flow, scheduled_crawl
+    from jobs.flickr import Search, client
+
+    search = Search(args.text, args.tags, args.tag_mode, args.license, args.min_taken, args.max_taken,
+                    args.bbox, args.sort, args.max)
+    search.check()
+    client(settings.flickr)  # no key: say so before starting a run
+    if args.serve:
+        from prefect import serve
+
+        print(f"serving the scheduled crawl ({settings.crawl.schedule}); stop with Ctrl-C", file=sys.stderr)
+        serve(scheduled_crawl(settings, search))
+        return
+    run_flow(crawl_flickr_flow, **vars(search), settings=settings)
+
+
 def train(args, settings: Settings) -> None:
     from flows.train import train_flow
     from jobs.reader import resolve_source
@@ -171,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("ingest", ingest, "store the images of a folder, s3:// prefix or manifest file in the lake")
     sub.add_argument("source", help="folder, s3://bucket/prefix, image, or manifest (.csv .jsonl .parquet .txt)")
     sub.add_argument("--retry-failed", action="store_true", help="try again the items that failed before")
+    sub = verb("crawl", crawl, "download images from a Flickr search or a list of URLs into the lake")
+    sources = sub.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    flickr = sources.add_parser("flickr", help="search Flickr (photos.search) and download the photos")
+    flickr.add_argument("--text", help="free text, matched against titles, descriptions and tags")
+    flickr.add_argument("--tags", help="comma-separated tags")
+    flickr.add_argument("--tag-mode", default="any", help="any (default) or all of the tags")
+    flickr.add_argument("--license", help="comma-separated license ids, e.g. 4,5,9,10")
+    flickr.add_argument("--min-taken", metavar="DATE", help="taken on or after (YYYY-MM-DD)")
+    flickr.add_argument("--max-taken", metavar="DATE", help="taken on or before (YYYY-MM-DD)")
+    flickr.add_argument("--bbox", help="min_lon,min_lat,max_lon,max_lat")
+    flickr.add_argument("--sort", default="relevance", help="relevance, date-posted-desc, interestingness-desc, ...")
+    flickr.add_argument("--max", type=int, default=100, help="at most this many photos (default 100)")
+    flickr.add_argument("--serve", action="store_true", help="instead, serve this search on crawl.schedule")
+    urls = sources.add_parser("urls", help="download the images of a list of URLs")
+    urls.add_argument("file", help="CSV/JSONL/Parquet with uri (or url) and optional caption, title, tags; or text")
+    for sub_source in (flickr, urls):
+        _add_common(sub_source, after_verb=True)
     sub = verb("train", train, "train a captioner on a Flickr8k folder, a COCO captions JSON or a table")
     sub.add_argument("dataset", help="Flickr8k folder, COCO captions .json, or .csv/.jsonl/.parquet of uri, caption")
     sub.add_argument("--images", metavar="DIR", help="the image folder of a COCO captions file")

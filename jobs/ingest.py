@@ -21,17 +21,19 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.images import ImageRejected, Limits, inspect_image
+from cbir.images import ImageRejected, Limits, inspect_image, shrink
 from cbir.lake import Lake, new_run_id, open_filesystem
 from cbir.schemas import MANIFEST
-from cbir.settings import S3, Settings
+from cbir.settings import S3, Crawl, Settings
+from jobs.download import Downloader
 from jobs.lakeio import read_table, write_run
 from jobs.progress import Report, tracked
-from jobs.reader import ENTRY_DDL, Entry, Source, read_entries
+from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_entries
 from jobs.spark import default_partitions
 
 PROBED = pa.schema([MANIFEST.field(name) for name in (
-    "uri", "caption", "title", "tags", "image_id", "format", "width", "height", "bytes", "status", "error")])
+    "uri", "caption", "title", "tags", "source_id", "owner", "license", "taken_at", "page_url",
+    "image_id", "format", "width", "height", "bytes", "status", "error")])
 
 
 @dataclass
@@ -43,7 +45,9 @@ class IngestSummary:
     ingested: int = 0
     duplicates: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
     seconds: float = 0.0
+    stored_as: str = "ingested"
 
     @property
     def probed(self) -> int:
@@ -58,10 +62,11 @@ class IngestSummary:
         rows = [
             {"what": "found in source", "count": self.found},
             {"what": "skipped (already in manifest)", "count": self.skipped},
-            {"what": "ingested", "count": self.ingested},
+            {"what": self.stored_as, "count": self.ingested},
             {"what": "duplicates (same bytes)", "count": self.duplicates},
         ]
         rows += [{"what": f"failed: {reason}", "count": n} for reason, n in sorted(self.failed.items())]
+        rows.append({"what": "bytes stored", "count": self.bytes})
         rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
         return rows
 
@@ -73,14 +78,16 @@ def run(
     spark: SparkSession,
     lake: Lake,
     settings: Settings,
-    source: Source,
+    source: Source | Listing,
     *,
     retry_failed: bool = False,
     progress: Report | None = None,
 ) -> IngestSummary:
+    """Store what is new in SOURCE; a Listing (a crawl's finds) is downloaded from the web."""
     started, run_id = time.monotonic(), new_run_id()
-    summary = IngestSummary(run_id, source.uri)
-    entries = list(read_entries(source))
+    web = isinstance(source, Listing)
+    summary = IngestSummary(run_id, source.uri, stored_as="downloaded" if web else "ingested")
+    entries = list(source.entries if web else read_entries(source))
     summary.found = len(entries)
     unique: dict[str, Entry] = {}
     for entry in entries:  # a uri listed twice counts once, with its first row
@@ -88,8 +95,8 @@ def run(
     entries = list(unique.values())
     if entries:
         table = lake.table("manifest")
-        known = read_table(spark, table, ["uri", "image_id", "status"])
-        rows = _new_rows(spark, entries, known, lake, settings, retry_failed)
+        known = read_table(spark, table, ["uri", "source_id", "image_id", "status"])
+        rows = _new_rows(spark, entries, known, lake, settings, retry_failed, settings.crawl if web else None)
         rows = rows.select(
             *PROBED.names,
             F.lit(source.uri).alias("source"),
@@ -103,6 +110,7 @@ def run(
         except BaseException:
             table.abort(run_id)
             raise
+        summary.bytes = counts.pop("bytes", 0)
         summary.ingested, summary.duplicates = counts.pop("ok", 0), counts.pop("duplicate", 0)
         summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
         summary.skipped = summary.found - summary.probed
@@ -110,15 +118,22 @@ def run(
     return summary
 
 
-def _new_rows(spark, entries, known: DataFrame, lake: Lake, settings: Settings, retry_failed: bool) -> DataFrame:
-    """Entries not yet in the manifest, probed in tasks, with duplicates marked."""
+def _new_rows(spark, entries, known: DataFrame, lake: Lake, settings: Settings, retry_failed: bool,
+              crawl: Crawl | None) -> DataFrame:
+    """Entries not yet in the manifest (by uri, or by source id), probed in tasks, with duplicates marked."""
     skip = known.where(F.col("status") != "failed") if retry_failed else known
     new = (
         spark.createDataFrame(entries, ENTRY_DDL)
         .join(skip.select("uri"), "uri", "left_anti")
+        .join(skip.where(F.col("source_id").isNotNull()).select("source_id"), "source_id", "left_anti")
     )
     partitions = default_partitions(spark, len(entries), settings.spark.partitions)
-    probe = partial(probe_partition, lake, Limits.from_settings(settings.ingest), settings.s3, settings.ingest.threads)
+    limits = Limits.from_settings(settings.ingest)
+    if crawl:
+        probe = partial(probe_partition, lake, limits, settings.s3, crawl.concurrency, crawl=crawl,
+                        parallel_tasks=spark.sparkContext.defaultParallelism)
+    else:
+        probe = partial(probe_partition, lake, limits, settings.s3, settings.ingest.threads)
     probed = new.repartition(partitions).mapInArrow(probe, from_arrow_schema(PROBED))
     return mark_duplicates(probed, known)
 
@@ -138,20 +153,30 @@ def mark_duplicates(probed: DataFrame, known: DataFrame) -> DataFrame:
 def _count_statuses(batch: pa.RecordBatch) -> Counter:
     statuses = batch.column("status").to_pylist()
     errors = batch.column("error").to_pylist()
-    return Counter(s if s != "failed" else f"failed:{(e or '').split(':')[0]}" for s, e in zip(statuses, errors))
+    counts = Counter(s if s != "failed" else f"failed:{(e or '').split(':')[0]}" for s, e in zip(statuses, errors))
+    counts["bytes"] = sum(b for s, b in zip(statuses, batch.column("bytes").to_pylist()) if s == "ok")
+    return counts
 
 
 # Executor side.
-def probe_partition(lake: Lake | None, limits: Limits, s3: S3, threads: int, batches: Iterator[pa.RecordBatch]):
-    """Check (and, given a lake, store) each entry of the partition; threads overlap the reads."""
-    filesystems: dict[str, pafs.FileSystem] = {}
+def probe_partition(lake: Lake | None, limits: Limits, s3: S3, threads: int, batches: Iterator[pa.RecordBatch],
+                    crawl: Crawl | None = None, parallel_tasks: int = 1):
+    """Check (and, given a lake, store) each entry of the partition; threads overlap the reads.
+
+    With crawl settings, http(s) entries are downloaded (one Downloader per task) and stored
+    copies are shrunk to crawl.resize when that is set.
+    """
+    filesystems: dict[str, pafs.FileSystem | Downloader] = {}
+    if crawl:
+        filesystems["web"] = Downloader(crawl, limits.max_bytes, parallel_tasks)
+    resize = crawl.resize if crawl else 0
     with ThreadPoolExecutor(threads) as pool:
         for batch in batches:
-            rows = pool.map(partial(probe, lake, limits, s3, filesystems), batch.to_pylist())
+            rows = pool.map(partial(probe, lake, limits, s3, filesystems, resize=resize), batch.to_pylist())
             yield pa.RecordBatch.from_pylist(list(rows), schema=PROBED)
 
 
-def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: dict) -> dict:
+def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: dict, resize: int = 0) -> dict:
     """One item -> its manifest fields. Item problems become a failed row; lake problems fail the task."""
     row = {name: entry.get(name) for name in PROBED.names}
     if entry["error"]:
@@ -160,6 +185,9 @@ def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: d
         data = read_bytes(entry["uri"], s3, filesystems, limits.max_bytes)
         row["bytes"] = len(data) if len(data) <= limits.max_bytes else None  # only max + 1 were read
         info = inspect_image(data, limits)
+        if resize and max(info.width, info.height) > resize:
+            data = shrink(data, resize)
+            row["bytes"], info = len(data), inspect_image(data, limits)
     except ImageRejected as exc:
         return {**row, "status": "failed", "error": str(exc)}
     if lake is not None:
@@ -170,6 +198,10 @@ def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: d
 
 def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
     """At most max_bytes + 1 bytes of the item (enough to know it is too large)."""
+    if uri.startswith(("http://", "https://")):
+        if "web" not in filesystems:
+            raise ImageRejected("unsupported-uri", "web addresses are fetched with `cbir crawl urls`")
+        return filesystems["web"].fetch(uri)
     scheme = "s3" if uri.startswith("s3://") else "local"
     if scheme not in filesystems:  # one filesystem per task, shared by its threads
         filesystems[scheme] = open_filesystem(uri, s3)[0]

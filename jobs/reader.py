@@ -15,7 +15,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -34,9 +34,23 @@ class Entry(NamedTuple):
     title: str | None = None
     tags: list[str] | None = None
     error: str | None = None
+    source_id: str | None = None  # the photo's id at its source, e.g. flickr:53210987654
+    owner: str | None = None
+    license: str | None = None
+    taken_at: str | None = None
+    page_url: str | None = None
 
 
-ENTRY_DDL = "uri string, caption string, title string, tags array<string>, error string"
+ENTRY_DDL = ("uri string, caption string, title string, tags array<string>, error string, source_id string, "
+             "owner string, license string, taken_at string, page_url string")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Entries that do not come from a SOURCE file or folder: a web crawl's finds."""
+
+    uri: str
+    entries: Iterable[Entry]
 
 
 @dataclass(frozen=True)
@@ -138,20 +152,47 @@ def _json_rows(text: io.TextIOBase) -> Iterator[Any]:
             yield ValueError(f"line {number} is not JSON: {exc.msg}")
 
 
-def _entry(source: Source, number: int, row: Any) -> Entry:
+def _entry(source: Source, number: int, row: Any, web: bool = False) -> Entry:
     row_uri = f"{source.uri}#row={number}"
     if isinstance(row, Exception):
         return Entry(row_uri, error=f"bad-row: {row}")
     if not isinstance(row, dict):
         return Entry(row_uri, error=f"bad-row: expected an object with a uri, got {type(row).__name__}")
-    uri = row.get("uri")
+    uri = row.get("uri") or (row.get("url") if web else None)
     if not isinstance(uri, str) or not uri.strip():
         return Entry(row_uri, error="bad-row: no uri")
     meta = dict(caption=text_value(row.get("caption")), title=text_value(row.get("title")), tags=_tags(row.get("tags")))
     try:
-        return Entry(resolve_uri(source, uri), **meta)
+        return Entry(web_uri(uri) if web else resolve_uri(source, uri), **meta)
     except ValueError as exc:
         return Entry(uri.strip(), **meta, error=f"unsupported-uri: {exc}")
+
+
+def resolve_url_list(uri: str, settings: Settings) -> Source:
+    """A URL list: CSV, JSONL or Parquet with a `uri` (or `url`) column, or text with one URL a line."""
+    source = resolve_source(uri, settings, columns=(), what="URL list")
+    if source.kind == "folder":
+        raise UsageError(f"URL list {uri} is a folder; give a file of URLs")
+    if source.kind == "image":  # any other extension: one URL a line
+        source = Source(source.uri, source.fs, source.path, "txt")
+    if source.kind in ("csv", "parquet") and not {"uri", "url"} & set(columns := _columns(source, "URL list")):
+        raise UsageError(f"URL list {uri} has no 'uri' or 'url' column (columns: {', '.join(columns[:10]) or 'none'})")
+    return source
+
+
+def read_web_entries(source: Source) -> Iterator[Entry]:
+    """A list of web addresses (any manifest format): only http and https are accepted."""
+    for number, row in enumerate(read_rows(source), start=1):
+        if row is not None:
+            yield _entry(source, number, row, web=True)
+
+
+def web_uri(uri: str) -> str:
+    uri = uri.strip()
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", uri)
+    if not scheme or scheme.group(1).lower() not in ("http", "https"):
+        raise ValueError(f"only http and https URLs are crawled, not {uri[:100]!r}")
+    return uri
 
 
 def resolve_uri(source: Source, uri: str) -> str:
@@ -200,17 +241,20 @@ def _strip_compression(name: str) -> str:
 
 def _check_columns(source: Source, required: tuple[str, ...], what: str) -> None:
     """A manifest without a uri column is a wrong file, not a file of bad rows."""
-    try:
-        if source.kind == "parquet":
-            with source.fs.open_input_file(source.path) as raw:
-                columns = pq.read_schema(raw).names
-        else:
-            with source.fs.open_input_stream(source.path) as raw:
-                header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="").readline()
-                columns = next(csv.reader([header]), [])
-    except Exception as exc:
-        raise UsageError(f"{what} {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    columns = _columns(source, what)
     for name in required:
         if name not in columns:
             shown = ", ".join(columns[:10]) or "none"
             raise UsageError(f"{what} {source.uri} has no '{name}' column (columns: {shown})")
+
+
+def _columns(source: Source, what: str) -> list[str]:
+    try:
+        if source.kind == "parquet":
+            with source.fs.open_input_file(source.path) as raw:
+                return pq.read_schema(raw).names
+        with source.fs.open_input_stream(source.path) as raw:
+            header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="").readline()
+            return next(csv.reader([header]), [])
+    except Exception as exc:
+        raise UsageError(f"{what} {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None

@@ -55,13 +55,13 @@ def test_bad_usage_exits_2_with_one_line(tmp_path, args, code, message):
 
 
 @pytest.mark.slow
-def test_demo_ingests_the_sample_photos_and_keeps_its_runs_in_the_state_folder(tmp_path):
-    result = run("demo", "--set", "spark.master=local[2]", cwd=tmp_path)
+def test_demo_runs_ephemerally_and_keeps_its_runs_in_the_state_folder(tmp_path):
+    result = run("demo", "--set", "spark.master=local[2]", cwd=tmp_path)  # no PREFECT_API_URL: as a new user
 
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "│ ingested" in output and "│ found in source" in output
-    assert (tmp_path / ".cbir" / "prefect" / "prefect.db").is_file()  # runs are kept in the state folder
+    assert (tmp_path / ".cbir" / "prefect" / "prefect.db").is_file()  # the temporary server's database stays
     import pyarrow.dataset as ds
 
     manifest = ds.dataset(str(tmp_path / ".cbir" / "lake" / "manifest"), format="parquet").to_table().to_pylist()

@@ -58,11 +58,6 @@ def stored_images(lake: Lake) -> dict[str, str]:
     return {r["image_id"]: lake.image_path(r["image_id"], r["format"]) for r in rows if r["status"] == "ok"}
 
 
-def with_small_model(settings, tmp: Path):
-    small = make_settings(tmp, *SMALL_MODEL)
-    return settings.model_copy(update={key: getattr(small, key) for key in ("encoder", "captioner", "train")})
-
-
 @pytest.fixture(scope="module")
 def prepared_local(spark, tmp_path_factory):
     """A local lake with a trained captioner and 36 ingested images, prepared once."""
@@ -80,17 +75,20 @@ def fresh_local(prepared_local, tmp_path):
     return settings, {"lake": Lake.open(settings), "card": card}, source
 
 
-@pytest.fixture(params=["local", "s3"])
-def setup(request, spark, tmp_path):
-    if request.param == "local":
-        settings, prepared, _ = request.getfixturevalue("fresh_local")
-        return settings, prepared
-    settings = with_small_model(request.getfixturevalue("s3_settings"), tmp_path)
-    return settings, prepare(spark, settings, tmp_path)
+@pytest.fixture
+def fresh_s3(prepared_local, s3_endpoint, s3_client, bucket, tmp_path):
+    """The prepared lake, uploaded to a bucket of the test's own on the moto S3 server."""
+    settings, card, source = prepared_local
+    for path in Path(settings.lake).rglob("*"):
+        if path.is_file():
+            s3_client.upload_file(str(path), bucket, f"lake/{path.relative_to(settings.lake)}")
+    settings = make_settings(tmp_path, *SMALL_MODEL, f"lake=s3://{bucket}/lake", f"s3.endpoint_url={s3_endpoint}",
+                             "s3.region=us-east-1", "s3.access_key=testing", "s3.secret_key=testing")
+    return settings, {"lake": Lake.open(settings), "card": card}, source
 
 
-def test_index_captions_each_image_once_as_the_captioner_would(spark, setup):
-    settings, prepared = setup
+def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_local):
+    settings, prepared, _ = fresh_local
     lake, card = prepared["lake"], prepared["card"]
     images = stored_images(lake)
     broken, missing = sorted(images)[:2]
@@ -108,26 +106,30 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, setup):
     by_id = {row["image_id"]: row for row in rows}
     assert by_id[broken]["status"] == "failed" and by_id[broken]["error"].startswith("decode-failed:")
     assert by_id[missing]["error"] == "not-found: the image is not in the lake's image store"
-
-    captioner, _ = store.load(lake, encoder="vgg16-random")
-    ok = [row for row in rows if row["status"] == "ok"]
-    vectors = read_features(lake, encoder_config(settings, 1), [row["image_id"] for row in ok])
-    for row in ok:  # what the captioner says of each image alone, from its stored features
-        caption, logprob = captioner.decode(vectors[row["image_id"]][None, :])[0]
-        assert (row["caption"], row["logprob"]) == (caption, pytest.approx(logprob, abs=1e-4))
-        assert row["uri"].endswith(".png") and row["model_version"] == card["version"]
-    assert len({row["caption"] for row in ok}) > 1
+    assert_captions_are_the_captioners(lake, settings, [row for row in rows if row["status"] == "ok"], card["version"])
 
     again = index.run(spark, lake, settings)
     assert (again.pending, again.indexed) == (0, 0)
     assert len(lake.table("captions").committed_runs()) == 1
 
 
+def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], version: str) -> None:
+    """Each caption is what the captioner says of that image alone, from its stored features."""
+    captioner, _ = store.load(lake, encoder="vgg16-random")
+    vectors = read_features(lake, encoder_config(settings, 1), [row["image_id"] for row in ok])
+    for row in ok:
+        caption, logprob = captioner.decode(vectors[row["image_id"]][None, :])[0]
+        assert (row["caption"], row["logprob"]) == (caption, pytest.approx(logprob, abs=1e-4))
+        assert row["uri"].endswith(".png") and row["model_version"] == version
+    assert len({row["caption"] for row in ok}) > 1
+
+
 def test_a_new_version_keeps_the_old_captions_until_dropped(spark, fresh_local):
-    settings, prepared, source = fresh_local
+    settings, prepared, _ = fresh_local
     lake, first = prepared["lake"], prepared["card"]["version"]
     index.run(spark, lake, settings)
-    second = train.run(spark, lake, settings, read_dataset(str(source / "train.csv"), settings))["version"]
+    captioner, card = store.load(lake)
+    second = store.save(lake, captioner, card)  # a new version (the same weights), made current
 
     summary = index.run(spark, lake, settings)
 
@@ -172,9 +174,9 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     assert sorted(row["image_id"] for row in captions_of(lake)) == sorted(stored_images(lake))
 
 
-def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, s3_settings, tmp_path, cli_environment):
-    settings = with_small_model(s3_settings, tmp_path)
-    lake = prepare(spark, settings, tmp_path, new_images=6)["lake"]
+def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, fresh_s3, tmp_path, cli_environment):
+    settings, prepared, _ = fresh_s3
+    lake, version = prepared["lake"], prepared["card"]["version"]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -202,8 +204,11 @@ def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, s3_settings, tmp_p
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
     rows = captions_of(lake)
-    assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))
+    assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
     assert all(row["status"] == "ok" and row["caption"] is not None for row in rows)
+    assert_captions_are_the_captioners(lake, settings, rows, version)
+    again = index.run(spark, lake, settings)  # a rerun (here in local mode) on the S3 lake finds nothing new
+    assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").committed_runs()) == 1
 
 
 def _has_files(lake: Lake, path: str) -> bool:
@@ -214,8 +219,13 @@ def _has_files(lake: Lake, path: str) -> bool:
 def _kill_python_workers() -> bool:
     """SIGKILL the Python workers that Spark's daemon forked, busy ones included: their tasks fail.
     The daemon itself lives on, so later jobs in this session get new workers."""
-    spark_pythons = {pid for pid, cmd in _processes() if "pyspark.daemon" in cmd}
-    workers = [pid for pid in spark_pythons if _parent(pid) in spark_pythons]
+    ours = {os.getpid()}  # only this test session's Spark: descendants of this process
+    processes = list(_processes())
+    parents = {pid: _parent(pid) for pid, _ in processes}
+    for _ in range(4):  # pytest -> JVM -> daemon -> worker
+        ours |= {pid for pid, parent in parents.items() if parent in ours}
+    spark_pythons = {pid for pid, cmd in processes if "pyspark.daemon" in cmd and pid in ours}
+    workers = [pid for pid in spark_pythons if parents[pid] in spark_pythons]
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     return bool(workers)

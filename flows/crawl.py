@@ -1,0 +1,57 @@
+"""Crawl flows: a Flickr search or a URL list -> downloaded images in the lake + manifest rows.
+
+Both land where `cbir ingest` does. `scheduled_crawl` is the deployment that crawls a Flickr
+search on the cron of crawl.schedule; `cbir crawl flickr ... --serve` runs it.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from cbir.lake import Lake
+from cbir.settings import Settings, load_settings
+from flows.reporting import Progress, publish_summary
+from jobs import flickr, ingest
+from jobs.reader import Listing, read_web_entries, resolve_url_list
+from jobs.spark import spark_session
+
+
+@flow(name="crawl-flickr", log_prints=True)
+def crawl_flickr_flow(text: str | None = None, tags: str | None = None, tag_mode: str = "any",
+                      license: str | None = None, min_taken: str | None = None, max_taken: str | None = None,
+                      bbox: str | None = None, sort: str = "relevance", max_photos: int = 100,
+                      settings: Settings | None = None) -> dict:
+    """Search Flickr (photos.search) and download the photos the manifest does not have yet."""
+    settings = settings or load_settings()
+    query = flickr.Search(text, tags, tag_mode, license, min_taken, max_taken, bbox, sort, max_photos)
+    entries = list(flickr.search(settings.flickr, query, settings.crawl.retries))
+    print(f"Flickr found {len(entries)} photos for {query.describe()}")
+    return _download(Listing(query.describe(), entries), settings)
+
+
+@flow(name="crawl-urls", log_prints=True)
+def crawl_urls_flow(url_list: str, settings: Settings | None = None) -> dict:
+    """Download every image of a URL list (CSV, JSONL, Parquet or text) that the manifest does not have yet."""
+    settings = settings or load_settings()
+    source = resolve_url_list(url_list, settings)
+    return _download(Listing(source.uri, read_web_entries(source)), settings)
+
+
+def _download(listing: Listing, settings: Settings) -> dict:
+    lake = Lake.open(settings)
+    lake.check()
+    progress = Progress("crawl-progress", f"crawl {listing.uri}")
+    with spark_session(settings) as spark:
+        summary = ingest.run(spark, lake, settings, listing, progress=progress)
+    progress.finish()
+    publish_summary("crawl-summary", f"crawl {listing.uri} (run {summary.run_id})", summary.rows())
+    return summary.as_dict()
+
+
+def scheduled_crawl(settings: Settings, search: flickr.Search):
+    """The Flickr search as a deployment on crawl.schedule. Its runs load settings from their
+    environment, so the API key is never a deployment parameter."""
+    search.check()
+    return crawl_flickr_flow.to_deployment(
+        name="scheduled-crawl", cron=settings.crawl.schedule, description=f"crawl {search.describe()}",
+        parameters={k: v for k, v in vars(search).items() if v is not None})

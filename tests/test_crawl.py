@@ -1,0 +1,190 @@
+"""Crawl: the real flickrapi client against a fake Flickr, URL lists against a misbehaving host,
+the private-address guard, incremental reruns, and secrets kept out of logs, tables and Prefect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from cbir.errors import UsageError
+from cbir.images import ImageRejected
+from cbir.lake import Lake
+from conftest import make_settings
+from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
+from jobs import flickr, ingest
+from jobs.download import refused_reason
+from jobs.reader import Listing, read_web_entries, resolve_url_list
+
+FAST = ["crawl.timeout_s=1", "crawl.retries=2", "crawl.backoff_s=0.01", "crawl.max_wait_s=2",
+        "crawl.per_host_per_s=1000", "ingest.max_bytes=300000"]
+
+
+@pytest.fixture(scope="module")
+def web():
+    server = FakeWeb()
+    yield server
+    server.shutdown()
+
+
+def crawl_settings(tmp_path, web, *extra):
+    return make_settings(tmp_path, *FAST, "crawl.allow_hosts=127.0.0.1", f"flickr.rest_url={web.base}/services/rest/",
+                         f"flickr.api_key={GOOD_KEY}", f"flickr.api_secret={GOOD_SECRET}", "flickr.rate_limit_wait_s=0.1",
+                         *extra)
+
+
+def manifest(settings) -> dict[str, dict]:
+    return {row["uri"]: row for row in Lake.open(settings).table("manifest").read().to_pylist()}
+
+
+def crawl_list(spark, settings, path: Path):
+    source = resolve_url_list(str(path), settings)
+    return ingest.run(spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)))
+
+
+def test_url_list_records_every_outcome_and_a_rerun_fetches_only_the_rest(spark, web, tmp_path):
+    settings = crawl_settings(tmp_path, web, "crawl.resize=200")
+    b = web.base
+    expected = {
+        f"{b}/img/1.jpg": ("ok", None), f"{b}/img/2.png": ("ok", None),
+        f"{b}/flaky.jpg": ("ok", None),  # 503, then fine: retried
+        f"{b}/limited.jpg": ("ok", None),  # 429 with Retry-After, then fine
+        f"{b}/large.jpg": ("ok", None),  # stored shrunk to crawl.resize
+        f"{b}/img/100.jpg": ("ok", None), f"{b}/moved.jpg": ("duplicate", None),  # a redirect to the same bytes
+        f"{b}/slow.jpg": ("failed", "timeout"), f"{b}/broken.jpg": ("failed", "http-500"),
+        f"{b}/missing.jpg": ("failed", "http-404"), f"{b}/page.html": ("failed", "not-an-image"),
+        f"{b}/big.jpg": ("failed", "too-large"), f"{b}/endless.jpg": ("failed", "too-large"),
+        f"{b}/to-private.jpg": ("failed", "refused-address"), f"{b}/loop.jpg": ("failed", "too-many-redirects"),
+        "ftp://example.com/a.jpg": ("failed", "unsupported-uri"), "file:///etc/passwd": ("failed", "unsupported-uri"),
+    }
+    first = [f"{b}/img/1.jpg", f"{b}/flaky.jpg", f"{b}/broken.jpg"]
+    (tmp_path / "first.txt").write_text("\n".join(first) + "\n")
+    with open(tmp_path / "urls.jsonl", "w") as handle:
+        for i, url in enumerate(expected):
+            handle.write(json.dumps({"url": url, "title": f"title {i}"}) + "\n")
+    handle_rows = crawl_list(spark, settings, tmp_path / "first.txt")  # an earlier, partial crawl
+    assert (handle_rows.ingested, handle_rows.failed) == (2, {"http-500": 1})
+    hits_before = dict(web.hits)
+
+    summary = crawl_list(spark, settings, tmp_path / "urls.jsonl")
+
+    rows = manifest(settings)
+    assert {u: (r["status"], (r["error"] or "").split(":")[0] or None) for u, r in rows.items()} == expected
+    assert summary.skipped == 3 and summary.found == len(expected)
+    assert web.hits["/img/1.jpg"] == hits_before["/img/1.jpg"] and web.hits["/flaky.jpg"] == 2  # not fetched again
+    assert web.hits["/broken.jpg"] == 3  # 1 + crawl.retries, in the first crawl only
+    assert rows[f"{b}/img/2.png"]["title"] == "title 1"
+    large = rows[f"{b}/large.jpg"]
+    assert max(large["width"], large["height"]) == 200 and large["bytes"] < 400 * 300
+    assert "10.255.255.1" in rows[f"{b}/to-private.jpg"]["error"]
+    assert summary.bytes == sum(r["bytes"] for r in rows.values() if r["status"] == "ok" and r["run_id"] == summary.run_id)
+
+    again = crawl_list(spark, settings, tmp_path / "urls.jsonl")
+    assert (again.skipped, again.probed) == (len(expected), 0)
+    assert len(manifest(settings)) == len(expected)
+
+
+def test_without_the_allow_list_local_addresses_are_refused(spark, web, tmp_path):
+    settings = make_settings(tmp_path, *FAST)
+    (tmp_path / "urls.csv").write_text(f"uri,caption\n{web.base}/img/31.jpg,a dog\n")
+    hits = web.hits["/img/31.jpg"]
+
+    summary = crawl_list(spark, settings, tmp_path / "urls.csv")
+
+    assert summary.failed == {"refused-address": 1} and web.hits["/img/31.jpg"] == hits  # never contacted
+    assert manifest(settings)[f"{web.base}/img/31.jpg"]["caption"] == "a dog"
+
+
+@pytest.mark.parametrize("host, allow, refused", [
+    ("127.0.0.1", [], True), ("localhost", [], True), ("10.1.2.3", [], True), ("169.254.169.254", [], True),
+    ("::1", [], True), ("224.0.0.1", [], True), ("100.64.0.1", [], True), ("8.8.8.8", [], False),
+    ("127.0.0.1", ["127.0.0.1"], False), ("10.1.2.3", ["10.0.0.0/8"], False), ("localhost", ["localhost"], False),
+    ("10.1.2.3", ["10.2.0.0/16"], True),
+])
+def test_the_address_guard(host, allow, refused):
+    assert (refused_reason(host, 80, allow) is not None) == refused
+
+
+def test_an_unknown_host_is_a_dns_failure():
+    with pytest.raises(ImageRejected, match="^dns: "):
+        refused_reason("no-such-host.invalid", 80, [])
+
+
+def test_flickr_crawl_pages_waits_out_rate_limits_and_keeps_secrets_out(prefect_server, spark, web, tmp_path):
+    from flows.crawl import crawl_flickr_flow
+
+    settings = crawl_settings(tmp_path, web, "flickr.per_page=3", "flickr.sizes=b,z")
+    web.searches.clear()
+    web.rate_limited_pages.add(2)
+
+    state = crawl_flickr_flow(text="dogs", tags="dog,park", license="1,2", sort="date-posted-desc", max_photos=6,
+                              settings=settings, return_state=True)
+
+    assert state.is_completed()
+    summary = state.result()
+    assert (summary["found"], summary["ingested"], summary["failed"]) == (6, 5, {"no-size": 1})
+    assert [s["page"] for s in web.searches] == ["1", "2", "2"]  # page 2 again after the 429
+    call = web.searches[0]
+    assert (call["text"], call["tags"], call["license"], call["sort"]) == ("dogs", "dog,park", "1,2", "date-posted-desc")
+    assert {"license", "date_taken", "owner_name", "tags", "url_b", "url_z"} <= set(call["extras"].split(","))
+    rows = {row["source_id"]: row for row in manifest(settings).values()}
+    assert rows["flickr:9000"]["uri"].endswith("size=b") and rows["flickr:9001"]["uri"].endswith("size=z")
+    photo = rows["flickr:9001"]
+    assert (photo["title"], photo["tags"], photo["owner"], photo["license"], photo["taken_at"]) == (
+        "A <script>photo</script> number 1", ["dog", "park1"], "Owner <b>1</b>", "1", "2020-02-01 10:00:00")
+    assert photo["page_url"] == "https://www.flickr.com/photos/owner1@N01/9001"
+    assert rows["flickr:9003"]["status"] == "failed" and "flickr.sizes=b,z" in rows["flickr:9003"]["error"]
+
+    more = crawl_flickr_flow(text="dogs", max_photos=7, settings=settings)  # a later crawl: only photo 9006 is new
+    assert (more["found"], more["skipped"], more["ingested"]) == (7, 6, 1)
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        logs = client.read_logs()
+    table = next(a.data for a in artifacts if a.key == "crawl-summary")
+    counts = {row["what"]: row["count"] for row in (json.loads(table) if isinstance(table, str) else table)}
+    assert counts["downloaded"] == 5 and counts["failed: no-size"] == 1
+    lake_bytes = b"".join(p.read_bytes() for p in Path(settings.lake).rglob("*") if p.is_file())
+    written = [json.dumps(run.parameters, default=str), json.dumps([a.model_dump(mode="json") for a in artifacts]),
+               " ".join(log.message for log in logs)]  # every line the flows printed or logged
+    for secret in (GOOD_KEY, GOOD_SECRET):
+        assert secret.encode() not in lake_bytes and not any(secret in text for text in written)
+
+
+def test_flickr_refusals_are_one_clear_line(web, tmp_path):
+    settings = crawl_settings(tmp_path, web)
+    with pytest.raises(UsageError, match="^Flickr refused the search: 3: Unknown sort order$"):
+        list(flickr.search(settings.flickr, flickr.Search(text="dogs", sort="interestingness-desc")))
+    with pytest.raises(UsageError, match="needs --text, --tags or --bbox"):
+        list(flickr.search(settings.flickr, flickr.Search()))
+
+
+def test_a_bad_key_stops_the_crawl_with_one_line(web, tmp_path, cli_environment):
+    environment = {**cli_environment, "CBIR_FLICKR__API_KEY": "wrong-key-31337", "CBIR_FLICKR__API_SECRET": "shh-31337",
+                   "CBIR_FLICKR__REST_URL": f"{web.base}/services/rest/", "CBIR_STATE_DIR": str(tmp_path / "state"),
+                   "CBIR_LAKE": str(tmp_path / "lake")}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "crawl", "flickr", "--text", "dogs", "--max", "5"],
+                            capture_output=True, text=True, env=environment, cwd=Path(__file__).resolve().parents[1],
+                            timeout=300)
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("cbir: error")] == [
+        "cbir: error: Flickr refused the API key (flickr.api_key, flickr.api_secret): 100: Invalid API Key (Key has invalid format)"]
+    assert "31337" not in result.stdout + result.stderr
+
+
+def test_the_scheduled_crawl_runs_on_the_configured_cron(tmp_path):
+    from flows.crawl import scheduled_crawl
+
+    settings = make_settings(tmp_path, "crawl.schedule=15 */6 * * *")
+    deployment = scheduled_crawl(settings, flickr.Search(text="two dogs", tags="dog", max_photos=50))
+
+    assert [s.schedule.cron for s in deployment.schedules] == ["15 */6 * * *"]
+    assert deployment.parameters == {"text": "two dogs", "tags": "dog", "tag_mode": "any", "sort": "relevance",
+                                     "max_photos": 50}  # settings (and secrets) load where the run happens
