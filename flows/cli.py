@@ -94,7 +94,7 @@ def crawl(args, settings: Settings) -> None:
         from jobs.reader import resolve_url_list
 
         resolve_url_list(args.file, settings)
-        run_flow(crawl_urls_flow, url_list=args.file, settings=settings)
+        run_flow(crawl_urls_flow, url_list=args.file, retry_failed=args.retry_failed, settings=settings)
         return
     from flows.crawl import crawl_flickr_flow, scheduled_crawl
     from jobs.flickr import Search, client
@@ -109,7 +109,7 @@ def crawl(args, settings: Settings) -> None:
         print(f"serving the scheduled crawl ({settings.crawl.schedule}); stop with Ctrl-C", file=sys.stderr)
         serve(scheduled_crawl(settings, search))
         return
-    run_flow(crawl_flickr_flow, **vars(search), settings=settings)
+    run_flow(crawl_flickr_flow, **vars(search), retry_failed=args.retry_failed, settings=settings)
 
 
 def train(args, settings: Settings) -> None:
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     urls = sources.add_parser("urls", help="download the images of a list of URLs")
     urls.add_argument("file", help="CSV/JSONL/Parquet with uri (or url) and optional caption, title, tags; or text")
     for sub_source in (flickr, urls):
+        sub_source.add_argument("--retry-failed", action="store_true", help="download again what failed before")
         _add_common(sub_source, after_verb=True)
     sub = verb("train", train, "train a captioner on a Flickr8k folder, a COCO captions JSON or a table")
     sub.add_argument("dataset", help="Flickr8k folder, COCO captions .json, or .csv/.jsonl/.parquet of uri, caption")

@@ -20,29 +20,29 @@ from jobs.spark import spark_session
 def crawl_flickr_flow(text: str | None = None, tags: str | None = None, tag_mode: str = "any",
                       license: str | None = None, min_taken: str | None = None, max_taken: str | None = None,
                       bbox: str | None = None, sort: str = "relevance", max_photos: int = 100,
-                      settings: Settings | None = None) -> dict:
+                      retry_failed: bool = False, settings: Settings | None = None) -> dict:
     """Search Flickr (photos.search) and download the photos the manifest does not have yet."""
     settings = settings or load_settings()
     query = flickr.Search(text, tags, tag_mode, license, min_taken, max_taken, bbox, sort, max_photos)
     entries = list(flickr.search(settings.flickr, query, settings.crawl.retries))
     print(f"Flickr found {len(entries)} photos for {query.describe()}")
-    return _download(Listing(query.describe(), entries), settings)
+    return _download(Listing(query.describe(), entries), settings, retry_failed)
 
 
 @flow(name="crawl-urls", log_prints=True)
-def crawl_urls_flow(url_list: str, settings: Settings | None = None) -> dict:
+def crawl_urls_flow(url_list: str, retry_failed: bool = False, settings: Settings | None = None) -> dict:
     """Download every image of a URL list (CSV, JSONL, Parquet or text) that the manifest does not have yet."""
     settings = settings or load_settings()
     source = resolve_url_list(url_list, settings)
-    return _download(Listing(source.uri, read_web_entries(source)), settings)
+    return _download(Listing(source.uri, read_web_entries(source)), settings, retry_failed)
 
 
-def _download(listing: Listing, settings: Settings) -> dict:
+def _download(listing: Listing, settings: Settings, retry_failed: bool) -> dict:
     lake = Lake.open(settings)
     lake.check()
     progress = Progress("crawl-progress", f"crawl {listing.uri}")
     with spark_session(settings) as spark:
-        summary = ingest.run(spark, lake, settings, listing, progress=progress)
+        summary = ingest.run(spark, lake, settings, listing, retry_failed=retry_failed, progress=progress)
     progress.finish()
     publish_summary("crawl-summary", f"crawl {listing.uri} (run {summary.run_id})", summary.rows())
     return summary.as_dict()

@@ -42,9 +42,10 @@ def manifest(settings) -> dict[str, dict]:
     return {row["uri"]: row for row in Lake.open(settings).table("manifest").read().to_pylist()}
 
 
-def crawl_list(spark, settings, path: Path):
+def crawl_list(spark, settings, path: Path, retry_failed: bool = False):
     source = resolve_url_list(str(path), settings)
-    return ingest.run(spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)))
+    return ingest.run(spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)),
+                      retry_failed=retry_failed)
 
 
 def test_url_list_records_every_outcome_and_a_rerun_fetches_only_the_rest(spark, web, tmp_path):
@@ -87,6 +88,12 @@ def test_url_list_records_every_outcome_and_a_rerun_fetches_only_the_rest(spark,
     again = crawl_list(spark, settings, tmp_path / "urls.jsonl")
     assert (again.skipped, again.probed) == (len(expected), 0)
     assert len(manifest(settings)) == len(expected)
+
+    broken_hits = web.hits["/broken.jpg"]
+    retried = crawl_list(spark, settings, tmp_path / "urls.jsonl", retry_failed=True)
+    failed = sum(status == "failed" for status, _ in expected.values())
+    assert (retried.probed, retried.skipped, sum(retried.failed.values())) == (failed, len(expected) - failed, failed)
+    assert web.hits["/broken.jpg"] == broken_hits + 3  # asked again, with its retries
 
 
 def test_without_the_allow_list_local_addresses_are_refused(spark, web, tmp_path):
