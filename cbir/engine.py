@@ -305,13 +305,20 @@ def _densify(codes):
 
 
 @njit(cache=True, nogil=True)
+def _group_offsets(keys, n_keys):
+    """Where each key's group starts when entries are grouped by key (0..n_keys-1): a counting sort's offsets."""
+    offsets = np.zeros(n_keys + 1, np.int64)
+    for key in keys:
+        offsets[key + 1] += 1
+    for key in range(n_keys):
+        offsets[key + 1] += offsets[key]
+    return offsets
+
+
+@njit(cache=True, nogil=True)
 def _postings(gid, image, n_grams):
     """For each gram, the images that have it, in image order (entries come in image order)."""
-    offsets = np.zeros(n_grams + 1, np.int64)
-    for g in gid:
-        offsets[g + 1] += 1
-    for g in range(n_grams):
-        offsets[g + 1] += offsets[g]
+    offsets = _group_offsets(gid, n_grams)
     fill = offsets[:-1].copy()
     out = np.empty(len(gid), np.int32)
     for e in range(len(gid)):
@@ -323,11 +330,7 @@ def _postings(gid, image, n_grams):
 @njit(cache=True, nogil=True)
 def _forward(image, gid, count, n_images):
     """For each image, its grams sorted by id, with counts."""
-    offsets = np.zeros(n_images + 1, np.int64)
-    for i in image:
-        offsets[i + 1] += 1
-    for i in range(n_images):
-        offsets[i + 1] += offsets[i]
+    offsets = _group_offsets(image, n_images)
     fill = offsets[:-1].copy()
     gids = np.empty(len(gid), np.int32)
     counts = np.empty(len(gid), np.int16)

@@ -61,7 +61,7 @@ def inspect_image(data: bytes, limits: Limits) -> ImageInfo:
         size = f"{pixels.group(1)} pixels" if pixels else "the image"
         raise ImageRejected("too-many-pixels", f"{size} is over ingest.max_pixels={limits.max_pixels}") from None
     except Exception as exc:  # Pillow raises many types for damaged headers
-        raise ImageRejected("corrupt", _first_line(exc)) from None
+        raise ImageRejected("corrupt", first_line(exc)) from None
     with image:
         if image.format not in limits.formats:
             raise ImageRejected("unsupported-format", f"{image.format} is not in ingest.formats")
@@ -73,13 +73,14 @@ def inspect_image(data: bytes, limits: Limits) -> ImageInfo:
         try:
             image.load()
         except Exception as exc:
-            message = _first_line(exc)
+            message = first_line(exc)
             reason = "truncated" if "truncated" in message or "end of file" in message.lower() else "corrupt"
             raise ImageRejected(reason, message) from None
         return ImageInfo(image_id(data), image.format, width, height)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """An exception's first line, at most 300 characters (its type when it has no message)."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
 

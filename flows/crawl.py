@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
-from flows.reporting import Progress, publish_summary
-from jobs import flickr, ingest
+from flows.ingest import store_images
+from jobs import flickr
 from jobs.reader import Listing, read_web_entries, resolve_url_list
-from jobs.spark import spark_session
 
 
 @flow(name="crawl-flickr", log_prints=True)
@@ -26,7 +24,7 @@ def crawl_flickr_flow(text: str | None = None, tags: str | None = None, tag_mode
     query = flickr.Search(text, tags, tag_mode, license, min_taken, max_taken, bbox, sort, max_photos)
     entries = list(flickr.search(settings.flickr, query, settings.crawl.retries))
     print(f"Flickr found {len(entries)} photos for {query.describe()}")
-    return _download(Listing(query.describe(), entries), settings, retry_failed)
+    return store_images("crawl", Listing(query.describe(), entries), settings, retry_failed)
 
 
 @flow(name="crawl-urls", log_prints=True)
@@ -34,18 +32,7 @@ def crawl_urls_flow(url_list: str, retry_failed: bool = False, settings: Setting
     """Download every image of a URL list (CSV, JSONL, Parquet or text) that the manifest does not have yet."""
     settings = settings or load_settings()
     source = resolve_url_list(url_list, settings)
-    return _download(Listing(source.uri, read_web_entries(source)), settings, retry_failed)
-
-
-def _download(listing: Listing, settings: Settings, retry_failed: bool) -> dict:
-    lake = Lake.open(settings)
-    lake.check()
-    progress = Progress("crawl-progress", f"crawl {listing.uri}")
-    with spark_session(settings) as spark:
-        summary = ingest.run(spark, lake, settings, listing, retry_failed=retry_failed, progress=progress)
-    progress.finish()
-    publish_summary("crawl-summary", f"crawl {listing.uri} (run {summary.run_id})", summary.rows())
-    return summary.as_dict()
+    return store_images("crawl", Listing(source.uri, read_web_entries(source)), settings, retry_failed)
 
 
 def scheduled_crawl(settings: Settings, search: flickr.Search):

@@ -8,7 +8,7 @@ from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
 from flows.reporting import Progress, publish_summary
 from jobs import ingest
-from jobs.reader import resolve_source
+from jobs.reader import Listing, Source, resolve_source
 from jobs.spark import spark_session
 
 
@@ -16,12 +16,16 @@ from jobs.spark import spark_session
 def ingest_flow(source: str, retry_failed: bool = False, settings: Settings | None = None) -> dict:
     """Store every good image of SOURCE once, content-addressed, and record every item in the manifest."""
     settings = settings or load_settings()
+    return store_images("ingest", resolve_source(source, settings), settings, retry_failed)
+
+
+def store_images(kind: str, source: Source | Listing, settings: Settings, retry_failed: bool) -> dict:
+    """The ingest job on a source (or a crawl's listing), with the progress and summary artifacts of `kind`."""
     lake = Lake.open(settings)
     lake.check()
-    resolved = resolve_source(source, settings)
-    progress = Progress("ingest-progress", f"ingest {source}")
+    progress = Progress(f"{kind}-progress", f"{kind} {source.uri}")
     with spark_session(settings) as spark:
-        summary = ingest.run(spark, lake, settings, resolved, retry_failed=retry_failed, progress=progress)
+        summary = ingest.run(spark, lake, settings, source, retry_failed=retry_failed, progress=progress)
     progress.finish()
-    publish_summary("ingest-summary", f"ingest {source} (run {summary.run_id})", summary.rows())
+    publish_summary(f"{kind}-summary", f"{kind} {source.uri} (run {summary.run_id})", summary.rows())
     return summary.as_dict()

@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from cbir.images import ImageRejected
+from cbir.images import ImageRejected, first_line
 from cbir.settings import Crawl
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -110,7 +110,7 @@ class Downloader:
                 continue
             except requests.ConnectionError as exc:
                 if last:
-                    raise ImageRejected("connection", f"{parts.hostname}: {_first_line(exc)}") from None
+                    raise ImageRejected("connection", f"{parts.hostname}: {first_line(exc)}") from None
                 self._backoff(attempt)
                 continue
             if response.status_code not in RETRY_STATUSES or last:
@@ -136,7 +136,7 @@ class Downloader:
                     return bytes(data[: self.max_bytes + 1])
         except requests.RequestException as exc:
             reason = "timeout" if "timed out" in str(exc) else "truncated"
-            raise ImageRejected(reason, f"{_host(url)} stopped sending: {_first_line(exc)}") from None
+            raise ImageRejected(reason, f"{_host(url)} stopped sending: {first_line(exc)}") from None
         return bytes(data)
 
 
@@ -155,7 +155,3 @@ def _retry_after(value: str | None) -> float | None:
 def _host(url: str) -> str:
     return urlsplit(url).hostname or url[:100]
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

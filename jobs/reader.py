@@ -69,10 +69,10 @@ def resolve_source(uri: str, settings: Settings, columns: tuple[str, ...] = ("ur
 
     A CSV or Parquet manifest must have the named columns (JSON lines are checked row by row).
     """
-    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-    if scheme and scheme.group(1) in ("http", "https"):
+    scheme = _scheme(uri)
+    if scheme in ("http", "https"):
         raise UsageError(f"{what} {uri}: web addresses are fetched with `cbir crawl urls`, not ingested")
-    if scheme and scheme.group(1) not in ("s3", "file"):
+    if scheme and scheme not in ("s3", "file"):
         raise UsageError(f"{what} {uri}: only local paths, file:// and s3:// are supported")
     fs, path = open_filesystem(uri, settings.s3)
     try:
@@ -189,8 +189,7 @@ def read_web_entries(source: Source) -> Iterator[Entry]:
 
 def web_uri(uri: str) -> str:
     uri = uri.strip()
-    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", uri)
-    if not scheme or scheme.group(1).lower() not in ("http", "https"):
+    if (_scheme(uri) or "").lower() not in ("http", "https"):
         raise ValueError(f"only http and https URLs are crawled, not {uri[:100]!r}")
     return uri
 
@@ -201,16 +200,22 @@ def resolve_uri(source: Source, uri: str) -> str:
     Raises ValueError for web addresses and schemes other than s3:// and file://.
     """
     uri = uri.strip()
-    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-    if scheme and scheme.group(1) in ("http", "https"):
+    scheme = _scheme(uri)
+    if scheme in ("http", "https"):
         raise ValueError("web addresses are fetched with `cbir crawl urls`")
-    if scheme and scheme.group(1) not in ("s3", "file"):
-        raise ValueError(f"scheme {scheme.group(1)}:// is not supported")
+    if scheme and scheme not in ("s3", "file"):
+        raise ValueError(f"scheme {scheme}:// is not supported")
     if uri.startswith(("s3://", "/")):
         return uri
     if uri.startswith("file://"):
         return uri.removeprefix("file://")
     return source.uri_of(posixpath.normpath(posixpath.join(posixpath.dirname(source.path), uri)))
+
+
+def _scheme(uri: str) -> str | None:
+    """The scheme of a scheme://... address; None for a path."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    return match.group(1) if match else None
 
 
 def text_value(value: Any) -> str | None:
