@@ -1,15 +1,17 @@
 """Exact BLEU top-k over many captions without a per-pair loop.
 
-Build: every image's texts become integer n-gram codes (1..max_order); for each n-gram the
-postings list of images that contain it, and for each image its n-grams with their counts
-(the most any one of its texts has: BLEU clips against the best reference).
+Build: every image's texts become integer n-gram codes (1..max_order), numbered densely per order
+in code order; for each n-gram the postings list of images that contain it, and for each image its
+n-gram ids ascending, each repeated as often as the image has it (the most any one of its texts
+has: BLEU clips against the best reference).
 
-Query (MaxScore pruning): the query's n-grams are taken from the rarest to the most common.
-An image is scored in full the first time one of its n-grams' postings is read. Before each
-list, a bound is computed on the score of any image that only the remaining (more common)
-lists could still bring, taking every remaining match as granted and no brevity penalty; once
-the k-th best score beats that bound, no unread image can enter the top k, so the long
-postings of words like "a" and "the" are seldom read at all.
+Query (MaxScore pruning): the query's n-grams' lists are read one by one. An image is scored in
+full (its sorted grams merged with the query's) the first time one of its lists is read. Before
+each list, a bound is computed on the score of any image that only the unread lists could still
+bring, taking every unread match as granted and no brevity penalty; once the k-th best score
+beats that bound, no unread image can enter the top k, so the long postings of words like "a"
+and "the" are seldom read at all. Lists are read in the order that lowers the bound the most per
+posting, and the rows of upcoming candidates are prefetched, since the scan waits on memory.
 
 The loop computes scores in floating point with a small margin; the final top k, ties by
 image_id ascending, are then scored with cbir.bleu.score, which is nltk's arithmetic exactly.
@@ -22,16 +24,23 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from numba import float64, int64, njit
+from llvmlite import ir
+from numba import float64, int64, njit, types
+from numba.core import cgutils
 from numba.experimental import jitclass
+from numba.extending import intrinsic
 
 from cbir.bleu import BleuParams, denominators, score
 from cbir.text import words_array
 
+AHEAD = 8  # postings
+RADIX_BITS = 16
+RADIX_MASK = (1 << RADIX_BITS) - 1
 MARGIN = 1e-9  # relative: far above float rounding, far below any real difference between scores
 SMOOTHING_CODES = {"method0": 0, "method1": 1, "method2": 2, "method3": 3}
 
@@ -75,7 +84,7 @@ class BleuIndex:
         id_rank[pc.sort_indices(pa.array(image_ids, pa.string())).to_numpy()] = np.arange(len(image_ids))
         order = np.lexsort((id_rank, shortest))
         self.image_ids = [image_ids[i] for i in order]
-        self.id_rank, self.min_lens = id_rank[order], shortest[order]
+        self.id_rank = id_rank[order]
         # Texts in image order; words as vocabulary ids (dictionary encoding runs in Arrow, not Python).
         counts = refs_per_image[order]
         group_start = np.cumsum(counts) - counts
@@ -88,82 +97,63 @@ class BleuIndex:
         ref_image = np.repeat(np.arange(len(image_ids)), refs_per_image[order])
         self.base = max(len(self.vocabulary), 1)
         n_images = len(self.image_ids)
-        self.ref_len_offsets = np.concatenate([[0], np.cumsum(refs_per_image[order])])
         self.ref_lens = np.diff(ref_offsets)  # refs are grouped by image, in image order
 
         # The code of the n-gram starting at each position (-1 where it runs past its text):
         # the (n-1)-gram's code times the vocabulary size plus the next word. When that would
-        # overflow, the (n-1)-gram codes are renumbered densely first (kept, for queries).
-        self.renumbered, by_order = [], [tokens.copy()]
+        # overflow, the (n-1)-gram codes are first replaced by their rank among that order's codes.
+        self.renumbered = np.zeros(max_order, np.bool_)
+        by_order = [tokens]
         for n in range(2, max_order + 1):
             position_codes = by_order[-1]
-            renumber = None
             if position_codes.max(initial=0) >= 2**62 // self.base:
                 valid = position_codes >= 0
-                renumber, dense = np.unique(position_codes[valid], return_inverse=True)
                 position_codes = position_codes.copy()
-                position_codes[valid] = dense
-            self.renumbered.append(renumber)
+                position_codes[valid] = np.unique(position_codes[valid], return_inverse=True)[1]
+                self.renumbered[n - 2] = True
             by_order.append(_extend(position_codes, tokens, ref_offsets, n, self.base))
 
-        def grams(n: int):
-            """(image, gram id within order n, count) of every image's distinct n-grams, and the codes."""
-            image, code, count = _image_grams(by_order[n - 1], ref_offsets, ref_image)
-            # Single words are vocabulary ids already, 0..V-1 and all used: no renumbering needed.
-            unique, gid = (np.arange(self.base), code) if n == 1 else _dense_sorted(code)
-            return image, gid, count, unique
-
         # The orders are independent from here: their kernels release the GIL and run side by side.
-        with ThreadPoolExecutor(min(max_order, os.cpu_count() or 1)) as pool:
-            results = list(pool.map(grams, range(1, max_order + 1)))
-        self.codes = [unique for *_, unique in results]
-        offsets = np.cumsum([0] + [len(c) for c in self.codes])
-        entries = [(image, gid + offsets[n], count) for n, (image, gid, count, _) in enumerate(results)]
-        image = np.concatenate([e[0] for e in entries])
-        gid = np.concatenate([e[1] for e in entries])
-        count = np.concatenate([e[2] for e in entries])
-        n_grams = sum(len(c) for c in self.codes)
-        self.post_offsets, self.post_images = _postings(gid, image, n_grams)
-        self.fwd_offsets, self.fwd_gids, self.fwd_counts = _forward(image, gid, count, n_images)
+        with ThreadPoolExecutor(min(max_order, os.cpu_count() or 1)) as pool:  # longest first
+            orders = list(pool.map(lambda n: _Order.build(n, by_order[n - 1], ref_offsets, ref_image, self.base),
+                                   range(max_order, 0, -1)))[::-1]
+        del by_order
+        # Gram ids are global: order n's ids follow order n-1's, so an id tells its order.
+        self.codes = np.concatenate([o.codes for o in orders])
+        self.code_offsets = np.cumsum([0] + [len(o.codes) for o in orders])
+        entries = np.cumsum([0] + [len(o.image) for o in orders])
+        self.post_offsets = np.concatenate([o.post_offsets[:-1] + at for o, at in zip(orders, entries)] + [entries[-1:]])
+        self.post_images = np.concatenate([o.post_images for o in orders])
+        self.fwd_gids, fwd_offsets = _forward(tuple(o.image for o in orders), tuple(o.gid for o in orders),
+                                              tuple(o.count for o in orders), self.code_offsets, n_images)
+        del orders
+        # What a candidate needs, side by side (one cache line): where its grams start, id_rank,
+        # shortest text length, where its text lengths start; row n_images closes the last ranges.
+        self.meta = np.zeros((n_images + 1, 4), np.int64)
+        self.meta[:, 0] = fwd_offsets
+        self.meta[:-1, 1], self.meta[:-1, 2] = self.id_rank, shortest[order]
+        self.meta[1:, 3] = np.cumsum(counts)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def _scratch(self) -> np.ndarray:
-        """An all-zero int per image; one per concurrent search (threads may share an index)."""
+        """An all-zero flag per image; one per concurrent search (threads may share an index)."""
         try:
             return self._spare.get_nowait()
         except queue.Empty:
-            return np.zeros(len(self), np.int32)
+            return np.zeros(len(self), np.int8)
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.post_offsets, self.post_images, self.fwd_offsets, self.fwd_gids, self.fwd_counts,
-                  self.ref_len_offsets, self.ref_lens, *self.codes)
+        arrays = (self.post_offsets, self.post_images, self.fwd_gids, self.meta, self.ref_lens, self.codes)
         return sum(a.nbytes for a in arrays)
 
-    def _query_grams(self, query: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The query's n-grams present in the index: global gram ids (sorted), counts, orders."""
-        ids = [self.vocabulary.get(word, -1) for word in query]  # -1: a word no image has
-        gids, counts, orders = [], [], []
-        offset = 0
-        position_codes = list(ids)
-        for n in range(1, self.max_order + 1):
-            if n > 1:  # the same codes as the build: previous code (renumbered if it was), times base, plus word
-                renumber = self.renumbered[n - 2]
-                if renumber is not None:
-                    position_codes = [_rank(renumber, code) for code in position_codes]
-                position_codes = [code * self.base + ids[i + n - 1] if code >= 0 and ids[i + n - 1] >= 0 else -1
-                                  for i, code in enumerate(position_codes[:len(ids) - n + 1])]
-            unique, count = np.unique(np.array([c for c in position_codes if c >= 0], np.int64), return_counts=True)
-            codes = self.codes[n - 1]
-            at = np.searchsorted(codes, unique).clip(max=max(len(codes) - 1, 0))
-            found = codes[at] == unique if len(codes) else np.zeros(len(unique), bool)
-            gids.append(at[found] + offset)
-            counts.append(count[found])
-            orders.append(np.full(found.sum(), n))
-            offset += len(codes)
-        return np.concatenate(gids), np.concatenate(counts), np.concatenate(orders)
+    def search_many(self, queries: list[list[str]], k: int, params: BleuParams,
+                    threads: int | None = None) -> list[list[Hit]]:
+        """search() for each query, on every core: the kernel releases the GIL."""
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda query: self.search(query, k, params), queries))
 
     def search(self, query: list[str], k: int, params: BleuParams) -> list[Hit]:
         """The k images that score highest against the query (ties: image_id ascending); zero scores are no hits."""
@@ -172,8 +162,9 @@ class BleuIndex:
         c = len(query)
         if not query or k < 1 or not len(self):
             return []
-        gids, counts, orders = self._query_grams(query)
-        if not len(gids) or not (orders == 1).any():
+        ids = np.array([self.vocabulary.get(word, -1) for word in query], np.int64)  # -1: a word no image has
+        gids, counts, orders = _query_grams(ids, self.codes, self.code_offsets, self.renumbered, self.base)
+        if not len(gids) or orders[0] != 1:
             return []
         weights = np.array(_weights(params, c), np.float64)
         dens = np.array(denominators(c, params.max_order), np.int64)
@@ -181,8 +172,7 @@ class BleuIndex:
         mark = self._scratch()
         images, nums, refs = _search(gids[keep], counts[keep], orders[keep], dens, weights,
                                      SMOOTHING_CODES[params.smoothing], c, k, self.post_offsets, self.post_images,
-                                     self.fwd_offsets, self.fwd_gids, self.fwd_counts, self.ref_len_offsets,
-                                     self.ref_lens, self.min_lens, self.id_rank, mark)
+                                     self.fwd_gids, self.meta, self.ref_lens, mark)
         self._spare.put(mark)  # all zero again (not returned when the search raised)
         exact: dict[tuple, float] = {}
         scored = []
@@ -196,21 +186,53 @@ class BleuIndex:
         return [Hit(self.image_ids[image], -negative) for negative, _, image in scored[:k]]
 
 
-def _dense_sorted(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(codes, return_inverse=True), hashing first so only the distinct codes are sorted."""
-    first_seen, distinct = _densify(codes)
-    order = np.argsort(distinct)
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
-    return distinct[order], rank[first_seen]
+class _Order(NamedTuple):
+    """One order's n-grams: distinct codes (sorted; gram id = position), each image's grams, postings."""
+    codes: np.ndarray
+    image: np.ndarray  # (image, gid, count): every image's distinct grams, grouped by image, ids ascending
+    gid: np.ndarray
+    count: np.ndarray
+    post_offsets: np.ndarray
+    post_images: np.ndarray
+
+    @classmethod
+    def build(cls, n: int, position_codes, ref_offsets, ref_image, base: int) -> "_Order":
+        image, code, count = _image_grams(position_codes, ref_offsets, ref_image)
+        # Single words are vocabulary ids already, 0..V-1 and all used: no renumbering needed.
+        codes, gid = (np.arange(base), code) if n == 1 else _dense_sorted(code)
+        return cls(codes, image, gid, count, *_postings(gid, image, len(codes)))
 
 
-def _rank(sorted_codes: np.ndarray, code: int) -> int:
-    """The dense number of a code, or -1 when no image has it."""
-    if code < 0:
-        return -1
-    at = int(np.searchsorted(sorted_codes, code))
-    return at if at < len(sorted_codes) and sorted_codes[at] == code else -1
+@njit(cache=True, nogil=True)
+def _dense_sorted(codes):
+    """np.unique(codes, return_inverse=True) for codes >= 0, by an LSD radix sort of (code, position):
+    a few linear passes instead of a comparison sort."""
+    n = len(codes)
+    bits = 1
+    while n and codes.max() >> bits:
+        bits += 1
+    keys, positions = codes.copy(), np.arange(n)
+    keys_out, positions_out = np.empty_like(keys), np.empty_like(positions)
+    for shift in range(0, bits, RADIX_BITS):
+        starts = np.zeros((1 << RADIX_BITS) + 1, np.int64)
+        for i in range(n):
+            starts[((keys[i] >> shift) & RADIX_MASK) + 1] += 1
+        for digit in range(1 << RADIX_BITS):
+            starts[digit + 1] += starts[digit]
+        for i in range(n):
+            digit = (keys[i] >> shift) & RADIX_MASK
+            keys_out[starts[digit]], positions_out[starts[digit]] = keys[i], positions[i]
+            starts[digit] += 1
+        keys, keys_out = keys_out, keys
+        positions, positions_out = positions_out, positions
+    distinct, inverse = np.empty(n, np.int64), np.empty(n, np.int64)
+    m = -1
+    for i in range(n):
+        if i == 0 or keys[i] != keys[i - 1]:
+            m += 1
+            distinct[m] = keys[i]
+        inverse[positions[i]] = m
+    return distinct[:m + 1], inverse
 
 
 def _weights(params: BleuParams, query_length: int) -> tuple[float, ...]:
@@ -279,32 +301,6 @@ def _image_grams(codes, ref_offsets, ref_image):
 
 
 @njit(cache=True, nogil=True)
-def _densify(codes):
-    """Number the distinct codes in order of first appearance (open addressing, Fibonacci hashing)."""
-    size, shift = 1, 64
-    while size < 1.5 * len(codes) + 1:
-        size *= 2
-        shift -= 1
-    keys = np.full(size, -1, np.int64)
-    ids = np.empty(size, np.int64)
-    out = np.empty(len(codes), np.int64)
-    distinct = np.empty(len(codes), np.int64)
-    n = 0
-    for i in range(len(codes)):
-        code = codes[i]
-        slot = (np.uint64(code) * np.uint64(11400714819323198485)) >> np.uint64(shift)
-        while keys[slot] != -1 and keys[slot] != code:
-            slot = (slot + np.uint64(1)) & np.uint64(size - 1)
-        if keys[slot] == -1:
-            keys[slot] = code
-            ids[slot] = n
-            distinct[n] = code
-            n += 1
-        out[i] = ids[slot]
-    return out, distinct[:n]
-
-
-@njit(cache=True, nogil=True)
 def _group_offsets(keys, n_keys):
     """Where each key's group starts when entries are grouped by key (0..n_keys-1): a counting sort's offsets."""
     offsets = np.zeros(n_keys + 1, np.int64)
@@ -328,112 +324,186 @@ def _postings(gid, image, n_grams):
 
 
 @njit(cache=True, nogil=True)
-def _forward(image, gid, count, n_images):
-    """For each image, its grams sorted by id, with counts."""
-    offsets = _group_offsets(image, n_images)
-    fill = offsets[:-1].copy()
-    gids = np.empty(len(gid), np.int32)
-    counts = np.empty(len(gid), np.int16)
-    for e in range(len(gid)):
-        at = fill[image[e]]
-        gids[at] = gid[e]
-        counts[at] = min(count[e], 32767)
-        fill[image[e]] += 1
+def _forward(images, gids, counts, gid_offsets, n_images):
+    """For each image, its gram ids ascending, each repeated as often as the image has it.
+
+    Per order n: (image, id within the order, count) grouped by image with ids ascending (numbered
+    in code order), so an image's list is already sorted unless a later text of it added grams."""
+    offsets = np.zeros(n_images + 1, np.int64)
+    for n in range(len(images)):
+        for e in range(len(images[n])):
+            offsets[images[n][e] + 1] += counts[n][e]
     for i in range(n_images):
-        order = np.argsort(gids[offsets[i]:offsets[i + 1]])
-        gids[offsets[i]:offsets[i + 1]] = gids[offsets[i]:offsets[i + 1]][order]
-        counts[offsets[i]:offsets[i + 1]] = counts[offsets[i]:offsets[i + 1]][order]
-    return offsets, gids, counts
+        offsets[i + 1] += offsets[i]
+    fill = offsets[:-1].copy()
+    out = np.empty(offsets[-1], np.int32)
+    for n in range(len(images)):
+        image, gid, count = images[n], gids[n], counts[n]
+        for e in range(len(image)):
+            for _ in range(count[e]):
+                out[fill[image[e]]] = gid[e] + gid_offsets[n]
+                fill[image[e]] += 1
+    for i in range(n_images):
+        grams = out[offsets[i]:offsets[i + 1]]
+        for j in range(1, len(grams)):
+            if grams[j] < grams[j - 1]:
+                grams.sort()
+                break
+    return out, offsets
 
 
 # Query kernel.
 @njit(cache=True, nogil=True)
-def _approx_score(nums, dens, weights, smoothing, c, r):
+def _log_terms(dens, weights, smoothing):
+    """weights[n] * log(p_n) for each order n and match count 0..dens[n], so that scoring a candidate
+    takes no logarithm. Method3's empty orders depend on how many came before: `empty[n, e]`."""
+    n_orders = len(dens)
+    table = np.zeros((n_orders, dens.max() + 1))
+    empty = np.zeros((n_orders, n_orders + 1))
+    for n in range(n_orders):
+        d = dens[n]
+        for m in range(d + 1):
+            if smoothing == 0:
+                p = m / d if m else 2.2250738585072014e-308
+            elif smoothing == 1:
+                p = m / d if m else 0.1 / d
+            elif smoothing == 2:
+                p = m / d if n == 0 else (m + 1) / (d + 1)
+            else:
+                p = m / d if m else 1.0
+            table[n, m] = weights[n] * math.log(p) if p > 0 else 0.0  # p = 0: no unigram match, score 0
+        for e in range(1, n_orders + 1):
+            empty[n, e] = weights[n] * math.log(1.0 / (2.0**e * d))
+    return table, empty
+
+
+@njit(cache=True, nogil=True)
+def _approx_score(nums, table, empty, smoothing, c, r):
+    """The score in floating point (r: the penalised length, 0 for none)."""
     if nums[0] == 0:
         return 0.0
     total = 0.0
-    empty = 1
-    for n in range(len(dens)):
-        m, d = nums[n], dens[n]
-        if smoothing == 0:
-            p = m / d if m else 2.2250738585072014e-308
-        elif smoothing == 1:
-            p = m / d if m else 0.1 / d
-        elif smoothing == 2:
-            p = m / d if n == 0 else (m + 1) / (d + 1)
+    n_empty = 1
+    for n in range(len(nums)):
+        if smoothing == 3 and nums[n] == 0:
+            total += empty[n, n_empty]
+            n_empty += 1
         else:
-            if m:
-                p = m / d
-            else:
-                p = 1.0 / (2.0 ** empty * d)
-                empty += 1
-        total += weights[n] * math.log(p)
+            total += table[n, nums[n]]
     bp = 1.0 if c > r else math.exp(1.0 - r / c)
     return bp * math.exp(total)
 
 
 @njit(cache=True, nogil=True)
+def _query_grams(ids, codes, code_offsets, renumbered, base):
+    """The query's n-grams that the index has: gram ids ascending, their counts in the query, their orders.
+    ids: the query's words as vocabulary ids (-1 for unknown); codes are built as in the index."""
+    n_orders, m = len(code_offsets) - 1, len(ids)
+    position = ids.copy()  # the code of the n-gram at each position, -1 when the index lacks it
+    found = np.full(m, -1, np.int64)  # its gram id
+    out = np.empty(m * n_orders, np.int64)
+    n_out = 0
+    for n in range(1, n_orders + 1):
+        lo, hi = code_offsets[n - 1], code_offsets[n]
+        for i in range(m - n + 1):
+            if n > 1:  # an n-gram the index has starts with an (n-1)-gram it has
+                if found[i] < 0 or ids[i + n - 1] < 0:
+                    position[i] = -1
+                else:
+                    prefix = found[i] - code_offsets[n - 2] if renumbered[n - 2] else position[i]
+                    position[i] = prefix * base + ids[i + n - 1]
+            found[i] = -1
+            if position[i] >= 0:
+                at = lo + np.searchsorted(codes[lo:hi], position[i])
+                if at < hi and codes[at] == position[i]:
+                    found[i] = at
+                    out[n_out] = at
+                    n_out += 1
+        found[m - n + 1:] = -1
+    grams = np.sort(out[:n_out])
+    gids, counts = np.empty(n_out, np.int64), np.empty(n_out, np.int64)
+    n_gids = 0
+    for j in range(n_out):
+        if j and grams[j] == grams[j - 1]:
+            counts[n_gids - 1] += 1
+        else:
+            gids[n_gids], counts[n_gids] = grams[j], 1
+            n_gids += 1
+    orders = np.searchsorted(code_offsets, gids[:n_gids], side="right")
+    return gids[:n_gids], counts[:n_gids], orders
+
+
+@njit(cache=True, nogil=True)
 def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets, post_images,
-            fwd_offsets, fwd_gids, fwd_counts, ref_len_offsets, ref_lens, min_lens, id_rank, seen):
+            fwd_gids, meta, ref_lens, seen):
     """The candidates for the exact top k: the k best by approximate score (ties: lower id_rank)
     plus any image whose approximate score is too close to theirs to order without exact arithmetic.
-    `seen` is scratch space of one int per image, all 0, and left all 0."""
+    gids ascend. `seen` is scratch space of one flag per image, all 0, and left all 0."""
     n_orders, n_grams = len(dens), len(gids)
     lengths = np.empty(n_grams, np.int64)
     for i in range(n_grams):
         lengths[i] = post_offsets[gids[i] + 1] - post_offsets[gids[i]]
-    by_length = np.argsort(lengths, kind="mergesort")
+    table, empty = _log_terms(dens, weights, smoothing)
+    by_length = _read_order(lengths, qcounts, orders, dens, table, empty, smoothing, c)
     # bounds[i]: the best score of an image that only lists by_length[i:] contain (no brevity penalty).
     bounds = np.zeros(n_grams + 1)
     remaining = np.zeros(n_orders, np.int64)
     for i in range(n_grams - 1, -1, -1):
         g = by_length[i]
         remaining[orders[g] - 1] += qcounts[g]
-        bounds[i] = _approx_score(np.minimum(remaining, dens), dens, weights, smoothing, c, 0) * (1 + MARGIN)
+        bounds[i] = _approx_score(np.minimum(remaining, dens), table, empty, smoothing, c, 0) * (1 + MARGIN)
 
     heap = _Heap(k, n_orders)
     near_images, near_scores = [np.int64(0) for _ in range(0)], [0.0 for _ in range(0)]
     touched = [np.int64(0) for _ in range(0)]
     nums = np.zeros(n_orders, np.int64)
+    worst = 0.0  # the k-th best score once the heap is full; kept here, the loop reads it for every posting
     for i in range(n_grams):
-        if heap.full() and heap.worst_score() > bounds[i]:
+        if worst > bounds[i]:
             break
         g = by_length[i]
         best = np.minimum(remaining_from(i, by_length, orders, qcounts, n_orders), dens)
-        last_len, bp_bound = -1, 1.0
-        for p in range(post_offsets[gids[g]], post_offsets[gids[g] + 1]):
+        last_len, bp_bound, can_tie = -1, 1.0, False
+        end = post_offsets[gids[g] + 1]
+        for p in range(post_offsets[gids[g]], end):
+            # Candidates wait on memory: ask for the rows of the next ones early (AHEAD, then half that).
+            if p + AHEAD < end:  # its row and the next (where its ranges end)
+                _prefetch(meta, 4 * post_images[p + AHEAD])
+                _prefetch(meta, 4 * post_images[p + AHEAD] + 7)
+            if p + AHEAD // 2 < end:
+                at = meta[post_images[p + AHEAD // 2], 0]
+                _prefetch(fwd_gids, at)
+                _prefetch(fwd_gids, at + 16)
             image = post_images[p]
-            if min_lens[image] != last_len:  # the list runs from short texts to long
-                last_len = min_lens[image]
+            if meta[image, 2] != last_len:  # the list runs from short texts to long
+                last_len = meta[image, 2]
                 bp_bound = 1.0 if c > last_len else math.exp(1.0 - last_len / c)
-                if heap.full() and heap.worst_score() > bounds[i] * bp_bound:
+                if worst > bounds[i] * bp_bound:
                     break
+                can_tie = _can_tie(heap, best, last_len, c)
             # The rest of this list can at best tie the worst kept image: the same counts, and a text
             # as long (longer ones score lower once the brevity penalty applies, text >= query);
             # ties go to the lower image_id, and ids only grow among texts of one length.
-            if (c <= last_len and heap.full() and heap.worst_is(best, last_len)
-                    and id_rank[image] > heap.worst_rank()):
+            if can_tie and meta[image, 1] > heap.worst_rank():
                 break
             if seen[image]:
                 continue
-            seen[image] = True
+            seen[image] = 1
             touched.append(image)
-            # Counts for the grams of this and the longer lists: the shorter ones did not have this image.
-            nums[:] = 0
-            for j in range(i, n_grams):
-                q = by_length[j]
-                count = _count_of(fwd_gids, fwd_counts, fwd_offsets[image], fwd_offsets[image + 1], gids[q])
-                nums[orders[q] - 1] += min(count, qcounts[q])
-            r = _closest(ref_lens, ref_len_offsets[image], ref_len_offsets[image + 1], c)
-            s = _approx_score(nums, dens, weights, smoothing, c, r)
-            if s <= 0:
+            _matches(fwd_gids, meta[image, 0], meta[image + 1, 0], gids, qcounts, orders, nums)
+            r = _penalised_length(meta, ref_lens, image, c)
+            s = _approx_score(nums, table, empty, smoothing, c, r)
+            if s <= 0 or s < worst * (1 - MARGIN):  # most candidates: out without touching the heap
                 continue
-            evicted, evicted_score, ambiguous = heap.offer(s, id_rank[image], image, nums, r)
+            evicted, evicted_score, ambiguous = heap.offer(s, meta[image, 1], image, nums, r)
             if ambiguous and evicted_score >= heap.worst_score() * (1 - MARGIN):
                 near_images.append(evicted)  # too close to the k-th to drop on an approximate score
                 near_scores.append(evicted_score)
+            if heap.full():
+                worst = heap.worst_score()
+                can_tie = _can_tie(heap, best, last_len, c)
     for image in touched:
-        seen[image] = False
+        seen[image] = 0
 
     threshold = heap.worst_score() * (1 - MARGIN) if heap.full() else 0.0
     chosen = [heap.images[j] for j in range(heap.size)]
@@ -446,11 +516,50 @@ def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets,
     for j in range(len(chosen)):
         image = chosen[j]
         out_images[j] = image
-        for q in range(n_grams):
-            count = _count_of(fwd_gids, fwd_counts, fwd_offsets[image], fwd_offsets[image + 1], gids[q])
-            out_nums[j, orders[q] - 1] += min(count, qcounts[q])
-        out_refs[j] = _closest(ref_lens, ref_len_offsets[image], ref_len_offsets[image + 1], c)
+        _matches(fwd_gids, meta[image, 0], meta[image + 1, 0], gids, qcounts, orders, nums)
+        out_nums[j] = nums
+        out_refs[j] = _penalised_length(meta, ref_lens, image, c)
     return out_images, out_nums, out_refs
+
+
+@njit(cache=True, nogil=True)
+def _read_order(lengths, qcounts, orders, dens, table, empty, smoothing, c):
+    """The order to read the postings lists in: any order is exact, the bound only has to cover the
+    unread lists. Greedy: next, the list that lowers the bound the most per posting, so that the
+    bound falls below the k-th best score after as few postings as possible. Within one order the
+    shortest list goes first; the last list with single words (the bound falls to 0) goes last."""
+    n_orders, n_grams = len(dens), len(lengths)
+    by_length = np.argsort(lengths, kind="mergesort")
+    remaining = np.zeros(n_orders, np.int64)
+    for g in range(n_grams):
+        remaining[orders[g] - 1] += qcounts[g]
+    taken = np.zeros(n_grams, np.bool_)
+    out = np.empty(n_grams, np.int64)
+    for i in range(n_grams):
+        now = _approx_score(np.minimum(remaining, dens), table, empty, smoothing, c, 0)
+        choice, best_gain = -1, -1.0
+        for n in range(n_orders):  # the shortest unread list of each order competes
+            for j in range(n_grams):
+                g = by_length[j]
+                if taken[g] or orders[g] != n + 1:
+                    continue
+                remaining[n] -= qcounts[g]
+                after = _approx_score(np.minimum(remaining, dens), table, empty, smoothing, c, 0)
+                remaining[n] += qcounts[g]
+                gain = (math.log(now) - math.log(after)) / lengths[g] if after > 0 else -0.5
+                if gain > best_gain:
+                    choice, best_gain = g, gain
+                break
+        out[i] = choice
+        taken[choice] = True
+        remaining[orders[choice] - 1] -= qcounts[choice]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _can_tie(heap, best, length, c):
+    """Whether an image with the best counts left and a text this long would tie the worst kept one."""
+    return c <= length and heap.full() and heap.worst_is(best, length if length > c else 0)
 
 
 @njit(cache=True, nogil=True)
@@ -463,26 +572,50 @@ def remaining_from(i, by_length, orders, qcounts, n_orders):
 
 
 @njit(cache=True, nogil=True)
-def _count_of(fwd_gids, fwd_counts, start, end, gid):
-    """An image's count of one gram: binary search in its sorted gram ids."""
-    lo, hi = start, end
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fwd_gids[mid] < gid:
-            lo = mid + 1
+def _matches(fwd_gids, start, end, gids, qcounts, orders, nums):
+    """An image's clipped matches per order into nums: its sorted gram ids merged with the query's."""
+    nums[:] = 0
+    a, b = start, 0
+    while a < end and b < len(gids):
+        if fwd_gids[a] < gids[b]:
+            a += 1
+        elif fwd_gids[a] > gids[b]:
+            b += 1
         else:
-            hi = mid
-    return fwd_counts[lo] if lo < end and fwd_gids[lo] == gid else 0
+            run = 0
+            while a < end and fwd_gids[a] == gids[b]:
+                run += 1
+                a += 1
+            nums[orders[b] - 1] += min(run, qcounts[b])
+            b += 1
 
 
 @njit(cache=True, nogil=True)
-def _closest(ref_lens, start, end, c):
-    best = ref_lens[start]
-    for i in range(start + 1, end):
-        length = ref_lens[i]
-        if abs(length - c) < abs(best - c) or (abs(length - c) == abs(best - c) and length < best):
-            best = length
-    return best
+def _penalised_length(meta, ref_lens, image, c):
+    """The closest text length where it brings a brevity penalty (> c), else 0: images with the
+    same matches and the same value score the same."""
+    best = meta[image, 2]  # the shortest, and the only one when there is one text
+    if meta[image + 1, 3] - meta[image, 3] > 1:
+        for i in range(meta[image, 3], meta[image + 1, 3]):
+            length = ref_lens[i]
+            if abs(length - c) < abs(best - c) or (abs(length - c) == abs(best - c) and length < best):
+                best = length
+    return best if best > c else 0
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Start loading array.flat[index] into the caches; no effect on results."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        address = builder.gep(array.data, [args[1]])
+        bytes_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [bytes_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(prefetch, [builder.bitcast(address, bytes_pointer), i32(0), i32(3), i32(1)])  # read, keep, data
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
 
 
 @jitclass([("scores", float64[:]), ("ranks", int64[:]), ("images", int64[:]), ("nums", int64[:, :]),
@@ -511,7 +644,7 @@ class _Heap:
         return self.ranks[0]
 
     def worst_is(self, nums, ref):
-        """Whether the worst kept image has these counts and closest text length (so this exact score)."""
+        """Whether the worst kept image has these counts and penalised length (so this exact score)."""
         if self.refs[0] != ref:
             return False
         for n in range(len(nums)):

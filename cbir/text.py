@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +28,17 @@ def words(text: str | None) -> list[str]:
 _CONTROL = "[\\x00-\\x08\\x0b-\\x1f\\x7f]"
 
 
-def words_array(texts) -> pa.ListArray:
-    """words() of every text of a column (null -> no words), mostly computed in Arrow."""
-    texts = pc.fill_null(pa.array(texts, pa.string()) if not isinstance(texts, pa.Array) else texts.cast(pa.string()), "")
+def words_array(texts, chunk: int = 250_000) -> pa.ListArray:
+    """words() of every text of a column (null -> no words), mostly computed in Arrow, chunks side by side."""
+    texts = pa.array(texts, pa.string()) if not isinstance(texts, pa.Array) else texts.cast(pa.string())
+    if len(texts) <= chunk:
+        return _split(texts)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Arrow's kernels release the GIL
+        return pa.concat_arrays(list(pool.map(_split, [texts.slice(at, chunk) for at in range(0, len(texts), chunk)])))
+
+
+def _split(texts: pa.StringArray) -> pa.ListArray:
+    texts = pc.fill_null(texts, "")
     simple = pc.and_(pc.string_is_ascii(texts), pc.invert(pc.match_substring_regex(texts, _CONTROL)))
     split = pc.ascii_split_whitespace(pc.replace_substring_regex(pc.ascii_lower(texts), "[^a-z0-9 \t\n\r]", " "))
     tokens = split.flatten()

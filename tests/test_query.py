@@ -84,6 +84,29 @@ def test_exact_top_10_over_two_thousand_captions():
             assert got == brute_force(ids, [[c] for c in captions], hypothesis, 10, p), (hypothesis, p)
 
 
+def test_a_huge_vocabulary_renumbers_long_grams_and_stays_exact():
+    # 48,000 distinct words: 3-gram codes times the vocabulary would pass 2**62, so the index
+    # renumbers them before building 4-grams, and queries must do the same.
+    vocabulary = [f"w{i}" for i in range(48_000)]
+    captions = [vocabulary[at:at + 24] for at in range(0, len(vocabulary), 24)]
+    ids = [f"{i:05d}" for i in range(len(captions))][::-1]
+    index = BleuIndex.from_texts(ids, [[c] for c in captions])
+    assert index.renumbered.any()
+    asked = [captions[-1][3:12], captions[1500][:5] + captions[7][:6], ["w47999", "w0", "w1", "w2", "w3"]]
+    for hypothesis in asked:
+        got = [(h.image_id, h.score) for h in index.search(hypothesis, 5, BleuParams())]
+        assert got == brute_force(ids, [[c] for c in captions], hypothesis, 5, BleuParams()), hypothesis
+        assert got, hypothesis
+    assert index.search(asked[0], 1, BleuParams())[0].image_id == ids[-1]  # found through its 4-grams
+
+
+def test_many_queries_at_once_equal_one_at_a_time():
+    captions = zipf_corpus(3000, seed=5)
+    index = BleuIndex.from_texts([f"{i:05d}" for i in range(len(captions))], [[c] for c in captions])
+    asked = zipf_corpus(40, seed=6) + zipf_corpus(20, seed=7, short=True)
+    assert index.search_many(asked, 10, BleuParams(), threads=3) == [index.search(q, 10, BleuParams()) for q in asked]
+
+
 def test_unknown_words_and_empty_queries_have_no_hits():
     index = BleuIndex.from_captions(["a", "b"], ["Red ball!", "blue sky"])
     assert index.search(["zebra"], 5, BleuParams()) == []
