@@ -154,7 +154,9 @@ def spark_run(ids, captions, queries, expected) -> tuple[float, bool]:
     from jobs.spark import build_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        pq.write_table(pa.table({"image_id": ids, "caption": captions}), f"{tmp}/captions.parquet")
+        # Row groups of 100,000 rows, as Parquet writers commonly make them.
+        pq.write_table(pa.table({"image_id": ids, "caption": captions}), f"{tmp}/captions.parquet",
+                       row_group_size=100_000)
         settings = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state"], environ={})
         spark = build_session(settings)
         asked = [query.Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -40,6 +41,7 @@ from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 from models import store
 
 CAPTIONS_PER_TASK = 500_000  # a task indexes its share once and answers every query: few, large shares
+CAPTIONS_PER_READ = 250_000
 HIT_DDL = "query_id string, image_id string, uri string, caption string, score double"
 
 
@@ -213,18 +215,31 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> tuple[D
     if missing:
         raise UsageError(f"captions table {uri} has no {', '.join(sorted(missing))} column")
     columns = [c for c in ("image_id", "uri", "caption") if c in dataset.schema.names]
-    files = dataset.files
-    paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(max(1, min(len(files), 64)))
-    frame = paths.mapInArrow(partial(_read_parquet_files, fs, columns), "image_id string, uri string, caption string")
-    return frame, dataset.count_rows()
+    # Reading tasks of about CAPTIONS_PER_READ rows, made of whole row groups: a big file is read in parallel.
+    pieces = []
+    for fragment in dataset.get_fragments():
+        fragment.ensure_complete_metadata()
+        pieces += [(fragment.path, group.id, group.num_rows) for group in fragment.row_groups]
+    tasks: list[tuple[str, list[int]]] = []
+    rows_in_task = 0
+    for path, group, rows in pieces:
+        if not tasks or tasks[-1][0] != path or rows_in_task + rows > CAPTIONS_PER_READ:
+            tasks.append((path, []))
+            rows_in_task = 0
+        tasks[-1][1].append(group)
+        rows_in_task += rows
+    reads = spark.createDataFrame(tasks, "path string, row_groups array<int>").repartition(max(1, min(len(tasks), 64)))
+    frame = reads.mapInArrow(partial(_read_row_groups, fs, columns), "image_id string, uri string, caption string")
+    return frame, sum(rows for *_, rows in pieces)
 
 
-def _read_parquet_files(fs, columns: list[str], batches):
+def _read_row_groups(fs, columns: list[str], batches):
     for batch in batches:
-        for part in ds.dataset(batch.column(0).to_pylist(), filesystem=fs, format="parquet").to_batches(columns=columns):
-            data = {name: part.column(name).cast(pa.string()) for name in columns}
-            data.setdefault("uri", pa.nulls(part.num_rows, pa.string()))
-            yield pa.RecordBatch.from_pydict({name: data[name] for name in ("image_id", "uri", "caption")})
+        for path, groups in zip(batch.column("path").to_pylist(), batch.column("row_groups").to_pylist()):
+            for part in pq.ParquetFile(path, filesystem=fs).iter_batches(row_groups=groups, columns=columns):
+                data = {name: part.column(name).cast(pa.string()) for name in columns}
+                data.setdefault("uri", pa.nulls(part.num_rows, pa.string()))
+                yield pa.RecordBatch.from_pydict({name: data[name] for name in ("image_id", "uri", "caption")})
 
 
 # The search.
