@@ -18,12 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from cbir.errors import UsageError
 
-PROFILES = ("local", "s3", "cluster")
+PROFILES = ("local", "s3", "cluster", "offline")
 ENV_PREFIX = "CBIR_"
 # Variables that choose the layers rather than being settings themselves.
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
-ENCODERS = ("vgg16",)  # the registry in models/encoders.py; listed here so settings fail at start
+# The registry in models/encoders.py; listed here so settings fail at start.
+ENCODERS = ("vgg16", "efficientnet_lite0")
 
 
 def _split(value: Any) -> Any:
@@ -139,14 +140,28 @@ class Crawl(Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
-        if len(value.split()) != 5:
-            raise ValueError("must be a cron expression of 5 fields, e.g. '0 3 * * *'")
-        return value
+        return _cron_expression(value)
+
+
+class Index(Section):
+    schedule: str = Field("0 4 * * *", description="cron of the scheduled index deployment (cbir serve)")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return _cron_expression(value)
+
+
+def _cron_expression(value: str) -> str:
+    if len(value.split()) != 5:
+        raise ValueError("must be a cron expression of 5 fields, e.g. '0 3 * * *'")
+    return value
 
 
 class Encoder(Section):
     name: str = "vgg16"
-    weights: str = Field("imagenet", description="imagenet (Keras download), random (tests only) or a weights file")
+    weights: str = Field("imagenet", description="imagenet (VGG16: Keras download; EfficientNet-Lite0: its pip "
+                         "package), random (tests only) or a weights file")
     batch_size: int = Field(16, ge=1, le=4096)
     threads: int = Field(0, ge=0, description="TensorFlow threads per Spark task; 0: cores / parallel tasks")
     dtype: Literal["float16", "float32"] = Field("float16", description="how feature vectors are stored")
@@ -211,6 +226,15 @@ class Query(Section):
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
 
 
+class Web(Section):
+    """cbir web: the search page and its JSON API."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="the address to listen on")
+    port: int = Field(8080, ge=1, le=65535)
+    max_upload_bytes: int = Field(10 * 2**20, gt=0, description="larger uploads are refused (HTTP 413)")
+    reload_s: float = Field(5.0, ge=0, description="look for a newer index run at most this often; 0: never")
+
+
 class Settings(Section):
     profile: str = "local"
     state_dir: str = ".cbir"
@@ -220,11 +244,13 @@ class Settings(Section):
     ingest: Ingest = Ingest()
     flickr: Flickr = Flickr()
     crawl: Crawl = Crawl()
+    index: Index = Index()
     encoder: Encoder = Encoder()
     captioner: Captioner = Captioner()
     train: Train = Train()
     bleu: Bleu = Bleu()
     query: Query = Query()
+    web: Web = Web()
 
     @field_validator("lake")
     @classmethod
@@ -316,6 +342,18 @@ def _set_layer(overrides: Iterable[str]) -> dict[str, Any]:
             raise UsageError(f"--set needs KEY=VALUE, got '{item}'")
         _assign(layer, _split_key(key.strip()), value)
     return layer
+
+
+def override_variables(overrides: Iterable[str]) -> dict[str, str]:
+    """--set KEY=VALUE items as the CBIR_* environment variables that say the same, for processes started
+    later (the runs `cbir serve` starts). Environment names are case-blind: keys are lowercased."""
+    variables = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set needs KEY=VALUE, got '{item}'")
+        variables[ENV_PREFIX + "__".join(_split_key(key.strip())).upper()] = value
+    return variables
 
 
 def _split_key(key: str) -> list[str]:

