@@ -24,6 +24,7 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -115,8 +116,8 @@ class BleuIndex:
 
         # The orders are independent from here: their kernels release the GIL and run side by side.
         with ThreadPoolExecutor(min(max_order, os.cpu_count() or 1)) as pool:  # longest first
-            orders = list(pool.map(lambda n: _Order.build(n, by_order[n - 1], ref_offsets, ref_image, self.base),
-                                   range(max_order, 0, -1)))[::-1]
+            orders = list(pool.map(_Order.build, range(max_order, 0, -1), by_order[::-1], repeat(ref_offsets),
+                                   repeat(ref_image), repeat(self.base)))[::-1]
         del by_order
         # Gram ids are global: order n's ids follow order n-1's, so an id tells its order.
         self.codes = np.concatenate([o.codes for o in orders])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -158,3 +159,21 @@ def shapes_dataset(folder: Path, count: int, seed: int = 0) -> list[dict]:
                         f"a {background} background with a {colour} {shape}"):
             rows.append({"uri": str(path), "caption": caption, "split": ("test", "dev", *["train"] * 4)[i % 6]})
     return rows
+
+
+def headless_chromium(profile_folder: Path, window: str = "1280,1200"):
+    """Headless Chromium driven by the system chromedriver (Debian chromium + chromium-driver; .ci/run installs them)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.fail("the browser test needs headless Chromium and its driver: apt-get install chromium "
+                    "chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     f"--window-size={window}", f"--user-data-dir={profile_folder}/chromium-{uuid.uuid4().hex[:6]}"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver_path), options=options)

@@ -187,7 +187,7 @@ def test_a_bad_key_stops_the_crawl_with_one_line(web, tmp_path, cli_environment)
 
 
 def test_the_scheduled_crawl_runs_on_the_configured_cron(tmp_path):
-    from flows.crawl import scheduled_crawl
+    from flows.serve import scheduled_crawl
 
     settings = make_settings(tmp_path, "crawl.schedule=15 */6 * * *")
     deployment = scheduled_crawl(settings, flickr.Search(text="two dogs", tags="dog", max_photos=50))

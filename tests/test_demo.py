@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
 from cbir.samples import skimage_photos
+from conftest import headless_chromium
 from test_cli import CBIR, run
 
 pytestmark = pytest.mark.slow
@@ -243,21 +242,8 @@ def _until(probe, seconds: float, process: subprocess.Popen, log: Path):
 
 
 def _chromium(folder: Path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.fail("the browser test needs headless Chromium and its driver: apt-get install chromium "
-                    "chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1400,1100", f"--user-data-dir={folder}/chromium-{uuid.uuid4().hex[:6]}"):
-        options.add_argument(argument)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return webdriver.Chrome(service=Service(driver_path), options=options)
+    return headless_chromium(folder, "1400,1100")
 
 
 def _tab(driver, wait, name: str) -> None:

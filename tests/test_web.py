@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from cbir.images import image_id
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS, MANIFEST
 from cbir.text import words
-from conftest import image_bytes, make_settings, shapes_dataset
+from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
 from flows.web import create_app
 from jobs.embed import encode_chunks, encoder_config
 from jobs.query import bleu_params
@@ -438,23 +437,11 @@ def http_get(port: int, path: str) -> str:
 
 # The page in a browser.
 def test_the_page_in_headless_chromium(live, built):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.fail("the browser test needs headless Chromium and its driver: apt-get install chromium "
-                    "chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1280,1200", f"--user-data-dir={built['tmp']}/chromium-{uuid.uuid4().hex[:6]}"):
-        options.add_argument(argument)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium(built["tmp"])
     wait = WebDriverWait(driver, 30)
     all_loaded = ("const images = Array.from(document.querySelectorAll(arguments[0]));"
                   "return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);")
