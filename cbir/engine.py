@@ -128,8 +128,8 @@ class BleuIndex:
         self.fwd_gids, fwd_offsets = _forward(tuple(o.image for o in orders), tuple(o.gid for o in orders),
                                               tuple(o.count for o in orders), self.code_offsets, n_images)
         del orders
-        # What a candidate needs, side by side (one cache line): where its grams start, id_rank,
-        # shortest text length, where its text lengths start; row n_images closes the last ranges.
+        # What a candidate needs, side by side: where its grams start, id_rank, shortest text length,
+        # where its text lengths start; the next row closes its ranges (row n_images the last ones).
         self.meta = np.zeros((n_images + 1, 4), np.int64)
         self.meta[:, 0] = fwd_offsets
         self.meta[:-1, 1], self.meta[:-1, 2] = self.id_rank, shortest[order]
@@ -458,14 +458,17 @@ def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets,
     for i in range(n_grams):
         lengths[i] = post_offsets[gids[i] + 1] - post_offsets[gids[i]]
     table, empty = _log_terms(dens, weights, smoothing)
-    by_length = _read_order(lengths, qcounts, orders, dens, table, empty, smoothing, c)
-    # bounds[i]: the best score of an image that only lists by_length[i:] contain (no brevity penalty).
+    read_order = _read_order(lengths, qcounts, orders, dens, table, empty, smoothing, c)
+    # best[i]: the most matches per order an image can have that only lists read_order[i:] contain;
+    # bounds[i]: its best score (no brevity penalty).
+    best = np.zeros((n_grams + 1, n_orders), np.int64)
     bounds = np.zeros(n_grams + 1)
     remaining = np.zeros(n_orders, np.int64)
     for i in range(n_grams - 1, -1, -1):
-        g = by_length[i]
+        g = read_order[i]
         remaining[orders[g] - 1] += qcounts[g]
-        bounds[i] = _approx_score(np.minimum(remaining, dens), table, empty, smoothing, c, 0) * (1 + MARGIN)
+        best[i] = np.minimum(remaining, dens)
+        bounds[i] = _approx_score(best[i], table, empty, smoothing, c, 0) * (1 + MARGIN)
 
     heap = _Heap(k, n_orders)
     near_images, near_scores = [np.int64(0) for _ in range(0)], [0.0 for _ in range(0)]
@@ -475,8 +478,7 @@ def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets,
     for i in range(n_grams):
         if worst > bounds[i]:
             break
-        g = by_length[i]
-        best = np.minimum(remaining_from(i, by_length, orders, qcounts, n_orders), dens)
+        g = read_order[i]
         last_len, bp_bound, can_tie = -1, 1.0, False
         end = post_offsets[gids[g] + 1]
         for p in range(post_offsets[gids[g]], end):
@@ -494,7 +496,7 @@ def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets,
                 bp_bound = 1.0 if c > last_len else math.exp(1.0 - last_len / c)
                 if worst > bounds[i] * bp_bound:
                     break
-                can_tie = _can_tie(heap, best, last_len, c)
+                can_tie = _can_tie(heap, best[i], last_len, c)
             # The rest of this list can at best tie the worst kept image: the same counts, and a text
             # as long (longer ones score lower once the brevity penalty applies, text >= query);
             # ties go to the lower image_id, and ids only grow among texts of one length.
@@ -515,7 +517,7 @@ def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets,
                 near_scores.append(evicted_score)
             if heap.full():
                 worst = heap.worst_score()
-                can_tie = _can_tie(heap, best, last_len, c)
+                can_tie = _can_tie(heap, best[i], last_len, c)
     for image in touched:
         seen[image] = 0
 
@@ -574,15 +576,6 @@ def _read_order(lengths, qcounts, orders, dens, table, empty, smoothing, c):
 def _can_tie(heap, best, length, c):
     """Whether an image with the best counts left and a text this long would tie the worst kept one."""
     return c <= length and heap.full() and heap.worst_is(best, length if length > c else 0)
-
-
-@njit(cache=True, nogil=True)
-def remaining_from(i, by_length, orders, qcounts, n_orders):
-    """The query's gram counts per order over the lists by_length[i:]."""
-    out = np.zeros(n_orders, np.int64)
-    for j in range(i, len(by_length)):
-        out[orders[by_length[j]] - 1] += qcounts[by_length[j]]
-    return out
 
 
 @njit(cache=True, nogil=True)
