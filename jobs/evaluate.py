@@ -18,7 +18,7 @@ from pyspark.sql import SparkSession
 from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.settings import Settings
-from jobs.query import Query, bleu_params, lake_captions, search
+from jobs.query import Query, bleu_params, indexed_captions, lake_captions, search
 from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 from models import store
 
@@ -88,17 +88,15 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     captions, n_captions = lake_captions(spark, lake, settings, card["version"])
     params = bleu_params(settings)
 
+    category = {row["image_id"]: row["category"] for row in rows if row["category"]}
+    generated = indexed_captions(lake, card["version"], category)
+    # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out).
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
-    found = _ranked(search(spark, captions, n_captions, [q for q in texts if q.words], params))
+    images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
+    found = _ranked(search(spark, captions, n_captions, [q for q in texts + images if q.words], params))
     ranks = [next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
              for q, row in zip(texts, rows)]
 
-    category = {row["image_id"]: row["category"] for row in rows if row["category"]}
-    generated = {r["image_id"]: r["caption"] for r in captions.where(
-        captions.image_id.isin(list(category))).select("image_id", "caption").collect()}
-    images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category)
-              if generated.get(image_id)]
-    found = _ranked(search(spark, captions, n_captions, [q for q in images if q.words], params))
     precisions = []
     for q in images:
         others = [image_id for image_id, _ in found.get(q.query_id, []) if image_id != q.query_id][:10]

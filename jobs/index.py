@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -30,7 +32,7 @@ from jobs.lakeio import read_table, write_tables
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
 from models import store
-from models.encoders import configure_tensorflow
+from models.encoders import configure_tensorflow, encoder_key
 
 CAPTIONS_PER_TASK = 4096  # captioning cached features is quick
 STAGES = ("load", "read", "decode", "encode", "caption", "write")  # load: the models, once per worker
@@ -106,31 +108,37 @@ class IndexSummary:
 def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
     started = time.monotonic()
     card = store.card(lake, settings.captioner.version)
-    config = encoder_config(settings, spark.sparkContext.defaultParallelism)
-    store.check_encoder(card, config.key)
+    store.check_encoder(card, encoder_key(settings.encoder.name, settings.encoder.weights))
     version = card["version"]
     summary = IndexSummary(new_run_id(), version)
 
-    manifest = read_table(spark, lake.table("manifest"), ["image_id", "uri", "format", "status"])
-    images = manifest.where(F.col("status") == "ok").groupBy("image_id").agg(
-        F.min("uri").alias("uri"), F.first("format").alias("format"))
-    done = read_table(spark, lake.table("captions"), ["image_id", "model_version"]).where(F.col("model_version") == version)
-    todo = images.join(done, "image_id", "left_anti").persist()
+    todo = pending(lake, version)
     records = lake.table("captions").commits()
     summary.skipped = sum(record["rows"] for record in records if record.get("model_version") == version)
-    try:
-        summary.pending = todo.count()
-        if summary.pending:
-            context = IndexContext(lake, version, config, settings.captioner.decode, settings.captioner.beam_width,
-                                   summary.run_id, datetime.now(timezone.utc))
-            counts = _index(spark, context, todo, summary.pending, settings.spark.partitions, progress)
-            summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
-            summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
-            summary.stages = {stage: counts[f"seconds:{stage}"] for stage in STAGES}
-    finally:
-        todo.unpersist()
+    summary.pending = todo.num_rows
+    if summary.pending:
+        config = encoder_config(settings, spark.sparkContext.defaultParallelism)
+        context = IndexContext(lake, version, config, settings.captioner.decode, settings.captioner.beam_width,
+                               summary.run_id, datetime.now(timezone.utc))
+        counts = _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions,
+                        progress)
+        summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
+        summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
+        summary.stages = {stage: counts[f"seconds:{stage}"] for stage in STAGES}
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def pending(lake: Lake, version: str) -> pa.Table:
+    """(image_id, uri, format) of the stored images this version has not captioned, found in the driver:
+    a rerun with nothing new starts no Spark job."""
+    manifest = lake.table("manifest").read(["image_id", "uri", "format", "status"])
+    images = manifest.filter(pc.field("status") == "ok").group_by("image_id").aggregate(
+        [("uri", "min"), ("format", "min")]).rename_columns(["image_id", "uri", "format"])
+    done = lake.table("captions").dataset().to_table(columns=["image_id"],
+                                                     filter=ds.field("model_version") == version)
+    todo = images.filter(pc.invert(pc.is_in(images["image_id"], value_set=done["image_id"])))
+    return todo.sort_by("image_id")
 
 
 def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> Counter:

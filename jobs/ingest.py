@@ -1,6 +1,7 @@
 """Ingest: read, validate and store each image of a source in Spark tasks, then commit its manifest rows.
 
-Stages: reader (driver lists the source) -> skip what the manifest has -> probe (tasks read,
+Stages: reader (driver lists the source) -> skip what the manifest has (driver, so a rerun with
+nothing new starts no Spark job) -> probe (tasks read,
 fully decode and store each image content-addressed) -> mark duplicates by hash -> write
 parts -> commit. Every item gets a row: ok, duplicate or failed with its reason.
 """
@@ -16,13 +17,14 @@ from functools import partial
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.images import ImageRejected, Limits, inspect_image, shrink
-from cbir.lake import Lake, new_run_id, open_filesystem
+from cbir.lake import Lake, Table, new_run_id, open_filesystem
 from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
 from jobs.download import Downloader
@@ -93,10 +95,11 @@ def run(
     for entry in entries:  # a uri listed twice counts once, with its first row
         unique.setdefault(entry.uri, entry)
     entries = list(unique.values())
+    table = lake.table("manifest")
+    entries = _not_in_manifest(entries, table, retry_failed)
     if entries:
-        table = lake.table("manifest")
-        known = read_table(spark, table, ["uri", "source_id", "image_id", "status"])
-        rows = _new_rows(spark, entries, known, lake, settings, retry_failed, settings.crawl if web else None)
+        known = read_table(spark, table, ["image_id", "status"])
+        rows = _probed_rows(spark, entries, known, lake, settings, settings.crawl if web else None)
         rows = rows.select(
             *PROBED.names,
             F.lit(source.uri).alias("source"),
@@ -113,20 +116,26 @@ def run(
         summary.bytes = counts.pop("bytes", 0)
         summary.ingested, summary.duplicates = counts.pop("ok", 0), counts.pop("duplicate", 0)
         summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
-        summary.skipped = summary.found - summary.probed
+    summary.skipped = summary.found - summary.probed
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _new_rows(spark, entries, known: DataFrame, lake: Lake, settings: Settings, retry_failed: bool,
-              crawl: Crawl | None) -> DataFrame:
-    """Entries not yet in the manifest (by uri, or by source id), probed in tasks, with duplicates marked."""
-    skip = known.where(F.col("status") != "failed") if retry_failed else known
-    new = (
-        spark.createDataFrame(entries, ENTRY_DDL)
-        .join(skip.select("uri"), "uri", "left_anti")
-        .join(skip.where(F.col("source_id").isNotNull()).select("source_id"), "source_id", "left_anti")
-    )
+def _not_in_manifest(entries: list[Entry], table: Table, retry_failed: bool) -> list[Entry]:
+    """Entries whose uri and source id the manifest has not seen (with retry_failed, failed rows are not seen)."""
+    known = table.read(["uri", "source_id", "status"])
+    if retry_failed:
+        known = known.filter(pc.field("status") != "failed")
+    seen = pc.or_(
+        pc.is_in(pa.array([e.uri for e in entries], pa.string()), value_set=known["uri"], skip_nulls=True),
+        pc.is_in(pa.array([e.source_id for e in entries], pa.string()), value_set=known["source_id"], skip_nulls=True))
+    return [entry for entry, old in zip(entries, seen.to_pylist()) if not old]
+
+
+def _probed_rows(spark, entries: list[Entry], known: DataFrame, lake: Lake, settings: Settings,
+                 crawl: Crawl | None) -> DataFrame:
+    """The entries probed (read, checked, stored) in tasks, with duplicates of stored images marked."""
+    new = spark.createDataFrame(entries, ENTRY_DDL)
     partitions = default_partitions(spark, len(entries), settings.spark.partitions)
     limits = Limits.from_settings(settings.ingest)
     if crawl:

@@ -1,7 +1,8 @@
 """Query: a file of text and image queries -> the exact BLEU top k of every query over the captions.
 
-Stages: read the query file (driver) -> caption the image queries with the current captioner
-(Spark tasks, batched) -> search: the captions are spread over tasks, each task builds a BLEU
+Stages: read the query file (driver) -> identify the query images (Spark tasks); those the current
+captioner has indexed keep their stored caption and features, the others are captioned (Spark
+tasks, batched) -> search: the captions are spread over tasks, each task builds a BLEU
 index of its share and answers every query exactly (the queries are broadcast) -> the tasks'
 top k are merged into each query's global top k -> for hybrid image queries, visual similarity
 on the stored features re-ranks a wider pool -> results and errors are committed in the run's
@@ -32,7 +33,7 @@ from cbir.lake import Lake, new_run_id, open_filesystem
 from cbir.schemas import ERRORS, RESULTS
 from cbir.settings import Settings
 from cbir.text import words
-from jobs.embed import encode_chunks, encoder_config
+from jobs.embed import EncoderConfig, encode_chunks, encoder_config, identify, read_features
 from jobs.index import IndexContext
 from jobs.ingest import read_bytes
 from jobs.lakeio import read_table, write_run
@@ -144,7 +145,8 @@ def _query(source, query_id: str, row: dict, default_k: int) -> tuple[Query | No
     return Query(query_id, k, text=text), None
 
 
-# Image queries: captioned in Spark tasks with the current captioner.
+# Image queries: an image the captioner already indexed keeps its caption and features; the others are
+# captioned in Spark tasks with the current captioner.
 def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, queries: list[Query],
                           card: dict) -> list[tuple[str, str]]:
     """Fill in caption (and vector) of each image query; returns (query_id, reason) for the failed."""
@@ -153,20 +155,47 @@ def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, q
         return []
     config = encoder_config(settings, spark.sparkContext.defaultParallelism)
     store.check_encoder(card, config.key)
+    ids = identify(spark, settings, sorted({q.image for q in images}))
+    known = indexed(lake, config, card["version"], [image_id for image_id, _ in ids.values() if image_id])
+    errors, todo = [], []
+    for q in images:
+        image_id, error = ids[q.image]
+        if error:
+            errors.append((q.query_id, f"unreadable-image: {error}"))
+        elif image_id in known:
+            q.caption, q.vector = known[image_id]
+        else:
+            todo.append(q)
+    if not todo:  # no model to load
+        return errors
     context = IndexContext(lake, card["version"], config, settings.captioner.decode, settings.captioner.beam_width,
                            "query", datetime.now(timezone.utc))
-    rows = spark.createDataFrame([(q.query_id, q.image) for q in images], "query_id string, uri string")
-    rows = rows.repartition(min(len(images), spark.sparkContext.defaultParallelism))
+    rows = spark.createDataFrame([(q.query_id, q.image) for q in todo], "query_id string, uri string")
+    rows = rows.repartition(min(len(todo), spark.sparkContext.defaultParallelism))
     out = rows.mapInArrow(partial(_caption_partition, context, Limits.from_settings(settings.ingest)),
                           "query_id string, caption string, vector array<float>, error string").collect()
-    by_id = {q.query_id: q for q in images}
-    errors = []
+    by_id = {q.query_id: q for q in todo}
     for row in out:
         if row.error:
             errors.append((row.query_id, row.error))
         else:
             by_id[row.query_id].caption, by_id[row.query_id].vector = row.caption, list(row.vector)
     return errors
+
+
+def indexed(lake: Lake, config: EncoderConfig, version: str, image_ids: list[str]) -> dict[str, tuple[str, list[float]]]:
+    """image_id -> (caption, features) of the images this captioner version captioned."""
+    captions, vectors = indexed_captions(lake, version, image_ids), read_features(lake, config, image_ids)
+    return {image_id: (caption, vectors[image_id].tolist()) for image_id, caption in captions.items()
+            if image_id in vectors}
+
+
+def indexed_captions(lake: Lake, version: str, image_ids) -> dict[str, str]:
+    """image_id -> the caption this captioner version gave it (images it did not caption are left out)."""
+    wanted = pa.array(sorted(set(image_ids)), pa.string())
+    rows = lake.table("captions").dataset().to_table(columns=["image_id", "caption"], filter=(
+        ds.field("image_id").isin(wanted) & (ds.field("model_version") == version) & (ds.field("status") == "ok")))
+    return dict(zip(rows.column("image_id").to_pylist(), rows.column("caption").to_pylist()))
 
 
 def _caption_partition(context: IndexContext, limits: Limits, batches: Iterator[pa.RecordBatch]):

@@ -3,7 +3,8 @@
 Training uses teacher forcing on whole captions: position t sees the image and words < t and
 predicts word t, which is the classic prefix-by-prefix merge model computed in one pass.
 Decoding reuses the same layers one step at a time, carrying the LSTM state, for a whole
-batch of images per step: greedy or beam search, each caption with its log-probability.
+batch of images per step: greedy or beam search, each caption with its log-probability. A caption
+has at least one word: an empty one describes nothing and no query can find its image.
 """
 
 from __future__ import annotations
@@ -72,9 +73,14 @@ class Captioner:
     def _image(self, features: np.ndarray) -> np.ndarray:
         return self._image_fn(features).numpy()
 
-    def _step(self, last: np.ndarray, h: np.ndarray, c: np.ndarray, image: np.ndarray):
-        """One word for every row: (log-probabilities over the vocabulary, new h, new c)."""
-        return tuple(out.numpy() for out in self._step_fn(last.astype(np.int32), h, c, image))
+    def _step(self, last: np.ndarray, h: np.ndarray, c: np.ndarray, image: np.ndarray, first: bool = False):
+        """One word for every row: (log-probabilities over the vocabulary, new h, new c).
+
+        The first word is never the end: a little-trained model often ends at once."""
+        log_probs, h, c = (out.numpy() for out in self._step_fn(last.astype(np.int32), h, c, image))
+        if first:
+            log_probs[:, self.tokenizer.end] = -np.inf
+        return log_probs, h, c
 
     def decode(self, features: np.ndarray, method: str = "greedy", beam_width: int = 3,
                batch_size: int = 64) -> list[tuple[str, float]]:
@@ -100,7 +106,7 @@ class Captioner:
         scores = np.zeros(n, np.float64)
         done = np.zeros(n, bool)
         for t in range(self.max_length):
-            log_probs, h, c = self._step(last, h, c, image)
+            log_probs, h, c = self._step(last, h, c, image, first=t == 0)
             best = log_probs.argmax(axis=1)
             scores += np.where(done, 0.0, log_probs[np.arange(n), best])
             tokens[:, t] = np.where(done, self.tokenizer.pad, best)
@@ -120,7 +126,7 @@ class Captioner:
         scores[:, 0] = 0.0  # the beams start identical: keep one
         done = np.zeros((n, width), bool)
         for t in range(self.max_length):
-            log_probs, h, c = self._step(last, h, c, image)
+            log_probs, h, c = self._step(last, h, c, image, first=t == 0)
             candidates = scores[:, :, None] + log_probs.reshape(n, width, vocab)
             # A finished beam continues only with padding, at no cost.
             candidates[done] = -np.inf

@@ -112,6 +112,23 @@ def test_top_k_orders_ties_like_argmax():
     assert top_k(scores, 3).tolist() == [[1, 2, 3], [0, 2, 3]]
 
 
+def test_a_model_that_would_end_at_once_still_says_one_word():
+    tokenizer = Tokenizer.fit(["a red circle", "a blue square"])
+    model = build_model(len(tokenizer), max_length=6, feature_dim=8, embedding_dim=4, units=8, dropout=0.0)
+    logits = model.get_layer("logits")
+    bias = np.zeros(len(tokenizer), np.float32)
+    bias[tokenizer.end], bias[tokenizer.ids["circle"]] = 30.0, 10.0  # endseq first, then "circle"
+    logits.set_weights([np.zeros_like(logits.get_weights()[0]), bias])
+    captioner = Captioner(model, tokenizer)
+    features = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    for method in ("greedy", "beam"):
+        assert [caption for caption, _ in captioner.decode(features, method)] == ["circle"] * 3
+    # Its score is the model's own log-probability of "circle" and then of the end (pad, unk, start never occur).
+    (_, score), = captioner.decode(features[:1])
+    normaliser = np.log(np.exp(30.0) + np.exp(10.0) + len(tokenizer) - 5)
+    assert score == pytest.approx(10 + 30 - 2 * normaliser, abs=1e-4)
+
+
 def test_training_learns_what_the_images_show(trained):
     card, captioner = trained["card"], trained["captioner"]
     assert trained["epochs"][:3] == [1, 2, 3]

@@ -103,8 +103,9 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     from flows.query import query_flow, search_flow
 
     settings, tmp, _ = shapes_lake
+    # picture: an indexed image (its caption is reused); unseen: one the lake does not have (captioned now).
     (tmp / "queries.csv").write_text(f"query_id,text,image,k\nred,a red circle,,3\npicture,,{tmp}/new/0001.png,4\n"
-                                     "broken,,/no/such.png,\n")
+                                     f"unseen,,{tmp}/train/0001.png,2\nbroken,,/no/such.png,\n")
 
     state = query_flow(str(tmp / "queries.csv"), settings=settings, return_state=True)
 
@@ -113,18 +114,22 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     results, errors = Lake.open(settings).query_tables(summary["run_id"])
     rows = results.read().to_pylist()
     assert sorted({(r["query_id"], r["rank"]) for r in rows}) == [("picture", i) for i in range(1, 5)] + [
-        ("red", i) for i in range(1, 4)]
-    assert all(r["query_caption"] for r in rows if r["query_id"] == "picture")
-    assert [r["query_id"] for r in errors.read().to_pylist()] == ["broken"]
+        ("red", i) for i in range(1, 4)] + [("unseen", 1), ("unseen", 2)]
+    indexed = {r["uri"]: r["caption"] for r in Lake.open(settings).table("captions").read().to_pylist()}
+    assert {r["query_caption"] for r in rows if r["query_id"] == "picture"} == {indexed[f"{tmp}/new/0001.png"]}
+    assert {r["score"] for r in rows if r["query_id"] == "picture" and r["rank"] == 1} == {1.0}
+    assert all(r["query_caption"] for r in rows if r["query_id"] == "unseen")
+    assert [(r["query_id"], r["reason"].split(":")[0]) for r in errors.read().to_pylist()] == [
+        ("broken", "unreadable-image")]
     page = Path(summary["gallery"]).read_text()
-    assert page.count("<figure>") == 7 and "data:image/jpeg;base64," in page
+    assert page.count("<figure>") == 9 and "data:image/jpeg;base64," in page
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     by_key = {artifact.key: artifact for artifact in artifacts}
     assert by_key["query-gallery"].data.endswith(f"{summary['run_id']}/gallery.html)")
     table = by_key["query-results"].data
-    assert len(json.loads(table) if isinstance(table, str) else table) == 6  # top 3 of each answered query
+    assert len(json.loads(table) if isinstance(table, str) else table) == 8  # the top 3 (or k) of each query
 
     hits = search_flow(text="a red circle", k=2, settings=settings)
     assert [h["rank"] for h in hits] == [1, 2]

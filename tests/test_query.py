@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -193,27 +193,29 @@ def test_the_gallery_escapes_every_text(local_settings):
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
 
 
-@pytest.mark.slow
-def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(tmp_path, cli_environment):
+def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(spark, prefect_server, tmp_path,
+                                                                          monkeypatch, capsys):
     from conftest import flow_runs
+    from flows.cli import main
 
     captions_parquet(tmp_path / "captions.parquet", [["a", "cat", "on", "a", "mat"], ["a", "dog", "on", "a", "log"]])
     with open(tmp_path / "q.jsonl", "w") as handle:
         handle.write(json.dumps({"query_id": "cat", "text": "a cat", "k": 1}) + "\n")
     before = len(flow_runs("query"))
-    result = subprocess.run([str(Path(sys.executable).parent / "cbir"), "query", str(tmp_path / "q.jsonl"),
-                             "--captions", str(tmp_path / "captions.parquet"), "--set", "spark.master=local[2]"],
-                            cwd=tmp_path, env=cli_environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(flow_runs("query")) == before + 1  # PREFECT_API_URL set: the run is on that server
-    run_folder = Path(result.stdout.strip().splitlines()[-1])
+    monkeypatch.chdir(tmp_path)  # the embedded default lake, .cbir/lake, is the working folder's
+    # In this process (its Spark session, the test server); the CLI as a process is tested with `cbir demo`.
+    environ = dict(os.environ)
+    try:
+        assert main(["query", str(tmp_path / "q.jsonl"), "--captions", str(tmp_path / "captions.parquet")]) == 0
+    finally:  # the CLI sets its process's PREFECT_HOME, KERAS_HOME, ...
+        os.environ.clear()
+        os.environ.update(environ)
+    assert len(flow_runs("query")) == before + 1  # the run is on the server PREFECT_API_URL names
+    run_folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert run_folder.parent == tmp_path / ".cbir" / "lake" / "queries"
     assert (run_folder / "gallery.html").is_file()
-    import pyarrow.dataset as ds
-
     rows = ds.dataset(str(run_folder / "results"), format="parquet").to_table().to_pylist()
     assert [(r["query_id"], r["rank"], r["caption"]) for r in rows] == [("cat", 1, "a cat on a mat")]
-
 
 
 def test_recall_and_average_precision():
