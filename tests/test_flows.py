@@ -107,7 +107,8 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     (tmp / "queries.csv").write_text(f"query_id,text,image,k\nred,a red circle,,3\npicture,,{tmp}/new/0001.png,4\n"
                                      f"unseen,,{tmp}/train/0001.png,2\nbroken,,/no/such.png,\n")
 
-    state = query_flow(str(tmp / "queries.csv"), settings=settings, return_state=True)
+    hybrid = settings.model_copy(update={"query": settings.query.model_copy(update={"hybrid": True})})
+    state = query_flow(str(tmp / "queries.csv"), settings=hybrid, return_state=True)
 
     assert state.is_completed()
     summary = state.result()
@@ -117,7 +118,14 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
         ("red", i) for i in range(1, 4)] + [("unseen", 1), ("unseen", 2)]
     indexed = {r["uri"]: r["caption"] for r in Lake.open(settings).table("captions").read().to_pylist()}
     assert {r["query_caption"] for r in rows if r["query_id"] == "picture"} == {indexed[f"{tmp}/new/0001.png"]}
-    assert {r["score"] for r in rows if r["query_id"] == "picture" and r["rank"] == 1} == {1.0}
+    # Hybrid ranking: image queries blend BLEU with the cosine of their features; the picture finds itself first.
+    picture_id = next(r["image_id"] for r in Lake.open(settings).table("manifest").read().to_pylist()
+                      if r["uri"] == f"{tmp}/new/0001.png")
+    first = next(r for r in rows if r["query_id"] == "picture" and r["rank"] == 1)
+    assert (first["image_id"], first["score"], first["visual_similarity"], first["blended_score"]) == (
+        picture_id, 1.0, pytest.approx(1.0), pytest.approx(1.0))
+    assert all(r["blended_score"] is not None for r in rows if r["query_id"] in ("picture", "unseen"))
+    assert all(r["visual_similarity"] is None for r in rows if r["query_id"] == "red")
     assert all(r["query_caption"] for r in rows if r["query_id"] == "unseen")
     assert [(r["query_id"], r["reason"].split(":")[0]) for r in errors.read().to_pylist()] == [
         ("broken", "unreadable-image")]
