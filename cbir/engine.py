@@ -36,7 +36,7 @@ from numba.core import cgutils
 from numba.experimental import jitclass
 from numba.extending import intrinsic
 
-from cbir.bleu import BleuParams, denominators, score
+from cbir.bleu import SMOOTHINGS, BleuParams, denominators, score
 from cbir.text import words_array
 
 AHEAD = 8  # postings
@@ -714,3 +714,17 @@ class _Heap:
                 return
             self._swap(i, worst)
             i = worst
+
+
+def compile_kernels() -> None:
+    """Compile the kernels once and cache them on disk (numba, next to this file): without this the
+    first search of every process, Spark workers included, spends about 20 s compiling."""
+    index = BleuIndex.from_captions(["a", "b"], pa.array(["a red ball on the grass", "two dogs in the water"]), 4)
+    for smoothing in SMOOTHINGS:
+        index.search(["a", "red", "ball", "on", "the"], 1, BleuParams(smoothing=smoothing))
+    index.search_many([["dogs"], ["zebra"]], 2, BleuParams(auto_reweigh=False))
+    BleuIndex.from_texts(["a"], [[["a", "red", "ball"], ["red", "ball"]]], 4).search(["red"], 1, BleuParams())
+
+
+if __name__ == "__main__":
+    compile_kernels()
