@@ -31,7 +31,7 @@ from cbir.settings import Settings
 from cbir.text import words
 from jobs.embed import encode_chunks, encoder_config
 from jobs.gallery import thumbnail_jpeg
-from jobs.query import bleu_params
+from jobs.query import bleu_index, bleu_params
 from models import store
 
 log = logging.getLogger("cbir.web")
@@ -134,14 +134,7 @@ class Searcher:
         table = self._captions(marker.version)
         ids = table.column("image_id").to_pylist()
         row_of = dict(zip(ids, range(len(ids))))
-        index = None
-        if ids and self.settings.bleu.source_texts:  # the source title and tags are more references
-            columns = (table.column(name).to_pylist() for name in ("caption", "title", "tags"))
-            texts = [[words(caption)] + [w for w in (words(title), words(" ".join(tags or []))) if w]
-                     for caption, title, tags in zip(*columns)]
-            index = BleuIndex.from_texts(ids, texts, self.params.max_order)
-        elif ids:
-            index = BleuIndex.from_captions(ids, table.column("caption").combine_chunks(), self.params.max_order)
+        index = bleu_index(ids, table, self.params.max_order, self.settings.bleu.source_texts) if ids else None
         table = table.select(["image_id", "uri", "caption", "format"])
         seconds = time.perf_counter() - started
         log.info("index of %d captions (captioner %s) built in %.1f s", len(ids), marker.version, seconds)

@@ -286,18 +286,22 @@ def search(spark: SparkSession, captions: DataFrame, n_captions: int, queries: l
     return ranked.where(F.col("rank") <= F.col("k")).drop("k")
 
 
+def bleu_index(ids: list[str], table: pa.Table, max_order: int, source_texts: bool) -> BleuIndex:
+    """The index of a table's captions; with source_texts, each image's title and tags are more references."""
+    if not source_texts:
+        return BleuIndex.from_captions(ids, table.column("caption").combine_chunks(), max_order)
+    columns = (table.column(name).to_pylist() for name in ("caption", "title", "tags"))
+    texts = [[words(caption)] + [w for w in (words(title), words(" ".join(tags or []))) if w]
+             for caption, title, tags in zip(*columns)]
+    return BleuIndex.from_texts(ids, texts, max_order)
+
+
 def _search_partition(wanted, params: BleuParams, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     table = pa.Table.from_batches(list(batches))
     if not table.num_rows:
         return
     ids = table.column("image_id").to_pylist()
-    if "title" in table.column_names:  # the source title and tags are more references
-        texts = [[words(caption)] + [w for w in (words(title), words(" ".join(tags or []))) if w]
-                 for caption, title, tags in zip(table.column("caption").to_pylist(), table.column("title").to_pylist(),
-                                                 table.column("tags").to_pylist())]
-        index = BleuIndex.from_texts(ids, texts, params.max_order)
-    else:
-        index = BleuIndex.from_captions(ids, table.column("caption").combine_chunks(), params.max_order)
+    index = bleu_index(ids, table, params.max_order, source_texts="title" in table.column_names)
     where = {image_id: i for i, image_id in enumerate(ids)}
     uris, captions = table.column("uri").to_pylist(), table.column("caption").to_pylist()
     out: dict[str, list] = {"query_id": [], "image_id": [], "uri": [], "caption": [], "score": []}
