@@ -41,6 +41,15 @@ class ImageInfo:
     height: int
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited over white (not over the black or green a bare convert gives)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
 def image_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

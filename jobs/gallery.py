@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from PIL import Image, ImageOps
 
+from cbir.images import on_white
 from cbir.lake import Lake, open_filesystem, put_bytes
 from cbir.settings import Settings
 
@@ -37,9 +38,9 @@ figcaption {{ font-size: .8rem; margin-top: .3rem; overflow-wrap: anywhere; }}
 
 
 def thumbnail_jpeg(data: bytes, size: tuple[int, int] = THUMBNAIL) -> bytes:
-    """A small JPEG of the image (camera orientation applied), at most `size`."""
+    """A small JPEG of the image (camera orientation applied, transparency on white), at most `size`."""
     with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = on_white(ImageOps.exif_transpose(image))
         image.thumbnail(size)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=80)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cbir.errors import UsageError
+from cbir.images import on_white
 
 RANDOM_SEED = 1234  # random weights must be identical in every process that computes features
 
@@ -39,12 +40,7 @@ def configure_tensorflow(threads: int) -> None:
 def pixels(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 (height, width, 3): camera orientation applied, transparency over white, bilinear resize."""
     with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        image = on_white(ImageOps.exif_transpose(image)).resize(size, Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
 
 

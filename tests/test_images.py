@@ -74,3 +74,17 @@ def test_any_cut_of_an_image_is_refused_not_crashed(keep_percent, seed):
     data = image_bytes(seed, size=(80, 60), fmt="PNG")
     cut = data[: len(data) * keep_percent // 100]
     assert reason(cut) in {"empty", "not-an-image", "corrupt", "truncated"}
+
+
+def test_thumbnails_of_transparent_pngs_are_white_where_transparent():
+    from jobs.gallery import thumbnail_jpeg
+
+    image = Image.new("RGBA", (64, 64), (0, 200, 0, 0))  # fully transparent green
+    image.paste((200, 0, 0, 255), (16, 16, 48, 48))  # an opaque red square
+    for mode in ("RGBA", "P"):
+        out = io.BytesIO()
+        (image if mode == "RGBA" else image.convert("P")).save(out, format="PNG")
+        with Image.open(io.BytesIO(thumbnail_jpeg(out.getvalue(), (64, 64)))) as thumb:
+            corner, centre = thumb.convert("RGB").getpixel((2, 2)), thumb.convert("RGB").getpixel((32, 32))
+        assert min(corner) >= 245, (mode, corner)
+        assert centre[0] > 150 and centre[1] < 60, (mode, centre)
