@@ -49,6 +49,8 @@ def tree(tmp_path) -> Path:
         ["planet", "Space", "planet", "hash", ""])
     add(root, "animals/mammals/bored_dog", "Bored-dog", "http://example.org/dog", ["dog"])
     add(root, "food/apple", "Apple", "Apple", ["fruit"])
+    add(root, "food/cayenne_pepper", "CayennePepperRevisited")
+    add(root, "electronics/ipod", "iPod")
     add(root, "food/pear", "Pear", "HASH(0x8677e2c)")
     add(root, "food/plum", "Plum 02", "Jane Artist", ["jane artist", "plum"])  # the creator's name is no description
     add(root, "flags/alabama", "Clipart by Steve Hall - United States - Alabama", "", ["flag"])
@@ -84,6 +86,7 @@ def test_titles_descriptions_and_keywords_are_cleaned(tree):
     assert saturn["uri"].endswith("png/science/astronomy/saturn_dan_gerhards_01.png")
     assert rows["Bored dog"]["description"] == ""  # a URL only
     assert rows["Apple"]["description"] == ""  # the title again
+    assert "Cayenne Pepper Revisited" in rows and "iPod" in rows
     assert rows["Pear"]["description"] == ""  # HASH(0x...)
     assert rows["Plum"]["description"] == "" and rows["Plum"]["tags"] == ["plum"]
     assert rows["United States Alabama"]["tags"] == ["flag"]  # the credit is cut, the subject kept

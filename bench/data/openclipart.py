@@ -37,8 +37,9 @@ Rules, from the data (8,121 SVGs of package version 0.18+dfsg-19):
   FALLBACK_WORDS words becomes the caption: in this data such descriptions are one-line names
   written per drawing ("Traffic light with red light on"), while longer ones are essays
   (flag histories) that would teach the captioner prose; otherwise the row is dropped.
-* Cleaning: HTML entities unescaped, underscores/hyphens to spaces, trailing numbering dropped
-  ("_01", "-2", " 02", "cake1"), whitespace collapsed; case kept (tokenizers lowercase).
+* Cleaning: HTML entities unescaped, underscores/hyphens to spaces, a one-word CamelCase title
+  split ("CayennePepperRevisited"), trailing numbering dropped ("_01", "-2", " 02", "cake1"),
+  whitespace collapsed; case kept (tokenizers lowercase).
 """
 
 from __future__ import annotations
@@ -210,6 +211,9 @@ def clean(text: str, numbering: bool = True) -> str:
     if numbering:
         text = NUMBERING.sub("", text)
     text = re.sub(r"_|(?<!\d)-|-(?!\d)", " ", text)  # keeps ranges: 1931-1939
+    if " " not in text:  # a file name for a title: CayennePepperRevisited -> Cayenne Pepper Revisited
+        parts = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", text).split()
+        text = " ".join(parts) if all(len(part) > 1 for part in parts) else text  # not "i Pod"
     return " ".join(text.split()).strip(" ,;:")
 
 
