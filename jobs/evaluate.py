@@ -34,6 +34,7 @@ class EvalSummary:
     r_at_5: float
     r_at_10: float
     map_at_10: float
+    image_r_at_10: float  # image queries with another image of their category in their top 10
     queries: int
     image_queries: int
     reachable: float  # the best recall any ranking of these references could reach: the target shares a word
@@ -44,7 +45,9 @@ class EvalSummary:
                 for key, value in asdict(self).items()]
 
     def contract(self) -> dict:
-        return {key: getattr(self, key) for key in ("r_at_1", "r_at_5", "r_at_10", "map_at_10", "queries")}
+        """The metrics `cbir eval --json` prints: the contract's keys first, then the others."""
+        keys = ("r_at_1", "r_at_5", "r_at_10", "map_at_10", "queries", "image_r_at_10", "reachable")
+        return {key: getattr(self, key) for key in keys}
 
 
 def read_table_rows(uri: str, settings: Settings) -> list[dict]:
@@ -106,15 +109,18 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     vocabulary = _words_of(lake, card["version"], [row["image_id"] for row in rows], kinds)
     reachable = sum(1 for q, row in zip(texts, rows) if vocabulary.get(row["image_id"], set()) & set(q.words))
 
-    precisions = []
+    precisions, image_hits = [], []
     for q in images:
         others = [image_id for image_id, _ in found.get(q.query_id, []) if image_id != q.query_id][:10]
         total = sum(1 for image_id, c in category.items() if c == category[q.query_id] and image_id != q.query_id)
         if total:
-            precisions.append(average_precision_at([category.get(i) == category[q.query_id] for i in others], total))
+            relevant = [category.get(i) == category[q.query_id] for i in others]
+            precisions.append(average_precision_at(relevant, total))
+            image_hits.append(any(relevant))
     return EvalSummary(
         r_at_1=recall_at(ranks, 1), r_at_5=recall_at(ranks, 5), r_at_10=recall_at(ranks, 10),
-        map_at_10=sum(precisions) / len(precisions) if precisions else 0.0, queries=len(ranks),
+        map_at_10=sum(precisions) / len(precisions) if precisions else 0.0,
+        image_r_at_10=sum(image_hits) / len(image_hits) if image_hits else 0.0, queries=len(ranks),
         image_queries=len(precisions), reachable=reachable / len(ranks) if ranks else 0.0,
         seconds=round(time.monotonic() - started, 1))
 

@@ -159,6 +159,7 @@ class Captioner:
         scores = np.full((n, width), -np.inf)
         scores[:, 0] = 0.0  # the beams start identical: keep one
         done = np.zeros((n, width), bool)
+        lengths = np.zeros((n, width))  # words so far, the end included
         for t in range(self.max_length):
             history = tokens[:, :, :t].reshape(n * width, t)
             log_probs, h, c = self._step(last, h, c, image, history, decoding.no_repeat_ngram)
@@ -166,9 +167,14 @@ class Captioner:
             # A finished beam continues only with padding, at no cost.
             candidates[done] = -np.inf
             candidates[done, pad] = scores[done]
-            flat = top_k(candidates.reshape(n, width * vocab), width)
+            # Beams compete by log-probability over length ** length_penalty (0: none), so a caption
+            # that ends early does not push out longer ones only for having fewer words to pay for.
+            grown = np.broadcast_to(np.where(done, lengths, t + 1)[:, :, None], candidates.shape).reshape(n, -1)
+            ranked = candidates.reshape(n, -1) / grown ** decoding.length_penalty
+            flat = top_k(ranked, width)
             beam, word = flat // vocab, flat % vocab
             scores = np.take_along_axis(candidates.reshape(n, -1), flat, axis=1)
+            lengths = np.take_along_axis(grown, flat, axis=1)
             tokens = np.take_along_axis(tokens, beam[:, :, None], axis=1)
             tokens[:, :, t] = word
             done = np.take_along_axis(done, beam, axis=1) | (word == end)
@@ -176,9 +182,6 @@ class Captioner:
             h, c, last = h[rows], c[rows], word.reshape(-1, 1)
             if done.all():
                 break
-        # The final choice among the beams: log-probability over length ** length_penalty (0: none),
-        # so longer captions are not lost only for having more words to pay for.
-        lengths = (tokens != pad).sum(axis=2)
         ranked = np.argsort(-(scores / np.maximum(lengths, 1) ** decoding.length_penalty), axis=1, kind="stable")
         out = []
         for i in range(n):
