@@ -2,14 +2,18 @@
 
 1. On a sample (3,000 captions): pairs/s of nltk's loop and of the engine asked for every
    caption's score, and the largest difference between them (must be 0: the engine is exact).
-2. The engine alone on generated captions (8 to 15 words, Zipf-like vocabulary of 20,000 words)
-   with queries drawn the same way, a quarter of them one to three words: index build and
-   exact top-10 for every query (BleuIndex.search_many: all cores), with time per stage and peak
-   memory; the same queries on one thread are timed apart. Its pairs/s (captions x
-   queries / seconds) is engine_pairs_per_s: pruning decides most pairs without scoring them.
-3. The same queries through the Spark job (jobs.query.search_captions), local[*].
+2. The engine alone on generated images with the default references each (Zipf-like vocabulary of
+   20,000 words): three captions of 8 to 15 words (the 2nd and 3rd differ from the first in two
+   words, as a beam's n best do), two labels of 1 to 3 words, a title of 2 to 5 words and a line of
+   3 to 5 tags: 7 texts an image. Queries are drawn the same way, a quarter of them one to three
+   words: index build (cbir.references, as cbir web and the query job build it) and exact top-10
+   for every query (BleuIndex.search_many: all cores), with time per stage and peak memory; the same
+   queries on one thread are timed apart. Its pairs/s (images x queries / seconds) is
+   engine_pairs_per_s: pruning decides most pairs without scoring them.
+3. The same queries through the Spark job (jobs.query.search over a captions table with those
+   references), local[*].
 
-    .venv/bin/python bench/query.py [--captions N] [--queries Q]
+    .venv/bin/python -m bench.query [--captions N] [--queries Q]
 
 Prints a table, then one JSON line: engine_pairs_per_s, nltk_pairs_per_s, speedup, max_abs_diff,
 big_captions, big_queries, big_run_s, big_spark_run_s, big_peak_rss_gb.
@@ -21,18 +25,17 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from cbir.bleu import BleuParams  # noqa: E402
-from cbir.engine import BleuIndex  # noqa: E402
+from cbir.bleu import BleuParams
+from cbir.engine import BleuIndex
+from cbir.references import KINDS, build_index, reference_texts
+from cbir.schemas import REFERENCE
 
 
 def corpus(n: int, vocabulary: int, seed: int, short_share: float = 0.0) -> list[list[str]]:
@@ -50,6 +53,44 @@ def corpus(n: int, vocabulary: int, seed: int, short_share: float = 0.0) -> list
         out.append([f"w{w}" for w in words[at:at + length]])
         at += length
     return out
+
+
+REFERENCES = (("caption", 8, 16), ("caption", 0, 0), ("caption", 0, 0), ("label", 1, 4), ("label", 1, 4),
+              ("title", 2, 6), ("tags", 3, 6))  # (kind, fewest words, most + 1); (0, 0): a variant of the caption
+
+
+def images_with_references(n: int, vocabulary: int, seed: int) -> pa.Table:
+    """A captions table of n images: image_id, caption and references (kind, rank, text, score), generated
+    in Arrow and numpy (no Python loop per text)."""
+    rng = np.random.default_rng(seed)
+    p = 1 / np.arange(1, vocabulary + 1) ** 1.07
+    p /= p.sum()
+    names = pa.array([f"w{i}" for i in range(vocabulary)], pa.string())
+    first_lengths = rng.integers(8, 16, n)
+    first_words = rng.choice(vocabulary, int(first_lengths.sum()), p=p)
+    texts, kinds = [], []
+    for kind, low, high in REFERENCES:
+        if high:
+            lengths = first_lengths if kind == "caption" else rng.integers(low, high, n)
+            ids = first_words if kind == "caption" else rng.choice(vocabulary, int(lengths.sum()), p=p)
+        else:  # two words of the first caption replaced
+            lengths, ids = first_lengths, first_words.copy()
+            starts = np.cumsum(first_lengths) - first_lengths
+            for _ in range(2):
+                ids[starts + rng.integers(0, first_lengths)] = rng.choice(vocabulary, n, p=p)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        texts.append(pc.binary_join(pa.ListArray.from_arrays(offsets, names.take(pa.array(ids))), " "))
+        kinds.append(kind)
+    per_image = len(REFERENCES)
+    order = pa.array(np.arange(n * per_image).reshape(per_image, n).T.ravel())  # image by image
+    text = pa.concat_arrays(texts).take(order)
+    kind = pa.array(np.repeat(np.array(kinds, object)[None, :], n, axis=0).ravel(), pa.string())
+    rank = pa.array(np.tile([1, 2, 3, 1, 2, 1, 1], n), pa.int32())
+    structs = pa.StructArray.from_arrays([kind, rank, text, pa.nulls(len(text), pa.float64())],
+                                         fields=list(REFERENCE))
+    references = pa.ListArray.from_arrays(pa.array(np.arange(0, n * per_image + 1, per_image, dtype=np.int32)),
+                                          structs)
+    return pa.table({"image_id": [f"{i:08d}" for i in range(n)], "caption": texts[0], "references": references})
 
 
 def nltk_pairs(queries, captions, params: BleuParams) -> tuple[float, list[list[float]]]:
@@ -89,12 +130,12 @@ def main() -> None:
 
     # 2. The engine alone at scale.
     t0 = time.perf_counter()
-    big = corpus(args.captions, 20_000, seed=3)
-    big_captions = pa.array([" ".join(words) for words in big], pa.string())  # what a captions table holds
+    big = images_with_references(args.captions, 20_000, seed=3)
     queries = corpus(args.queries, 20_000, seed=4, short_share=0.25)
     t1 = time.perf_counter()
-    big_ids = [f"{i:08d}" for i in range(len(big))]
-    big_index = BleuIndex.from_captions(big_ids, big_captions)
+    big_ids = big.column("image_id").to_pylist()
+    big_references = reference_texts(big)
+    big_index = build_index(big_ids, big_references)
     t2 = time.perf_counter()
     results = big_index.search_many(queries, 10, params)  # the kernel releases the GIL: every core
     t3 = time.perf_counter()
@@ -107,11 +148,11 @@ def main() -> None:
 
     spark_s, spark_same = None, None
     if not args.skip_spark:
-        spark_s, spark_same = spark_run(big_ids, big_captions, queries, results)
+        spark_s, spark_same = spark_run(big, queries, results)
 
     print(f"{'stage':<52}{'seconds':>10}")
     print(f"{'generate captions and queries (not counted)':<52}{t1 - t0:>10.2f}")
-    print(f"{f'split {len(big):,} captions into words, build the index':<52}{t2 - t1:>10.2f}")
+    print(f"{f'split {len(big_references.texts):,} texts into words, build the index':<52}{t2 - t1:>10.2f}")
     print(f"{f'exact top-10 for {len(queries):,} queries':<52}{t3 - t2:>10.2f}")
     print(f"{'engine total (build + queries)':<52}{t3 - t1:>10.2f}")
     print(f"{'  the same queries on one thread (not counted)':<52}{one_thread_s:>10.2f}")
@@ -131,6 +172,7 @@ def main() -> None:
         "speedup": round(top10_rate / nltk_rate),
         "max_abs_diff": max_diff,
         "big_captions": len(big),
+        "big_texts": len(big_references.texts),
         "big_queries": len(queries),
         "big_build_s": round(t2 - t1, 2),
         "big_queries_s": round(t3 - t2, 2),
@@ -143,7 +185,7 @@ def main() -> None:
     }))
 
 
-def spark_run(ids, captions, queries, expected) -> tuple[float, bool]:
+def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
     """The same search as a Spark job over a Parquet file of the captions; (seconds, same results?)."""
     import tempfile
 
@@ -155,14 +197,13 @@ def spark_run(ids, captions, queries, expected) -> tuple[float, bool]:
 
     with tempfile.TemporaryDirectory() as tmp:
         # Row groups of 100,000 rows, as Parquet writers commonly make them.
-        pq.write_table(pa.table({"image_id": ids, "caption": captions}), f"{tmp}/captions.parquet",
-                       row_group_size=100_000)
+        pq.write_table(table, f"{tmp}/captions.parquet", row_group_size=100_000)
         settings = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state"], environ={})
         spark = build_session(settings)
         asked = [query.Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
         started = time.perf_counter()
         frame, count = query.table_captions(spark, f"{tmp}/captions.parquet", settings)
-        rows = query.search(spark, frame, count, asked, query.bleu_params(settings)).collect()
+        rows = query.search(spark, frame, count, asked, query.bleu_params(settings), KINDS).collect()
         seconds = time.perf_counter() - started
         spark.stop()
     got: dict[str, list] = {}

@@ -1,7 +1,8 @@
 """cbir web: text query latency through the HTTP API over N captions, against the engine called directly.
 
-1. N generated captions (bench/query.py's corpus: 8 to 15 words, Zipf-like over 20,000 words),
-   with sha256-like image ids, are committed to a temporary lake as one captions run.
+1. N generated images with the default references each (bench/query.py's: three captions of 8 to
+   15 words, two labels, a title and tags, Zipf-like over 20,000 words), with sha256-like image ids,
+   are committed to a temporary lake as one captions run.
 2. `cbir web` starts on a free port, as an operator starts it, and loads them; load_s is the time
    from the command's start to its first answer, server_rss_gb its memory after the queries.
 3. Q queries drawn the same way (a quarter of them one to three words), k=10, one after another
@@ -12,7 +13,7 @@
    process, BleuIndex.search called directly on one thread (engine_p50_ms, engine_p95_ms). The
    difference is what HTTP, FastAPI and JSON add.
 
-    .venv/bin/python bench/web.py [--captions N] [--queries Q]
+    .venv/bin/python -m bench.web [--captions N] [--queries Q]
 
 Prints a table, then one JSON line: captions, text_p50_ms, text_p95_ms, engine_p50_ms, engine_p95_ms,
 server_engine_p50_ms, page_p50_ms, page_p95_ms, load_s, server_rss_gb, queries, no_match.
@@ -35,31 +36,31 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import pyarrow as pa
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from cbir.engine import BleuIndex  # noqa: E402
-from cbir.lake import Lake, new_run_id, put_bytes  # noqa: E402
-from cbir.schemas import CAPTIONS  # noqa: E402
-from cbir.settings import load_settings  # noqa: E402
-from cbir.text import words  # noqa: E402
-from jobs.query import bleu_params  # noqa: E402
-from query import corpus  # noqa: E402  (bench/query.py)
+from bench.query import corpus, images_with_references
+from cbir.lake import Lake, new_run_id, put_bytes
+from cbir.references import build_index, reference_texts
+from cbir.schemas import CAPTIONS
+from cbir.settings import load_settings
+from cbir.text import words
+from jobs.query import bleu_params
 
 VERSION = "bench"
 WARM_UP = 20  # queries before timing: the first one may compile the engine's kernels
 
 
-def write_lake(root: Path, n: int) -> tuple[list[str], pa.Array]:
-    """n captions committed as one run of captioner version `bench`, which the lake calls current."""
+def write_lake(root: Path, n: int) -> pa.Table:
+    """n images' captions and references committed as one run of captioner version `bench`, which the
+    lake calls current."""
     settings = load_settings(overrides=[f"lake={root}/lake", f"state_dir={root}/state"], environ={})
     lake = Lake.open(settings)
     lake.check()
     ids = [hashlib.sha256(i.to_bytes(8, "little")).hexdigest() for i in range(n)]
-    captions = pa.array([" ".join(c) for c in corpus(n, 20_000, seed=3)], pa.string())
+    images = images_with_references(n, 20_000, seed=3)
+    images = images.set_column(0, "image_id", pa.array(ids, pa.string()))
+    captions, references = images.column("caption").combine_chunks(), images.column("references").combine_chunks()
     table, run_id = lake.table("captions"), new_run_id()
     writer = table.part_writer(run_id)
     at = pa.scalar(0, pa.timestamp("us", tz="UTC"))
@@ -67,11 +68,11 @@ def write_lake(root: Path, n: int) -> tuple[list[str], pa.Array]:
         rows = min(250_000, n - start)
         writer.write(pa.RecordBatch.from_pydict({
             "image_id": ids[start:start + rows], "uri": [None] * rows, "caption": captions.slice(start, rows),
-            "logprob": [0.0] * rows, "model_version": [VERSION] * rows, "status": ["ok"] * rows,
+            "logprob": [0.0] * rows, "references": references.slice(start, rows), "model_version": [VERSION] * rows, "status": ["ok"] * rows,
             "error": [None] * rows, "indexed_at": pa.repeat(at, rows), "run_id": [run_id] * rows}, schema=CAPTIONS))
     table.commit(run_id, [writer.close()], model_version=VERSION)
     put_bytes(lake.fs, lake.path("models", "captioner", "current"), VERSION.encode(), overwrite=True)
-    return ids, captions
+    return images
 
 
 def percentiles(ms: list[float]) -> tuple[float, float, float]:
@@ -147,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cbir-bench-web-") as tmp:
         root = Path(tmp)
         clock = time.perf_counter()
-        ids, captions = write_lake(root, args.captions)
+        images = write_lake(root, args.captions)
         write_s = time.perf_counter() - clock
         served = serve_and_query(root, texts, min(args.page_queries, len(texts)))
         assert served["captions"] == args.captions, served["captions"]
@@ -155,7 +156,7 @@ def main() -> None:
         # The baseline: the engine called directly, in this process, once the server is gone.
         params = bleu_params(load_settings(environ={}))
         clock = time.perf_counter()
-        index = BleuIndex.from_captions(ids, captions)
+        index = build_index(images.column("image_id").to_pylist(), reference_texts(images))
         build_s = time.perf_counter() - clock
         asked = [words(text) for text in texts]
         for query in asked[:WARM_UP]:

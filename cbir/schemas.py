@@ -80,6 +80,11 @@ ERRORS = pa.schema(
 SCHEMAS = {"manifest": MANIFEST, "captions": CAPTIONS}
 
 
+def subschema(schema: pa.Schema, names: list[str]) -> pa.Schema:
+    """These columns of a schema, in this order."""
+    return pa.schema([schema.field(name) for name in names])
+
+
 def features_schema(dim: int, dtype: str) -> pa.Schema:
     """One table per encoder: its vectors have a fixed length that pyarrow, DuckDB and Spark read as arrays."""
     value = {"float16": pa.float16(), "float32": pa.float32()}[dtype]

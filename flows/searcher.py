@@ -35,7 +35,7 @@ from cbir.references import (
     build_index,
     reference_texts,
 )
-from cbir.schemas import CAPTIONS
+from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
 from cbir.text import words
 from jobs.embed import encode_chunks, encoder_config
@@ -161,20 +161,20 @@ class Searcher:
         """The version's ok captions and references, one row per image, with its stored format and the
         source texts of the reference kinds that count (from the manifest)."""
         sources = self._source_kinds()
-        columns = {kind: SOURCE_COLUMNS[kind] for kind in sources}
-        captions = CAPTIONS.select(["image_id", "uri", "caption", "references"]).empty_table() if version is None \
+        source_columns = {kind: SOURCE_COLUMNS[kind] for kind in sources}
+        captions = subschema(CAPTIONS, ["image_id", "uri", "caption", "references"]).empty_table() if version is None \
             else self.lake.table("captions").dataset().to_table(
                 columns=["image_id", "uri", "caption", "references"],
                 filter=(ds.field("model_version") == version) & (ds.field("status") == "ok")
                 & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
         captions = _first_per_image(captions)
         manifest = _first_per_image(self.lake.table("manifest").dataset().to_table(
-            columns=["image_id", "format", *dict.fromkeys(columns.values())],
+            columns=["image_id", "format", *dict.fromkeys(source_columns.values())],
             filter=(ds.field("status") != "failed") & ds.field("image_id").is_valid()))
         # Arrow joins no list columns: find each image's manifest row, then take its columns.
         at = pc.index_in(captions.column("image_id"), value_set=manifest.column("image_id").combine_chunks())
         captions = captions.append_column("format", manifest.column("format").take(at))
-        for kind, column in columns.items():
+        for kind, column in source_columns.items():
             captions = captions.append_column(kind, manifest.column(column).take(at))
         return captions.combine_chunks()
 

@@ -23,6 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.bleu import BleuParams
 from cbir.errors import UsageError
@@ -35,7 +36,7 @@ from cbir.references import (
     build_index,
     reference_texts,
 )
-from cbir.schemas import ERRORS, RESULTS
+from cbir.schemas import CAPTIONS, ERRORS, RESULTS, subschema
 from cbir.settings import Settings
 from cbir.text import words
 from jobs.embed import (
@@ -257,7 +258,8 @@ def lake_captions(spark: SparkSession, lake: Lake, settings: Settings, version: 
 
 
 def table_captions(spark: SparkSession, uri: str, settings: Settings) -> tuple[DataFrame, int]:
-    """Any Parquet dataset with image_id and caption (and uri) columns, read by the executors."""
+    """Any Parquet dataset with image_id and caption (and uri, and references as the captions table has
+    them) columns, read by the executors."""
     fs, path = open_filesystem(uri, settings.s3)
     try:
         dataset = ds.dataset(path, filesystem=fs, format="parquet")
@@ -266,7 +268,7 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> tuple[D
     missing = {"image_id", "caption"} - set(dataset.schema.names)
     if missing:
         raise UsageError(f"captions table {uri} has no {', '.join(sorted(missing))} column")
-    columns = [c for c in ("image_id", "uri", "caption") if c in dataset.schema.names]
+    present = [c for c in ("image_id", "uri", "caption", "references") if c in dataset.schema.names]
     # Reading tasks of about CAPTIONS_PER_READ rows, made of whole row groups: a big file is read in parallel.
     pieces = []
     for fragment in dataset.get_fragments():
@@ -281,17 +283,18 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> tuple[D
         tasks[-1][1].append(group)
         rows_in_task += rows
     reads = spark.createDataFrame(tasks, "path string, row_groups array<int>").repartition(max(1, min(len(tasks), 64)))
-    frame = reads.mapInArrow(partial(_read_row_groups, fs, columns), "image_id string, uri string, caption string")
+    schema = subschema(CAPTIONS, ["image_id", "uri", "caption", "references"])
+    frame = reads.mapInArrow(partial(_read_row_groups, fs, present, schema), from_arrow_schema(schema))
     return frame, sum(rows for *_, rows in pieces)
 
 
-def _read_row_groups(fs, columns: list[str], batches):
+def _read_row_groups(fs, columns: list[str], schema: pa.Schema, batches):
     for batch in batches:
         for path, groups in zip(batch.column("path").to_pylist(), batch.column("row_groups").to_pylist()):
             for part in pq.ParquetFile(path, filesystem=fs).iter_batches(row_groups=groups, columns=columns):
-                data = {name: part.column(name).cast(pa.string()) for name in columns}
-                data.setdefault("uri", pa.nulls(part.num_rows, pa.string()))
-                yield pa.RecordBatch.from_pydict({name: data[name] for name in ("image_id", "uri", "caption")})
+                data = {name: part.column(name) for name in columns}
+                yield pa.RecordBatch.from_pydict({field.name: data[field.name].cast(field.type) if field.name in data
+                                                  else pa.nulls(part.num_rows, field.type) for field in schema})
 
 
 # The search.

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import skimage.data
 from PIL import Image
@@ -200,3 +201,29 @@ def test_lines_dropped_passes_every_other_line_on_children_included():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0 and result.stderr == "kept\nchild kept\nafter\n", result.stderr
+
+
+def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_finds_them(encoder, photos):
+    from cbir.bleu import BleuParams
+    from cbir.references import best_reference, build_index, reference_texts
+    from cbir.schemas import REFERENCES
+    from models.encoders import labeler
+
+    stored = encoder.encode(photos).astype(np.float16).astype(np.float32)  # as the features table keeps them
+    labels = labeler(encoder)
+    np.testing.assert_allclose(labels.probabilities(stored), encoder.classify(photos), atol=2e-3)
+    named = labels.labels(stored, top=3, threshold=0.2)
+    assert named[0][0][0] in ("egyptian mau", "tabby cat", "tiger cat") and named[1][0][0] == "espresso"
+    assert all(p >= 0.2 for row in named for _, p in row) and labels.labels(stored, 3, 1.0) == [[], [], []]
+
+    # Three images whose captions say nothing useful: the label reference alone finds the coffee.
+    ids = ["cat", "coffee", "rocket"]
+    references = [[{"kind": "caption", "rank": 1, "text": "a picture", "score": -1.0}]
+                  + [{"kind": "label", "rank": r, "text": name, "score": p} for r, (name, p) in enumerate(row, 1)]
+                  for row in named]
+    table = pa.table({"image_id": ids, "caption": ["a picture"] * 3, "references": pa.array(references, REFERENCES)})
+    texts = reference_texts(table)
+    hits = build_index(ids, texts).search(["espresso"], 3, BleuParams())
+    assert [hit.image_id for hit in hits] == ["coffee"]
+    assert best_reference(["espresso"], texts.of(1), BleuParams()) == ("label", "espresso")
+    assert build_index(ids, reference_texts(table, ["caption"])).search(["espresso"], 3, BleuParams()) == []

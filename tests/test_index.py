@@ -115,13 +115,19 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
 
 
 def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], version: str) -> None:
-    """Each caption is what the captioner says of that image alone, from its stored features."""
+    """Each caption is what the captioner says of that image alone, from its stored features; its n best
+    distinct captions, then its sure enough ImageNet labels, are its references."""
     captioner, _ = store.load(lake, encoder="vgg16-random")
     vectors = read_features(lake, encoder_config(settings, 1), [row["image_id"] for row in ok])
     for row in ok:
-        (caption, logprob), *_ = captioner.decode(vectors[row["image_id"]][None, :], Decoding.from_settings(
-            settings.captioner))[0]
+        best = captioner.decode(vectors[row["image_id"]][None, :], Decoding.from_settings(settings.captioner))[0]
+        (caption, logprob) = best[0]
         assert (row["caption"], row["logprob"]) == (caption, pytest.approx(logprob, abs=1e-4))
+        captions = [(r["kind"], r["rank"], r["text"]) for r in row["references"] if r["kind"] == "caption"]
+        assert captions == [("caption", rank, text) for rank, (text, _) in enumerate(best, start=1)]
+        labels = [r for r in row["references"] if r["kind"] == "label"]
+        assert len(labels) <= settings.captioner.labels_per_image
+        assert all(r["score"] >= settings.captioner.label_threshold for r in labels)
         assert row["uri"].endswith(".png") and row["model_version"] == version
     assert len({row["caption"] for row in ok}) > 1
 

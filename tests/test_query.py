@@ -17,6 +17,8 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from cbir.bleu import SMOOTHINGS, BleuParams, closest_ref_length, matches, score
 from cbir.engine import BleuIndex
+from cbir.references import GENERATED, KINDS, build_index, reference_texts
+from cbir.schemas import REFERENCES
 from cbir.lake import Lake
 from cbir.text import words, words_array
 from conftest import make_settings
@@ -55,6 +57,29 @@ def test_engine_top_k_equals_nltk_brute_force(texts, hypothesis, p, k):
     ids = [f"img{i:03d}" for i in range(len(texts))][::-1]  # ids not in insertion order
     index = BleuIndex.from_texts(ids, texts, max_order=max(len(w) for w in WEIGHTS))
     assert [(h.image_id, h.score) for h in index.search(hypothesis, k, p)] == brute_force(ids, texts, hypothesis, k, p)
+
+
+kinds = st.sampled_from(KINDS)
+image_texts = st.lists(st.tuples(kinds, sentences), min_size=0, max_size=5)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(image_texts, min_size=1, max_size=30), queries, params, st.lists(kinds, min_size=1, unique=True))
+def test_every_reference_of_the_chosen_kinds_counts_as_nltk_counts_it(images, hypothesis, p, chosen):
+    """An image's references (stored ones, and its source title, description, tags and given text) are
+    nltk's references: the same texts in, the same scores and ranking out."""
+    ids = [f"img{i:03d}" for i in range(len(images))]
+    stored = [[{"kind": kind, "rank": 1, "text": " ".join(text), "score": None} for kind, text in refs
+               if kind in GENERATED] for refs in images]
+    sources = {kind: [" ".join(next((t for k, t in refs if k == kind), [])) or None for refs in images]
+               for kind in ("title", "description", "given")}
+    table = pa.table({"image_id": ids, "caption": [None] * len(ids), "references": pa.array(stored, REFERENCES),
+                      **sources, "tags": [next((t for k, t in refs if k == "tags"), None) for refs in images]})
+    index = build_index(ids, reference_texts(table, chosen), max_order=max(len(w) for w in WEIGHTS))
+    # nltk: the first text of each source kind only (an image has one title), every generated one.
+    texts = [[text for i, (kind, text) in enumerate(refs) if kind in chosen and text and (
+        kind in GENERATED or kind not in [k for k, _ in refs[:i]])] or [[]] for refs in images]
+    assert [(h.image_id, h.score) for h in index.search(hypothesis, 10, p)] == brute_force(ids, texts, hypothesis, 10, p)
 
 
 def zipf_corpus(n: int, seed: int, short: bool = False) -> list[list[str]]:
@@ -153,21 +178,23 @@ def test_bad_query_rows_land_in_the_errors_table(spark, tmp_path):
         "bigk,a dog,,5000\n"
         "empty,!!! ...,,\n"
         "unknown,zebra unicorn,,\n"
-        "good,again,,\n")
+        "good,again,,\n"
+        "picture,,no-such.jpg,\n")
     settings = make_settings(tmp_path)
     summary = query.run(spark, Lake.open(settings), settings, str(tmp_path / "queries.csv"),
                         captions_table=str(tmp_path / "captions.parquet"))
 
     results, errors = Lake.open(settings).query_tables(summary.run_id)
     reasons = {row["query_id"]: row["reason"].split(":")[0] for row in errors.read().to_pylist()}
+    # The lake has no captioner: the text rows are answered from the table, the image row is an error.
     assert reasons == {"#row=3": "bad-row", "nothing": "bad-row", "both": "bad-row", "badk": "bad-k", "bigk": "bad-k",
-                       "empty": "empty-text", "unknown": "no-match", "good": "duplicate-id"}
+                       "empty": "empty-text", "unknown": "no-match", "good": "duplicate-id", "picture": "no-captioner"}
     rows = results.read().to_pylist()
     assert sorted((r["query_id"], r["rank"]) for r in rows) == [("good", 1), ("narrow", 1)]
     good = [r for r in rows if r["query_id"] == "good" and r["rank"] == 1][0]
     assert good["caption"] == "a red ball on the grass" and good["uri"] == "/nowhere/000000.jpg"
     assert good["score"] == nltk_score([captions[0]], ["a", "red", "ball"], query.bleu_params(settings))
-    assert (summary.queries, summary.answered, summary.results) == (10, 2, 2)
+    assert (summary.queries, summary.answered, summary.results) == (11, 2, 2)
 
 
 def test_an_unreadable_query_file_is_one_clear_error(tmp_path, local_settings):
