@@ -114,8 +114,14 @@ class Crawl(Section):
     """Downloading from the web: polite, bounded and refusing private addresses unless allowed."""
 
     allow_hosts: list[str] = Field([], description="hosts or CIDRs exempt from the private-address guard")
-    user_agent: str = "cbir/0.1 (caption-based image search crawler; +https://pypi.org/project/flickrapi/)"
+    user_agent: str = Field("cbir/0.1 (caption-based image search crawler)", pattern=r"(?i)^cbir\b[^\r\n]*$",
+                            description="names cbir first, so sites can address it in robots rules")
+    contact_url: str | None = Field(None, pattern=r"^(https?://|mailto:)\S+$",
+                                    description="where site owners reach the operator; sent in the User-Agent")
+    opt_out_tokens: list[str] = Field(["noai", "noimageai", "noindex", "noimageindex"],
+                                      description="X-Robots-Tag directives that keep an image out; empty: none")
     timeout_s: float = Field(15.0, gt=0, description="per request: connect, and between bytes read")
+    deadline_s: float = Field(60.0, gt=0, description="per URL: redirects, retries, waits and the body together")
     retries: int = Field(3, ge=0, le=10, description="on timeouts, connection errors, 5xx and 429")
     backoff_s: float = Field(0.5, ge=0, description="first retry's wait; doubles each time, with full jitter")
     max_wait_s: float = Field(60.0, ge=0, description="the longest wait before a retry, Retry-After included")
@@ -141,6 +147,20 @@ class Crawl(Section):
     @classmethod
     def _cron(cls, value: str) -> str:
         return _cron_expression(value)
+
+    @field_validator("opt_out_tokens", mode="before")
+    @classmethod
+    def _token_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @property
+    def agent(self) -> str:
+        """The User-Agent: the product and, when set, the contact URL inside its comment."""
+        if not self.contact_url:
+            return self.user_agent
+        if self.user_agent.endswith(")"):
+            return f"{self.user_agent[:-1]}; +{self.contact_url})"
+        return f"{self.user_agent} (+{self.contact_url})"
 
 
 class Index(Section):
