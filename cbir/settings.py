@@ -252,7 +252,34 @@ class Web(Section):
     host: str = Field("127.0.0.1", min_length=1, description="the address to listen on")
     port: int = Field(8080, ge=1, le=65535)
     max_upload_bytes: int = Field(10 * 2**20, gt=0, description="larger uploads are refused (HTTP 413)")
+    max_upload_pixels: int = Field(16_777_216, gt=0, description="larger uploads are refused (HTTP 413) before "
+                                   "decoding; each decode takes up to 4 bytes a pixel")
+    decodes: int = Field(2, ge=1, le=64, description="images decoded at once (uploads and thumbnails)")
+    trusted_hosts: list[str] = Field([], description="Host header names served besides 127.0.0.1, localhost "
+                                     "and web.host (a reverse proxy's name)")
     reload_s: float = Field(5.0, ge=0, description="look for a newer index run at most this often; 0: never")
+
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        return _split(value)
+
+
+class Ui(Section):
+    """cbir ui: the Prefect server and its UI."""
+
+    allowed_origins: list[str] = Field([], description="browser origins besides the UI's own that may call the API")
+    csrf: bool = Field(True, description="state-changing API calls need a CSRF token (Prefect's clients fetch one)")
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: Any) -> Any:
+        value = _split(value)
+        for item in value if isinstance(value, list) else []:
+            if item == "*" or not re.fullmatch(r"https?://[^/\s]+", str(item)):
+                raise ValueError(f"{item} is not an origin (scheme://host[:port], no *)")
+        return value
 
 
 class Settings(Section):
@@ -271,6 +298,7 @@ class Settings(Section):
     bleu: Bleu = Bleu()
     query: Query = Query()
     web: Web = Web()
+    ui: Ui = Ui()
 
     @field_validator("lake")
     @classmethod

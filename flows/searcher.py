@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -30,7 +31,7 @@ from cbir.lake import Lake
 from cbir.settings import Settings
 from cbir.text import words
 from jobs.embed import encode_chunks, encoder_config
-from jobs.gallery import thumbnail_jpeg
+from jobs.gallery import thumbnail, thumbnail_jpeg
 from jobs.query import bleu_index, bleu_params
 from models import store
 
@@ -113,6 +114,10 @@ class Searcher:
         self._reloading = threading.Lock()  # held while a background reload runs
         self._captioner_lock = threading.Lock()
         self._decode_lock = threading.Lock()  # one upload at a time through TensorFlow
+        # Every decode (upload checks, the encoder's, thumbnails) runs on these few threads: memory
+        # stays within web.decodes x web.max_upload_pixels x 4 bytes however many requests come at
+        # once (few threads also means few malloc arenas keeping freed pixels).
+        self._decoder = ThreadPoolExecutor(settings.web.decodes, thread_name_prefix="cbir-decode")
         self._captioner: tuple[str, object, object] | None = None  # (version, captioner, encoder config)
         self.captioner_state = "not loaded"
         self.snapshot = self._build(self.marker())
@@ -279,11 +284,12 @@ class Searcher:
         limit = self.settings.web.max_upload_bytes
         if len(data) > limit:
             raise Refused(413, "too-large", f"The file is larger than web.max_upload_bytes={limit} bytes.")
-        limits = Limits(limit, self.settings.ingest.max_pixels, frozenset(self.settings.ingest.formats))
+        limits = Limits(limit, self.settings.web.max_upload_pixels, frozenset(self.settings.ingest.formats))
         try:
-            inspect_image(data, limits)
+            self.decode(inspect_image, data, limits)
         except ImageRejected as exc:
-            message = str(exc).replace("ingest.max_bytes", "web.max_upload_bytes")
+            message = str(exc).replace("ingest.max_bytes", "web.max_upload_bytes").replace(
+                "ingest.max_pixels", "web.max_upload_pixels")
             raise Refused(UPLOAD_STATUS.get(exc.reason, 400), exc.reason, f"Not a usable image ({message}).") from None
 
     def describe(self, data: bytes, version: str | None = None) -> str:
@@ -292,7 +298,7 @@ class Searcher:
         self.check_upload(data)
         captioner, config = self._load_captioner(version or self.snapshot.marker.version)
         with self._decode_lock:
-            chunk = next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data))
+            chunk = self.decode(lambda: next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data)))
             if chunk.failed:
                 raise Refused(400, "unreadable-image", f"The image cannot be read: {chunk.failed[0][1]}")
             caption, _ = captioner.decode(chunk.vectors, self.settings.captioner.decode,
@@ -321,9 +327,17 @@ class Searcher:
     def _thumbnail(self, image_id: str) -> bytes:
         data, _ = self.image(image_id)
         try:
-            return thumbnail_jpeg(data, (240, 240))
+            return self.decode(thumbnail_jpeg, data, (240, 240))
         except Exception:  # noqa: BLE001 - damaged after ingest: no thumbnail, the page goes on
             raise Refused(404, "missing-image", "The stored image cannot be decoded.") from None
+
+    def preview(self, data: bytes) -> str:
+        """A data: URI thumbnail of an upload that passed check_upload."""
+        return self.decode(thumbnail, data)
+
+    def decode(self, function, *args):
+        """function(*args) on a decode thread."""
+        return self._decoder.submit(function, *args).result()
 
     def details(self, image_id: str) -> dict:
         """Everything known of an indexed image: its caption and its sources from the manifest."""

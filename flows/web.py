@@ -29,10 +29,10 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir.settings import Settings
 from flows.searcher import Answer, Refused, Searcher
-from jobs.gallery import thumbnail
 
 log = logging.getLogger("cbir.web")
 
@@ -252,9 +252,9 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
             answer = searcher.search_image(data, k or default_k)
         except Refused as exc:
             if exc.reason in ("no-match", "empty-index"):  # a good image: show it, and what it was called
-                upload["preview"] = thumbnail(data)
+                upload["preview"] = searcher.preview(data)
             return page(request, "search.html", exc.status, message=exc.message, upload=upload)
-        upload.update(caption=answer.caption, preview=thumbnail(data))
+        upload.update(caption=answer.caption, preview=searcher.preview(data))
         return page(request, "search.html", upload=upload, answer=answer)
 
     @app.get("/image/{image_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -265,11 +265,19 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
     def stylesheet() -> Response:
         return Response(style, media_type="text/css", headers={"cache-control": "public, max-age=3600"})
 
+    # Only names this server is known by: a page that rebinds its own name to 127.0.0.1 is refused.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings))
     app.add_middleware(Guard, max_body=settings.web.max_upload_bytes + FORM_OVERHEAD,
                        too_large=lambda request: problem(
                            request, 413, "too-large",
                            f"The upload is larger than web.max_upload_bytes={settings.web.max_upload_bytes} bytes."))
     return app
+
+
+def trusted_hosts(settings: Settings) -> list[str]:
+    listen = settings.web.host
+    named = [] if listen in ("0.0.0.0", "::") else [listen]  # listening everywhere names no host
+    return ["127.0.0.1", "localhost", *named, *settings.web.trusted_hosts]
 
 
 class Guard:
