@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -372,13 +373,16 @@ def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
 
 
 def _env_layers(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
-    """CBIR_SECTION__KEY=value -> {section: {key: value}}, one layer a variable so errors can name it."""
+    """CBIR_SECTION__KEY=value -> {section: {key: value}}, one layer a variable so errors can name it.
+    Only variables that name a setting or a section are read: CBIR_HOME and the like belong to others."""
     layers = []
     for name, value in sorted(environ.items()):
-        if name.startswith(ENV_PREFIX) and name not in ENV_CONTROL:
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if name.startswith(ENV_PREFIX) and name not in ENV_CONTROL and path[0] in Settings.model_fields:
+            origin = f"environment variable {name}"
             layer: dict[str, Any] = {}
-            _assign(layer, name[len(ENV_PREFIX):].lower().split("__"), value)
-            layers.append((f"environment variable {name}", layer))
+            _assign(layer, path, value, origin)
+            layers.append((origin, layer))
     return layers
 
 
@@ -388,7 +392,7 @@ def _set_layer(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set needs KEY=VALUE, got '{item}'")
-        _assign(layer, _split_key(key.strip()), value)
+        _assign(layer, _split_key(key.strip()), value, "--set")
     return layer
 
 
@@ -419,12 +423,43 @@ def _split_key(key: str) -> list[str]:
     return parts
 
 
-def _assign(layer: dict[str, Any], path: list[str], raw: str) -> None:
+def _assign(layer: dict[str, Any], path: list[str], raw: str, origin: str) -> None:
+    """Set one value; errors name the key and where it came from, never the value (it may be a secret)."""
+    key = ".".join(path)
+    annotation = _annotation(path)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        raise UsageError(f"{key} is a section (from {origin}): set its keys, e.g. {key}.KEY=VALUE")
+    for i in range(1, len(path)):
+        above = _annotation(path[:i])
+        if above is not None and typing.get_origin(above) is not dict and not (
+                isinstance(above, type) and issubclass(above, BaseModel)):
+            raise UsageError(f"unknown setting '{key}' (from {origin}): {'.'.join(path[:i])} has no keys")
     node = layer
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1]):
         node = node.setdefault(part, {})
-    # Strings stay strings (pydantic coerces "4" or "true" per field); YAML flow syntax makes lists and maps.
-    node[path[-1]] = yaml.safe_load(raw) if raw.strip()[:1] in ("[", "{") else raw
+        if not isinstance(node, dict):
+            raise UsageError(f"{key} (from {origin}) is inside {'.'.join(path[:i + 1])}, which has a value of its own")
+    # Strings stay strings (pydantic coerces "4" or "true" per field); for list and map settings
+    # only, YAML flow syntax makes lists and maps (never for strings: a secret may start with "[").
+    if typing.get_origin(annotation) in (list, tuple, dict) and raw.strip()[:1] in ("[", "{"):
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UsageError(f"bad setting {key} (from {origin}): not a valid [list] or {{map}}") from None
+    else:
+        node[path[-1]] = raw
+
+
+def _annotation(path: list[str]) -> Any:
+    """The type of the setting at path, or None when there is none (unknown keys, spark.conf's names)."""
+    model: Any = Settings
+    annotation = None
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = model = field.annotation
+    return annotation
 
 
 def _merge(into: dict[str, Any], layer: dict[str, Any], origins: dict, origin: str, prefix=()) -> None:
