@@ -245,6 +245,8 @@ class Query(Section):
     visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
     hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
+    max_words: int = Field(100, ge=1, le=10_000, description="longer text queries are refused (query files, "
+                           "cbir search, cbir web): one row must not take minutes of engine time")
 
 
 class Web(Section):

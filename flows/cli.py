@@ -19,6 +19,7 @@ from pathlib import Path
 from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
+from cbir.text import printable, too_many_words
 from cbir.settings import Settings, load_settings, override_variables
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(exc: Exception, code: int, prefix: str = "") -> int:
     if os.environ.get("CBIR_DEBUG"):
         raise exc
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = printable(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     print(f"cbir: error: {prefix}{message}", file=sys.stderr)
     return code
 
@@ -161,6 +162,8 @@ def search(args, settings: Settings) -> None:
         raise UsageError("search needs a text or --image PATH (one of them)")
     if args.k is not None and not 1 <= args.k <= 1000:
         raise UsageError(f"-k must be from 1 to 1000, got {args.k}")
+    if long := too_many_words(args.text, settings.query.max_words):
+        raise UsageError(f"the query is too long: {long}")
     image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
     Lake.open(settings).check()
     run_flow(search_flow, text=args.text, image=image, k=args.k, settings=settings)

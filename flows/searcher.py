@@ -29,7 +29,7 @@ from cbir.errors import UsageError
 from cbir.images import ImageRejected, Limits, inspect_image
 from cbir.lake import Lake
 from cbir.settings import Settings
-from cbir.text import words
+from cbir.text import too_many_words, words
 from jobs.embed import encode_chunks, encoder_config
 from jobs.gallery import thumbnail, thumbnail_jpeg
 from jobs.query import bleu_index, bleu_params
@@ -213,6 +213,8 @@ class Searcher:
         query = words(text)
         if not query:
             raise Refused(400, "empty-query", "The query has no words: type a few words that describe a picture.")
+        if long := too_many_words(text, self.settings.query.max_words):
+            raise Refused(400, "too-long", f"The query is too long: {long}.")
         return self._answer(self.snapshot, query, k)
 
     def search_image(self, data: bytes, k: int) -> Answer:

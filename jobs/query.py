@@ -32,7 +32,7 @@ from cbir.images import Limits, inspect_image
 from cbir.lake import Lake, new_run_id, open_filesystem
 from cbir.schemas import ERRORS, RESULTS
 from cbir.settings import Settings
-from cbir.text import words
+from cbir.text import too_many_words, words
 from jobs.embed import EncoderConfig, encode_chunks, encoder_config, identify, read_features
 from jobs.index import IndexContext
 from jobs.ingest import read_bytes
@@ -113,6 +113,8 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
             continue
         seen.add(query_id)
         query, error = _query(source, query_id, row, settings.query.k)
+        if query and (long := too_many_words(query.text, settings.query.max_words)):
+            query, error = None, f"too-long: {long}"
         if error:
             errors.append((query_id, error))
         else:
@@ -427,6 +429,8 @@ def search_one(spark: SparkSession, lake: Lake, settings: Settings, query: Query
         raise UsageError(f"{query.image}: {failed[0][1]}")
     if not query.words:
         raise UsageError("the query has no words")
+    if long := too_many_words(query.text, settings.query.max_words):
+        raise UsageError(f"the query is too long: {long}")
     captions, n_captions = lake_captions(spark, lake, settings, card["version"])
     ranked = search(spark, captions, n_captions, [query], bleu_params(settings), settings.spark.partitions)
     return query, [row.asDict() for row in ranked.orderBy("rank").collect()]
