@@ -198,7 +198,8 @@ class Encoder(Section):
 
 
 class Captioner(Section):
-    version: str = Field("current", pattern=r"^[A-Za-z0-9._-]+$")
+    version: str = Field("current", pattern=r"^(current|\d{8}T\d{6}Z-[0-9a-f]{8})$",
+                         description="current, or a version: the run id that cbir train printed")
     embedding_dim: int = Field(256, ge=1)
     units: int = Field(256, ge=1)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
