@@ -326,15 +326,13 @@ def heartbeat(tables: Iterable[Table], run_id: str, every_s: float = HEARTBEAT_S
     tables, stop = list(tables), threading.Event()
 
     def beat():
-        while True:
+        while not stop.wait(every_s):  # the run's first files are fresh: no beat needed before
             for table in tables:
                 staging = table.staging(run_id)
                 if is_local(table.fs):
                     table.fs.create_dir(staging, recursive=True)
                 with table.fs.open_output_stream(f"{staging}/{HEARTBEAT}") as out:
                     out.write(datetime.now(timezone.utc).isoformat().encode())
-            if stop.wait(every_s):
-                return
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
     thread.start()

@@ -47,6 +47,9 @@ FLICKR_LICENSES = {
     "8": "United States Government Work", "9": "Public Domain Dedication (CC0)", "10": "Public Domain Mark",
 }
 THUMBNAILS = 4096  # kept in memory, about 6 KB each
+SOURCE_COLUMNS = ["image_id", "uri", "width", "height", "bytes", "status", "title", "tags", "license", "owner",
+                  "source_id", "taken_at", "page_url", "source", "ingested_at"]
+MAX_RELOAD_WAIT_S = 600  # a failing rebuild is tried again after 2, 4, 8 ... x web.reload_s, at most this
 
 
 class Refused(Exception):
@@ -74,6 +77,7 @@ class Snapshot:
     row_of: dict[str, int]
     loaded_at: datetime
     seconds: float
+    sources: tuple[pa.Table, np.ndarray] | None = None  # manifest rows of the indexed images, by image_id
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -122,6 +126,7 @@ class Searcher:
         self.captioner_state = "not loaded"
         self.snapshot = self._build(self.marker())
         self._checked = time.monotonic()
+        self._failures = 0  # rebuilds failed in a row
         self.thumbnail = lru_cache(maxsize=THUMBNAILS)(self._thumbnail)
 
     # The index.
@@ -141,9 +146,17 @@ class Searcher:
         row_of = dict(zip(ids, range(len(ids))))
         index = bleu_index(ids, table, self.params.max_order, self.settings.bleu.source_texts) if ids else None
         table = table.select(["image_id", "uri", "caption", "format"])
+        sources = self._sources(table.column("image_id"))
         seconds = time.perf_counter() - started
         log.info("index of %d captions (captioner %s) built in %.1f s", len(ids), marker.version, seconds)
-        return Snapshot(marker, index, table, row_of, datetime.now(timezone.utc), seconds)
+        return Snapshot(marker, index, table, row_of, datetime.now(timezone.utc), seconds, sources)
+
+    def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:
+        """The manifest rows of the indexed images, sorted by image_id, with the ids as fixed-width bytes to
+        bisect: a page or /api/images answers from memory, not by scanning the manifest each time."""
+        wanted = ds.field("image_id").isin(indexed.combine_chunks())
+        rows = self.lake.table("manifest").dataset().to_table(columns=SOURCE_COLUMNS, filter=wanted).sort_by("image_id")
+        return rows, rows.column("image_id").to_numpy(zero_copy_only=False).astype("S64")
 
     def _captions(self, version: str | None) -> pa.Table:
         """The version's ok captions, one row per image, with its stored format (and title and tags)."""
@@ -181,6 +194,8 @@ class Searcher:
     def maybe_reload(self) -> None:
         """At most every web.reload_s: look at the commit records, in the background; rebuild if they changed."""
         every = self.settings.web.reload_s
+        if self._failures:  # back off: a broken lake is not read every few seconds
+            every = min(every * 2**self._failures, MAX_RELOAD_WAIT_S)
         if not every or time.monotonic() - self._checked < every or not self._reloading.acquire(blocking=False):
             return
         self._checked = time.monotonic()
@@ -189,8 +204,10 @@ class Searcher:
     def _reload_in_background(self) -> None:
         try:
             self.reload()
+            self._failures = 0
         except Exception:  # noqa: BLE001 - the old index keeps serving; the log says why
-            log.exception("reloading the index failed; the previous one keeps serving")
+            self._failures += 1
+            log.exception("reloading the index failed (%d in a row); the previous one keeps serving", self._failures)
         finally:
             self._checked = time.monotonic()
             self._reloading.release()
@@ -275,8 +292,10 @@ class Searcher:
                 config.load()  # TensorFlow's threads are set before its first use
                 captioner, _ = store.load(self.lake, version, encoder=config.key)
             except UsageError as exc:
-                self.captioner_state = f"unavailable: {exc}"
-                raise Refused(503, "no-captioner", f"Searching by image is unavailable: {exc}") from None
+                log.warning("the captioner cannot be loaded: %s", exc)
+                reason = str(exc).replace(f" {self.lake.uri}", "")  # clients are not told where the lake is
+                self.captioner_state = f"unavailable: {reason}"
+                raise Refused(503, "no-captioner", f"Searching by image is unavailable: {reason}") from None
             self._captioner = (version, captioner, config)
             self.captioner_state = f"loaded {version}"
             return captioner, config
@@ -344,7 +363,9 @@ class Searcher:
     def details(self, image_id: str) -> dict:
         """Everything known of an indexed image: its caption and its sources from the manifest."""
         row = self.known(image_id)
-        found = self.lake.table("manifest").dataset().to_table(filter=ds.field("image_id") == image_id).to_pylist()
+        rows, keys = self.snapshot.sources
+        start, end = np.searchsorted(keys, image_id.encode(), "left"), np.searchsorted(keys, image_id.encode(), "right")
+        found = rows.slice(start, end - start).to_pylist()
         found.sort(key=lambda r: (r["status"] != "ok", r["ingested_at"] or datetime.min.replace(tzinfo=timezone.utc)))
         first = found[0] if found else {}
         license_id = first.get("license")

@@ -61,7 +61,7 @@ class ResultOut(BaseModel):
     image_id: str = Field(description="sha256 of the image bytes")
     score: float = Field(description="BLEU of the query against the image's caption (nltk sentence_bleu)")
     caption: str = Field(description="the image's indexed caption")
-    uri: str | None = Field(description="where the image came from")
+    uri: str | None = Field(description="where the image came from (a web address; of a server file, its name)")
     image_url: str = Field(description="the stored image")
     thumbnail_url: str = Field(description="a JPEG of at most 240 x 240 pixels")
     page_url: str = Field(description="the image's page, with its source metadata")
@@ -96,7 +96,7 @@ class ImageOut(BaseModel):
     source_id: str | None
     taken_at: str | None
     page_url: str | None = Field(description="the photo's page at its source (http or https only)")
-    source: str | None = Field(description="what was ingested: a folder, a prefix or a manifest file")
+    source: str | None = Field(description="what was ingested: a folder, a prefix or a manifest file (its name)")
     ingested_at: str | None
     also_at: list[str] = Field(description="other uris with the same bytes")
     model_version: str | None
@@ -181,7 +181,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
             return JSONResponse({"error": message, "reason": "internal"}, status_code=500)
 
     def results(answer: Answer) -> list[ResultOut]:
-        return [ResultOut(rank=r.rank, image_id=r.image_id, score=r.score, caption=r.caption, uri=r.uri,
+        return [ResultOut(rank=r.rank, image_id=r.image_id, score=r.score, caption=r.caption, uri=shown_uri(r.uri),
                           image_url=f"/img/{r.image_id}", thumbnail_url=f"/thumb/{r.image_id}",
                           page_url=f"/image/{r.image_id}") for r in answer.results]
 
@@ -214,7 +214,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
     @app.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}},
              tags=["images"], summary="An indexed image's caption and source metadata")
     def api_image(image_id: str) -> ImageOut:
-        return ImageOut(**searcher.details(checked_id(image_id)))
+        return ImageOut(**shown_details(searcher.details(checked_id(image_id))))
 
     @app.get("/api/status", response_model=StatusOut, tags=["status"], summary="What the index holds")
     def api_status() -> StatusOut:
@@ -259,7 +259,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
 
     @app.get("/image/{image_id}", response_class=HTMLResponse, include_in_schema=False)
     def image_page(request: Request, image_id: str) -> HTMLResponse:
-        return page(request, "image.html", d=searcher.details(checked_id(image_id)))
+        return page(request, "image.html", d=shown_details(searcher.details(checked_id(image_id))))
 
     @app.get("/style.css", include_in_schema=False)
     def stylesheet() -> Response:
@@ -272,6 +272,19 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
                            request, 413, "too-large",
                            f"The upload is larger than web.max_upload_bytes={settings.web.max_upload_bytes} bytes."))
     return app
+
+
+def shown_uri(uri: str | None) -> str | None:
+    """A URI as clients see it: web addresses whole; the server's own paths (local files, buckets) by
+    their file name only, so no answer tells where the server keeps things."""
+    if not uri or uri.startswith(("http://", "https://")):
+        return uri
+    return uri.rstrip("/").rsplit("/", 1)[-1] or None
+
+
+def shown_details(details: dict) -> dict:
+    return {**details, "uri": shown_uri(details["uri"]), "source": shown_uri(details["source"]),
+            "also_at": sorted({shown_uri(uri) for uri in details["also_at"]} - {None})}
 
 
 def trusted_hosts(settings: Settings) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from cbir.errors import UsageError
-from cbir.lake import Lake, checked_run_id, new_run_id, put_bytes
+from cbir.lake import RUN_ID, Lake, checked_run_id, new_run_id, put_bytes
 from models.captioner import Captioner
 from models.tokenizer import Tokenizer
 
@@ -44,7 +44,10 @@ def resolve(lake: Lake, version: str = "current") -> str:
     """The version asked for, or the one `current` points at; either checked to be a version (a run
     id) before it names a folder."""
     if version != "current":
-        return checked_run_id(version, "captioner version")
+        if not RUN_ID.fullmatch(version):
+            raise UsageError(f"captioner version '{version[:80]}' is not in the lake {lake.uri} (versions are run ids "
+                             "like 20250101T000000Z-0123abcd)")
+        return version
     pointer = lake.path(*ROOT, "current")
     if lake.fs.get_file_info(pointer).type == pafs.FileType.NotFound:
         raise UsageError(f"no captioner in the lake {lake.uri} yet: train one with `cbir train DATASET`")

@@ -125,3 +125,87 @@ def test_a_configured_name_is_served(empty_lake, tmp_path):
     settings = make_settings(tmp_path, "web.trusted_hosts=search.example.org")
     with TestClient(create_app(settings, warm_up=False)) as client:
         assert client.get("/api/status", headers={"Host": "search.example.org"}).status_code == 200
+
+
+# An index without Spark or a captioner: three stored images, their manifest rows and captions.
+def indexed_lake(tmp_path, *extra):
+    import pyarrow as pa
+    from datetime import datetime, timezone
+
+    from cbir.images import image_id
+    from cbir.lake import new_run_id, put_bytes
+    from cbir.schemas import CAPTIONS, MANIFEST
+    from conftest import image_bytes
+
+    settings = make_settings(tmp_path, "web.reload_s=0.05", *extra)
+    lake = Lake.open(settings)
+    lake.check()
+    version, now, manifest, captions = new_run_id(), datetime.now(timezone.utc), [], []
+    for number, caption in enumerate(["a red ball", "a dog on grass", "a red car"]):
+        data = image_bytes(number)
+        key = image_id(data)
+        lake.put_image(key, "JPEG", data)
+        uri = f"{tmp_path}/secret-folder/{number}.jpg"
+        manifest.append(dict(image_id=key, uri=uri, source=f"{tmp_path}/secret-folder", format="JPEG", width=64,
+                             height=48, bytes=len(data), status="ok", ingested_at=now, run_id=version))
+        manifest.append(dict(image_id=key, uri=f"s3://private-bucket/copy/{number}.jpg", source="s3://private-bucket/copy",
+                             status="duplicate", ingested_at=now, run_id=version))
+        captions.append(dict(image_id=key, uri=uri, caption=caption, logprob=-1.0, model_version=version, status="ok",
+                             captioned_at=now, run_id=version))
+    for name, rows, schema in (("manifest", manifest, MANIFEST), ("captions", captions, CAPTIONS)):
+        table = lake.table(name)
+        writer = table.part_writer(version)
+        writer.write(pa.RecordBatch.from_pylist([{n: row.get(n) for n in schema.names} for row in rows], schema=schema))
+        table.commit(version, [writer.close()])
+    put_bytes(lake.fs, lake.path("models", "captioner", "current"), version.encode(), overwrite=True)
+    return settings, [row["image_id"] for row in captions]
+
+
+def test_image_metadata_is_served_from_the_loaded_index(tmp_path, monkeypatch):
+    from cbir.lake import Table
+
+    settings, ids = indexed_lake(tmp_path)
+    reads = []
+    real = Table.dataset
+    monkeypatch.setattr(Table, "dataset", lambda self, *a: reads.append(self.name) or real(self, *a))
+    with TestClient(create_app(settings, warm_up=False), base_url="http://127.0.0.1") as client:
+        reads.clear()  # building the index reads the lake once
+        for _ in range(3):
+            info = client.get(f"/api/images/{ids[1]}").json()
+            assert client.get(f"/image/{ids[1]}").status_code == 200
+    assert info["caption"] == "a dog on grass" and info["width"] == 64
+    assert "manifest" not in reads
+
+
+def test_answers_carry_no_server_paths(tmp_path):
+    settings, ids = indexed_lake(tmp_path)
+    with TestClient(create_app(settings, warm_up=False), base_url="http://127.0.0.1") as client:
+        answers = [client.get("/api/search", params={"q": "a red ball"}), client.get(f"/api/images/{ids[0]}"),
+                   client.get(f"/image/{ids[0]}"), client.get("/api/status"),
+                   client.post("/api/search", files={"image": ("x.jpg", b"", "image/jpeg")}),
+                   client.post("/api/search", files={"image": ("x.png", one_colour_png(32, 32), "image/png")})]
+        info = answers[1].json()
+    assert answers[-1].status_code == 503  # no card in this lake: the captioner cannot load
+    for answer in answers:
+        assert str(tmp_path) not in answer.text and "private-bucket" not in answer.text, answer.text
+    assert (info["uri"], info["source"], info["also_at"]) == ("0.jpg", "secret-folder", ["0.jpg"])  # the bucket's copy
+    assert answers[0].json()["results"][0]["uri"] == "0.jpg"
+
+
+def test_a_failing_index_rebuild_backs_off(tmp_path):
+    from flows.searcher import Searcher
+
+    settings, _ = indexed_lake(tmp_path)
+    searcher = Searcher(settings)
+    attempts = []
+
+    def broken():
+        attempts.append(time.monotonic())
+        raise OSError("the lake is unreachable")
+
+    searcher.reload = broken
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:
+        searcher.maybe_reload()
+        time.sleep(0.01)
+    assert 2 <= len(attempts) <= 5  # 0.05 s apart at first, doubling: not 30 tries in 1.6 s
