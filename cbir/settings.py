@@ -275,6 +275,12 @@ class Ui(Section):
 
     allowed_origins: list[str] = Field([], description="browser origins besides the UI's own that may call the API")
     csrf: bool = Field(True, description="state-changing API calls need a CSRF token (Prefect's clients fetch one)")
+    trusted_hosts: list[str] = Field([], description="Host names served besides 127.0.0.1, localhost and --host")
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        return _split(value)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -194,7 +194,7 @@ def ui(args, settings: Settings) -> int:
     print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}).", file=sys.stderr)
     print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
           file=sys.stderr)
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "flows.ui_server", "server", "start", "--host", args.host, "--port", str(args.port)]
     server = subprocess.Popen(command, env={**os.environ, **ui_environment(settings, args.host, args.port)})
     # Stopping cbir ui stops the server too (Ctrl-C reaches both; a kill reaches only this process).
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
@@ -206,14 +206,17 @@ def ui(args, settings: Settings) -> int:
 
 def ui_environment(settings: Settings, host: str, port: int) -> dict[str, str]:
     """The Prefect server's settings for cbir ui: only the UI's own origin (and ui.allowed_origins) may
-    call the API from a browser, and state-changing calls need a CSRF token (Prefect's clients fetch
-    one), so another site's page cannot list or run deployments on it."""
+    call the API from a browser, state-changing calls need a CSRF token (Prefect's clients fetch
+    one), and only known Host names are served, so another site's page cannot list or run
+    deployments on it."""
     # The page asks the API at this address; Prefect's default is port 4200 whatever --port says.
     browser_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     origins = [f"http://{browser_host}:{port}", *settings.ui.allowed_origins]
     if browser_host in ("127.0.0.1", "localhost"):
         origins.append(f"http://{'localhost' if browser_host == '127.0.0.1' else '127.0.0.1'}:{port}")
+    hosts = {"127.0.0.1", "localhost", browser_host, *settings.ui.trusted_hosts}
     return {"PREFECT_UI_API_URL": f"http://{browser_host}:{port}/api",
+            "_CBIR_UI_HOSTS": ",".join(sorted(hosts)),  # flows/ui_server.py: the Host names served
             "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(origins),
             "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": str(settings.ui.csrf).lower(),
             "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true"}

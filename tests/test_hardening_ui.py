@@ -35,11 +35,11 @@ def prefect_ui(tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = make_settings(tmp, "ui.allowed_origins=https://ops.example.org")
+    settings = make_settings(tmp, "ui.allowed_origins=https://ops.example.org", "ui.trusted_hosts=ops.example.org")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     environ.update(PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    **ui_environment(settings, "127.0.0.1", port))
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "flows.ui_server", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while not (_up(port) and call(f"{base}/api/health")[0] == 200):
@@ -78,6 +78,13 @@ def test_the_uis_own_origin_and_allowed_ones_may_call(prefect_ui, origin):
     origin = origin.format(port=prefect_ui.rsplit(":", 1)[1])
     status, headers = call(f"{prefect_ui}/api/health", origin=origin)
     assert status == 200 and headers.get("Access-Control-Allow-Origin") == origin
+
+
+@pytest.mark.parametrize("host, served", [("127.0.0.1", True), ("localhost", True), ("ops.example.org", True),
+                                          ("evil.example", False), ("rebound.attacker.test", False)])
+def test_only_known_host_names_are_served(prefect_ui, host, served):
+    status, _ = call(f"{prefect_ui}/api/health", headers={"Host": host})
+    assert (status == 200) == served and (served or status == 400)
 
 
 def test_prefect_clients_still_work_with_csrf_on(prefect_ui):
