@@ -100,18 +100,18 @@ class PinnedAdapter(HTTPAdapter):
     """Connections dial the address the guard checked, not a second DNS answer; the name is kept for
     the Host header, TLS SNI and certificate checks."""
 
-    def __init__(self, address: Callable[[str, int], str], **kwargs):
-        self.address = address
+    def __init__(self, address: Callable[[str, int], str], in_use: threading.local, **kwargs):
+        self.address, self.in_use = address, in_use
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _pinned_pool(HTTPConnectionPool, HTTPConnection, self.address),
-            "https": _pinned_pool(HTTPSConnectionPool, HTTPSConnection, self.address)}
+            "http": _pinned_pool(HTTPConnectionPool, HTTPConnection, self.address, self.in_use),
+            "https": _pinned_pool(HTTPSConnectionPool, HTTPSConnection, self.address, self.in_use)}
 
 
-def _pinned_pool(pool: type, connection: type, address: Callable[[str, int], str]) -> type:
+def _pinned_pool(pool: type, connection: type, address: Callable[[str, int], str], in_use: threading.local) -> type:
     def _new_conn(self):
         name = self._dns_host
         self._dns_host = address(name.rstrip(".").lower(), self.port)  # only the socket uses it; host, SNI read it after
@@ -120,7 +120,13 @@ def _pinned_pool(pool: type, connection: type, address: Callable[[str, int], str
         finally:
             self._dns_host = name
 
-    pinned = type(f"Pinned{connection.__name__}", (connection,), {"_new_conn": _new_conn})
+    def request(self, *args, **kwargs):
+        connections = getattr(in_use, "connections", None)
+        if connections is not None:
+            connections.append(self)  # so the fetch's deadline can cut it
+        return connection.request(self, *args, **kwargs)
+
+    pinned = type(f"Pinned{connection.__name__}", (connection,), {"_new_conn": _new_conn, "request": request})
     return type(f"Pinned{pool.__name__}", (pool,), {"ConnectionCls": pinned})
 
 
@@ -165,7 +171,8 @@ class Downloader:
         self.session = requests.Session()
         self.session.trust_env = False  # no proxies or .netrc from the environment: the guard checks the real host
         self.session.headers["User-Agent"] = crawl.agent
-        adapter = PinnedAdapter(self.address, pool_connections=64, pool_maxsize=crawl.concurrency)
+        self.in_use = threading.local()  # per thread: the connections of its request in flight
+        adapter = PinnedAdapter(self.address, self.in_use, pool_connections=64, pool_maxsize=crawl.concurrency)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -196,14 +203,15 @@ class Downloader:
             self.rate.wait(host)
             last = attempt == self.crawl.retries
             try:
-                timeout = min(self.crawl.timeout_s, self._left(deadline, host))
-                response = self.session.get(url, stream=True, allow_redirects=False, timeout=timeout)
+                response = self._request(url, deadline, host)
             except requests.Timeout:
+                self._left(deadline, host)
                 if last:
                     raise ImageRejected("timeout", f"no answer from {host} in {self.crawl.timeout_s} s") from None
                 self._backoff(attempt, deadline, host)
                 continue
             except requests.ConnectionError as exc:
+                self._left(deadline, host)
                 if last:
                     raise ImageRejected("connection", f"{host}: {first_line(exc)}") from None
                 self._backoff(attempt, deadline, host)
@@ -214,6 +222,20 @@ class Downloader:
             response.close()
             self._backoff(attempt, deadline, host, retry_after)
         raise AssertionError("unreachable")
+
+    def _request(self, url: str, deadline: float, host: str) -> requests.Response:
+        """One GET to the response headers. Per-read timeouts alone would let a host trickle its headers
+        for hours; at the deadline the connection is shut down under the waiting read."""
+        left = self._left(deadline, host)
+        connections = self.in_use.connections = []
+        timer = threading.Timer(left, _shut_down, (connections,))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self.session.get(url, stream=True, allow_redirects=False, timeout=min(self.crawl.timeout_s, left))
+        finally:
+            timer.cancel()
+            self.in_use.connections = None
 
     def _left(self, deadline: float, host: str) -> float:
         left = deadline - time.monotonic()
@@ -251,6 +273,15 @@ class Downloader:
             reason = "timeout" if "timed out" in str(exc) else "truncated"
             raise ImageRejected(reason, f"{_host(url)} stopped sending: {first_line(exc)}") from None
         return bytes(data[: self.max_bytes + 1])
+
+
+def _shut_down(connections: list) -> None:
+    for connection in connections:
+        try:
+            if connection.sock is not None:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _retry_after(value: str | None) -> float | None:

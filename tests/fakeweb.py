@@ -122,6 +122,13 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.2)
             return
+        if path == "/trickle-headers.jpg":  # a header byte a while, each within crawl.timeout_s
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(200):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
         if path == "/always-busy.jpg":
             return self._send(503, b"busy", "text/plain", {"Retry-After": "1"})
         if path == "/busy-hop.jpg":  # every hop busy once, then a redirect to the next hop

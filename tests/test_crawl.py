@@ -268,6 +268,7 @@ def test_ipv6_translations_of_ipv4_are_refused_unless_allowed(address):
 
 @pytest.mark.parametrize("path, extra, bound", [
     ("/trickle.jpg", [], 2.5),  # a byte every 0.2 s, each within crawl.timeout_s
+    ("/trickle-headers.jpg", [], 2.5),  # the same with the headers
     ("/always-busy.jpg", ["crawl.retries=10", "crawl.max_wait_s=60"], 2.5),  # 503 + Retry-After on every try
     ("/busy-hop.jpg", ["crawl.max_redirects=20"], 2.5),  # 503 + Retry-After on every hop
 ])
