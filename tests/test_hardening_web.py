@@ -209,3 +209,20 @@ def test_a_failing_index_rebuild_backs_off(tmp_path):
         searcher.maybe_reload()
         time.sleep(0.01)
     assert 2 <= len(attempts) <= 5  # 0.05 s apart at first, doubling: not 30 tries in 1.6 s
+
+
+def test_thumbnails_decode_a_large_jpeg_at_a_fraction_of_its_size(monkeypatch):
+    import io
+
+    from PIL import Image, ImageFile
+
+    from jobs.gallery import thumbnail_jpeg
+
+    out = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(out, "JPEG")
+    loaded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loaded.append(self.size) or real(self))
+    with Image.open(io.BytesIO(thumbnail_jpeg(out.getvalue(), (240, 240)))) as thumb:
+        assert thumb.size == (240, 180)
+    assert loaded and max(w * h for w, h in loaded) <= 1000 * 750  # decoded at 1/4 scale or less, not 12 MP
