@@ -1,26 +1,33 @@
-"""Caption and retrieval quality of two encoders on the sample corpus that pip installs.
+"""Caption and retrieval quality: recipes side by side, on OpenClipart and on the sample corpus.
 
-The corpus is cbir.samples.sample_corpus(): the scikit-image photos and Twemoji's emoji, each
-with its caption and category. A fixed held-out split (20% of every category, seeded) is the
-test set; 10% of every category is dev (the best dev epoch's weights are kept), the rest trains.
-For each encoder, in its own temporary lake, with the same captioner settings and budget:
+    .venv/bin/python -m bench.quality                      # both corpora, the baseline and the default recipe
+    .venv/bin/python -m bench.quality --corpus openclipart --recipe drop3 captioner.dropout=0.3 ...
 
-    train flow (`cbir train train.jsonl`)         the captioner, on the train and dev rows only
-    eval flow (`cbir eval heldout.jsonl --json`)  ingest and index the held-out images, then
-                                                  recall@1/5/10 (each ground-truth caption as a
-                                                  query) and mAP@10 (by category)
+Corpora (held-out images are never trained on):
+  openclipart  Debian's openclipart-{png,svg}: drawings with human titles (bench/data/openclipart.py
+               builds it, fetching the packages with apt-get download when they are missing); its
+               train/dev/test split by file name.
+  samples      the scikit-image photos and Twemoji emoji that pip installs (cbir.samples); a seeded
+               20% of every category held out, 10% dev.
+Recipes (settings over the `offline` profile, EfficientNet-Lite0 with its ImageNet weights):
+  baseline     the recipe as it was before issue 14: greedy decoding without loop blocking, one
+               caption per image, no labels, images ranked by their caption alone
+  default      today's defaults
+  --recipe NAME KEY=VALUE ...   more, to compare (settings keys, as --set takes them)
 
-then corpus BLEU-1..4 (nltk corpus_bleu) of the captions the index wrote for the held-out
-images, against their ground-truth captions. The encoders: (a) VGG16 with random weights (what
-tests use; its features carry no learned meaning), (b) EfficientNet-Lite0 with the ImageNet
-weights its pip package ships. The flows run in this process, so Prefect's temporary server and
-Spark start once; their output goes to <work>/<encoder>/flows.log.
-
-    .venv/bin/python bench/quality.py            # all 1,382 images, 20 epochs: about 10 minutes on 2 cores
-    .venv/bin/python bench/quality.py --quick    # the photos and 72 emoji, batches of 16: about 3 minutes
-
-Prints a table, then one JSON line: {"vgg16_random": {bleu1..bleu4, r_at_1, r_at_5, r_at_10,
-map_at_10}, "efficientnet_lite0": {...}}.
+For each corpus, one lake (features are computed once) and for each recipe: the train flow on the
+train and dev rows, then the eval flow on the held-out rows (`cbir eval`: ingest and index them, then
+search). The held-out images are searched by what cbir generated for them (captions and labels),
+never by their human text. Reported per recipe, on the held-out images:
+  bleu1..bleu4       corpus BLEU of each image's best caption against all its human texts
+  degenerate         share of captions that loop (a word right after itself, or a bigram twice)
+  distinct_per_100   distinct best captions per 100 images
+  r_at_1/5/10, map_at_10   text->image recall (each human caption as the query, its own image the
+                     target) and image->image mAP@10 by category (cbir eval)
+  image_r_at_10      image->image: queries with another image of their category in their top 10
+  reachable          the best recall any ranking of the stored references could reach: the
+                     target shares at least one word with the query
+Prints a table per corpus, then one JSON line: {corpus: {recipe: {metric: value}}}.
 """
 
 from __future__ import annotations
@@ -36,17 +43,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbir.lake import Lake  # noqa: E402
 from cbir.samples import sample_corpus, write_jsonl  # noqa: E402
 from cbir.settings import load_settings  # noqa: E402
 
-ENCODERS = {  # the JSON key -> encoder settings
-    "vgg16_random": ("vgg16", "random"),
-    "efficientnet_lite0": ("efficientnet_lite0", "imagenet"),
-}
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "r_at_1", "r_at_5", "r_at_10", "map_at_10")
+BASELINE = ["captioner.decode=greedy", "captioner.no_repeat_ngram=0", "captioner.captions_per_image=1",
+            "captioner.labels_per_image=0", "bleu.references=caption", "train.monitor=loss",
+            "captioner.min_word_count=2", "captioner.dropout=0.5", "train.label_smoothing=0"]
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "degenerate", "distinct_per_100", "r_at_1", "r_at_5", "r_at_10",
+           "map_at_10", "image_r_at_10", "reachable")
 TEST_FRACTION, DEV_FRACTION, SEED = 0.2, 0.1, 0
 QUICK_EMOJI = 72  # 8 of each emoji group (5 flags)
 
@@ -72,91 +78,128 @@ def held_out_split(rows: list[dict], seed: int = SEED) -> list[dict]:
     return out
 
 
-def measure(key: str, work: Path, state: Path, train: Path, heldout: Path, budget: list[str]) -> dict:
-    """Train on train.jsonl, eval on heldout.jsonl, BLEU of the held-out captions: one encoder, its own lake."""
+def corpus_rows(name: str, quick: bool) -> list[dict]:
+    """uri, caption, category, split (and description, for references) of a corpus."""
+    if name == "samples":
+        return held_out_split(sample_corpus(emoji=QUICK_EMOJI if quick else None))
+    from bench.data.openclipart import default_cache, fetch, load_rows
+
+    rows = load_rows(fetch(default_cache())).rows
+    return rows[::4] if quick else rows
+
+
+def human_texts(row: dict) -> list[str]:
+    """Every human text of a held-out image: its caption, and its description when it has one."""
+    return [text for text in (row["caption"], row.get("description")) if text]
+
+
+def measure(lake: Lake, settings, train: Path, heldout: Path, rows: list[dict], log: Path) -> dict:
+    """Train on train.jsonl, eval on heldout.jsonl; caption quality of the held-out images' captions."""
     from flows.evaluate import eval_flow
     from flows.train import train_flow
-    from models.training import corpus_bleu
+    from models.training import caption_stats, corpus_bleu
 
-    name, weights = ENCODERS[key]
-    folder = work / key
-    folder.mkdir()
-    overrides = [f"lake={folder / 'lake'}", f"state_dir={state}", f"encoder.name={name}",
-                 f"encoder.weights={weights}", *budget]
-    settings = load_settings(overrides=overrides, environ={})
-    with open(folder / "flows.log", "w") as log, contextlib.redirect_stdout(log):
+    with open(log, "a") as out, contextlib.redirect_stdout(out):
         started = time.monotonic()
         card = train_flow(dataset=str(train), settings=settings)
         trained = time.monotonic()
         retrieval = eval_flow(table=str(heldout), settings=settings)
         evaluated = time.monotonic()
-
-    lake = Lake.open(settings)
     captions = lake.table("captions").read(["uri", "caption", "model_version", "status"]).to_pylist()
     generated = {row["uri"]: row["caption"] for row in captions
                  if row["model_version"] == card["version"] and row["status"] == "ok"}
-    rows = [row for row in read_jsonl(heldout) if row["uri"] in generated]
-    bleu = corpus_bleu([[row["caption"]] for row in rows], [generated[row["uri"]] for row in rows])
-    return {**bleu, **{k: retrieval[k] for k in ("r_at_1", "r_at_5", "r_at_10", "map_at_10")},
-            "captioned": len(rows), "queries": retrieval["queries"], "epochs": card["training"]["epochs_run"],
-            "vocabulary": card["sizes"]["vocabulary"], "train_s": trained - started, "eval_s": evaluated - trained}
+    found = [row for row in rows if row["uri"] in generated]
+    said = [generated[row["uri"]] for row in found]
+    return {**corpus_bleu([human_texts(row) for row in found], said), **caption_stats(said), **retrieval,
+            "captioned": len(found), "epochs": card["training"]["epochs_run"],
+            "vocabulary": card["sizes"]["vocabulary"], "train_s": trained - started, "eval_s": evaluated - trained,
+            "examples": [(row["caption"], generated[row["uri"]]) for row in found[:: max(1, len(found) // 12)][:12]]}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def training_rows(rows: list[dict], texts: str) -> list[dict]:
+    """One row per training caption: the caption, and with texts=all also the description and the tags
+    (as one line of keywords), as a data set with several captions an image (Flickr8k's five) has."""
+    out = []
+    for row in rows:
+        captions = [row["caption"]]
+        if texts == "all":
+            captions += [row.get("description") or "", " ".join(row.get("tags") or [])]
+        out += [{"uri": row["uri"], "caption": caption, "split": row["split"]} for caption in captions if caption]
+    return out
+
+
+def run_corpus(name: str, recipes: dict[str, list[str]], work: Path, budget: list[str], quick: bool,
+               texts: str) -> dict:
+    rows = corpus_rows(name, quick)
+    folder = work / name
+    folder.mkdir()
+    keep = ("uri", "caption", "category", "split")
+    train = write_jsonl(training_rows([row for row in rows if row["split"] != "test"], texts), folder / "train.jsonl")
+    test = [row for row in rows if row["split"] == "test"]
+    heldout = write_jsonl([{k: row[k] for k in keep} for row in test], folder / "heldout.jsonl")
+    counts = {split: sum(1 for row in rows if row["split"] == split) for split in ("train", "dev", "test")}
+    print(f"{name}: {len(rows)} images in {len({row['category'] for row in rows})} categories; train "
+          f"{counts['train']}, dev {counts['dev']}, held out {counts['test']} (log: {folder / 'flows.log'})", flush=True)
+    results = {}
+    for recipe, overrides in recipes.items():
+        settings = load_settings("offline", overrides=[f"lake={folder / 'lake'}", f"state_dir={work / 'state'}",
+                                                       *budget, *overrides], environ={})
+        print(f"  {recipe}: training and evaluating ...", flush=True)
+        results[recipe] = measure(Lake.open(settings), settings, train, heldout, test, folder / "flows.log")
+    return results
+
+
+def print_table(name: str, results: dict[str, dict]) -> None:
+    print(f"\n{name}\n{'metric':<20}" + "".join(f"{recipe:>14}" for recipe in results))
+    for metric in (*METRICS, "queries", "captioned", "vocabulary", "epochs", "train_s", "eval_s"):
+        cells = [results[recipe][metric] for recipe in results]
+        print(f"{metric:<20}" + "".join(f"{v:>14.1f}" if metric.endswith("_s") else f"{v:>14.4f}"
+                                        if isinstance(v, float) else f"{v:>14}" for v in cells))
+    for recipe, result in results.items():
+        print(f"{recipe}: human caption -> generated caption")
+        for human, generated in result["examples"]:
+            print(f"    {human[:45]!r:<48} {generated!r}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the photos and {QUICK_EMOJI} emoji, batches of 16: a smoke run of a few minutes")
-    parser.add_argument("--emoji", type=int, help=f"emoji in the corpus (default: all of them; --quick: {QUICK_EMOJI})")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs, the same for both encoders (default 20)")
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", choices=("openclipart", "samples", "both"), default="both")
+    parser.add_argument("--quick", action="store_true", help=f"a quarter of OpenClipart, the photos and "
+                        f"{QUICK_EMOJI} emoji: a smoke run")
+    parser.add_argument("--epochs", type=int, default=30, help="most epochs of each training (default 30)")
+    parser.add_argument("--recipe", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="another recipe: a name and settings over the defaults")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline recipe")
+    parser.add_argument("--train-texts", choices=("caption", "all"), default="caption",
+                        help="train on each image's caption only, or on its description and tags too")
     parser.add_argument("--work", metavar="DIR", help="keep the lakes and logs here (default: a temporary folder)")
     args = parser.parse_args()
-    emoji = args.emoji if args.emoji is not None else QUICK_EMOJI if args.quick else None
-    epochs = args.epochs
-    # The same budget for both encoders: every epoch runs (patience = epochs), and the weights of the
-    # epoch with the best dev loss are kept. On the quick corpus one batch of 64 would be an epoch.
-    batch_size = 16 if args.quick else 64
-    budget = [f"train.epochs={epochs}", f"train.patience={epochs}", f"train.batch_size={batch_size}",
-              f"train.seed={SEED}"]
+    recipes = {} if args.no_baseline else {"baseline": BASELINE}
+    recipes["default"] = []
+    recipes.update({name: overrides for name, *overrides in args.recipe})
+    budget = [f"train.epochs={args.epochs}", f"train.seed={SEED}"] + (["train.batch_size=16"] if args.quick else [])
 
     with tempfile.TemporaryDirectory(prefix="cbir-quality-") as tmp:
         work = Path(args.work or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         if any(work.iterdir()):
             sys.exit(f"--work {work} is not empty")
-        state = work / "state"  # shared: EfficientNet-Lite0's converted weights are cached once
-        rows = held_out_split(sample_corpus(emoji=emoji))
-        train = write_jsonl([row for row in rows if row["split"] != "test"], work / "train.jsonl")
-        heldout = write_jsonl([row for row in rows if row["split"] == "test"], work / "heldout.jsonl")
-        counts = {split: sum(1 for row in rows if row["split"] == split) for split in ("train", "dev", "test")}
-        categories = len({row["category"] for row in rows})
-        print(f"corpus: {len(rows)} images in {categories} categories; train {counts['train']}, "
-              f"dev {counts['dev']}, held out {counts['test']}; {epochs} epochs each")
         from flows.cli import prepare_environment
 
-        base = load_settings(overrides=[f"state_dir={state}", f"lake={work / 'lake'}"], environ={})
+        base = load_settings("offline", overrides=[f"state_dir={work / 'state'}", f"lake={work / 'lake'}"], environ={})
         prepare_environment(base)  # Prefect's and Keras' state in the work folder, before they are imported
         from jobs.spark import build_session
 
         spark = build_session(base)  # every flow below reuses this session
         results = {}
         try:
-            for key in ENCODERS:
-                print(f"{key}: training and evaluating (log: {work / key / 'flows.log'}) ...", flush=True)
-                results[key] = measure(key, work, state, train, heldout, budget)
+            for name in ("openclipart", "samples") if args.corpus == "both" else (args.corpus,):
+                results[name] = run_corpus(name, recipes, work, budget, args.quick, args.train_texts)
+                print_table(name, results[name])
         finally:
             spark.stop()
-
-    print(f"\n{'metric':<22}" + "".join(f"{key:>20}" for key in results))
-    for metric in (*METRICS, "captioned", "queries", "vocabulary", "epochs", "train_s", "eval_s"):
-        cells = [results[key][metric] for key in results]
-        print(f"{metric:<22}" + "".join(f"{v:>20.1f}" if metric.endswith("_s") else f"{v:>20.4f}"
-                                        if isinstance(v, float) else f"{v:>20}" for v in cells))
-    print(json.dumps({key: {metric: round(result[metric], 4) for metric in METRICS}
-                      for key, result in results.items()}))
+    print(json.dumps({name: {recipe: {metric: round(result[metric], 4) for metric in METRICS}
+                             for recipe, result in by_recipe.items()} for name, by_recipe in results.items()}))
 
 
 if __name__ == "__main__":

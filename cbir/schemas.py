@@ -7,6 +7,11 @@ def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
     return pa.field(name, type_, metadata={"doc": doc})
 
 
+# An image's texts that BLEU ranks against, each with its kind and rank among its kind; score is the
+# caption's log-probability or the label's probability.
+REFERENCE = pa.struct([("kind", pa.string()), ("rank", pa.int32()), ("text", pa.string()), ("score", pa.float64())])
+REFERENCES = pa.list_(REFERENCE)
+
 MANIFEST = pa.schema(
     [
         _field("image_id", pa.string(), "sha256 of the image bytes (hex); null when the item failed"),
@@ -19,6 +24,7 @@ MANIFEST = pa.schema(
         _field("status", pa.string(), "ok, duplicate (same bytes as an image already stored) or failed"),
         _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
         _field("title", pa.string(), "source title, if any"),
+        _field("description", pa.string(), "source description, if any"),
         _field("tags", pa.list_(pa.string()), "source tags, if any"),
         _field("caption", pa.string(), "a caption that came with the image, if any"),
         _field("source_id", pa.string(), "the photo's id at its source (flickr:<id>), if crawled from an API"),
@@ -37,6 +43,7 @@ CAPTIONS = pa.schema(
         _field("uri", pa.string(), "where the image came from (its first uri in the manifest)"),
         _field("caption", pa.string(), "the generated caption, without startseq/endseq; null when failed"),
         _field("logprob", pa.float64(), "the caption's log-probability under the model"),
+        _field("references", REFERENCES, "the image's generated texts: kind (caption, label), rank, text, score"),
         _field("model_version", pa.string(), "the captioner version that wrote it"),
         _field("status", pa.string(), "ok or failed"),
         _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
@@ -53,6 +60,8 @@ RESULTS = pa.schema(
         _field("uri", pa.string(), "where the image came from"),
         _field("caption", pa.string(), "the image's indexed caption"),
         _field("score", pa.float64(), "BLEU of the query against the image's texts (nltk sentence_bleu)"),
+        _field("matched_kind", pa.string(), "the kind of the text that matched the query best: caption, label, title, ..."),
+        _field("matched_text", pa.string(), "that text"),
         _field("query_caption", pa.string(), "the caption generated for an image query; null for text"),
         _field("visual_similarity", pa.float64(), "cosine of the image features (hybrid image queries only)"),
         _field("blended_score", pa.float64(), "(1 - w) * score + w * visual_similarity (hybrid only)"),

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from cbir.errors import UsageError
 
@@ -24,6 +31,7 @@ ENV_PREFIX = "CBIR_"
 # Variables that choose the layers rather than being settings themselves.
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
+REFERENCE_KINDS = ("caption", "label", "title", "description", "tags", "given")  # cbir.references.KINDS
 # The registry in models/encoders.py; listed here so settings fail at start.
 ENCODERS = ("vgg16", "efficientnet_lite0")
 
@@ -205,15 +213,23 @@ class Captioner(Section):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     min_word_count: int = Field(2, ge=1)
     max_length: int = Field(40, ge=3, le=200, description="tokens per caption, markers included")
-    decode: Literal["greedy", "beam"] = "greedy"
+    decode: Literal["greedy", "beam"] = "beam"
     beam_width: int = Field(3, ge=1, le=50)
+    captions_per_image: int = Field(3, ge=1, le=50, description="distinct captions kept per image, at most (greedy: one)")
+    no_repeat_ngram: int = Field(2, ge=0, le=10, description="0: off; n: no word right after itself, no n-gram twice")
+    length_penalty: float = Field(0.0, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
+    labels_per_image: int = Field(3, ge=0, le=20, description="the encoder's ImageNet labels kept per image")
+    label_threshold: float = Field(0.2, ge=0, le=1, description="the least probability a kept label has")
 
 
 class Train(Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    patience: int = Field(3, ge=1, description="epochs without a better dev loss before stopping")
+    patience: int = Field(3, ge=1, description="epochs without a better dev score before stopping")
+    monitor: Literal["bleu", "loss"] = Field("loss", description="what early stopping watches on the dev split: "
+                                             "BLEU of its decoded captions, or the loss")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of each target spread over the vocabulary")
     dev_fraction: float = Field(0.1, ge=0, lt=0.5, description="for data sets without splits")
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
     seed: int = 0
@@ -225,7 +241,18 @@ class Bleu(Section):
     weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
     smoothing: Literal["method0", "method1", "method2", "method3"] = "method1"
     auto_reweigh: bool = True
-    source_texts: bool = Field(False, description="also score against the image's source title and tags")
+    references: list[str] = Field(list(REFERENCE_KINDS), description="the kinds of an image's texts that count: "
+                                  "caption, label (generated), title, description, tags, given (from its source)")
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _kinds(cls, value: Any) -> Any:
+        value = _split(value)
+        if isinstance(value, list):
+            unknown = sorted(set(map(str, value)) - set(REFERENCE_KINDS))
+            if unknown or not value:
+                raise ValueError(f"give one or more of {', '.join(REFERENCE_KINDS)}")
+        return value
 
     @field_validator("weights", mode="before")
     @classmethod

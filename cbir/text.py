@@ -39,6 +39,14 @@ def words(text: str | None) -> list[str]:
     return [word for word in text.split() if word not in (START, END)]
 
 
+def highlight(text: str, query: list[str]) -> list[tuple[str, bool]]:
+    """The text in pieces, each with whether it is a word of the query (as words() sees it): for showing
+    people which words of a result matched. Joining the pieces gives the text back."""
+    wanted = set(query)
+    pieces = re.split(r"(\w+)", text or "")
+    return [(piece, bool(piece) and (found := words(piece)) != [] and set(found) <= wanted) for piece in pieces if piece]
+
+
 # Plain ASCII without control characters (tab, newline and carriage return allowed) is split by
 # Arrow's kernels; anything else goes through words() itself, so both give the same lists.
 _CONTROL = "[\\x00-\\x08\\x0b-\\x1f\\x7f]"

@@ -58,7 +58,10 @@ def prepare_environment(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("KERAS_HOME", str(state / "keras"))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices, in every Spark worker too
+    # TensorFlow's C++ log, in every Spark worker too: oneDNN says even notices at ERROR ("oneDNN supports
+    # DT_BOOL only on platforms with AVX-512"); TensorFlow's failures reach us as Python exceptions.
+    # models.quiet applies the level to the notices TensorFlow prints on import, before it reads it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def run_flow(flow, **parameters):
@@ -70,8 +73,15 @@ def run_flow(flow, **parameters):
             record.exc_info, record.exc_text = None, None
         return True
 
+    def drop_temporary_server(record: logging.LogRecord) -> bool:
+        # Prefect's "Starting temporary server on http://127.0.0.1:PORT / See https://..." and "Stopping ...":
+        # the port is gone when the command ends, and `cbir ui` serves the runs it recorded.
+        return not (record.name == "prefect" and record.levelno == logging.INFO
+                    and record.getMessage().startswith(("Starting temporary server", "Stopping temporary server")))
+
     for handler in logging.getLogger().handlers:
         handler.addFilter(drop_traceback)
+        handler.addFilter(drop_temporary_server)
     return flow(**parameters)
 
 

@@ -2,7 +2,8 @@
 
 ingest -> train (unless the current captioner was trained on this corpus with this encoder) ->
 index -> a batch query file of text and image queries (results, gallery) -> retrieval quality
-(`cbir eval`) on the corpus -> a summary with the gallery's path and the metrics.
+(`cbir eval`) on the corpus -> a summary: the steps, a few images' human and generated captions, the
+gallery's path and the metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from cbir.errors import UsageError
+from cbir.images import image_id
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI, PHOTO_CATEGORY, sample_corpus, write_jsonl
 from cbir.settings import Settings, load_settings
@@ -26,6 +28,7 @@ from flows.ingest import ingest_flow
 from flows.query import query_flow
 from flows.reporting import publish_summary
 from flows.train import train_flow
+from jobs.query import indexed_captions
 from jobs.spark import spark_session
 from models import store
 from models.encoders import encoder_key
@@ -36,6 +39,9 @@ TYPED_QUERIES = ("dog face", "cat face", "smiling face", "coffee cup")
 # Image queries: these photos (by their skimage loader's name), then the first emoji of a few groups.
 QUERY_PHOTOS = ("cat", "coffee")
 QUERY_EMOJI_GROUPS = 2
+# The summary's example captions: these photos, then the first emoji of a few groups.
+EXAMPLE_PHOTOS = ("astronaut", "cat", "coffee")
+EXAMPLE_EMOJI_GROUPS = 4
 STEPS = 5
 
 
@@ -80,6 +86,8 @@ def demo_flow(emoji: int = DEMO_EMOJI, settings: Settings | None = None) -> dict
     create_link_artifact(link=gallery if gallery.startswith("s3://") else f"file://{gallery}", link_text="gallery",
                          key="demo-gallery", description="The demo's query results as a gallery")
     publish_summary("demo-summary", "cbir demo", steps)
+    version = store.resolve(lake, settings.captioner.version)
+    publish_summary("demo-captions", f"example captions (captioner {version})", example_captions(lake, version, rows))
     profile = "" if settings.profile == "local" else f" --profile {settings.profile}"
     print(f"images: {ingested['ingested']} ingested now, {indexed['indexed']} captioned now; "
           f"queries: {answered['queries']} asked, run {answered['run_uri']}")
@@ -103,6 +111,21 @@ def demo_queries(rows: list[dict]) -> list[dict]:
     images += [row for category, row in firsts.items() if category != PHOTO_CATEGORY][:QUERY_EMOJI_GROUPS]
     queries += [{"query_id": f"image-{row['title'].replace(' ', '-')}", "image": row["uri"]} for row in images]
     return queries
+
+
+def example_captions(lake: Lake, version: str, rows: list[dict]) -> list[dict]:
+    """A few photos and emoji of different groups: their human caption and what the captioner says."""
+    photos = {row["title"]: row for row in rows if row["category"] == PHOTO_CATEGORY}
+    emoji: dict[str, dict] = {}
+    for row in rows:
+        if row["category"] != PHOTO_CATEGORY:
+            emoji.setdefault(row["category"], row)
+    examples = [photos[name] for name in EXAMPLE_PHOTOS if name in photos]
+    examples += list(emoji.values())[:EXAMPLE_EMOJI_GROUPS]
+    ids = [image_id(Path(row["uri"]).read_bytes()) for row in examples]  # the lake's id: the bytes' sha256
+    generated = indexed_captions(lake, version, ids)
+    return [{"image": row["title"], "group": row["category"], "human caption": row["caption"],
+             "generated caption": generated.get(id_, "(not captioned)")} for row, id_ in zip(examples, ids)]
 
 
 def _trained_on(lake: Lake, dataset: str, encoder: str) -> bool:

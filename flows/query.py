@@ -55,6 +55,7 @@ def search_flow(text: str | None = None, image: str | None = None, k: int | None
         asked, hits = query.search_one(spark, lake, settings, one)
     if asked.caption is not None:
         print(f"caption of the query image: {asked.caption}")
-    rows = [{"rank": h["rank"], "score": round(h["score"], 4), "caption": h["caption"], "uri": h["uri"]} for h in hits]
+    rows = [{"rank": h["rank"], "score": round(h["score"], 4), "matched": f"{h['matched_kind']}: {h['matched_text']}",
+             "caption": h["caption"], "uri": h["uri"]} for h in hits]
     print(render_table(f"top {len(rows)} for \u201c{asked.text or asked.caption}\u201d", rows) if rows else "no results")
     return hits

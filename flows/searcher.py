@@ -28,12 +28,22 @@ from cbir.engine import BleuIndex
 from cbir.errors import UsageError
 from cbir.images import ImageRejected, Limits, inspect_image
 from cbir.lake import Lake
+from cbir.references import (
+    SOURCE,
+    SOURCE_COLUMNS,
+    References,
+    best_reference,
+    build_index,
+    reference_texts,
+)
+from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from cbir.text import too_many_words, words
 from jobs.embed import encode_chunks, encoder_config
 from jobs.gallery import thumbnail, thumbnail_jpeg
-from jobs.query import bleu_index, bleu_params
+from jobs.query import bleu_params
 from models import store
+from models.captioner import Decoding
 
 log = logging.getLogger("cbir.web")
 
@@ -47,7 +57,7 @@ FLICKR_LICENSES = {
     "8": "United States Government Work", "9": "Public Domain Dedication (CC0)", "10": "Public Domain Mark",
 }
 THUMBNAILS = 4096  # kept in memory, about 6 KB each
-SOURCE_COLUMNS = ["image_id", "uri", "width", "height", "bytes", "status", "title", "tags", "license", "owner",
+DETAIL_COLUMNS = ["image_id", "uri", "width", "height", "bytes", "status", "title", "tags", "license", "owner",
                   "source_id", "taken_at", "page_url", "source", "ingested_at"]
 MAX_RELOAD_WAIT_S = 600  # a failing rebuild is tried again after 2, 4, 8 ... x web.reload_s, at most this
 
@@ -74,6 +84,7 @@ class Snapshot:
     marker: Marker
     index: BleuIndex | None
     table: pa.Table  # image_id, uri, caption, format: row i of row_of
+    references: References | None  # of row i
     row_of: dict[str, int]
     loaded_at: datetime
     seconds: float
@@ -94,6 +105,8 @@ class Result:
     score: float
     caption: str
     uri: str | None
+    matched_kind: str | None = None  # which of the image's texts matched the query best
+    matched_text: str | None = None
 
 
 @dataclass
@@ -135,61 +148,54 @@ class Searcher:
             version = store.resolve(self.lake, self.settings.captioner.version)
         except UsageError:  # no captioner yet: nothing is indexed
             version = None
-        source_texts = self.settings.bleu.source_texts
+        sources = self._source_kinds()
         return Marker(version, frozenset(self.lake.table("captions").committed_runs()),
-                      frozenset(self.lake.table("manifest").committed_runs()) if source_texts else frozenset())
+                      frozenset(self.lake.table("manifest").committed_runs()) if sources else frozenset())
+
+    def _source_kinds(self) -> list[str]:
+        return [kind for kind in SOURCE if kind in self.settings.bleu.references]
 
     def _build(self, marker: Marker) -> Snapshot:
         started = time.perf_counter()
         table = self._captions(marker.version)
         ids = table.column("image_id").to_pylist()
         row_of = dict(zip(ids, range(len(ids))))
-        index = bleu_index(ids, table, self.params.max_order, self.settings.bleu.source_texts) if ids else None
+        references = reference_texts(table, self.settings.bleu.references) if ids else None
+        index = build_index(ids, references, self.params.max_order) if ids else None
         table = table.select(["image_id", "uri", "caption", "format"])
         sources = self._sources(table.column("image_id"))
         seconds = time.perf_counter() - started
-        log.info("index of %d captions (captioner %s) built in %.1f s", len(ids), marker.version, seconds)
-        return Snapshot(marker, index, table, row_of, datetime.now(timezone.utc), seconds, sources)
+        log.info("index of %d images (captioner %s) built in %.1f s", len(ids), marker.version, seconds)
+        return Snapshot(marker, index, table, references, row_of, datetime.now(timezone.utc), seconds, sources)
 
     def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:
         """The manifest rows of the indexed images, sorted by image_id, with the ids as fixed-width bytes to
         bisect: a page or /api/images answers from memory, not by scanning the manifest each time."""
         wanted = ds.field("image_id").isin(indexed.combine_chunks())
-        rows = self.lake.table("manifest").dataset().to_table(columns=SOURCE_COLUMNS, filter=wanted).sort_by("image_id")
+        rows = self.lake.table("manifest").dataset().to_table(columns=DETAIL_COLUMNS, filter=wanted).sort_by("image_id")
         return rows, rows.column("image_id").to_numpy(zero_copy_only=False).astype("S64")
 
     def _captions(self, version: str | None) -> pa.Table:
-        """The version's ok captions, one row per image, with its stored format (and title and tags)."""
-        source_texts = self.settings.bleu.source_texts
-        extra = ["title", "tags"] if source_texts else []
-        empty = pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),
-                          "caption": pa.array([], pa.string()), "format": pa.array([], pa.string()),
-                          "title": pa.array([], pa.string()), "tags": pa.array([], pa.list_(pa.string()))})
-        if version is None:
-            return empty
-        captions = self.lake.table("captions").dataset().to_table(
-            columns=["image_id", "uri", "caption"],
-            filter=(ds.field("model_version") == version) & (ds.field("status") == "ok")
-            & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
-        if not captions.num_rows:
-            return empty
+        """The version's ok captions and references, one row per image, with its stored format and the
+        source texts of the reference kinds that count (from the manifest)."""
+        sources = self._source_kinds()
+        columns = {kind: SOURCE_COLUMNS[kind] for kind in sources}
+        wanted = pa.schema([CAPTIONS.field(n) for n in ("image_id", "uri", "caption", "references")])
+        captions = wanted.empty_table() if version is None \
+            else self.lake.table("captions").dataset().to_table(
+                columns=["image_id", "uri", "caption", "references"],
+                filter=(ds.field("model_version") == version) & (ds.field("status") == "ok")
+                & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
         captions = _first_per_image(captions)
-        manifest = self.lake.table("manifest").dataset().to_table(
-            columns=["image_id", "format", *extra],
-            filter=(ds.field("status") != "failed") & ds.field("image_id").is_valid())
-        manifest = _first_per_image(manifest)
-        # Arrow joins no list columns: join the row numbers, then take the tags by them.
-        keys = pa.table({"image_id": manifest.column("image_id"), "format": manifest.column("format"),
-                         "_at": pa.array(np.arange(manifest.num_rows, dtype=np.int64))})
-        joined = captions.join(keys, "image_id", join_type="left outer")
-        if source_texts:
-            at = joined.column("_at")
-            joined = joined.append_column("title", manifest.column("title").take(at)).append_column(
-                "tags", manifest.column("tags").take(at))
-        else:
-            joined = joined.append_column("title", pa.nulls(joined.num_rows, pa.string())).append_column(
-                "tags", pa.nulls(joined.num_rows, pa.list_(pa.string())))
-        return joined.select(["image_id", "uri", "caption", "format", "title", "tags"]).combine_chunks()
+        manifest = _first_per_image(self.lake.table("manifest").dataset().to_table(
+            columns=["image_id", "format", *dict.fromkeys(columns.values())],
+            filter=(ds.field("status") != "failed") & ds.field("image_id").is_valid()))
+        # Arrow joins no list columns: find each image's manifest row, then take its columns.
+        at = pc.index_in(captions.column("image_id"), value_set=manifest.column("image_id").combine_chunks())
+        captions = captions.append_column("format", manifest.column("format").take(at))
+        for kind, column in columns.items():
+            captions = captions.append_column(kind, manifest.column(column).take(at))
+        return captions.combine_chunks()
 
     def maybe_reload(self) -> None:
         """At most every web.reload_s: look at the commit records, in the background; rebuild if they changed."""
@@ -260,7 +266,8 @@ class Searcher:
         results = []
         for rank, hit in enumerate(hits, start=1):
             at = snapshot.row_of[hit.image_id]
-            results.append(Result(rank, hit.image_id, hit.score, captions[at].as_py(), uris[at].as_py()))
+            kind, text = best_reference(query, snapshot.references.of(at), self.params) or (None, None)
+            results.append(Result(rank, hit.image_id, hit.score, captions[at].as_py(), uris[at].as_py(), kind, text))
         took = (time.perf_counter() - started) * 1000
         return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
 
@@ -322,8 +329,7 @@ class Searcher:
             chunk = self.decode(lambda: next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data)))
             if chunk.failed:
                 raise Refused(400, "unreadable-image", f"The image cannot be read: {chunk.failed[0][1]}")
-            caption, _ = captioner.decode(chunk.vectors, self.settings.captioner.decode,
-                                          self.settings.captioner.beam_width)[0]
+            (caption, _), *_ = captioner.decode(chunk.vectors, Decoding.from_settings(self.settings.captioner))[0]
         return caption
 
     # Stored images.

@@ -48,9 +48,12 @@ def summary_rows(card: dict) -> list[dict]:
         {"what": "vocabulary", "value": str(card["sizes"]["vocabulary"])},
         {"what": "epochs (best)", "value": f"{card['training']['epochs_run']} ({card['training']['best_epoch']})"},
     ]
-    for method in ("greedy", "beam"):
-        if method in metrics:
-            bleu = " ".join(f"{metrics[method][f'bleu{n}']:.3f}" for n in range(1, 5))
-            label = f"BLEU-1..4 {method}" + (f" (width {metrics['beam_width']})" if method == "beam" else "")
-            rows.append({"what": label, "value": bleu})
+    decoding = metrics.get("decoding", {})
+    configured = f"{decoding.get('method')}" + (f" (width {decoding.get('beam_width')})"
+                                                if decoding.get("method") == "beam" else "")
+    for name, label in (("greedy", "plain greedy"), ("configured", configured)):
+        if name in metrics:
+            bleu = " ".join(f"{metrics[name][f'bleu{n}']:.3f}" for n in range(1, 5))
+            rows.append({"what": f"BLEU-1..4, {label}", "value": bleu})
+            rows.append({"what": f"loops, {label}", "value": f"{metrics[name]['degenerate']:.0%} of captions"})
     return rows

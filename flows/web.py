@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir.settings import Settings
+from cbir.text import highlight
 from flows.searcher import Answer, Refused, Searcher
 
 log = logging.getLogger("cbir.web")
@@ -59,8 +60,11 @@ class ErrorOut(BaseModel):
 class ResultOut(BaseModel):
     rank: int = Field(description="1 is best; ties by image_id")
     image_id: str = Field(description="sha256 of the image bytes")
-    score: float = Field(description="BLEU of the query against the image's caption (nltk sentence_bleu)")
+    score: float = Field(description="BLEU of the query against the image's texts (nltk sentence_bleu)")
     caption: str = Field(description="the image's indexed caption")
+    matched_kind: str | None = Field(description="which of its texts matched the query best: caption, label, title, "
+                                                 "description, tags or given")
+    matched_text: str | None = Field(description="that text")
     uri: str | None = Field(description="where the image came from (a web address; of a server file, its name)")
     image_url: str = Field(description="the stored image")
     thumbnail_url: str = Field(description="a JPEG of at most 240 x 240 pixels")
@@ -136,9 +140,10 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
 
     app = FastAPI(title="cbir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False,
                   description="Caption-based image search: by text, or by an image that is captioned first; "
-                              "images are ranked by BLEU between the query and their captions.")
+                              "images are ranked by BLEU between the query and their texts.")
     app.state.searcher = searcher
     environment = jinja2.Environment(loader=jinja2.PackageLoader("flows", "templates"), autoescape=True)
+    environment.globals["highlight"] = highlight
     templates = Jinja2Templates(env=environment)
     style = resources.files("flows").joinpath("templates/style.css").read_bytes()
 
@@ -182,6 +187,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
 
     def results(answer: Answer) -> list[ResultOut]:
         return [ResultOut(rank=r.rank, image_id=r.image_id, score=r.score, caption=r.caption, uri=shown_uri(r.uri),
+                          matched_kind=r.matched_kind, matched_text=r.matched_text,
                           image_url=f"/img/{r.image_id}", thumbnail_url=f"/thumb/{r.image_id}",
                           page_url=f"/image/{r.image_id}") for r in answer.results]
 

@@ -1,7 +1,8 @@
 """Evaluate retrieval on a table of (uri, caption[, category]) whose images are ingested and indexed.
 
 Text to image: every ground-truth caption is a query; its own image is the target; recall@1/5/10
-is the share of queries whose target ranks that high. Image to image: every image with a
+is the share of queries whose target ranks that high. Images are searched by the texts cbir
+generated for them (captions and labels), never by their source texts. Image to image: every image with a
 category is a query by its generated caption (itself left out of its results); AP@10 counts the
 other images of its category among the top 10, and mAP@10 is their mean over queries.
 """
@@ -17,7 +18,9 @@ from pyspark.sql import SparkSession
 
 from cbir.errors import UsageError
 from cbir.lake import Lake
+from cbir.references import GENERATED, reference_texts
 from cbir.settings import Settings
+from cbir.text import words
 from jobs.query import Query, bleu_params, indexed_captions, lake_captions, search
 from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 from models import store
@@ -31,8 +34,10 @@ class EvalSummary:
     r_at_5: float
     r_at_10: float
     map_at_10: float
+    image_r_at_10: float  # image queries with another image of their category in their top 10
     queries: int
     image_queries: int
+    reachable: float  # the best recall any ranking of these references could reach: the target shares a word
     seconds: float
 
     def rows(self) -> list[dict]:
@@ -40,7 +45,9 @@ class EvalSummary:
                 for key, value in asdict(self).items()]
 
     def contract(self) -> dict:
-        return {key: getattr(self, key) for key in ("r_at_1", "r_at_5", "r_at_10", "map_at_10", "queries")}
+        """The metrics `cbir eval --json` prints: the contract's keys first, then the others."""
+        keys = ("r_at_1", "r_at_5", "r_at_10", "map_at_10", "queries", "image_r_at_10", "reachable")
+        return {key: getattr(self, key) for key in keys}
 
 
 def read_table_rows(uri: str, settings: Settings) -> list[dict]:
@@ -85,7 +92,10 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     rows = [dict(row, image_id=image_of[row["uri"]]) for row in table_rows if row["uri"] in image_of]
     if not rows:
         raise UsageError("none of the evaluation table's images is in the lake")
-    captions, n_captions = lake_captions(spark, lake, settings, card["version"])
+    # The images are searched by what cbir generated for them only: their source texts (the very captions
+    # asked here, when the table was ingested as a manifest) would answer every query by themselves.
+    kinds = tuple(kind for kind in settings.bleu.references if kind in GENERATED)
+    captions, n_captions = lake_captions(spark, lake, settings, card["version"], kinds)
     params = bleu_params(settings)
 
     category = {row["image_id"]: row["category"] for row in rows if row["category"]}
@@ -93,20 +103,36 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out).
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
     images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
-    found = _ranked(search(spark, captions, n_captions, [q for q in texts + images if q.words], params))
+    found = _ranked(search(spark, captions, n_captions, [q for q in texts + images if q.words], params, kinds))
     ranks = [next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
              for q, row in zip(texts, rows)]
+    vocabulary = _words_of(lake, card["version"], [row["image_id"] for row in rows], kinds)
+    reachable = sum(1 for q, row in zip(texts, rows) if vocabulary.get(row["image_id"], set()) & set(q.words))
 
-    precisions = []
+    precisions, image_hits = [], []
     for q in images:
         others = [image_id for image_id, _ in found.get(q.query_id, []) if image_id != q.query_id][:10]
         total = sum(1 for image_id, c in category.items() if c == category[q.query_id] and image_id != q.query_id)
         if total:
-            precisions.append(average_precision_at([category.get(i) == category[q.query_id] for i in others], total))
+            relevant = [category.get(i) == category[q.query_id] for i in others]
+            precisions.append(average_precision_at(relevant, total))
+            image_hits.append(any(relevant))
     return EvalSummary(
         r_at_1=recall_at(ranks, 1), r_at_5=recall_at(ranks, 5), r_at_10=recall_at(ranks, 10),
-        map_at_10=sum(precisions) / len(precisions) if precisions else 0.0, queries=len(ranks),
-        image_queries=len(precisions), seconds=round(time.monotonic() - started, 1))
+        map_at_10=sum(precisions) / len(precisions) if precisions else 0.0,
+        image_r_at_10=sum(image_hits) / len(image_hits) if image_hits else 0.0, queries=len(ranks),
+        image_queries=len(precisions), reachable=reachable / len(ranks) if ranks else 0.0,
+        seconds=round(time.monotonic() - started, 1))
+
+
+def _words_of(lake: Lake, version: str, image_ids: list[str], kinds: tuple[str, ...]) -> dict[str, set[str]]:
+    """image_id -> every word of its references of these kinds."""
+    wanted = pa.array(sorted(set(image_ids)), pa.string())
+    table = lake.table("captions").dataset().to_table(columns=["image_id", "caption", "references"], filter=(
+        ds.field("image_id").isin(wanted) & (ds.field("model_version") == version) & (ds.field("status") == "ok")))
+    references = reference_texts(table, kinds)
+    return {image_id: {word for _, text in references.of(row) for word in words(text)}
+            for row, image_id in enumerate(table.column("image_id").to_pylist())}
 
 
 def _ranked(frame) -> dict[str, list[tuple[str, int]]]:

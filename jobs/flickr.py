@@ -58,7 +58,7 @@ class Search:
             raise UsageError(f"--max must be at least 1, got {self.max_photos}")
 
     def arguments(self, sizes: list[str]) -> dict:
-        extras = ["license", "date_taken", "owner_name", "tags", *(f"url_{size}" for size in sizes)]
+        extras = ["description", "license", "date_taken", "owner_name", "tags", *(f"url_{size}" for size in sizes)]
         return {k: v for k, v in {
             "text": self.text, "tags": self.tags, "tag_mode": self.tag_mode, "license": self.license,
             "min_taken_date": self.min_taken, "max_taken_date": self.max_taken, "bbox": self.bbox,
@@ -97,6 +97,12 @@ def search(config: Flickr, query: Search, retries: int = 3) -> Iterator[Entry]:
         page += 1
 
 
+def _content(value) -> str | None:
+    """Flickr's JSON gives a description as {"_content": text}."""
+    text = value.get("_content") if isinstance(value, dict) else value
+    return text.strip() or None if isinstance(text, str) else None
+
+
 def entry(photo: dict, sizes: list[str]) -> Entry:
     """One search result -> an entry with the first configured size it has, or an error."""
     owner = photo.get("owner", "")
@@ -104,6 +110,7 @@ def entry(photo: dict, sizes: list[str]) -> Entry:
     url = next((photo[f"url_{size}"] for size in sizes if photo.get(f"url_{size}")), None)
     meta = dict(
         title=photo.get("title") or None, tags=photo.get("tags", "").split() or None,
+        description=_content(photo.get("description")),
         source_id=f"flickr:{photo['id']}", owner=photo.get("ownername") or owner or None,
         license=str(photo["license"]) if photo.get("license") is not None else None,
         taken_at=photo.get("datetaken") or None, page_url=page_url,

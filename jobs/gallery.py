@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from cbir.images import on_white
 from cbir.lake import Lake, open_filesystem, put_bytes
 from cbir.settings import Settings
+from cbir.text import highlight, words
 
 THUMBNAIL = (160, 160)
 PAGE = """<!doctype html>
@@ -29,6 +30,8 @@ figure {{ margin: 0; padding: .4rem; border: 1px solid #ddd; border-radius: 6px;
 figure img {{ display: block; width: 160px; height: 160px; object-fit: contain; margin: auto; }}
 figcaption {{ font-size: .8rem; margin-top: .3rem; overflow-wrap: anywhere; }}
 .score {{ color: #555; font-variant-numeric: tabular-nums; }}
+.matched {{ color: #444; }}
+mark {{ background: #fde68a; color: inherit; }}
 .errors td {{ padding: .1rem .6rem; }}
 </style></head>
 <body><h1>{title}</h1>
@@ -91,8 +94,13 @@ def render(lake: Lake, settings: Settings, title: str, results: list[dict], quer
             scores = f'BLEU {row["score"]:.4f}'
             if row.get("blended_score") is not None:
                 scores += f' &middot; visual {row["visual_similarity"]:.3f} &middot; blended {row["blended_score"]:.4f}'
+            matched = ""
+            if row.get("matched_text"):
+                marked = "".join(f"<mark>{html.escape(piece)}</mark>" if hit else html.escape(piece)
+                                 for piece, hit in highlight(row["matched_text"], words(said)))
+                matched = f'<span class="matched">{html.escape(row["matched_kind"] or "")}: {marked}</span><br>'
             body.append(f'<figure><img src="{image}" alt="{html.escape(row["caption"] or "")}">'
-                        f'<figcaption>{row["rank"]}. {html.escape(row["caption"] or "")}<br>'
+                        f'<figcaption>{row["rank"]}. {html.escape(row["caption"] or "")}<br>{matched}'
                         f'<span class="score">{scores}</span><br><small>{html.escape(row["image_id"][:12])}</small>'
                         f'</figcaption></figure>')
         if not by_query.get(query.query_id):

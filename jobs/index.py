@@ -32,7 +32,9 @@ from jobs.lakeio import read_table, write_tables
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
 from models import store
-from models.encoders import configure_tensorflow, encoder_key
+from models.captioner import Decoding
+from models.encoders import configure_tensorflow, encoder_key, labeler
+from models.labels import Labeler
 
 CAPTIONS_PER_TASK = 4096  # captioning cached features is quick
 STAGES = ("load", "read", "decode", "encode", "caption", "write")  # load: the models, once per worker
@@ -40,15 +42,23 @@ STAGES = ("load", "read", "decode", "encode", "caption", "write")  # load: the m
 
 @dataclass(frozen=True)
 class IndexContext:
-    """What a task needs: the lake (the model is loaded from it, once per worker) and how to decode."""
+    """What a task needs: the lake (the model is loaded from it, once per worker), how to decode, how many labels."""
 
     lake: Lake
     version: str
     encoder: EncoderConfig
-    method: str
-    beam_width: int
+    decoding: Decoding
+    labels: int
+    label_threshold: float
     run_id: str
     indexed_at: datetime
+
+    @classmethod
+    def from_settings(cls, lake: Lake, version: str, encoder: EncoderConfig, settings: Settings,
+                      run_id: str) -> "IndexContext":
+        c = settings.captioner
+        return cls(lake, version, encoder, Decoding.from_settings(c), c.labels_per_image, c.label_threshold, run_id,
+                   datetime.now(timezone.utc))
 
     def captioner(self):
         key = (self.lake.uri, self.version)
@@ -57,10 +67,25 @@ class IndexContext:
             _CAPTIONERS[key] = store.load(self.lake, self.version, encoder=self.encoder.key)[0]
         return _CAPTIONERS[key]
 
-    def captions_batch(self, rows: list[dict], decoded: list[tuple[str, float]],
-                       failed: list[tuple[dict, str]]) -> pa.RecordBatch:
-        out = [dict(image_id=row["image_id"], uri=row["uri"], caption=caption, logprob=logprob, status="ok", error=None)
-               for row, (caption, logprob) in zip(rows, decoded)]
+    def labeler(self) -> Labeler:
+        """The encoder's classifier, once per worker (the encoder itself is cached by load_encoder)."""
+        if self.encoder.key not in _LABELERS:
+            _LABELERS[self.encoder.key] = labeler(self.encoder.load())
+        return _LABELERS[self.encoder.key]
+
+    def describe(self, vectors: np.ndarray) -> list[list[dict]]:
+        """Each image's references: its n best distinct captions, then its ImageNet labels."""
+        captions = self.captioner().decode(vectors, self.decoding) if len(vectors) else []
+        labels = self.labeler().labels(vectors, self.labels, self.label_threshold) if self.labels else [[]] * len(vectors)
+        return [[dict(kind="caption", rank=rank, text=text, score=logprob)
+                 for rank, (text, logprob) in enumerate(best, start=1)]
+                + [dict(kind="label", rank=rank, text=text, score=p) for rank, (text, p) in enumerate(names, start=1)]
+                for best, names in zip(captions, labels)]
+
+    def captions_batch(self, rows: list[dict], vectors: np.ndarray, failed: list[tuple[dict, str]]) -> pa.RecordBatch:
+        out = [dict(image_id=row["image_id"], uri=row["uri"], caption=refs[0]["text"], logprob=refs[0]["score"],
+                    references=refs, status="ok", error=None)
+               for row, refs in zip(rows, self.describe(vectors))]
         out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed", error=error)
                 for row, error in failed]
         for row in out:
@@ -69,6 +94,7 @@ class IndexContext:
 
 
 _CAPTIONERS: dict = {}
+_LABELERS: dict = {}
 
 
 @dataclass
@@ -118,8 +144,7 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | 
     summary.pending = todo.num_rows
     if summary.pending:
         config = encoder_config(settings, spark.sparkContext.defaultParallelism)
-        context = IndexContext(lake, version, config, settings.captioner.decode, settings.captioner.beam_width,
-                               summary.run_id, datetime.now(timezone.utc))
+        context = IndexContext.from_settings(lake, version, config, settings, summary.run_id)
         counts = _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions,
                         progress)
         summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
@@ -181,6 +206,8 @@ def index_partition(context: IndexContext, batches: Iterator[pa.RecordBatch]):
     """A partition holds either images to encode (no vector) or cached vectors: caption them all."""
     clock = time.perf_counter()
     context.captioner()
+    if context.labels:
+        context.labeler()
     yield Counter({"seconds:load": time.perf_counter() - clock})
     for batch in batches:
         if batch.column("vector").null_count < batch.num_rows:
@@ -191,7 +218,7 @@ def index_partition(context: IndexContext, batches: Iterator[pa.RecordBatch]):
 
 def encode_and_caption(context: IndexContext, rows: list[dict]):
     """(image_id, uri, format) rows -> features and captions, encoder.batch_size images at a time."""
-    lake, captioner = context.lake, context.captioner()
+    lake = context.lake
 
     def read(row: dict) -> bytes:
         try:
@@ -202,11 +229,11 @@ def encode_and_caption(context: IndexContext, rows: list[dict]):
 
     for chunk in encode_chunks(context.encoder, rows, read):
         clock = time.perf_counter()
-        decoded = captioner.decode(chunk.vectors, context.method, context.beam_width) if chunk.rows else []
+        captions = context.captions_batch(chunk.rows, chunk.vectors, chunk.failed)
         seconds = chunk.seconds + Counter(caption=time.perf_counter() - clock)
         if chunk.rows:
             yield "features", chunk.features_batch(context.encoder, context.run_id)
-        yield "captions", context.captions_batch(chunk.rows, decoded, chunk.failed)
+        yield "captions", captions
         yield _tally(chunk.rows, chunk.failed, seconds, encoded=len(chunk.rows))
 
 
@@ -216,8 +243,7 @@ def caption_cached(context: IndexContext, batch: pa.RecordBatch):
     vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
     vectors = vectors.reshape(-1, context.encoder.dim).astype(np.float32)
     rows = batch.select(["image_id", "uri"]).to_pylist()
-    decoded = context.captioner().decode(vectors, context.method, context.beam_width)
-    yield "captions", context.captions_batch(rows, decoded, [])
+    yield "captions", context.captions_batch(rows, vectors, [])
     yield _tally(rows, [], Counter(caption=time.perf_counter() - clock), reused=len(rows))
 
 

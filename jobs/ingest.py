@@ -34,7 +34,7 @@ from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_entries
 from jobs.spark import default_partitions
 
 PROBED = pa.schema([MANIFEST.field(name) for name in (
-    "uri", "caption", "title", "tags", "source_id", "owner", "license", "taken_at", "page_url",
+    "uri", "caption", "title", "description", "tags", "source_id", "owner", "license", "taken_at", "page_url",
     "image_id", "format", "width", "height", "bytes", "status", "error")])
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from typing import Iterator
 
@@ -26,14 +25,26 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cbir.bleu import BleuParams
-from cbir.engine import BleuIndex
 from cbir.errors import UsageError
 from cbir.images import Limits, inspect_image
 from cbir.lake import Lake, new_run_id, open_filesystem
+from cbir.references import (
+    SOURCE,
+    SOURCE_COLUMNS,
+    best_reference,
+    build_index,
+    reference_texts,
+)
 from cbir.schemas import ERRORS, RESULTS
 from cbir.settings import Settings
 from cbir.text import too_many_words, words
-from jobs.embed import EncoderConfig, encode_chunks, encoder_config, identify, read_features
+from jobs.embed import (
+    EncoderConfig,
+    encode_chunks,
+    encoder_config,
+    identify,
+    read_features,
+)
 from jobs.index import IndexContext
 from jobs.ingest import read_bytes
 from jobs.lakeio import read_table, write_run
@@ -43,7 +54,11 @@ from models import store
 
 CAPTIONS_PER_TASK = 500_000  # a task indexes its share once and answers every query: few, large shares
 CAPTIONS_PER_READ = 250_000
-HIT_DDL = "query_id string, image_id string, uri string, caption string, score double"
+HIT_DDL = ("query_id string, image_id string, uri string, caption string, score double, matched_kind string, "
+           "matched_text string")
+HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("image_id", pa.string()), ("uri", pa.string()),
+                        ("caption", pa.string()), ("score", pa.float64()), ("matched_kind", pa.string()),
+                        ("matched_text", pa.string())])
 
 
 @dataclass
@@ -155,6 +170,9 @@ def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, q
     images = [q for q in queries if q.image]
     if not images:
         return []
+    if card is None:
+        return [(q.query_id, "no-captioner: image queries need a captioner in the lake: train one with `cbir train`")
+                for q in images]
     config = encoder_config(settings, spark.sparkContext.defaultParallelism)
     store.check_encoder(card, config.key)
     ids = identify(spark, settings, sorted({q.image for q in images}))
@@ -163,15 +181,14 @@ def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, q
     for q in images:
         image_id, error = ids[q.image]
         if error:
-            errors.append((q.query_id, f"unreadable-image: {error}"))
+            errors.append((q.query_id, error))
         elif image_id in known:
             q.caption, q.vector = known[image_id]
         else:
             todo.append(q)
     if not todo:  # no model to load
         return errors
-    context = IndexContext(lake, card["version"], config, settings.captioner.decode, settings.captioner.beam_width,
-                           "query", datetime.now(timezone.utc))
+    context = IndexContext.from_settings(lake, card["version"], config, settings, "query")
     rows = spark.createDataFrame([(q.query_id, q.image) for q in todo], "query_id string, uri string")
     rows = rows.repartition(min(len(todo), spark.sparkContext.defaultParallelism))
     out = rows.mapInArrow(partial(_caption_partition, context, Limits.from_settings(settings.ingest)),
@@ -210,10 +227,10 @@ def _caption_partition(context: IndexContext, limits: Limits, batches: Iterator[
 
     rows = ({**row, "image_id": row["query_id"]} for batch in batches for row in batch.to_pylist())
     for chunk in encode_chunks(config, rows, read):
-        decoded = captioner.decode(chunk.vectors, context.method, context.beam_width) if chunk.rows else []
-        out = [{"query_id": row["query_id"], "caption": caption, "vector": vector.tolist(), "error": None}
-               for row, (caption, _), vector in zip(chunk.rows, decoded, chunk.vectors)]
-        out += [{"query_id": row["query_id"], "caption": None, "vector": None, "error": f"unreadable-image: {error}"}
+        decoded = captioner.decode(chunk.vectors, context.decoding) if chunk.rows else []
+        out = [{"query_id": row["query_id"], "caption": best[0][0], "vector": vector.tolist(), "error": None}
+               for row, best, vector in zip(chunk.rows, decoded, chunk.vectors)]
+        out += [{"query_id": row["query_id"], "caption": None, "vector": None, "error": error}
                 for row, error in chunk.failed]
         yield pa.RecordBatch.from_pylist(out, schema=pa.schema([
             ("query_id", pa.string()), ("caption", pa.string()), ("vector", pa.list_(pa.float32())),
@@ -221,16 +238,22 @@ def _caption_partition(context: IndexContext, limits: Limits, batches: Iterator[
 
 
 # The captions searched.
-def lake_captions(spark: SparkSession, lake: Lake, settings: Settings, version: str) -> tuple[DataFrame, int]:
-    """(image_id, uri, caption[, title, tags]) of the version's ok captions, and how many there are."""
-    captions = read_table(spark, lake.table("captions"), ["image_id", "uri", "caption", "model_version", "status"])
+def lake_captions(spark: SparkSession, lake: Lake, settings: Settings, version: str,
+                  kinds: tuple[str, ...] | None = None) -> tuple[DataFrame, int]:
+    """(image_id, uri, caption, references[, title, description, tags, given]) of the version's ok captions,
+    with the source texts of the chosen reference kinds (default bleu.references), and how many there are."""
+    kinds = tuple(settings.bleu.references) if kinds is None else kinds
+    captions = read_table(spark, lake.table("captions"),
+                          ["image_id", "uri", "caption", "references", "model_version", "status"])
     captions = captions.where((F.col("model_version") == version) & (F.col("status") == "ok"))
-    captions = captions.select("image_id", "uri", "caption")
-    if settings.bleu.source_texts:
-        manifest = read_table(spark, lake.table("manifest"), ["image_id", "title", "tags", "status"])
-        sources = manifest.where(F.col("status") != "failed").groupBy("image_id").agg(
-            F.first("title", ignorenulls=True).alias("title"), F.first("tags", ignorenulls=True).alias("tags"))
-        captions = captions.join(sources, "image_id", "left")
+    captions = captions.select("image_id", "uri", "caption", "references")
+    sources = [kind for kind in SOURCE if kind in kinds]
+    if sources:
+        manifest = read_table(spark, lake.table("manifest"),
+                              ["image_id", "status", *dict.fromkeys(SOURCE_COLUMNS[kind] for kind in sources)])
+        firsts = manifest.where(F.col("status") != "failed").groupBy("image_id").agg(
+            *(F.first(SOURCE_COLUMNS[kind], ignorenulls=True).alias(kind) for kind in sources))
+        captions = captions.join(firsts, "image_id", "left")
     count = sum(r["rows"] for r in lake.table("captions").commits() if r.get("model_version") == version)
     return captions, count
 
@@ -275,49 +298,37 @@ def _read_row_groups(fs, columns: list[str], batches):
 
 # The search.
 def search(spark: SparkSession, captions: DataFrame, n_captions: int, queries: list[Query], params: BleuParams,
-           partitions: int = 0, pool: dict[str, int] | None = None) -> DataFrame:
-    """Each query's exact top k (or pool[query_id], when wider) as (query_id, rank, image_id, uri, caption, score)."""
+           kinds: tuple[str, ...], partitions: int = 0, pool: dict[str, int] | None = None) -> DataFrame:
+    """Each query's exact top k (or pool[query_id], when wider) over the images' references of these kinds,
+    as (query_id, rank, image_id, uri, caption, score, matched_kind, matched_text)."""
     wanted = [(q.query_id, q.words, max(q.k, (pool or {}).get(q.query_id, 0))) for q in queries]
     tasks = partitions or max(spark.sparkContext.defaultParallelism, -(-n_captions // CAPTIONS_PER_TASK))
-    columns = [c for c in ("image_id", "uri", "caption", "title", "tags") if c in captions.columns]
-    hits = captions.select(*columns).repartition(tasks).mapInArrow(
-        partial(_search_partition, spark.sparkContext.broadcast(wanted), params), HIT_DDL)
+    hits = captions.repartition(tasks).mapInArrow(
+        partial(_search_partition, spark.sparkContext.broadcast(wanted), params, tuple(kinds)), HIT_DDL)
     limits = spark.createDataFrame([(query_id, k) for query_id, _, k in wanted], "query_id string, k int")
     order = Window.partitionBy("query_id").orderBy(F.col("score").desc(), F.col("image_id").asc())
     ranked = hits.withColumn("rank", F.row_number().over(order)).join(F.broadcast(limits), "query_id")
     return ranked.where(F.col("rank") <= F.col("k")).drop("k")
 
 
-def bleu_index(ids: list[str], table: pa.Table, max_order: int, source_texts: bool) -> BleuIndex:
-    """The index of a table's captions; with source_texts, each image's title and tags are more references."""
-    if not source_texts:
-        return BleuIndex.from_captions(ids, table.column("caption").combine_chunks(), max_order)
-    columns = (table.column(name).to_pylist() for name in ("caption", "title", "tags"))
-    texts = [[words(caption)] + [w for w in (words(title), words(" ".join(tags or []))) if w]
-             for caption, title, tags in zip(*columns)]
-    return BleuIndex.from_texts(ids, texts, max_order)
-
-
-def _search_partition(wanted, params: BleuParams, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _search_partition(wanted, params: BleuParams, kinds: tuple[str, ...],
+                      batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     table = pa.Table.from_batches(list(batches))
     if not table.num_rows:
         return
     ids = table.column("image_id").to_pylist()
-    index = bleu_index(ids, table, params.max_order, source_texts="title" in table.column_names)
+    references = reference_texts(table, kinds)
+    index = build_index(ids, references, params.max_order)
     where = {image_id: i for i, image_id in enumerate(ids)}
     uris, captions = table.column("uri").to_pylist(), table.column("caption").to_pylist()
-    out: dict[str, list] = {"query_id": [], "image_id": [], "uri": [], "caption": [], "score": []}
+    out: list[dict] = []
     for query_id, query_words, k in wanted.value:
         for hit in index.search(query_words, k, params):
             row = where[hit.image_id]
-            out["query_id"].append(query_id)
-            out["image_id"].append(hit.image_id)
-            out["uri"].append(uris[row])
-            out["caption"].append(captions[row])
-            out["score"].append(hit.score)
-    yield pa.RecordBatch.from_pydict(out, schema=pa.schema([
-        ("query_id", pa.string()), ("image_id", pa.string()), ("uri", pa.string()), ("caption", pa.string()),
-        ("score", pa.float64())]))
+            kind, text = best_reference(query_words, references.of(row), params) or (None, None)
+            out.append(dict(query_id=query_id, image_id=hit.image_id, uri=uris[row], caption=captions[row],
+                            score=hit.score, matched_kind=kind, matched_text=text))
+    yield pa.RecordBatch.from_pylist(out, schema=HIT_SCHEMA)
 
 
 def blend(spark: SparkSession, ranked: DataFrame, features: DataFrame, queries: list[Query], weight: float) -> DataFrame:
@@ -326,8 +337,7 @@ def blend(spark: SparkSession, ranked: DataFrame, features: DataFrame, queries: 
     pool = ranked.where(F.col("query_id").isin(list(vectors)))
     scored = features.join(F.broadcast(pool), "image_id").mapInArrow(
         partial(_cosines, spark.sparkContext.broadcast(vectors), weight),
-        "query_id string, image_id string, uri string, caption string, score double, "
-        "visual_similarity double, blended_score double")
+        HIT_DDL + ", visual_similarity double, blended_score double")
     order = Window.partitionBy("query_id").orderBy(F.col("blended_score").desc(), F.col("image_id").asc())
     return scored.withColumn("rank", F.row_number().over(order))
 
@@ -343,8 +353,7 @@ def _cosines(vectors, weight: float, batches):
         cosine = np.where(norms > 0, (images * queries).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
         bleu = batch.column("score").to_numpy()
         yield pa.RecordBatch.from_pydict({
-            "query_id": batch.column("query_id"), "image_id": batch.column("image_id"), "uri": batch.column("uri"),
-            "caption": batch.column("caption"), "score": batch.column("score"),
+            **{name: batch.column(name) for name in HIT_SCHEMA.names},
             "visual_similarity": cosine, "blended_score": (1 - weight) * bleu + weight * cosine})
 
 
@@ -361,7 +370,7 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
 
     with tracked(spark, f"query {query_file}", progress):
         clock = time.monotonic()
-        card = store.card(lake, settings.captioner.version) if (captions_table is None or any(q.image for q in queries)) else None
+        card = _card(lake, settings) if captions_table else store.card(lake, settings.captioner.version)
         errors += caption_image_queries(spark, lake, settings, queries, card)
         queries = [q for q in queries if q.text is not None or q.caption is not None]
         stages["caption images"] = time.monotonic() - clock
@@ -373,8 +382,8 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
             captions, n_captions = lake_captions(spark, lake, settings, card["version"])
         hybrid = settings.query.hybrid and captions_table is None
         pool = {q.query_id: q.k * settings.query.hybrid_pool for q in queries if hybrid and q.vector is not None}
-        ranked = search(spark, captions, n_captions, queries, bleu_params(settings), settings.spark.partitions, pool) \
-            if queries else spark.createDataFrame([], HIT_DDL + ", rank int")
+        ranked = search(spark, captions, n_captions, queries, bleu_params(settings), tuple(settings.bleu.references),
+                        settings.spark.partitions, pool) if queries else spark.createDataFrame([], HIT_DDL + ", rank int")
         rows = _with_query_columns(spark, ranked, queries, run_id)
         if pool:
             config = encoder_config(settings, spark.sparkContext.defaultParallelism)
@@ -390,7 +399,7 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
         stages["search"] = time.monotonic() - clock
 
     answered = set(counts) - {"seconds:write"}
-    errors += [(q.query_id, "no-match: no word of the query is in any indexed caption")
+    errors += [(q.query_id, "no-match: no word of the query is in any indexed text")
                for q in queries if q.query_id not in answered]
     _write_errors(errors_table, errors, run_id)
     summary.answered = len(answered)
@@ -400,6 +409,14 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
     summary.errors = dict(Counter(reason.split(":")[0] for _, reason in errors))
     summary.stages = dict(stages)
     return summary
+
+
+def _card(lake: Lake, settings: Settings) -> dict | None:
+    """The captioner's card, or None when the lake has none (text queries can still search a captions table)."""
+    try:
+        return store.card(lake, settings.captioner.version)
+    except UsageError:
+        return None
 
 
 def _with_query_columns(spark, ranked: DataFrame, queries: list[Query], run_id: str) -> DataFrame:
@@ -432,5 +449,6 @@ def search_one(spark: SparkSession, lake: Lake, settings: Settings, query: Query
     if long := too_many_words(query.text, settings.query.max_words):
         raise UsageError(f"the query is too long: {long}")
     captions, n_captions = lake_captions(spark, lake, settings, card["version"])
-    ranked = search(spark, captions, n_captions, [query], bleu_params(settings), settings.spark.partitions)
+    ranked = search(spark, captions, n_captions, [query], bleu_params(settings), tuple(settings.bleu.references),
+                    settings.spark.partitions)
     return query, [row.asDict() for row in ranked.orderBy("rank").collect()]

@@ -1,7 +1,7 @@
 """Reader: a SOURCE (a folder, an s3:// prefix, one image, or a manifest file) -> entries to ingest.
 
 A manifest is CSV, JSONL (or a JSON array) or Parquet with a `uri` column and optional `caption`,
-`title` and `tags`, or a .txt file with one uri per line; .gz, .bz2 and .zst copies work too.
+`title`, `description` and `tags`, or a .txt file with one uri per line; .gz, .bz2 and .zst copies work too.
 Relative uris are resolved against the manifest's folder. A bad row becomes an entry that
 carries its error, so it is recorded as a failed manifest row and the rest goes on.
 """
@@ -39,10 +39,11 @@ class Entry(NamedTuple):
     license: str | None = None
     taken_at: str | None = None
     page_url: str | None = None
+    description: str | None = None
 
 
 ENTRY_DDL = ("uri string, caption string, title string, tags array<string>, error string, source_id string, "
-             "owner string, license string, taken_at string, page_url string")
+             "owner string, license string, taken_at string, page_url string, description string")
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def _entry(source: Source, number: int, row: Any, web: bool = False) -> Entry:
     uri = row.get("uri") or (row.get("url") if web else None)
     if not isinstance(uri, str) or not uri.strip():
         return Entry(row_uri, error="bad-row: no uri")
-    meta = dict(caption=text_value(row.get("caption")), title=text_value(row.get("title")), tags=_tags(row.get("tags")))
+    meta = dict(caption=text_value(row.get("caption")), title=text_value(row.get("title")), tags=_tags(row.get("tags")),
+                description=text_value(row.get("description")))
     try:
         return Entry(web_uri(uri) if web else resolve_uri(source, uri), **meta)
     except ValueError as exc:

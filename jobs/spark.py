@@ -11,6 +11,11 @@ from typing import Iterator
 from pyspark.sql import SparkSession
 
 from cbir.settings import Settings
+from cbir.stderr import lines_dropped
+
+# Spark 4 starts every JVM with the incubating Vector API module, and the JVM announces it on stderr as it
+# starts; no option stops that. Log4j (conf/log4j2.properties) keeps the rest of Spark's log to errors.
+JVM_NOTICE = b"WARNING: Using incubator modules: jdk.incubator.vector\n"
 
 
 @contextmanager
@@ -46,7 +51,9 @@ def build_session(settings: Settings) -> SparkSession:
     )
     for key, value in settings.spark.conf.items():
         builder = builder.config(key, value)
-    return builder.getOrCreate()
+    # A JVM started here (and the Python workers it starts) writes to stderr through the filter for its life.
+    with lines_dropped(lambda line: line == JVM_NOTICE, wait=False):
+        return builder.getOrCreate()
 
 
 def default_partitions(spark: SparkSession, items: int, configured: int = 0, per_partition: int = 1000) -> int:

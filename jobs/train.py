@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -22,9 +23,10 @@ from jobs.datasets import Dataset
 from jobs.embed import embed, encoder_config, identify, read_features
 from jobs.progress import Report
 from models import store
+from models.captioner import GREEDY, Decoding
 from models.encoders import weights_label, weights_source
 from models.tokenizer import Tokenizer
-from models.training import Split, evaluate, fit
+from models.training import Split, evaluate, fit, split_references
 
 EpochReport = Callable[[int, dict], None]
 
@@ -56,13 +58,17 @@ def run(
     tokenizer = Tokenizer.fit(splits["train"].captions, c.min_word_count)
     longest = max(len(tokenizer.encode(caption)) - 1 for caption in splits["train"].captions)
     max_length = min(c.max_length, longest)
+    decoding = Decoding.from_settings(c)
     captioner, history = fit(
         splits["train"], splits["dev"], tokenizer, max_length=max_length, embedding_dim=c.embedding_dim,
         units=c.units, dropout=c.dropout, epochs=t.epochs, batch_size=t.batch_size,
-        learning_rate=t.learning_rate, patience=t.patience, seed=t.seed, on_epoch=on_epoch)
+        learning_rate=t.learning_rate, patience=t.patience, seed=t.seed, monitor=t.monitor,
+        label_smoothing=t.label_smoothing, decoding=decoding, on_epoch=on_epoch)
     test = splits["test"]
-    references = _references(test)
-    metrics = (evaluate(captioner, test.features, references, c.beam_width) if references else {})
+    references = split_references(test) if test.captions else []
+    # Plain greedy decoding beside the configured one, so a card shows what the decoding settings add.
+    metrics = (evaluate(captioner, test.features, references, {"greedy": GREEDY, "configured": decoding})
+               if references else {})
 
     card = {
         "created_at": datetime.now(timezone.utc).isoformat(),
@@ -79,8 +85,9 @@ def run(
                   "units": c.units, "dropout": c.dropout, "min_word_count": c.min_word_count},
         "training": {"epochs_run": len(history), "best_epoch": _best_epoch(history), "history": history,
                      "batch_size": t.batch_size, "learning_rate": t.learning_rate, "seed": t.seed,
+                     "monitor": t.monitor, "label_smoothing": t.label_smoothing,
                      "seconds": round(time.monotonic() - started, 1)},
-        "metrics": {"test_images": len(references), "beam_width": c.beam_width, **metrics},
+        "metrics": {"test_images": len(references), "decoding": asdict(decoding), **metrics},
         "software": _versions(),
     }
     card["version"] = store.save(lake, captioner, card)
@@ -121,17 +128,13 @@ def _splits(dataset: Dataset, image_of: dict[str, str], features: dict[str, np.n
     return splits
 
 
-def _references(split: Split) -> list[list[str]]:
-    """All captions of each image of a split, in the order of its feature rows."""
-    references: list[list[str]] = [[] for _ in range(len(split.features))]
-    for index, caption in zip(split.image_index, split.captions):
-        references[index].append(caption)
-    return references if split.captions else []
-
-
 def _best_epoch(history: list[dict]) -> int:
-    key = "val_loss" if history and "val_loss" in history[0] else "loss"
-    return 1 + int(np.argmin([epoch[key] for epoch in history])) if history else 0
+    if not history:
+        return 0
+    if "val_bleu" in history[0]:
+        return 1 + int(np.argmax([epoch["val_bleu"] for epoch in history]))
+    key = "val_loss" if "val_loss" in history[0] else "loss"
+    return 1 + int(np.argmin([epoch[key] for epoch in history]))
 
 
 def _versions() -> dict[str, str]:

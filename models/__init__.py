@@ -1,1 +1,5 @@
 """TensorFlow/Keras models: image encoders and the LSTM captioner (filled by the captioner issue)."""
+
+from models import quiet
+
+quiet.install()  # before any of these modules imports TensorFlow, in the driver and in Spark's workers

@@ -3,15 +3,42 @@
 Training uses teacher forcing on whole captions: position t sees the image and words < t and
 predicts word t, which is the classic prefix-by-prefix merge model computed in one pass.
 Decoding reuses the same layers one step at a time, carrying the LSTM state, for a whole
-batch of images per step: greedy or beam search, each caption with its log-probability. A caption
-has at least one word: an empty one describes nothing and no query can find its image.
+batch of images per step: greedy or beam search, each caption with its log-probability, and with
+beam search the n best distinct captions of an image. A caption has at least one word: an empty
+one describes nothing and no query can find its image. Decoding can block loops (a word right after
+itself, an n-gram twice), which little-trained models fall into: "face face face", "of of of".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from models.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How captions are decoded (settings captioner.decode, beam_width, captions_per_image, ...)."""
+
+    method: str = "greedy"  # greedy or beam
+    beam_width: int = 3
+    captions: int = 1  # distinct captions per image at most, best first (greedy finds one, beam up to its width)
+    no_repeat_ngram: int = 0  # 0: off; n: no word right after itself, and no n-gram twice
+    length_penalty: float = 0.0  # beam: the beams are ranked by log-probability / length ** this
+
+    @classmethod
+    def from_settings(cls, captioner) -> "Decoding":
+        return cls(captioner.decode, captioner.beam_width, captioner.captions_per_image, captioner.no_repeat_ngram,
+                   captioner.length_penalty)
+
+    def __post_init__(self):
+        if self.method not in ("greedy", "beam"):
+            raise ValueError(f"decode method is greedy or beam, not {self.method}")
+
+
+GREEDY = Decoding()
 
 
 def build_model(vocab_size: int, max_length: int, feature_dim: int, embedding_dim: int, units: int, dropout: float):
@@ -73,31 +100,37 @@ class Captioner:
     def _image(self, features: np.ndarray) -> np.ndarray:
         return self._image_fn(features).numpy()
 
-    def _step(self, last: np.ndarray, h: np.ndarray, c: np.ndarray, image: np.ndarray, first: bool = False):
+    def _step(self, last: np.ndarray, h: np.ndarray, c: np.ndarray, image: np.ndarray, history: np.ndarray,
+              no_repeat: int):
         """One word for every row: (log-probabilities over the vocabulary, new h, new c).
 
-        The first word is never the end: a little-trained model often ends at once."""
+        The first word is never the end (a little-trained model often ends at once), and with
+        no_repeat, no word follows itself and no n-gram of that size comes twice (a caption loop)."""
         log_probs, h, c = (out.numpy() for out in self._step_fn(last.astype(np.int32), h, c, image))
-        if first:
+        if not history.shape[1]:
             log_probs[:, self.tokenizer.end] = -np.inf
+        elif no_repeat:
+            log_probs[repeats(history, no_repeat)] = -np.inf
         return log_probs, h, c
 
-    def decode(self, features: np.ndarray, method: str = "greedy", beam_width: int = 3,
-               batch_size: int = 64) -> list[tuple[str, float]]:
-        """Features (n, feature_dim) -> [(caption, log-probability)], batch_size images per model call."""
+    def decode(self, features: np.ndarray, decoding: Decoding = GREEDY,
+               batch_size: int = 64) -> list[list[tuple[str, float]]]:
+        """Features (n, feature_dim) -> for each image its decoding.captions best distinct captions,
+        [(caption, log-probability)], best first; batch_size images per model call."""
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"features must be (n, {self.feature_dim}), got {features.shape}")
-        results: list[tuple[str, float]] = []
-        if method not in ("greedy", "beam"):
-            raise ValueError(f"decode method is greedy or beam, not {method}")
+        results: list[list[tuple[str, float]]] = []
         for start in range(0, len(features), batch_size):
             batch = features[start:start + batch_size]
-            tokens, scores = self._beam(batch, beam_width) if method == "beam" else self._greedy(batch)
-            results += [(self.tokenizer.decode(row), float(score)) for row, score in zip(tokens, scores)]
+            if decoding.method == "beam":
+                results += self._beam(batch, decoding)
+            else:
+                tokens, scores = self._greedy(batch, decoding.no_repeat_ngram)
+                results += [[(self.tokenizer.decode(row), float(score))] for row, score in zip(tokens, scores)]
         return results
 
-    def _greedy(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _greedy(self, features: np.ndarray, no_repeat: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(features)
         image = self._image(features)
         h = c = np.zeros((n, self.units), np.float32)
@@ -106,7 +139,7 @@ class Captioner:
         scores = np.zeros(n, np.float64)
         done = np.zeros(n, bool)
         for t in range(self.max_length):
-            log_probs, h, c = self._step(last, h, c, image, first=t == 0)
+            log_probs, h, c = self._step(last, h, c, image, tokens[:, :t], no_repeat)
             best = log_probs.argmax(axis=1)
             scores += np.where(done, 0.0, log_probs[np.arange(n), best])
             tokens[:, t] = np.where(done, self.tokenizer.pad, best)
@@ -116,8 +149,9 @@ class Captioner:
                 break
         return tokens, scores
 
-    def _beam(self, features: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        n, vocab, end, pad = len(features), len(self.tokenizer), self.tokenizer.end, self.tokenizer.pad
+    def _beam(self, features: np.ndarray, decoding: Decoding) -> list[list[tuple[str, float]]]:
+        n, width, vocab = len(features), decoding.beam_width, len(self.tokenizer)
+        end, pad = self.tokenizer.end, self.tokenizer.pad
         image = np.repeat(self._image(features), width, axis=0)  # (n * width, units)
         h = c = np.zeros((n * width, self.units), np.float32)
         last = np.full((n * width, 1), self.tokenizer.start, np.int32)
@@ -125,15 +159,22 @@ class Captioner:
         scores = np.full((n, width), -np.inf)
         scores[:, 0] = 0.0  # the beams start identical: keep one
         done = np.zeros((n, width), bool)
+        lengths = np.zeros((n, width))  # words so far, the end included
         for t in range(self.max_length):
-            log_probs, h, c = self._step(last, h, c, image, first=t == 0)
+            history = tokens[:, :, :t].reshape(n * width, t)
+            log_probs, h, c = self._step(last, h, c, image, history, decoding.no_repeat_ngram)
             candidates = scores[:, :, None] + log_probs.reshape(n, width, vocab)
             # A finished beam continues only with padding, at no cost.
             candidates[done] = -np.inf
             candidates[done, pad] = scores[done]
-            flat = top_k(candidates.reshape(n, width * vocab), width)
+            # Beams compete by log-probability over length ** length_penalty (0: none), so a caption
+            # that ends early does not push out longer ones only for having fewer words to pay for.
+            grown = np.broadcast_to(np.where(done, lengths, t + 1)[:, :, None], candidates.shape).reshape(n, -1)
+            ranked = candidates.reshape(n, -1) / grown ** decoding.length_penalty
+            flat = top_k(ranked, width)
             beam, word = flat // vocab, flat % vocab
             scores = np.take_along_axis(candidates.reshape(n, -1), flat, axis=1)
+            lengths = np.take_along_axis(grown, flat, axis=1)
             tokens = np.take_along_axis(tokens, beam[:, :, None], axis=1)
             tokens[:, :, t] = word
             done = np.take_along_axis(done, beam, axis=1) | (word == end)
@@ -141,7 +182,30 @@ class Captioner:
             h, c, last = h[rows], c[rows], word.reshape(-1, 1)
             if done.all():
                 break
-        return tokens[:, 0], scores[:, 0]
+        ranked = np.argsort(-(scores / np.maximum(lengths, 1) ** decoding.length_penalty), axis=1, kind="stable")
+        out = []
+        for i in range(n):
+            best: dict[str, float] = {}
+            for b in ranked[i]:
+                caption = self.tokenizer.decode(tokens[i, b])
+                if np.isfinite(scores[i, b]) and caption not in best and len(best) < decoding.captions:
+                    best[caption] = float(scores[i, b])
+            out.append(list(best.items()))
+        return out
+
+
+def repeats(history: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, words) that must not come next: the last word again, or a word that would make an
+    n-gram (n >= 2) of the row's history appear twice. history: (rows, t) of word ids so far."""
+    rows, t = history.shape
+    blocked_rows, blocked_words = [np.arange(rows)], [history[:, -1]]
+    if n >= 2 and t >= n:
+        tail = history[:, t - n + 1:]  # the n-1 words the next word would extend
+        windows = np.lib.stride_tricks.sliding_window_view(history[:, :-1], n - 1, axis=1)  # (rows, t-n+1, n-1)
+        row, at = np.nonzero((windows == tail[:, None, :]).all(axis=2))
+        blocked_rows.append(row)
+        blocked_words.append(history[row, at + n - 1])
+    return np.concatenate(blocked_rows), np.concatenate(blocked_words)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from cbir.errors import UsageError
 from cbir.images import on_white
+from models.labels import Labeler
 
 RANDOM_SEED = 1234  # random weights must be identical in every process that computes features
 
@@ -75,6 +76,7 @@ class VGG16:
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
         self.model = keras.Model(base.input, base.get_layer("fc2").output, name="vgg16_fc2")
+        self.head = base.get_layer("predictions")  # fc2 -> the 1000 ImageNet classes
 
     @staticmethod
     def _build(keras, weights: str):
@@ -133,6 +135,7 @@ class EfficientNetLite0:
             self._load(efficientnet, weights)
         self.model = keras.Model(self.classifier.input, self.classifier.get_layer("avg_pool").output,
                                  name="efficientnet_lite0_pool")
+        self.head = self.classifier.get_layer("predictions")  # pooled features (dropout aside) -> classes
 
     def _load(self, efficientnet, weights: str) -> None:
         if weights == "imagenet":
@@ -171,6 +174,12 @@ class EfficientNetLite0:
     def classify(self, batch: np.ndarray) -> np.ndarray:
         """uint8 pixels (n, 224, 224, 3) -> ImageNet class probabilities (n, 1000)."""
         return np.asarray(self.classifier.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+
+
+def labeler(encoder) -> Labeler:
+    """The encoder's ImageNet classifier as a Labeler of its stored features."""
+    kernel, bias = (np.asarray(w, np.float32) for w in encoder.head.get_weights())
+    return Labeler(kernel, bias)
 
 
 def _keras_cache_dir() -> Path:

@@ -18,10 +18,17 @@ from jobs import train
 from jobs.datasets import read_dataset
 from jobs.embed import encoder_config, read_features
 from models import store
-from models.captioner import Captioner, build_model, top_k
+from models.captioner import GREEDY, Captioner, Decoding, build_model, repeats, top_k
 from models.encoders import VGG16, load_encoder, pixels, weights_source
 from models.tokenizer import Tokenizer
-from models.training import corpus_bleu
+from models.training import caption_stats, corpus_bleu, degenerate
+
+BEAM = Decoding("beam", beam_width=3)
+
+
+def best(captioner, features, decoding=GREEDY, **kwargs) -> list[tuple[str, float]]:
+    """The best caption of each image and its log-probability."""
+    return [captions[0] for captions in captioner.decode(features, decoding, **kwargs)]
 
 TRAIN_SETTINGS = ("encoder.weights=random", "captioner.embedding_dim=64", "captioner.units=128",
                   "captioner.min_word_count=1", "captioner.dropout=0.2", "train.epochs=20", "train.batch_size=32",
@@ -121,12 +128,60 @@ def test_a_model_that_would_end_at_once_still_says_one_word():
     logits.set_weights([np.zeros_like(logits.get_weights()[0]), bias])
     captioner = Captioner(model, tokenizer)
     features = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
-    for method in ("greedy", "beam"):
-        assert [caption for caption, _ in captioner.decode(features, method)] == ["circle"] * 3
+    for decoding in (GREEDY, BEAM):
+        assert [caption for caption, _ in best(captioner, features, decoding)] == ["circle"] * 3
     # Its score is the model's own log-probability of "circle" and then of the end (pad, unk, start never occur).
-    (_, score), = captioner.decode(features[:1])
+    (_, score), = best(captioner, features[:1])
     normaliser = np.log(np.exp(30.0) + np.exp(10.0) + len(tokenizer) - 5)
     assert score == pytest.approx(10 + 30 - 2 * normaliser, abs=1e-4)
+
+
+def looping_captioner() -> Captioner:
+    """A model that, whatever the image, would say "circle" again and again: its bias alone decides."""
+    tokenizer = Tokenizer.fit(["a red circle on a blue square", "red and blue"])
+    model = build_model(len(tokenizer), max_length=10, feature_dim=8, embedding_dim=4, units=8, dropout=0.0)
+    logits = model.get_layer("logits")
+    bias = np.zeros(len(tokenizer), np.float32)
+    bias[tokenizer.ids["circle"]], bias[tokenizer.ids["red"]], bias[tokenizer.ids["a"]] = 9.0, 8.0, 7.0
+    logits.set_weights([np.zeros_like(logits.get_weights()[0]), bias])
+    return Captioner(model, tokenizer)
+
+
+def test_no_repeat_decoding_stops_the_loops_of_a_model_biased_to_repeat():
+    captioner = looping_captioner()
+    features = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32)
+    for decoding in (GREEDY, BEAM):
+        looped = [caption for caption, _ in best(captioner, features, decoding)]
+        assert looped == ["circle " * 9 + "circle"] * 4 and all(map(degenerate, looped))
+    for decoding in (Decoding(no_repeat_ngram=2), Decoding("beam", 3, captions=3, no_repeat_ngram=2)):
+        for captions in captioner.decode(features, decoding):
+            assert captions and not any(degenerate(caption) for caption, _ in captions)
+    # With bigram blocking the likeliest words take turns, and no word pair comes twice.
+    (caption, _), = best(captioner, features[:1], Decoding(no_repeat_ngram=2))
+    assert caption.split()[:4] == ["circle", "red", "circle", "a"]
+    assert caption_stats(["face face", "a dog", "a dog", "of the of the"]) == {"degenerate": 0.5,
+                                                                               "distinct_per_100": 75.0}
+
+
+def test_repeats_blocks_the_last_word_and_every_word_that_would_repeat_an_ngram():
+    history = np.array([[5, 6, 5, 7, 5], [1, 2, 3, 4, 9]])
+    rows, blocked = repeats(history, 2)
+    assert sorted(zip(rows.tolist(), blocked.tolist())) == [(0, 5), (0, 6), (0, 7), (1, 9)]
+    rows, blocked = repeats(np.array([[5, 6, 5, 6, 5]]), 3)  # "6 5" was followed by 6 once: "6 5 6" again is not
+    assert sorted(set(blocked.tolist())) == [5, 6]
+
+
+def test_beam_search_gives_the_n_best_distinct_captions(trained):
+    captioner = trained["captioner"]
+    features = np.stack(list(_features(trained).values())[:12])
+    width = Decoding("beam", beam_width=4, captions=3)
+    for captions in captioner.decode(features, width):
+        texts, scores = [c for c, _ in captions], [s for _, s in captions]
+        assert len(texts) == 3 == len(set(texts)) and scores == sorted(scores, reverse=True)
+    # Length normalisation ranks the beams by log-probability over length ** penalty.
+    for captions in captioner.decode(features, Decoding("beam", beam_width=4, captions=4, length_penalty=1.0)):
+        normalised = [s / (len(c.split()) + 1) for c, s in captions]
+        assert normalised == sorted(normalised, reverse=True)
 
 
 def test_training_learns_what_the_images_show(trained):
@@ -141,8 +196,8 @@ def test_training_learns_what_the_images_show(trained):
     untrained = Captioner(build_model(len(tokenizer), captioner.max_length, 4096, 64, 128, 0.2), tokenizer)
     test_ids, references = _test_split(trained)
     features = np.stack([_features(trained)[i] for i in test_ids])
-    trained_bleu = corpus_bleu(references, [c for c, _ in captioner.decode(features)])
-    untrained_bleu = corpus_bleu(references, [c for c, _ in untrained.decode(features)])
+    trained_bleu = corpus_bleu(references, [c for c, _ in best(captioner, features)])
+    untrained_bleu = corpus_bleu(references, [c for c, _ in best(untrained, features)])
     # Measured: trained BLEU-1 0.93, BLEU-4 0.89 after 20 epochs; untrained 0.0.
     assert trained_bleu["bleu1"] > 0.8 and trained_bleu["bleu4"] > 0.7
     assert untrained_bleu["bleu4"] < 0.1
@@ -151,7 +206,7 @@ def test_training_learns_what_the_images_show(trained):
     # The words that depend on the image are right far above chance. Measured: colour 1.0 (chance
     # 0.25); colour and shape 0.61 (chance 0.08): random VGG16 features keep colour better than form.
     colour = both = 0
-    for (caption, _), refs in zip(captioner.decode(features), references):
+    for (caption, _), refs in zip(best(captioner, features), references):
         truth, said = set(refs[0].split()), set(caption.split())
         colour_right = said & set(COLOURS) == truth & set(COLOURS)
         colour += colour_right
@@ -162,14 +217,15 @@ def test_training_learns_what_the_images_show(trained):
 def test_beam_of_width_one_is_greedy_and_batches_change_nothing(trained):
     captioner = trained["captioner"]
     features = np.stack(list(_features(trained).values())[:20])
-    greedy = captioner.decode(features, "greedy", batch_size=64)
-    assert captioner.decode(features, "beam", beam_width=1) == greedy
-    one_by_one = [captioner.decode(row[None, :], "greedy")[0] for row in features[:8]]
+    greedy = best(captioner, features, batch_size=64)
+    assert best(captioner, features, Decoding("beam", beam_width=1)) == greedy
+    one_by_one = [best(captioner, row[None, :])[0] for row in features[:8]]
     assert [c for c, _ in one_by_one] == [c for c, _ in greedy[:8]]
     assert np.allclose([p for _, p in one_by_one], [p for _, p in greedy[:8]], atol=1e-5)
-    beams = captioner.decode(features, "beam", beam_width=3, batch_size=7)
-    assert [c for c, _ in beams[:5]] == [c for c, _ in captioner.decode(features[:5], "beam", beam_width=3)]
+    beams = best(captioner, features, BEAM, batch_size=7)
+    assert [c for c, _ in beams[:5]] == [c for c, _ in best(captioner, features[:5], BEAM)]
     assert all(p <= 0 for _, p in greedy + beams)
+    assert all(len(captions) == 1 for captions in captioner.decode(features, GREEDY))
     assert all(b >= g - 1e-6 for (_, b), (_, g) in zip(beams, greedy))  # a wider beam never scores worse
 
 

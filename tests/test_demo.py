@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from cbir.samples import skimage_photos
+from cbir.samples import sample_corpus, skimage_photos
 from conftest import headless_chromium
 from test_cli import CBIR, run
 
@@ -32,6 +32,12 @@ EMOJI = 12
 DEMO_SETTINGS = ("--set", "spark.master=local[2]", "--set", "captioner.min_word_count=1",
                  "--set", "train.epochs=30", "--set", "train.patience=30")
 FLICKR_KEY, FLICKR_SECRET = "demo-key-never-shown", "demo-secret-never-shown"
+# Lines a new user should not meet: TensorFlow/absl/oneDNN start-up notices (driver and Spark workers), the
+# JVM's and Spark's warnings, Pillow's and other libraries' Python warnings, Prefect's temporary server notice.
+CHATTER = ("WARNING:absl", "absl::InitializeLog", "oneDNN", "cpu_feature_guard", "TF_ENABLE_ONEDNN_OPTS",
+           "Using incubator modules", "WARN NativeCodeLoader", "StatusLogger", "SparkStringUtils", "loopback address",
+           "UserWarning", "DeprecationWarning", "FutureWarning", "DecompressionBombWarning", "Palette images",
+           "Starting temporary server")
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +147,30 @@ def test_the_demo_runs_every_step_and_sums_up(demo):
     r1, r5, r10, map10 = (float(value) for value in metrics.groups())
     assert 0 <= r1 <= r5 <= r10 <= 1 and 0 <= map10 <= 1 and r10 > 0
     assert "│ query  │" in output and "│ eval   │" in output  # the summary table of the steps
+
+
+def test_the_demo_output_has_no_library_chatter_and_shows_example_captions(demo):
+    output, lake = demo["output"], demo["lake"]
+    chatter = [line for line in output.splitlines() if any(pattern in line for pattern in CHATTER)]
+    assert not chatter, chatter
+
+    # The summary's example captions: photos and emoji of several groups, with the human and the generated caption.
+    table = output[output.index("example captions (captioner "):]
+    table = table[:table.index("└")]
+    assert "┃ human caption" in table and "┃ generated caption" in table
+    corpus = sample_corpus(emoji=EMOJI)
+    titles, groups = {row["title"] for row in corpus}, {row["category"] for row in corpus}
+    # A row's first line has its image's title (a long cell wraps onto lines whose first cell is empty).
+    rows = {cells[0]: cells[1:] for cells in ([cell.strip() for cell in line.split("│")[1:-1]]
+                                             for line in table.splitlines() if line.startswith("│ "))
+            if cells[0] in titles}
+    assert 5 <= len(rows) <= 8 and rows["cat"][:2] == ["photo", "Chelsea the cat."]
+    assert len({group for group, *_ in rows.values()} & (groups - {"photo"})) >= 3  # emoji of different groups
+    manifest = ds.dataset(str(lake / "manifest"), format="parquet").to_table().to_pylist()
+    cat = next(row["image_id"] for row in manifest if row["title"] == "cat")
+    said = next(row["caption"] for row in ds.dataset(str(lake / "captions")).to_table().to_pylist()
+                if row["image_id"] == cat)
+    assert rows["cat"][2].startswith(said.split()[0])  # the captions table's caption (a long one wraps)
 
 
 def test_serve_offers_scheduled_crawl_and_index_and_a_query_form(demo, served):

@@ -4,6 +4,7 @@ classes, its features deterministic, and the converted weights cached."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -179,3 +180,23 @@ def test_registered_by_name(tmp_path):
     assert settings.encoder.name == "efficientnet_lite0"
     with pytest.raises(UsageError, match="no such weights file"):
         EfficientNetLite0(str(tmp_path / "missing.pth"))
+
+
+def test_tensorflow_is_imported_without_its_start_up_notices():
+    # TensorFlow logs them before it reads TF_CPP_MIN_LOG_LEVEL; models.quiet applies the level (the cbir command's 3).
+    code = "import models, keras, tensorflow; print(tensorflow.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert "absl" not in result.stderr and "oneDNN" not in result.stderr and "port.cc" not in result.stderr
+
+
+def test_lines_dropped_passes_every_other_line_on_children_included():
+    code = ("import os, subprocess, sys\nfrom cbir.stderr import lines_dropped\n"
+            "with lines_dropped(lambda line: line.startswith(b'notice')):\n"
+            "    os.write(2, b'notice: dropped\\nkept\\n')\n"
+            "    subprocess.run([sys.executable, '-c', 'import os; os.write(2, b\"notice\\\\nchild kept\\\\n\")'])\n"
+            "os.write(2, b'after\\n')\n")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stderr == "kept\nchild kept\nafter\n", result.stderr

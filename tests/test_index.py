@@ -24,6 +24,7 @@ from jobs.datasets import read_dataset
 from jobs.embed import encoder_config, read_features
 from jobs.reader import resolve_source
 from models import store
+from models.captioner import Decoding
 
 SMALL_MODEL = ("encoder.weights=random", "captioner.units=64", "captioner.embedding_dim=32",
                "captioner.min_word_count=1", "train.epochs=12", "encoder.batch_size=4")
@@ -118,7 +119,8 @@ def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], ver
     captioner, _ = store.load(lake, encoder="vgg16-random")
     vectors = read_features(lake, encoder_config(settings, 1), [row["image_id"] for row in ok])
     for row in ok:
-        caption, logprob = captioner.decode(vectors[row["image_id"]][None, :])[0]
+        (caption, logprob), *_ = captioner.decode(vectors[row["image_id"]][None, :], Decoding.from_settings(
+            settings.captioner))[0]
         assert (row["caption"], row["logprob"]) == (caption, pytest.approx(logprob, abs=1e-4))
         assert row["uri"].endswith(".png") and row["model_version"] == version
     assert len({row["caption"] for row in ok}) > 1

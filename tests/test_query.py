@@ -129,7 +129,7 @@ def test_the_spark_job_equals_the_engine(spark, tmp_path):
     asked = [query.Query(f"q{i}", k=7, text=" ".join(q)) for i, q in enumerate(zipf_corpus(15, 5) + zipf_corpus(5, 6, True))]
     params = query.bleu_params(settings)
 
-    rows = query.search(spark, frame, count, asked, params, partitions=3).collect()
+    rows = query.search(spark, frame, count, asked, params, ("caption",), partitions=3).collect()
 
     index = BleuIndex.from_texts(ids, [[c] for c in captions])
     for q in asked:

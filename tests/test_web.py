@@ -44,6 +44,7 @@ from flows.web import create_app
 from jobs.embed import encode_chunks, encoder_config
 from jobs.query import bleu_params
 from models import store
+from models.captioner import Decoding
 from models.tokenizer import Tokenizer
 from models.training import Split, fit
 
@@ -72,9 +73,10 @@ def build_lake(tmp: Path) -> dict:
         lake.put_image(key, "PNG", data)
         images[key] = {"uri": uri, "data": data, "captions": captions}
         colour, shape = captions[1].split()[1:3]
+        images[key].update(title=XSS if number == 0 else f"A {colour} {shape}", tags=[colour, shape])
         manifest.append(dict(
             image_id=key, source=str(tmp / "shapes"), uri=uri, format="PNG", width=96, height=96, bytes=len(data),
-            status="ok", title=XSS if number == 0 else f"A {colour} {shape}", tags=[colour, shape],
+            status="ok", title=images[key]["title"], tags=images[key]["tags"],
             source_id=f"flickr:{1000 + number}", owner="Ada <b>Lovelace</b>", license="4",
             page_url="javascript:alert(1)" if number == 0 else f"https://www.flickr.com/photos/ada/{1000 + number}",
             ingested_at=now, run_id=run_id))
@@ -91,8 +93,8 @@ def build_lake(tmp: Path) -> dict:
     card = {"encoder": {"name": config.name, "weights": "random", "key": config.key, "feature_dim": config.dim},
             "sizes": {"vocabulary": len(tokenizer), "max_length": 12}}
     version = store.save(lake, captioner, card)
-    decoded = captioner.decode(chunk.vectors, settings.captioner.decode, settings.captioner.beam_width)
-    for i, (caption, _) in zip(ids, decoded):
+    decoded = captioner.decode(chunk.vectors, Decoding.from_settings(settings.captioner))
+    for i, ((caption, _), *_) in zip(ids, decoded):
         images[i]["caption"] = caption
     run_id = new_run_id()
     write_run(lake, "captions", [
@@ -165,7 +167,9 @@ def assert_error(response, status: int, reason: str) -> dict:
 def test_text_search_is_the_engines_exact_top_k(client, built):
     images, params = built["images"], bleu_params(built["settings"])
     ids = sorted(images)
-    index = BleuIndex.from_captions(ids, [images[i]["caption"] for i in ids])
+    # Every text of an image counts: its caption, and its source title and tags (bleu.references' default).
+    index = BleuIndex.from_texts(ids, [[words(images[i][kind] if kind != "tags" else " ".join(images[i]["tags"]))
+                                        for kind in ("caption", "title", "tags")] for i in ids])
     for text in ("a red circle", "Square!", "on a white background", "blue triangle on black zyzzyva"):
         response = client.get("/api/search", params={"q": text, "k": 5})
         assert response.status_code == 200, response.text
@@ -358,13 +362,17 @@ def test_a_newer_index_run_is_picked_up_without_a_restart(built, tmp_path):
             time.sleep(0.1)
 
 
-def test_source_titles_and_tags_are_searched_with_bleu_source_texts(built):
-    settings = built["settings"].model_copy(update={"bleu": built["settings"].bleu.model_copy(
-        update={"source_texts": True})})
-    with TestClient(create_app(settings, warm_up=False)) as client:
+def test_source_titles_and_tags_are_searched_unless_bleu_references_leave_them_out(built):
+    with TestClient(create_app(built["settings"], warm_up=False)) as client:
         body = client.get("/api/search", params={"q": "alert"}).json()  # a word of one image's title only
         assert [r["image_id"] for r in body["results"]] == [next(iter(built["images"]))]
-    with TestClient(create_app(built["settings"], warm_up=False)) as client:
+        assert (body["results"][0]["matched_kind"], body["results"][0]["matched_text"]) == ("title", XSS)
+        page = client.get("/", params={"q": "alert"}).text
+        # The matched title is shown, its shared word marked, and the rest escaped as text.
+        assert "&lt;script&gt;<mark>alert</mark>(&#39;x&#39;)&lt;/script&gt;" in page and XSS not in page
+    captions_only = built["settings"].model_copy(update={"bleu": built["settings"].bleu.model_copy(
+        update={"references": ["caption", "label"]})})
+    with TestClient(create_app(captions_only, warm_up=False)) as client:
         assert_error(client.get("/api/search", params={"q": "alert"}), 404, "no-match")
 
 
