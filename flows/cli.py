@@ -204,7 +204,8 @@ def ui(args, settings: Settings) -> int:
     print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}).", file=sys.stderr)
     print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
           file=sys.stderr)
-    command = [sys.executable, "-m", "flows.ui_server", "server", "start", "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "flows.ui_server", "server", "start", "--host", args.host,
+               "--port", str(args.port)]
     server = subprocess.Popen(command, env={**os.environ, **ui_environment(settings, args.host, args.port)})
     # Stopping cbir ui stops the server too (Ctrl-C reaches both; a kill reaches only this process).
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())

@@ -62,7 +62,8 @@ def checked_address(host: str, port: int, allow_hosts: list[str], resolve: Resol
     """The address to dial for host (resolved once here), or ImageRejected when any of its addresses is
     private, loopback, link-local, reserved, multicast or an IPv4 translation, unless allowed."""
     try:
-        addresses = sorted({info[4][0] for info in (resolve or socket.getaddrinfo)(host, port, type=socket.SOCK_STREAM)})
+        answers = (resolve or socket.getaddrinfo)(host, port, type=socket.SOCK_STREAM)
+        addresses = sorted({info[4][0] for info in answers})
     except (socket.gaierror, UnicodeError) as exc:
         raise ImageRejected("dns", f"{host} does not resolve ({exc})") from None
     if not addresses:
@@ -74,8 +75,9 @@ def checked_address(host: str, port: int, allow_hosts: list[str], resolve: Resol
         address = ipaddress.ip_address(text.split("%")[0])
         if text in allow_hosts or any(address.version == n.version and address in n for n in allowed):
             continue
-        if (not address.is_global or address.is_multicast or any(address in n for n in TRANSLATED if address.version == 6)
-                or getattr(address, "ipv4_mapped", None) and not address.ipv4_mapped.is_global):
+        translated = address.version == 6 and any(address in network for network in TRANSLATED)
+        mapped = getattr(address, "ipv4_mapped", None)
+        if not address.is_global or address.is_multicast or translated or (mapped and not mapped.is_global):
             return _refuse(host, address)
     return addresses[0]
 
@@ -114,7 +116,8 @@ class PinnedAdapter(HTTPAdapter):
 def _pinned_pool(pool: type, connection: type, address: Callable[[str, int], str], in_use: threading.local) -> type:
     def _new_conn(self):
         name = self._dns_host
-        self._dns_host = address(name.rstrip(".").lower(), self.port)  # only the socket uses it; host, SNI read it after
+        # Only the socket uses _dns_host; the Host header, SNI and certificate check read it after.
+        self._dns_host = address(name.rstrip(".").lower(), self.port)
         try:
             return connection._new_conn(self)
         finally:
@@ -189,7 +192,8 @@ class Downloader:
                 continue
             with response:
                 if response.status_code != 200:
-                    raise ImageRejected(f"http-{response.status_code}", f"{response.reason or 'error'} from {_host(url)}")
+                    raise ImageRejected(f"http-{response.status_code}",
+                                        f"{response.reason or 'error'} from {_host(url)}")
                 if self.crawl.opt_out_tokens and (said := opted_out(response.raw.headers, self.crawl.opt_out_tokens)):
                     raise ImageRejected("opted-out", f"{_host(url)} says X-Robots-Tag: {said[:100]}")
                 return self._body(response, url, deadline)
@@ -247,7 +251,8 @@ class Downloader:
         wait = retry_after if retry_after is not None else random.uniform(0, self.crawl.backoff_s * 2**attempt)
         wait = min(wait, self.crawl.max_wait_s)
         if wait >= self._left(deadline, host):  # no point waiting past the deadline
-            raise ImageRejected("timeout", f"{host} asks to wait {wait:.0f} s, past crawl.deadline_s={self.crawl.deadline_s:g}")
+            raise ImageRejected("timeout", f"{host} asks to wait {wait:.0f} s, "
+                                           f"past crawl.deadline_s={self.crawl.deadline_s:g}")
         time.sleep(wait)
 
     def _body(self, response: requests.Response, url: str, deadline: float) -> bytes:
@@ -269,7 +274,8 @@ class Downloader:
                 data += chunk
         except (requests.RequestException, OSError, Urllib3Error) as exc:
             if time.monotonic() >= deadline:
-                raise ImageRejected("timeout", f"{_host(url)} took over crawl.deadline_s={self.crawl.deadline_s:g} s") from None
+                raise ImageRejected("timeout",
+                                    f"{_host(url)} took over crawl.deadline_s={self.crawl.deadline_s:g} s") from None
             reason = "timeout" if "timed out" in str(exc) else "truncated"
             raise ImageRejected(reason, f"{_host(url)} stopped sending: {first_line(exc)}") from None
         return bytes(data[: self.max_bytes + 1])

@@ -146,7 +146,8 @@ def _load_zip(path) -> dict:
                 raise BadCheckpoint(f"bad storage key {key!r:.40}")
             info = archive.getinfo(f"{folder}data/{key}")
             # torch stores entries uncompressed; deflate cannot expand more than about 1,032 times.
-            if info.file_size != size or (info.compress_type != zipfile.ZIP_STORED and size > 1032 * info.compress_size):
+            inflated = info.compress_type != zipfile.ZIP_STORED and size > 1032 * info.compress_size
+            if info.file_size != size or inflated:
                 raise BadCheckpoint(f"storage {key!r} is {info.file_size} bytes in the archive, not {size}")
             with archive.open(info) as handle:
                 return _read_exactly(handle, size, f"storage {key!r}", whole=True)

@@ -251,13 +251,15 @@ def test_a_name_that_rebinds_after_the_check_is_still_dialled_at_the_checked_add
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     try:
-        data = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1").fetch(f"http://rebind.test:{web.server_address[1]}/img/9.jpg")
+        fetcher = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1")
+        data = fetcher.fetch(f"http://rebind.test:{web.server_address[1]}/img/9.jpg")
     finally:
         secret.shutdown()
     assert data == image_bytes(9) and sum(secret.hits.values()) == 0
 
 
-@pytest.mark.parametrize("address", ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "::7f00:1", "::ffff:10.0.0.1"])
+@pytest.mark.parametrize("address", ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "::7f00:1",
+                                     "::ffff:10.0.0.1"])
 def test_ipv6_translations_of_ipv4_are_refused_unless_allowed(address):
     def resolve(host, port, *args, **kwargs):
         return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))]

@@ -27,7 +27,8 @@ def test_cbir_search_refuses_a_query_over_the_word_cap(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     assert cli.main(["search", LONG]) == 2
-    assert "cbir: error: the query is too long: the text has 101 words, over query.max_words=100" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cbir: error: the query is too long: the text has 101 words, over query.max_words=100" in err
 
 
 def test_cbir_web_refuses_a_query_over_the_word_cap(tmp_path):

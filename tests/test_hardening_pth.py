@@ -73,7 +73,7 @@ FOUR = np.arange(4, dtype="<f4").tobytes()
 @pytest.mark.parametrize("tensor, storages, message", [
     ((storage("0", 4), 0, (1000,), (1,)), {"0": FOUR}, "reaches past its storage"),  # heap bytes, or a segfault
     ((storage("0", 4), 3, (2,), (1,)), {"0": FOUR}, "reaches past its storage"),  # the offset counts too
-    ((storage("0", 4), 0, (2**20, 2**20), (0, 0)), {"0": FOUR}, "more than 268435456 elements"),  # stride 0: 4 TiB asked
+    ((storage("0", 4), 0, (2**20, 2**20), (0, 0)), {"0": FOUR}, "more than 268435456 elements"),  # stride 0: 4 TiB
     ((storage("0", 4), -1, (2,), (1,)), {"0": FOUR}, "non-negative"),
     ((storage("0", 4), 0, (2,), (-1,)), {"0": FOUR}, "non-negative"),
     ((storage("0", 4), 0, (2, 2), (2,)), {"0": FOUR}, "2 sizes and 1 strides"),
@@ -89,8 +89,8 @@ def test_crafted_zip_checkpoints_are_refused(tmp_path, tensor, storages, message
 
 
 def test_a_well_formed_one_still_loads(tmp_path):
-    path = zip_pth(tmp_path / "ok.pth", {"w": (storage("0", 4), 1, (3,), (1,)), "t": (storage("0", 4), 0, (2, 2), (1, 2))},
-                   {"0": FOUR})
+    tensors = {"w": (storage("0", 4), 1, (3,), (1,)), "t": (storage("0", 4), 0, (2, 2), (1, 2))}
+    path = zip_pth(tmp_path / "ok.pth", tensors, {"0": FOUR})
     loaded = load_state_dict(path)
     np.testing.assert_array_equal(loaded["w"], [1, 2, 3])
     np.testing.assert_array_equal(loaded["t"], [[0, 2], [1, 3]])

@@ -12,6 +12,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -83,7 +84,8 @@ def web_process(empty_lake):
         port = sock.getsockname()[1]
     overrides = [f"lake={empty_lake.lake}", f"state_dir={empty_lake.state_dir}", "ingest.max_pixels=89478485",
                  "web.max_upload_bytes=10000000", f"web.port={port}"]
-    process = subprocess.Popen([sys.executable, "-c", SERVER, *overrides], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    root = str(Path(__file__).resolve().parents[1])
+    process = subprocess.Popen([sys.executable, "-c", SERVER, *overrides], env={**os.environ, "PYTHONPATH": root})
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -148,8 +150,8 @@ def indexed_lake(tmp_path, *extra):
         uri = f"{tmp_path}/secret-folder/{number}.jpg"
         manifest.append(dict(image_id=key, uri=uri, source=f"{tmp_path}/secret-folder", format="JPEG", width=64,
                              height=48, bytes=len(data), status="ok", ingested_at=now, run_id=version))
-        manifest.append(dict(image_id=key, uri=f"s3://private-bucket/copy/{number}.jpg", source="s3://private-bucket/copy",
-                             status="duplicate", ingested_at=now, run_id=version))
+        manifest.append(dict(image_id=key, uri=f"s3://private-bucket/copy/{number}.jpg",
+                             source="s3://private-bucket/copy", status="duplicate", ingested_at=now, run_id=version))
         captions.append(dict(image_id=key, uri=uri, caption=caption, logprob=-1.0, model_version=version, status="ok",
                              captioned_at=now, run_id=version))
     for name, rows, schema in (("manifest", manifest, MANIFEST), ("captions", captions, CAPTIONS)):
