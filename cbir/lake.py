@@ -9,18 +9,26 @@ Layout under the lake root (a local folder or s3://bucket/prefix):
     models/  queries/                     model versions and query runs
 
 Executors write a run's parts into _staging; the driver commits them. On a local folder the
-commit is one directory rename, so any reader sees all of a run or none of it. Object stores
+commit is one directory rename (after the files are fsynced), so any reader sees all of a run or
+none of it, after a power cut too. Object stores
 have no rename: parts are copied into run=<id>/ and the commit record is written last, so
 readers that follow _commits (cbir itself, or DuckDB over the listed files) never see half a
-run; a crash mid-commit is rolled forward by the next writer.
+run; a crash mid-commit is rolled forward by the next writer. While a run is alive its driver
+touches `_staging/<run_id>/_heartbeat`; staging idle for a day is abandoned and removed.
+
+Names read back from the lake (run ids, part files, versions) are checked against the formats
+cbir writes before any path is built from them or anything is deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,14 +39,25 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cbir.errors import UsageError
+from cbir.errors import CbirError, UsageError
 from cbir.schemas import ERRORS, RESULTS, SCHEMAS, features_schema
 from cbir.settings import S3, Settings
 
 TABLES = ("manifest", "features", "captions")
 ROOTS = ("images", "models", "queries")
 STALE_STAGING_S = 24 * 3600
+HEARTBEAT_S = 600
 READY = "_ready.json"
+HEARTBEAT = "_heartbeat"
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # new_run_id()'s; captioner versions are run ids too
+PART = re.compile(r"part-[0-9A-Za-z_-]{1,80}\.parquet")
+
+
+def checked_run_id(value, what: str = "run id") -> str:
+    """value, when it is a run id as new_run_id() makes them; never a path."""
+    if not isinstance(value, str) or not RUN_ID.fullmatch(value):
+        raise CbirError(f"{what} {str(value)[:80]!r} is not a run id (like 20250101T000000Z-0123abcd)")
+    return value
 
 
 def new_run_id() -> str:
@@ -66,6 +85,20 @@ def _s3_options(s3: S3) -> dict:
     return options
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in this folder durable (the folder's entry, not just the data)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
@@ -74,13 +107,16 @@ def put_bytes(fs: pafs.FileSystem, path: str, data: bytes, overwrite: bool = Fal
     """Write atomically; without overwrite, False when the path exists (content-addressed reuse)."""
     if not overwrite and fs.get_file_info(path).type != pafs.FileType.NotFound:
         return False
-    if is_local(fs):  # a reader must never see a half-written file
+    if is_local(fs):  # a reader must never see a half-written file, nor an empty one after a power cut
         parent = path.rsplit("/", 1)[0]
         fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as out:
+        with open(tmp, "wb") as out:
             out.write(data)
-        fs.move(tmp, path)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        fsync_dir(parent)
     else:  # an object PUT is atomic already, and S3 has no folders to create
         with fs.open_output_stream(path) as out:
             out.write(data)
@@ -126,7 +162,7 @@ class Lake:
 
     def query_tables(self, run_id: str) -> tuple["Table", "Table"]:
         """A query run's results and errors: queries/<run_id>/{results,errors}/."""
-        folder = self.path("queries", run_id)
+        folder = self.path("queries", checked_run_id(run_id))
         return (Table("results", self.fs, f"{folder}/results", RESULTS),
                 Table("errors", self.fs, f"{folder}/errors", ERRORS))
 
@@ -152,7 +188,8 @@ class Table:
     # Reading: committed runs only.
     def committed_runs(self) -> set[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_commits", allow_not_found=True))
-        return {i.base_name[: -len(".json")] for i in infos if i.is_file and i.base_name.endswith(".json")}
+        names = (i.base_name[: -len(".json")] for i in infos if i.is_file and i.base_name.endswith(".json"))
+        return {name for name in names if RUN_ID.fullmatch(name)}
 
     def files(self) -> list[str]:
         committed = self.committed_runs()
@@ -175,11 +212,12 @@ class Table:
 
     # Writing: parts into _staging, then one commit.
     def staging(self, run_id: str) -> str:
-        return f"{self.path}/_staging/{run_id}"
+        return f"{self.path}/_staging/{checked_run_id(run_id)}"
+
 
     def part_writer(self, run_id: str, tag: str = "") -> "PartWriter":
         """A writer for one part file of a run (used in executors); the file appears on the first rows."""
-        return PartWriter(self, run_id, f"part-{tag}{uuid.uuid4().hex[:12]}.parquet")
+        return PartWriter(self, checked_run_id(run_id), f"part-{tag}{uuid.uuid4().hex[:12]}.parquet")
 
     def commit(self, run_id: str, parts: list[tuple[str, int]], **meta) -> dict | None:
         """Publish the named parts of a run (other files in its staging folder are failed attempts).
@@ -210,7 +248,7 @@ class Table:
 
     def drop_runs(self, run_ids: Iterable[str]) -> None:
         """Remove committed runs: the record goes first, so readers stop seeing the run at once."""
-        for run_id in run_ids:
+        for run_id in map(checked_run_id, run_ids):
             record = f"{self.path}/_commits/{run_id}.json"
             if self.fs.get_file_info(record).is_file:
                 self.fs.delete_file(record)
@@ -225,6 +263,8 @@ class Table:
         """Finish commits that a crash interrupted; drop abandoned staging older than a day."""
         staged = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_staging", allow_not_found=True))
         for info in staged:
+            if not RUN_ID.fullmatch(info.base_name):
+                continue  # not cbir's: left alone
             ready = f"{info.path}/{READY}"
             if self.fs.get_file_info(ready).is_file:
                 self._publish(self._read_json(ready))
@@ -234,26 +274,34 @@ class Table:
         for info in self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)):
             run_id = info.base_name.removeprefix("run=")
             ready = f"{info.path}/{READY}"  # renamed into place, record not yet written
-            if info.base_name.startswith("run=") and run_id not in committed and self.fs.get_file_info(ready).is_file:
+            if (info.base_name.startswith("run=") and RUN_ID.fullmatch(run_id) and run_id not in committed
+                    and self.fs.get_file_info(ready).is_file):
                 self._publish(self._read_json(ready))
 
     def _publish(self, record: dict) -> None:
-        run_id = record["run_id"]
+        run_id = checked_run_id(record.get("run_id") if isinstance(record, dict) else None, f"{self.name}'s commit of")
+        files = record.get("files")
+        if not isinstance(files, list) or not all(isinstance(f, str) and PART.fullmatch(f) for f in files):
+            raise CbirError(f"{self.name} run {run_id}: its commit names files that are not part files")
         staging, run_dir = self.staging(run_id), f"{self.path}/run={run_id}"
         staged = self.fs.get_file_info(staging).type == pafs.FileType.Directory
         if staged and is_local(self.fs):
-            keep = {*record["files"], READY}
+            keep = {*files, READY}
             for info in self.fs.get_file_info(pafs.FileSelector(staging)):
                 if info.base_name not in keep:
                     self.fs.delete_file(info.path)
+                else:
+                    fsync_file(info.path)  # the data is on disk before the rename publishes it
+            fsync_dir(staging)
             self.fs.move(staging, run_dir)  # one rename: the whole run appears at once
+            fsync_dir(self.path)
         elif staged:
             def copy(name: str) -> None:
                 if self.fs.get_file_info(f"{run_dir}/{name}").type == pafs.FileType.NotFound:
                     self.fs.copy_file(f"{staging}/{name}", f"{run_dir}/{name}")
 
             with ThreadPoolExecutor(16) as pool:
-                list(pool.map(copy, record["files"]))
+                list(pool.map(copy, files))
         self._write_json(f"{self.path}/_commits/{run_id}.json", record)
         self.abort(run_id)
         if self.fs.get_file_info(f"{run_dir}/{READY}").is_file:
@@ -269,6 +317,30 @@ class Table:
     def _read_json(self, path: str) -> dict:
         with self.fs.open_input_stream(path) as stream:
             return json.loads(stream.read())
+
+
+@contextmanager
+def heartbeat(tables: Iterable[Table], run_id: str, every_s: float = HEARTBEAT_S):
+    """While the block runs, touch the run's staging heartbeat in each table, so that another writer's
+    recover() does not take a long run's staging for abandoned."""
+    tables, stop = list(tables), threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):  # the run's first files are fresh: no beat needed before
+            for table in tables:
+                staging = table.staging(run_id)
+                if is_local(table.fs):
+                    table.fs.create_dir(staging, recursive=True)
+                with table.fs.open_output_stream(f"{staging}/{HEARTBEAT}") as out:
+                    out.write(datetime.now(timezone.utc).isoformat().encode())
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class PartWriter:

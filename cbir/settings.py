@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -122,8 +123,14 @@ class Crawl(Section):
     """Downloading from the web: polite, bounded and refusing private addresses unless allowed."""
 
     allow_hosts: list[str] = Field([], description="hosts or CIDRs exempt from the private-address guard")
-    user_agent: str = "cbir/0.1 (caption-based image search crawler; +https://pypi.org/project/flickrapi/)"
+    user_agent: str = Field("cbir/0.1 (caption-based image search crawler)", pattern=r"(?i)^cbir\b[^\r\n]*$",
+                            description="names cbir first, so sites can address it in robots rules")
+    contact_url: str | None = Field(None, pattern=r"^(https?://|mailto:)\S+$",
+                                    description="where site owners reach the operator; sent in the User-Agent")
+    opt_out_tokens: list[str] = Field(["noai", "noimageai", "noindex", "noimageindex"],
+                                      description="X-Robots-Tag directives that keep an image out; empty: none")
     timeout_s: float = Field(15.0, gt=0, description="per request: connect, and between bytes read")
+    deadline_s: float = Field(60.0, gt=0, description="per URL: redirects, retries, waits and the body together")
     retries: int = Field(3, ge=0, le=10, description="on timeouts, connection errors, 5xx and 429")
     backoff_s: float = Field(0.5, ge=0, description="first retry's wait; doubles each time, with full jitter")
     max_wait_s: float = Field(60.0, ge=0, description="the longest wait before a retry, Retry-After included")
@@ -149,6 +156,20 @@ class Crawl(Section):
     @classmethod
     def _cron(cls, value: str) -> str:
         return _cron_expression(value)
+
+    @field_validator("opt_out_tokens", mode="before")
+    @classmethod
+    def _token_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @property
+    def agent(self) -> str:
+        """The User-Agent: the product and, when set, the contact URL inside its comment."""
+        if not self.contact_url:
+            return self.user_agent
+        if self.user_agent.endswith(")"):
+            return f"{self.user_agent[:-1]}; +{self.contact_url})"
+        return f"{self.user_agent} (+{self.contact_url})"
 
 
 class Index(Section):
@@ -185,7 +206,8 @@ class Encoder(Section):
 
 
 class Captioner(Section):
-    version: str = Field("current", pattern=r"^[A-Za-z0-9._-]+$")
+    version: str = Field("current", pattern=r"^(current|\d{8}T\d{6}Z-[0-9a-f]{8})$",
+                         description="current, or a version: the run id that cbir train printed")
     embedding_dim: int = Field(256, ge=1)
     units: int = Field(256, ge=1)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
@@ -251,6 +273,8 @@ class Query(Section):
     visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
     hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
+    max_words: int = Field(100, ge=1, le=10_000, description="longer text queries are refused (query files, "
+                           "cbir search, cbir web): one row must not take minutes of engine time")
 
 
 class Web(Section):
@@ -259,7 +283,40 @@ class Web(Section):
     host: str = Field("127.0.0.1", min_length=1, description="the address to listen on")
     port: int = Field(8080, ge=1, le=65535)
     max_upload_bytes: int = Field(10 * 2**20, gt=0, description="larger uploads are refused (HTTP 413)")
+    max_upload_pixels: int = Field(16_777_216, gt=0, description="larger uploads are refused (HTTP 413) before "
+                                   "decoding; each decode takes up to 4 bytes a pixel")
+    decodes: int = Field(2, ge=1, le=64, description="images decoded at once (uploads and thumbnails)")
+    trusted_hosts: list[str] = Field([], description="Host header names served besides 127.0.0.1, localhost "
+                                     "and web.host (a reverse proxy's name)")
     reload_s: float = Field(5.0, ge=0, description="look for a newer index run at most this often; 0: never")
+
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        return _split(value)
+
+
+class Ui(Section):
+    """cbir ui: the Prefect server and its UI."""
+
+    allowed_origins: list[str] = Field([], description="browser origins besides the UI's own that may call the API")
+    csrf: bool = Field(True, description="state-changing API calls need a CSRF token (Prefect's clients fetch one)")
+    trusted_hosts: list[str] = Field([], description="Host names served besides 127.0.0.1, localhost and --host")
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: Any) -> Any:
+        value = _split(value)
+        for item in value if isinstance(value, list) else []:
+            if item == "*" or not re.fullmatch(r"https?://[^/\s]+", str(item)):
+                raise ValueError(f"{item} is not an origin (scheme://host[:port], no *)")
+        return value
 
 
 class Settings(Section):
@@ -278,6 +335,7 @@ class Settings(Section):
     bleu: Bleu = Bleu()
     query: Query = Query()
     web: Web = Web()
+    ui: Ui = Ui()
 
     @field_validator("lake")
     @classmethod
@@ -351,13 +409,16 @@ def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
 
 
 def _env_layers(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
-    """CBIR_SECTION__KEY=value -> {section: {key: value}}, one layer a variable so errors can name it."""
+    """CBIR_SECTION__KEY=value -> {section: {key: value}}, one layer a variable so errors can name it.
+    Only variables that name a setting or a section are read: CBIR_HOME and the like belong to others."""
     layers = []
     for name, value in sorted(environ.items()):
-        if name.startswith(ENV_PREFIX) and name not in ENV_CONTROL:
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if name.startswith(ENV_PREFIX) and name not in ENV_CONTROL and path[0] in Settings.model_fields:
+            origin = f"environment variable {name}"
             layer: dict[str, Any] = {}
-            _assign(layer, name[len(ENV_PREFIX):].lower().split("__"), value)
-            layers.append((f"environment variable {name}", layer))
+            _assign(layer, path, value, origin)
+            layers.append((origin, layer))
     return layers
 
 
@@ -367,7 +428,7 @@ def _set_layer(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set needs KEY=VALUE, got '{item}'")
-        _assign(layer, _split_key(key.strip()), value)
+        _assign(layer, _split_key(key.strip()), value, "--set")
     return layer
 
 
@@ -398,12 +459,43 @@ def _split_key(key: str) -> list[str]:
     return parts
 
 
-def _assign(layer: dict[str, Any], path: list[str], raw: str) -> None:
+def _assign(layer: dict[str, Any], path: list[str], raw: str, origin: str) -> None:
+    """Set one value; errors name the key and where it came from, never the value (it may be a secret)."""
+    key = ".".join(path)
+    annotation = _annotation(path)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        raise UsageError(f"{key} is a section (from {origin}): set its keys, e.g. {key}.KEY=VALUE")
+    for i in range(1, len(path)):
+        above = _annotation(path[:i])
+        if above is not None and typing.get_origin(above) is not dict and not (
+                isinstance(above, type) and issubclass(above, BaseModel)):
+            raise UsageError(f"unknown setting '{key}' (from {origin}): {'.'.join(path[:i])} has no keys")
     node = layer
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1]):
         node = node.setdefault(part, {})
-    # Strings stay strings (pydantic coerces "4" or "true" per field); YAML flow syntax makes lists and maps.
-    node[path[-1]] = yaml.safe_load(raw) if raw.strip()[:1] in ("[", "{") else raw
+        if not isinstance(node, dict):
+            raise UsageError(f"{key} (from {origin}) is inside {'.'.join(path[:i + 1])}, which has a value of its own")
+    # Strings stay strings (pydantic coerces "4" or "true" per field); for list and map settings
+    # only, YAML flow syntax makes lists and maps (never for strings: a secret may start with "[").
+    if typing.get_origin(annotation) in (list, tuple, dict) and raw.strip()[:1] in ("[", "{"):
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UsageError(f"bad setting {key} (from {origin}): not a valid [list] or {{map}}") from None
+    else:
+        node[path[-1]] = raw
+
+
+def _annotation(path: list[str]) -> Any:
+    """The type of the setting at path, or None when there is none (unknown keys, spark.conf's names)."""
+    model: Any = Settings
+    annotation = None
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = model = field.annotation
+    return annotation
 
 
 def _merge(into: dict[str, Any], layer: dict[str, Any], origins: dict, origin: str, prefix=()) -> None:

@@ -15,6 +15,22 @@ START, END = "startseq", "endseq"
 _NOT_WORD = re.compile(r"[^\w\s]|_")
 
 
+# Control characters (C0 but tab, DEL, C1: ESC and CSI start terminal sequences that can move the
+# cursor, retitle the window or write the clipboard) and bidirectional overrides, which reorder text.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text from outside (captions, titles, URLs, server messages) made safe to print to a terminal."""
+    return _UNPRINTABLE.sub("\ufffd", text)
+
+
+def too_many_words(text: str | None, limit: int) -> str | None:
+    """Why a text query is refused for its length, or None."""
+    count = len(words(text))
+    return f"the text has {count} words, over query.max_words={limit}" if count > limit else None
+
+
 def words(text: str | None) -> list[str]:
     """Lowercase, punctuation stripped, split on whitespace; the start/end markers are dropped."""
     if not text:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
+from cbir.text import printable, too_many_words
 from cbir.settings import Settings, load_settings, override_variables
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(exc: Exception, code: int, prefix: str = "") -> int:
     if os.environ.get("CBIR_DEBUG"):
         raise exc
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = printable(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     print(f"cbir: error: {prefix}{message}", file=sys.stderr)
     return code
 
@@ -171,6 +172,8 @@ def search(args, settings: Settings) -> None:
         raise UsageError("search needs a text or --image PATH (one of them)")
     if args.k is not None and not 1 <= args.k <= 1000:
         raise UsageError(f"-k must be from 1 to 1000, got {args.k}")
+    if long := too_many_words(args.text, settings.query.max_words):
+        raise UsageError(f"the query is too long: {long}")
     image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
     Lake.open(settings).check()
     run_flow(search_flow, text=args.text, image=image, k=args.k, settings=settings)
@@ -201,17 +204,33 @@ def ui(args, settings: Settings) -> int:
     print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}).", file=sys.stderr)
     print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
           file=sys.stderr)
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
-    # The page asks the API at this address; Prefect's default is port 4200 whatever --port says.
-    browser_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    environ = {"PREFECT_UI_API_URL": f"http://{browser_host}:{args.port}/api", **os.environ}
-    server = subprocess.Popen(command, env=environ)
+    command = [sys.executable, "-m", "flows.ui_server", "server", "start", "--host", args.host,
+               "--port", str(args.port)]
+    server = subprocess.Popen(command, env={**os.environ, **ui_environment(settings, args.host, args.port)})
     # Stopping cbir ui stops the server too (Ctrl-C reaches both; a kill reaches only this process).
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
         return max(server.wait(), 0)  # ended by a signal: the stop that was asked for
     except KeyboardInterrupt:
         return max(server.wait(), 0)
+
+
+def ui_environment(settings: Settings, host: str, port: int) -> dict[str, str]:
+    """The Prefect server's settings for cbir ui: only the UI's own origin (and ui.allowed_origins) may
+    call the API from a browser, state-changing calls need a CSRF token (Prefect's clients fetch
+    one), and only known Host names are served, so another site's page cannot list or run
+    deployments on it."""
+    # The page asks the API at this address; Prefect's default is port 4200 whatever --port says.
+    browser_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    origins = [f"http://{browser_host}:{port}", *settings.ui.allowed_origins]
+    if browser_host in ("127.0.0.1", "localhost"):
+        origins.append(f"http://{'localhost' if browser_host == '127.0.0.1' else '127.0.0.1'}:{port}")
+    hosts = {"127.0.0.1", "localhost", browser_host, *settings.ui.trusted_hosts}
+    return {"PREFECT_UI_API_URL": f"http://{browser_host}:{port}/api",
+            "_CBIR_UI_HOSTS": ",".join(sorted(hosts)),  # flows/ui_server.py: the Host names served
+            "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(origins),
+            "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": str(settings.ui.csrf).lower(),
+            "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true"}
 
 
 def serve(args, settings: Settings) -> None:

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cbir.text import printable
+
 
 class Progress:
     """A Prefect progress artifact plus a terminal line at every tenth, fed (done, total) steps."""
@@ -43,10 +45,10 @@ def render_table(title: str, rows: list[dict]) -> str:
     for column in rows[0] if rows else []:
         table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
     for row in rows:
-        table.add_row(*(escape(str(value)) for value in row.values()))
+        table.add_row(*(escape(printable(str(value))) for value in row.values()))
     out = io.StringIO()
     console = Console(file=out, width=100, force_terminal=False)
-    console.print(escape(title))
+    console.print(escape(printable(title)))
     console.print(table)
     return out.getvalue()
 

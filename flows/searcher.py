@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -37,9 +38,9 @@ from cbir.references import (
 )
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
-from cbir.text import words
+from cbir.text import too_many_words, words
 from jobs.embed import encode_chunks, encoder_config
-from jobs.gallery import thumbnail_jpeg
+from jobs.gallery import thumbnail, thumbnail_jpeg
 from jobs.query import bleu_params
 from models import store
 from models.captioner import Decoding
@@ -56,6 +57,9 @@ FLICKR_LICENSES = {
     "8": "United States Government Work", "9": "Public Domain Dedication (CC0)", "10": "Public Domain Mark",
 }
 THUMBNAILS = 4096  # kept in memory, about 6 KB each
+DETAIL_COLUMNS = ["image_id", "uri", "width", "height", "bytes", "status", "title", "tags", "license", "owner",
+                  "source_id", "taken_at", "page_url", "source", "ingested_at"]
+MAX_RELOAD_WAIT_S = 600  # a failing rebuild is tried again after 2, 4, 8 ... x web.reload_s, at most this
 
 
 class Refused(Exception):
@@ -84,6 +88,7 @@ class Snapshot:
     row_of: dict[str, int]
     loaded_at: datetime
     seconds: float
+    sources: tuple[pa.Table, np.ndarray] | None = None  # manifest rows of the indexed images, by image_id
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -126,10 +131,15 @@ class Searcher:
         self._reloading = threading.Lock()  # held while a background reload runs
         self._captioner_lock = threading.Lock()
         self._decode_lock = threading.Lock()  # one upload at a time through TensorFlow
+        # Every decode (upload checks, the encoder's, thumbnails) runs on these few threads: memory
+        # stays within web.decodes x web.max_upload_pixels x 4 bytes however many requests come at
+        # once (few threads also means few malloc arenas keeping freed pixels).
+        self._decoder = ThreadPoolExecutor(settings.web.decodes, thread_name_prefix="cbir-decode")
         self._captioner: tuple[str, object, object] | None = None  # (version, captioner, encoder config)
         self.captioner_state = "not loaded"
         self.snapshot = self._build(self.marker())
         self._checked = time.monotonic()
+        self._failures = 0  # rebuilds failed in a row
         self.thumbnail = lru_cache(maxsize=THUMBNAILS)(self._thumbnail)
 
     # The index.
@@ -153,9 +163,17 @@ class Searcher:
         references = reference_texts(table, self.settings.bleu.references) if ids else None
         index = build_index(ids, references, self.params.max_order) if ids else None
         table = table.select(["image_id", "uri", "caption", "format"])
+        sources = self._sources(table.column("image_id"))
         seconds = time.perf_counter() - started
         log.info("index of %d images (captioner %s) built in %.1f s", len(ids), marker.version, seconds)
-        return Snapshot(marker, index, table, references, row_of, datetime.now(timezone.utc), seconds)
+        return Snapshot(marker, index, table, references, row_of, datetime.now(timezone.utc), seconds, sources)
+
+    def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:
+        """The manifest rows of the indexed images, sorted by image_id, with the ids as fixed-width bytes to
+        bisect: a page or /api/images answers from memory, not by scanning the manifest each time."""
+        wanted = ds.field("image_id").isin(indexed.combine_chunks())
+        rows = self.lake.table("manifest").dataset().to_table(columns=DETAIL_COLUMNS, filter=wanted).sort_by("image_id")
+        return rows, rows.column("image_id").to_numpy(zero_copy_only=False).astype("S64")
 
     def _captions(self, version: str | None) -> pa.Table:
         """The version's ok captions and references, one row per image, with its stored format and the
@@ -181,6 +199,8 @@ class Searcher:
     def maybe_reload(self) -> None:
         """At most every web.reload_s: look at the commit records, in the background; rebuild if they changed."""
         every = self.settings.web.reload_s
+        if self._failures:  # back off: a broken lake is not read every few seconds
+            every = min(every * 2**self._failures, MAX_RELOAD_WAIT_S)
         if not every or time.monotonic() - self._checked < every or not self._reloading.acquire(blocking=False):
             return
         self._checked = time.monotonic()
@@ -189,8 +209,10 @@ class Searcher:
     def _reload_in_background(self) -> None:
         try:
             self.reload()
+            self._failures = 0
         except Exception:  # noqa: BLE001 - the old index keeps serving; the log says why
-            log.exception("reloading the index failed; the previous one keeps serving")
+            self._failures += 1
+            log.exception("reloading the index failed (%d in a row); the previous one keeps serving", self._failures)
         finally:
             self._checked = time.monotonic()
             self._reloading.release()
@@ -213,6 +235,8 @@ class Searcher:
         query = words(text)
         if not query:
             raise Refused(400, "empty-query", "The query has no words: type a few words that describe a picture.")
+        if long := too_many_words(text, self.settings.query.max_words):
+            raise Refused(400, "too-long", f"The query is too long: {long}.")
         return self._answer(self.snapshot, query, k)
 
     def search_image(self, data: bytes, k: int) -> Answer:
@@ -274,8 +298,10 @@ class Searcher:
                 config.load()  # TensorFlow's threads are set before its first use
                 captioner, _ = store.load(self.lake, version, encoder=config.key)
             except UsageError as exc:
-                self.captioner_state = f"unavailable: {exc}"
-                raise Refused(503, "no-captioner", f"Searching by image is unavailable: {exc}") from None
+                log.warning("the captioner cannot be loaded: %s", exc)
+                reason = str(exc).replace(f" {self.lake.uri}", "")  # clients are not told where the lake is
+                self.captioner_state = f"unavailable: {reason}"
+                raise Refused(503, "no-captioner", f"Searching by image is unavailable: {reason}") from None
             self._captioner = (version, captioner, config)
             self.captioner_state = f"loaded {version}"
             return captioner, config
@@ -285,11 +311,12 @@ class Searcher:
         limit = self.settings.web.max_upload_bytes
         if len(data) > limit:
             raise Refused(413, "too-large", f"The file is larger than web.max_upload_bytes={limit} bytes.")
-        limits = Limits(limit, self.settings.ingest.max_pixels, frozenset(self.settings.ingest.formats))
+        limits = Limits(limit, self.settings.web.max_upload_pixels, frozenset(self.settings.ingest.formats))
         try:
-            inspect_image(data, limits)
+            self.decode(inspect_image, data, limits)
         except ImageRejected as exc:
-            message = str(exc).replace("ingest.max_bytes", "web.max_upload_bytes")
+            message = str(exc).replace("ingest.max_bytes", "web.max_upload_bytes").replace(
+                "ingest.max_pixels", "web.max_upload_pixels")
             raise Refused(UPLOAD_STATUS.get(exc.reason, 400), exc.reason, f"Not a usable image ({message}).") from None
 
     def describe(self, data: bytes, version: str | None = None) -> str:
@@ -298,7 +325,7 @@ class Searcher:
         self.check_upload(data)
         captioner, config = self._load_captioner(version or self.snapshot.marker.version)
         with self._decode_lock:
-            chunk = next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data))
+            chunk = self.decode(lambda: next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data)))
             if chunk.failed:
                 raise Refused(400, "unreadable-image", f"The image cannot be read: {chunk.failed[0][1]}")
             (caption, _), *_ = captioner.decode(chunk.vectors, Decoding.from_settings(self.settings.captioner))[0]
@@ -326,14 +353,24 @@ class Searcher:
     def _thumbnail(self, image_id: str) -> bytes:
         data, _ = self.image(image_id)
         try:
-            return thumbnail_jpeg(data, (240, 240))
+            return self.decode(thumbnail_jpeg, data, (240, 240))
         except Exception:  # noqa: BLE001 - damaged after ingest: no thumbnail, the page goes on
             raise Refused(404, "missing-image", "The stored image cannot be decoded.") from None
+
+    def preview(self, data: bytes) -> str:
+        """A data: URI thumbnail of an upload that passed check_upload."""
+        return self.decode(thumbnail, data)
+
+    def decode(self, function, *args):
+        """function(*args) on a decode thread."""
+        return self._decoder.submit(function, *args).result()
 
     def details(self, image_id: str) -> dict:
         """Everything known of an indexed image: its caption and its sources from the manifest."""
         row = self.known(image_id)
-        found = self.lake.table("manifest").dataset().to_table(filter=ds.field("image_id") == image_id).to_pylist()
+        rows, keys = self.snapshot.sources
+        start, end = np.searchsorted(keys, image_id.encode(), "left"), np.searchsorted(keys, image_id.encode(), "right")
+        found = rows.slice(start, end - start).to_pylist()
         found.sort(key=lambda r: (r["status"] != "ok", r["ingested_at"] or datetime.min.replace(tzinfo=timezone.utc)))
         first = found[0] if found else {}
         license_id = first.get("license")

@@ -29,11 +29,11 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir.settings import Settings
 from cbir.text import highlight
 from flows.searcher import Answer, Refused, Searcher
-from jobs.gallery import thumbnail
 
 log = logging.getLogger("cbir.web")
 
@@ -65,7 +65,7 @@ class ResultOut(BaseModel):
     matched_kind: str | None = Field(description="which of its texts matched the query best: caption, label, title, "
                                                  "description, tags or given")
     matched_text: str | None = Field(description="that text")
-    uri: str | None = Field(description="where the image came from")
+    uri: str | None = Field(description="where the image came from (a web address; of a server file, its name)")
     image_url: str = Field(description="the stored image")
     thumbnail_url: str = Field(description="a JPEG of at most 240 x 240 pixels")
     page_url: str = Field(description="the image's page, with its source metadata")
@@ -100,7 +100,7 @@ class ImageOut(BaseModel):
     source_id: str | None
     taken_at: str | None
     page_url: str | None = Field(description="the photo's page at its source (http or https only)")
-    source: str | None = Field(description="what was ingested: a folder, a prefix or a manifest file")
+    source: str | None = Field(description="what was ingested: a folder, a prefix or a manifest file (its name)")
     ingested_at: str | None
     also_at: list[str] = Field(description="other uris with the same bytes")
     model_version: str | None
@@ -186,7 +186,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
             return JSONResponse({"error": message, "reason": "internal"}, status_code=500)
 
     def results(answer: Answer) -> list[ResultOut]:
-        return [ResultOut(rank=r.rank, image_id=r.image_id, score=r.score, caption=r.caption, uri=r.uri,
+        return [ResultOut(rank=r.rank, image_id=r.image_id, score=r.score, caption=r.caption, uri=shown_uri(r.uri),
                           matched_kind=r.matched_kind, matched_text=r.matched_text,
                           image_url=f"/img/{r.image_id}", thumbnail_url=f"/thumb/{r.image_id}",
                           page_url=f"/image/{r.image_id}") for r in answer.results]
@@ -220,7 +220,7 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
     @app.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}},
              tags=["images"], summary="An indexed image's caption and source metadata")
     def api_image(image_id: str) -> ImageOut:
-        return ImageOut(**searcher.details(checked_id(image_id)))
+        return ImageOut(**shown_details(searcher.details(checked_id(image_id))))
 
     @app.get("/api/status", response_model=StatusOut, tags=["status"], summary="What the index holds")
     def api_status() -> StatusOut:
@@ -258,24 +258,45 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
             answer = searcher.search_image(data, k or default_k)
         except Refused as exc:
             if exc.reason in ("no-match", "empty-index"):  # a good image: show it, and what it was called
-                upload["preview"] = thumbnail(data)
+                upload["preview"] = searcher.preview(data)
             return page(request, "search.html", exc.status, message=exc.message, upload=upload)
-        upload.update(caption=answer.caption, preview=thumbnail(data))
+        upload.update(caption=answer.caption, preview=searcher.preview(data))
         return page(request, "search.html", upload=upload, answer=answer)
 
     @app.get("/image/{image_id}", response_class=HTMLResponse, include_in_schema=False)
     def image_page(request: Request, image_id: str) -> HTMLResponse:
-        return page(request, "image.html", d=searcher.details(checked_id(image_id)))
+        return page(request, "image.html", d=shown_details(searcher.details(checked_id(image_id))))
 
     @app.get("/style.css", include_in_schema=False)
     def stylesheet() -> Response:
         return Response(style, media_type="text/css", headers={"cache-control": "public, max-age=3600"})
 
+    # Only names this server is known by: a page that rebinds its own name to 127.0.0.1 is refused.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings))
     app.add_middleware(Guard, max_body=settings.web.max_upload_bytes + FORM_OVERHEAD,
                        too_large=lambda request: problem(
                            request, 413, "too-large",
                            f"The upload is larger than web.max_upload_bytes={settings.web.max_upload_bytes} bytes."))
     return app
+
+
+def shown_uri(uri: str | None) -> str | None:
+    """A URI as clients see it: web addresses whole; the server's own paths (local files, buckets) by
+    their file name only, so no answer tells where the server keeps things."""
+    if not uri or uri.startswith(("http://", "https://")):
+        return uri
+    return uri.rstrip("/").rsplit("/", 1)[-1] or None
+
+
+def shown_details(details: dict) -> dict:
+    return {**details, "uri": shown_uri(details["uri"]), "source": shown_uri(details["source"]),
+            "also_at": sorted({shown_uri(uri) for uri in details["also_at"]} - {None})}
+
+
+def trusted_hosts(settings: Settings) -> list[str]:
+    listen = settings.web.host
+    named = [] if listen in ("0.0.0.0", "::") else [listen]  # listening everywhere names no host
+    return ["127.0.0.1", "localhost", *named, *settings.web.trusted_hosts]
 
 
 class Guard:

@@ -43,8 +43,12 @@ mark {{ background: #fde68a; color: inherit; }}
 def thumbnail_jpeg(data: bytes, size: tuple[int, int] = THUMBNAIL) -> bytes:
     """A small JPEG of the image (camera orientation applied, transparency on white), at most `size`."""
     with Image.open(io.BytesIO(data)) as image:
-        image = on_white(ImageOps.exif_transpose(image))
+        if image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
+            image = on_white(image)  # palette indices and odd modes cannot be averaged: colours first
+        # Shrink first, then copy: a JPEG is decoded at 1/2 to 1/8 scale (draft) and others are
+        # reduced before the transpose and the flattening copy them (alpha stays premultiplied).
         image.thumbnail(size)
+        image = on_white(ImageOps.exif_transpose(image))
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=80)
     return out.getvalue()

@@ -17,7 +17,7 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.lake import Table
+from cbir.lake import Table, heartbeat
 
 PARTS_DDL = "table string, file string, rows long, counts string"
 
@@ -58,7 +58,8 @@ def write_tables(df: DataFrame, tables: dict[str, Table], run_id: str,
     to write, and Counters (rows by status, seconds by stage) that are summed for the summary.
     Returns the parts of each table, to commit, and the summed counts.
     """
-    rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
+    with heartbeat(tables.values(), run_id):  # a long run's staging is not taken for abandoned
+        rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
     parts: dict[str, list[tuple[str, int]]] = {name: [] for name in tables}
     counts: Counter = Counter()
     for row in rows:

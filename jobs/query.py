@@ -38,7 +38,7 @@ from cbir.references import (
 )
 from cbir.schemas import CAPTIONS, ERRORS, RESULTS, subschema
 from cbir.settings import Settings
-from cbir.text import words
+from cbir.text import too_many_words, words
 from jobs.embed import (
     EncoderConfig,
     encode_chunks,
@@ -129,6 +129,8 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
             continue
         seen.add(query_id)
         query, error = _query(source, query_id, row, settings.query.k)
+        if query and (long := too_many_words(query.text, settings.query.max_words)):
+            query, error = None, f"too-long: {long}"
         if error:
             errors.append((query_id, error))
         else:
@@ -447,6 +449,8 @@ def search_one(spark: SparkSession, lake: Lake, settings: Settings, query: Query
         raise UsageError(f"{query.image}: {failed[0][1]}")
     if not query.words:
         raise UsageError("the query has no words")
+    if long := too_many_words(query.text, settings.query.max_words):
+        raise UsageError(f"the query is too long: {long}")
     captions, n_captions = lake_captions(spark, lake, settings, card["version"])
     ranked = search(spark, captions, n_captions, [query], bleu_params(settings), tuple(settings.bleu.references),
                     settings.spark.partitions)

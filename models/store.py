@@ -13,16 +13,16 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from cbir.errors import UsageError
-from cbir.lake import Lake, new_run_id, put_bytes
+from cbir.lake import RUN_ID, Lake, checked_run_id, new_run_id, put_bytes
 from models.captioner import Captioner
 from models.tokenizer import Tokenizer
 
 ROOT = ("models", "captioner")
 
 
-def _read(lake: Lake, path: str) -> bytes:
+def _read(lake: Lake, path: str, limit: int = -1) -> bytes:
     with lake.fs.open_input_stream(path) as stream:
-        return stream.read()
+        return stream.read(limit) if limit >= 0 else stream.read()
 
 
 def save(lake: Lake, captioner: Captioner, card: dict, promote: bool = True) -> str:
@@ -41,12 +41,17 @@ def save(lake: Lake, captioner: Captioner, card: dict, promote: bool = True) -> 
 
 
 def resolve(lake: Lake, version: str = "current") -> str:
+    """The version asked for, or the one `current` points at; either checked to be a version (a run
+    id) before it names a folder."""
     if version != "current":
+        if not RUN_ID.fullmatch(version):
+            raise UsageError(f"captioner version '{version[:80]}' is not in the lake {lake.uri} (versions are run ids "
+                             "like 20250101T000000Z-0123abcd)")
         return version
     pointer = lake.path(*ROOT, "current")
     if lake.fs.get_file_info(pointer).type == pafs.FileType.NotFound:
         raise UsageError(f"no captioner in the lake {lake.uri} yet: train one with `cbir train DATASET`")
-    return _read(lake, pointer).decode().strip()
+    return checked_run_id(_read(lake, pointer, 100).decode(errors="replace").strip(), "the captioner pointer holds")
 
 
 def card(lake: Lake, version: str = "current") -> dict:
@@ -54,7 +59,10 @@ def card(lake: Lake, version: str = "current") -> dict:
     path = lake.path(*ROOT, version, "card.json")
     if lake.fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise UsageError(f"captioner version '{version}' is not in the lake {lake.uri}")
-    return json.loads(_read(lake, path))
+    info = json.loads(_read(lake, path))
+    if not isinstance(info, dict) or info.get("version") != version:
+        raise UsageError(f"captioner version '{version}': its card names another version")
+    return info
 
 
 def check_encoder(info: dict, encoder: str) -> None:

@@ -22,11 +22,12 @@ GOOD_KEY, GOOD_SECRET = "fake-flickr-key-0123456789", "fake-flickr-secret-abcdef
 class FakeWeb(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, photos: int = 7):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server_address[1]}"
+    def __init__(self, photos: int = 7, host: str = "127.0.0.1", port: int = 0):
+        super().__init__((host, port), Handler)
+        self.base = f"http://{host}:{self.server_address[1]}"
         self.hits: Counter = Counter()
         self.searches: list[dict] = []
+        self.user_agents: set[str] = set()
         self.rate_limited_pages: set[int] = set()  # answer HTTP 429 once for these pages
         self.photos = [self._photo(i) for i in range(photos)]
         self.lock = threading.Lock()
@@ -112,6 +113,33 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(302, b"", "text/plain", {"Location": "http://10.255.255.1/secret.jpg"})
         if path == "/loop.jpg":
             return self._send(302, b"", "text/plain", {"Location": "/loop.jpg"})
+        if path == "/trickle.jpg":  # a byte a while, each within crawl.timeout_s, for as long as the client stays
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            for _ in range(200):
+                self.wfile.write(b"\xff")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
+        if path == "/trickle-headers.jpg":  # a header byte a while, each within crawl.timeout_s
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(200):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
+        if path == "/always-busy.jpg":
+            return self._send(503, b"busy", "text/plain", {"Retry-After": "1"})
+        if path == "/busy-hop.jpg":  # every hop busy once, then a redirect to the next hop
+            return (self._send(503, b"busy", "text/plain", {"Retry-After": "1"}) if hits % 2 else
+                    self._send(302, b"", "text/plain", {"Location": "/busy-hop.jpg"}))
+        if path.startswith("/robots/"):  # X-Robots-Tag values, one header each, from the query
+            values = parse_qs(urlsplit(self.path).query).get("tag", [])
+            return self._send(200, image_bytes(6), "image/jpeg", [("X-Robots-Tag", v) for v in values])
+        if path == "/to-backslash.jpg":
+            host = f"127.0.0.1:{self.server.server_address[1]}"
+            return self._send(302, b"", "text/plain", {"Location": f"http://{host}\\@example.com/img/8.jpg"})
         if path == "/page.html":
             return self._send(200, b"<html><body>not an image</body></html>", "text/html")
         self._send(404, b"not found", "text/plain")
@@ -119,11 +147,12 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, data: dict):
         self._send(200, json.dumps(data).encode(), "application/json")
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | list | None = None):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
+        for name, value in (headers.items() if isinstance(headers, dict) else headers or []):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+        self.server.user_agents.add(self.headers.get("User-Agent", ""))

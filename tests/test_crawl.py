@@ -4,9 +4,12 @@ the private-address guard, incremental reruns, and secrets kept out of logs, tab
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -15,10 +18,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from cbir.errors import UsageError
 from cbir.images import ImageRejected
 from cbir.lake import Lake
-from conftest import make_settings
+from conftest import image_bytes, make_settings
 from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
 from jobs import flickr, ingest
-from jobs.download import refused_reason
+from jobs.download import Downloader, refused_reason, target
 from jobs.reader import Listing, read_web_entries, resolve_url_list
 
 FAST = ["crawl.timeout_s=1", "crawl.retries=2", "crawl.backoff_s=0.01", "crawl.max_wait_s=2",
@@ -195,3 +198,108 @@ def test_the_scheduled_crawl_runs_on_the_configured_cron(tmp_path):
     assert [s.schedule.cron for s in deployment.schedules] == ["15 */6 * * *"]
     assert deployment.parameters == {"text": "two dogs", "tags": "dog", "tag_mode": "any", "sort": "relevance",
                                      "max_photos": 50}  # settings (and secrets) load where the run happens
+
+
+# The guard against hostile URLs and hosts, on one Downloader (no Spark).
+def downloader(tmp_path, *extra, resolve=None):
+    settings = make_settings(tmp_path, *FAST, *extra)
+    return Downloader(settings.crawl, settings.ingest.max_bytes, **({"resolve": resolve} if resolve else {}))
+
+
+def public_example(real):
+    """getaddrinfo where example.com is a public address and everything else is real."""
+    def resolve(host, port, *args, **kwargs):
+        if host == "example.com":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+        return real(host, port, *args, **kwargs)
+    return resolve
+
+
+@pytest.mark.parametrize("path", ["\\@example.com/img/7.jpg", "\\@example.com/../img/7.jpg"])
+def test_a_backslash_cannot_steer_the_guard_to_another_host(web, tmp_path, monkeypatch, path):
+    monkeypatch.setattr(socket, "getaddrinfo", public_example(socket.getaddrinfo))
+    hits = sum(web.hits.values())
+    with pytest.raises(ImageRejected, match="^bad-url: "):
+        downloader(tmp_path).fetch(f"{web.base}{path}")
+    assert sum(web.hits.values()) == hits  # 127.0.0.1 never asked
+
+
+def test_a_redirect_with_a_backslash_is_refused(web, tmp_path, monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", public_example(socket.getaddrinfo))
+    host = f"127.0.0.1:{web.server_address[1]}"
+    with pytest.raises(ImageRejected, match="^bad-url: "):  # the first hop is allowed, the Location is not
+        downloader(tmp_path, f"crawl.allow_hosts={web.base[7:].split(':')[0]}").fetch(f"http://{host}/to-backslash.jpg")
+    assert web.hits["/img/8.jpg"] == 0
+
+
+@pytest.mark.parametrize("url", ["http://example.com /a.jpg", "http://exa\tmple.com/a.jpg", "http://example.com/\x00",
+                                 "http://[::1/a.jpg", "http://example.com:99999/a.jpg"])
+def test_urls_the_parsers_could_read_differently_are_refused(url):
+    with pytest.raises(ImageRejected, match="^(bad-url|unsupported-uri): "):
+        target(url)
+
+
+def test_a_name_that_rebinds_after_the_check_is_still_dialled_at_the_checked_address(web, tmp_path, monkeypatch):
+    """A zero-TTL name: 127.0.0.1 (allowed here, standing for a public address) first, 127.0.0.2 next."""
+    secret = FakeWeb(host="127.0.0.2", port=web.server_address[1])
+    real, answers = socket.getaddrinfo, iter(["127.0.0.1"] + ["127.0.0.2"] * 20)
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    try:
+        fetcher = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1")
+        data = fetcher.fetch(f"http://rebind.test:{web.server_address[1]}/img/9.jpg")
+    finally:
+        secret.shutdown()
+    assert data == image_bytes(9) and sum(secret.hits.values()) == 0
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "::7f00:1",
+                                     "::ffff:10.0.0.1"])
+def test_ipv6_translations_of_ipv4_are_refused_unless_allowed(address):
+    def resolve(host, port, *args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))]
+
+    assert refused_reason("nat64.test", 80, [], resolve) is not None
+    assert refused_reason("nat64.test", 80, [address], resolve) is None
+
+
+@pytest.mark.parametrize("path, extra, bound", [
+    ("/trickle.jpg", [], 2.5),  # a byte every 0.2 s, each within crawl.timeout_s
+    ("/trickle-headers.jpg", [], 2.5),  # the same with the headers
+    ("/always-busy.jpg", ["crawl.retries=10", "crawl.max_wait_s=60"], 2.5),  # 503 + Retry-After on every try
+    ("/busy-hop.jpg", ["crawl.max_redirects=20"], 2.5),  # 503 + Retry-After on every hop
+])
+def test_one_deadline_per_url_bounds_hops_retries_and_the_body(web, tmp_path, path, extra, bound):
+    fetcher = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1", "crawl.deadline_s=1.5", *extra)
+    start = time.monotonic()
+    with pytest.raises(ImageRejected, match="^timeout: .*crawl.deadline_s=1.5"):
+        fetcher.fetch(f"{web.base}{path}")
+    assert time.monotonic() - start < bound
+
+
+@pytest.mark.parametrize("tags, extra, refused", [
+    (["noai"], [], True), (["noindex, nofollow"], [], True), (["noimageai"], [], True), (["NoImageIndex"], [], True),
+    (["otherbot: noai"], [], False), (["cbir: noai"], [], True), (["all"], [], False), ([], [], False),
+    (["noindex"], ["crawl.opt_out_tokens=noai"], False), (["noai"], ["crawl.opt_out_tokens=[]"], False),
+])
+def test_x_robots_tag_opt_outs_are_honoured(web, tmp_path, tags, extra, refused):
+    url = f"{web.base}/robots/x.jpg?" + urlencode([("tag", t) for t in tags])
+    fetcher = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1", *extra)
+    if refused:
+        with pytest.raises(ImageRejected, match="^opted-out: 127.0.0.1 says X-Robots-Tag: "):
+            fetcher.fetch(url)
+    else:
+        assert fetcher.fetch(url) == image_bytes(6)
+
+
+def test_the_user_agent_names_cbir_and_the_contact_url(web, tmp_path):
+    downloader(tmp_path, "crawl.allow_hosts=127.0.0.1", "crawl.contact_url=https://example.org/crawler").fetch(
+        f"{web.base}/img/10.jpg")
+    assert "cbir/0.1 (caption-based image search crawler; +https://example.org/crawler)" in web.user_agents
+    with pytest.raises(UsageError, match="crawl.user_agent"):
+        make_settings(tmp_path, "crawl.user_agent=Mozilla/5.0")

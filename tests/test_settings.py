@@ -49,7 +49,11 @@ def test_lists_from_set_and_environment():
     "overrides, environ, message",
     [
         (["spark.mastr=local"], {}, "unknown setting 'spark.mastr' (from --set); known here: master, partitions"),
-        ([], {"CBIR_NOPE": "1"}, "unknown setting 'nope' (from environment variable CBIR_NOPE)"),
+        ([], {"CBIR_SPARK__MASTR": "1"}, "unknown setting 'spark.mastr' (from environment variable CBIR_SPARK__MASTR)"),
+        (["flickr=x", "flickr.api_key=y"], {}, "flickr is a section (from --set): set its keys, e.g. flickr.KEY=VALUE"),
+        (["flickr.api_key=y", "flickr=x"], {}, "flickr is a section (from --set)"),
+        (["lake.sub=x"], {}, "unknown setting 'lake.sub' (from --set): lake has no keys"),
+        (["ingest.formats=[jpeg"], {}, "bad setting ingest.formats (from --set): not a valid [list] or {map}"),
         (["spark.partitions=many"], {}, "bad setting spark.partitions='many' (from --set): Input should be a valid integer"),
         (["spark.partitions=-1"], {}, "bad setting spark.partitions='-1' (from --set): Input should be greater than or equal to 0"),
         (["spark.master=mesos"], {}, "bad setting spark.master='mesos' (from --set): must be local"),
@@ -89,8 +93,21 @@ def test_secrets_are_masked_in_public_settings_and_errors():
     assert "very-secret-value" not in public and "AKIAREALKEY" not in public
     assert "very-secret-value" not in repr(settings)
     with pytest.raises(UsageError) as caught:
-        load_settings(overrides=["s3.secret_key=[1, 2]"], environ={})
-    assert "1, 2" not in str(caught.value) and "s3.secret_key='***'" in str(caught.value)
+        load_settings(overrides=["s3.secret_key="], environ={"CBIR_S3__ENDPOINT_URL": "[bad"})
+    assert "s3.endpoint_url='[bad'" in str(caught.value)
+    # Secrets are strings whatever they start with: never parsed as YAML, never echoed.
+    environ = {"CBIR_FLICKR__API_KEY": "[my-secret", "CBIR_FLICKR__API_SECRET": "{also: secret"}
+    settings = load_settings(environ=environ)
+    assert settings.flickr.api_key.get_secret_value() == "[my-secret"
+    assert settings.flickr.api_secret.get_secret_value() == "{also: secret"
+    with pytest.raises(UsageError) as caught:
+        load_settings(overrides=["flickr.per_page=0"], environ=environ)
+    assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_variables_that_name_no_setting_belong_to_others():
+    settings = load_settings(environ={"CBIR_HOME": "/opt/cbir", "CBIR_NOPE": "1", "CBIR_WEB__PORT": "9000"})
+    assert settings.web.port == 9000
 
 
 def test_the_real_environment_is_read_by_default(monkeypatch):

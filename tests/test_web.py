@@ -49,7 +49,8 @@ from models.tokenizer import Tokenizer
 from models.training import Split, fit
 
 SMALL = ("encoder.weights=random", "encoder.batch_size=12", "captioner.units=48", "captioner.embedding_dim=24",
-         "captioner.min_word_count=1", "web.max_upload_bytes=300000", "web.reload_s=0.2")
+         "captioner.min_word_count=1", "web.max_upload_bytes=300000", "web.max_upload_pixels=1500000", "web.reload_s=0.2",
+         "web.trusted_hosts=testserver")  # TestClient's name
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
 CBIR = str(Path(sys.executable).parent / "cbir")
 XSS = "<script>alert('x')</script>"
@@ -216,7 +217,8 @@ def test_bad_input_is_a_4xx_with_a_reason_and_the_server_keeps_serving(client, b
     body = assert_error(upload(image_bytes(1, size=(700, 500), noise=True, fmt="BMP")), 413, "too-large")
     assert "web.max_upload_bytes=300000" in body["error"]
     assert_error(upload(b"\0" * 2_000_000), 413, "too-large")  # refused before the form is parsed
-    assert_error(upload(png((1300, 1300))), 413, "too-many-pixels")  # ingest.max_pixels=1500000
+    body = assert_error(upload(png((1300, 1300))), 413, "too-many-pixels")
+    assert "web.max_upload_pixels=1500000" in body["error"]
     assert_error(client.post("/api/search", data={"k": "3"}), 422, "bad-request")
     assert_error(client.post("/api/search", files={"image": ("x.png", png((40, 40)), "image/png")}, data={"k": "0"}),
                  422, "bad-request")

@@ -1,0 +1,55 @@
+"""Queries capped in words wherever they come from, and text from outside printed without terminal
+control sequences."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cbir.lake import Lake
+from conftest import make_settings
+from flows import cli
+from flows.reporting import render_table
+from flows.web import create_app
+from jobs.query import read_queries
+
+LONG = " ".join(f"word{i}" for i in range(101))  # query.max_words is 100
+
+
+def test_a_query_file_row_over_the_word_cap_is_an_error_row(tmp_path):
+    (tmp_path / "q.csv").write_text(f"query_id,text\nshort,a dog\nlong,{LONG}\n")
+    queries, errors = read_queries(str(tmp_path / "q.csv"), make_settings(tmp_path))
+    assert [q.query_id for q in queries] == ["short"]
+    assert errors == [("long", "too-long: the text has 101 words, over query.max_words=100")]
+
+
+def test_cbir_search_refuses_a_query_over_the_word_cap(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    assert cli.main(["search", LONG]) == 2
+    err = capsys.readouterr().err
+    assert "cbir: error: the query is too long: the text has 101 words, over query.max_words=100" in err
+
+
+def test_cbir_web_refuses_a_query_over_the_word_cap(tmp_path):
+    settings = make_settings(tmp_path, "query.max_words=5")
+    Lake.open(settings).check()
+    with TestClient(create_app(settings, warm_up=False), base_url="http://127.0.0.1") as client:
+        response = client.get("/api/search", params={"q": "one two three four five six"})
+    assert response.status_code == 400 and response.json()["reason"] == "too-long"
+
+
+@pytest.mark.parametrize("hostile", ["\x1b[2J", "\x1b]52;c;ZWNobw==\x07", "\x9b31m", "a\rb", "\u202eevil", "x\ny"])
+def test_printed_tables_carry_no_terminal_control_sequences(hostile):
+    text = render_table(f"top 1 for {hostile}", [{"rank": 1, "uri": f"http://example.com/{hostile}.jpg",
+                                                   "caption": hostile}])
+    assert not any(ch in text for ch in "\x1b\x07\x9b\r\u202e") and "example.com/" in text
+    assert text.count("\n") == 6  # title, 3 border lines, header, one row: nothing split a line
+
+
+def test_error_lines_carry_no_terminal_control_sequences(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    assert cli.main(["ingest", "/no/such/\x1b]0;pwned\x07folder"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "cbir: error: source /no/such/" in err
