@@ -148,12 +148,9 @@ class Searcher:
             version = store.resolve(self.lake, self.settings.captioner.version)
         except UsageError:  # no captioner yet: nothing is indexed
             version = None
-        sources = self._source_kinds()
+        # The manifest counts too: it holds the source texts and the details the pages show.
         return Marker(version, frozenset(self.lake.table("captions").committed_runs()),
-                      frozenset(self.lake.table("manifest").committed_runs()) if sources else frozenset())
-
-    def _source_kinds(self) -> list[str]:
-        return [kind for kind in SOURCE if kind in self.settings.bleu.references]
+                      frozenset(self.lake.table("manifest").committed_runs()))
 
     def _build(self, marker: Marker) -> Snapshot:
         started = time.perf_counter()
@@ -178,8 +175,7 @@ class Searcher:
     def _captions(self, version: str | None) -> pa.Table:
         """The version's ok captions and references, one row per image, with its stored format and the
         source texts of the reference kinds that count (from the manifest)."""
-        sources = self._source_kinds()
-        source_columns = {kind: SOURCE_COLUMNS[kind] for kind in sources}
+        source_columns = {kind: SOURCE_COLUMNS[kind] for kind in SOURCE if kind in self.settings.bleu.references}
         captions = subschema(CAPTIONS, ["image_id", "uri", "caption", "references"]).empty_table() if version is None \
             else self.lake.table("captions").dataset().to_table(
                 columns=["image_id", "uri", "caption", "references"],
