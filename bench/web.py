@@ -47,12 +47,12 @@ from cbir.settings import load_settings
 from cbir.text import words
 from jobs.query import bleu_params
 
-VERSION = "bench"
+VERSION = "20260101T000000Z-0000beec"  # a version name as the lake checks it: a run id
 WARM_UP = 20  # queries before timing: the first one may compile the engine's kernels
 
 
 def write_lake(root: Path, n: int) -> pa.Table:
-    """n images' captions and references committed as one run of captioner version `bench`, which the
+    """n images' captions and references committed as one run of captioner version VERSION, which the
     lake calls current."""
     settings = load_settings(overrides=[f"lake={root}/lake", f"state_dir={root}/state"], environ={})
     lake = Lake.open(settings)
@@ -68,7 +68,8 @@ def write_lake(root: Path, n: int) -> pa.Table:
         rows = min(250_000, n - start)
         writer.write(pa.RecordBatch.from_pydict({
             "image_id": ids[start:start + rows], "uri": [None] * rows, "caption": captions.slice(start, rows),
-            "logprob": [0.0] * rows, "references": references.slice(start, rows), "model_version": [VERSION] * rows, "status": ["ok"] * rows,
+            "logprob": [0.0] * rows, "references": references.slice(start, rows),
+            "model_version": [VERSION] * rows, "status": ["ok"] * rows,
             "error": [None] * rows, "indexed_at": pa.repeat(at, rows), "run_id": [run_id] * rows}, schema=CAPTIONS))
     table.commit(run_id, [writer.close()], model_version=VERSION)
     put_bytes(lake.fs, lake.path("models", "captioner", "current"), VERSION.encode(), overwrite=True)

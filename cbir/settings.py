@@ -217,7 +217,7 @@ class Captioner(Section):
     beam_width: int = Field(3, ge=1, le=50)
     captions_per_image: int = Field(3, ge=1, le=50, description="distinct captions kept per image, at most (greedy: one)")
     no_repeat_ngram: int = Field(2, ge=0, le=10, description="0: off; n: no word right after itself, no n-gram twice")
-    length_penalty: float = Field(0.0, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
+    length_penalty: float = Field(0.5, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
     labels_per_image: int = Field(3, ge=0, le=20, description="the encoder's ImageNet labels kept per image")
     label_threshold: float = Field(0.2, ge=0, le=1, description="the least probability a kept label has")
 
@@ -229,7 +229,7 @@ class Train(Section):
     patience: int = Field(3, ge=1, description="epochs without a better dev score before stopping")
     monitor: Literal["bleu", "loss"] = Field("loss", description="what early stopping watches on the dev split: "
                                              "BLEU of its decoded captions, or the loss")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of each target spread over the vocabulary")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="share of each target spread over the vocabulary")
     dev_fraction: float = Field(0.1, ge=0, lt=0.5, description="for data sets without splits")
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
     seed: int = 0
