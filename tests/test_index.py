@@ -27,7 +27,7 @@ from models import store
 from models.captioner import Decoding
 
 SMALL_MODEL = ("encoder.weights=random", "captioner.units=64", "captioner.embedding_dim=32",
-               "captioner.min_word_count=1", "train.epochs=12", "encoder.batch_size=4")
+               "captioner.min_word_count=1", "train.epochs=20", "train.learning_rate=0.01", "encoder.batch_size=4")
 
 
 def prepare(spark, settings, tmp: Path, new_images: int = 30) -> dict:
