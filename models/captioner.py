@@ -196,8 +196,10 @@ class Captioner:
 
 def repeats(history: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, words) that must not come next: the last word again, or a word that would make an
-    n-gram (n >= 2) of the row's history appear twice. history: (rows, t) of word ids so far."""
+    n-gram of the row's history appear twice (n = 1: any word it has). history: (rows, t) of word ids."""
     rows, t = history.shape
+    if n == 1:
+        return np.repeat(np.arange(rows), t), history.ravel()
     blocked_rows, blocked_words = [np.arange(rows)], [history[:, -1]]
     if n >= 2 and t >= n:
         tail = history[:, t - n + 1:]  # the n-1 words the next word would extend

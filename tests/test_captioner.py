@@ -169,6 +169,8 @@ def test_repeats_blocks_the_last_word_and_every_word_that_would_repeat_an_ngram(
     assert sorted(zip(rows.tolist(), blocked.tolist())) == [(0, 5), (0, 6), (0, 7), (1, 9)]
     rows, blocked = repeats(np.array([[5, 6, 5, 6, 5]]), 3)  # "6 5" was followed by 6 once: "6 5 6" again is not
     assert sorted(set(blocked.tolist())) == [5, 6]
+    rows, blocked = repeats(np.array([[5, 6, 7], [1, 1, 2]]), 1)  # no word twice
+    assert sorted(zip(rows.tolist(), blocked.tolist())) == [(0, 5), (0, 6), (0, 7), (1, 1), (1, 1), (1, 2)]
 
 
 def test_beam_search_gives_the_n_best_distinct_captions(trained):
