@@ -60,7 +60,7 @@ def main() -> None:
     tokenizer = Tokenizer([*SPECIALS, *(f"w{i}" for i in range(VOCABULARY - len(SPECIALS)))])
     captioner = Captioner(build_model(VOCABULARY, MAX_LENGTH, FEATURES, 256, UNITS, 0.5), tokenizer)
     features = np.random.default_rng(0).normal(0, 1, (640, FEATURES)).astype(np.float32)
-    beam = Decoding("beam", 3, captions=3, no_repeat_ngram=2)  # the default decoding
+    beam = Decoding("beam", 3, captions=3, no_repeat_ngram=1, length_penalty=0.5)  # the default decoding
     captioner.decode(features[:64])  # trace the step function once, outside the timings
     captioner.decode(features[:64], beam)
 

@@ -216,7 +216,8 @@ class Captioner(Section):
     decode: Literal["greedy", "beam"] = "beam"
     beam_width: int = Field(3, ge=1, le=50)
     captions_per_image: int = Field(3, ge=1, le=50, description="distinct captions kept per image, at most (greedy: one)")
-    no_repeat_ngram: int = Field(2, ge=0, le=10, description="0: off; n: no word right after itself, no n-gram twice")
+    no_repeat_ngram: int = Field(1, ge=0, le=10, description="0: off; 1: no word twice; n: no word right after "
+                                 "itself, no n-gram twice")
     length_penalty: float = Field(0.5, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
     labels_per_image: int = Field(3, ge=0, le=20, description="the encoder's ImageNet labels kept per image")
     label_threshold: float = Field(0.2, ge=0, le=1, description="the least probability a kept label has")

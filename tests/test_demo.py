@@ -22,6 +22,7 @@ import pytest
 
 from cbir.samples import sample_corpus, skimage_photos
 from conftest import headless_chromium
+from models.training import degenerate
 from test_cli import CBIR, run
 
 pytestmark = pytest.mark.slow
@@ -133,6 +134,9 @@ def test_the_demo_runs_every_step_and_sums_up(demo):
         card["encoder"]["weights_source"]
     indexed = ds.dataset(str(lake / "captions"), format="parquet").to_table().to_pylist()
     assert len(indexed) == len(manifest) and all(row["status"] == "ok" for row in indexed)
+    # Small data, yet no caption loops (a word right after itself, a bigram twice), and each is a reference.
+    generated = [ref["text"] for row in indexed for ref in row["references"] if ref["kind"] == "caption"]
+    assert len(generated) >= len(indexed) and not any(map(degenerate, generated))
 
     # The query file: text and image queries, answered into a results table and a gallery.
     gallery = Path(re.search(r"^gallery: (\S+)$", output, re.M).group(1))
