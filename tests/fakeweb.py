@@ -148,6 +148,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(data).encode(), "application/json")
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict | list | None = None):
+        self.server.user_agents.add(self.headers.get("User-Agent", ""))  # before the client can have its answer
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -155,4 +156,3 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
-        self.server.user_agents.add(self.headers.get("User-Agent", ""))
