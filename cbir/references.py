@@ -99,10 +99,12 @@ def build_index(image_ids: list[str], references: References, max_order: int = 4
 
 def best_reference(query: list[str], references: list[tuple[str, str]], params: BleuParams) -> tuple[str, str] | None:
     """The (kind, text) that alone scores best against the query (the first of equals); None if none shares a word."""
-    best, best_score = None, 0.0
+    best, best_score, asked = None, 0.0, set(query)
     for kind, text in references:
         ref = words(text)
-        value = score(matches(query, [ref], params.max_order), len(query), len(ref), params) if ref else 0.0
+        if asked.isdisjoint(ref):  # no word in common: it scores 0, and most texts of a hit are such
+            continue
+        value = score(matches(query, [ref], params.max_order), len(query), len(ref), params)
         if value > best_score:
             best, best_score = (kind, text), value
     return best
