@@ -95,6 +95,8 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     # The images are searched by what cbir generated for them only: their source texts (the very captions
     # asked here, when the table was ingested as a manifest) would answer every query by themselves.
     kinds = tuple(kind for kind in settings.bleu.references if kind in GENERATED)
+    if not kinds:
+        raise UsageError("cbir eval measures what cbir generated: bleu.references names neither caption nor label")
     captions, n_captions = lake_captions(spark, lake, settings, card["version"], kinds)
     params = bleu_params(settings)
 
