@@ -7,13 +7,14 @@ From the image's source, in the manifest:
   title, description, tags, given (a caption that came with the image, e.g. a manifest's `caption`)
 
 BLEU takes many references per hypothesis, so an image is found by whichever of its texts shares
-the query's words; `bleu.references` chooses the kinds that count. `best_reference` says which
+the query's words; `bleu.references` chooses the kinds that count. `References.matched` says which
 one text matched a query best, for people reading the results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 
 from cbir.bleu import BleuParams, matches, score
 from cbir.engine import BleuIndex
-from cbir.text import words, words_array
+from cbir.text import words_array
 
 GENERATED = ("caption", "label")
 SOURCE = ("title", "description", "tags", "given")
@@ -37,7 +38,7 @@ class References:
     kinds: pa.StringArray
     counts: np.ndarray
 
-    @property
+    @cached_property
     def starts(self) -> np.ndarray:
         return np.cumsum(self.counts) - self.counts
 
@@ -45,6 +46,27 @@ class References:
         """(kind, text) of one image's references, in order."""
         at, n = int(self.starts[row]), int(self.counts[row])
         return list(zip(self.kinds[at:at + n].to_pylist(), self.texts[at:at + n].to_pylist()))
+
+    def matched(self, query: list[str], rows: list[int], params: BleuParams) -> list[tuple[str, str] | None]:
+        """Why each of these images (rows) matched the query: its (kind, text) that shares the most words with
+        it, among equals the one that alone scores best, then the first; None when none shares a word."""
+        counts = self.counts[rows]
+        at = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(self.starts[rows], counts)
+        at = pa.array(at, pa.int64())
+        texts, kinds = self.texts.take(at).to_pylist(), self.kinds.take(at).to_pylist()
+        split = words_array(self.texts.take(at)).to_pylist()  # one Arrow call, not a regex per text
+        asked, out, first = set(query), [], 0
+        for n in counts.tolist():
+            shared = [len(asked.intersection(split[i])) for i in range(first, first + n)]
+            most = max(shared, default=0)
+            tied = [first + i for i, count in enumerate(shared) if count == most] if most else []
+            if len(tied) > 1:  # few: the texts that share as many words; BLEU decides between them
+                scores = [score(matches(query, [split[i]], params.max_order), len(query), len(split[i]), params)
+                          for i in tied]
+                tied = [tied[scores.index(max(scores))]]
+            out.append((kinds[tied[0]], texts[tied[0]]) if tied else None)
+            first += n
+        return out
 
 
 def reference_texts(table: pa.Table, kinds: tuple[str, ...] | list[str] = KINDS) -> References:
@@ -71,7 +93,7 @@ def reference_texts(table: pa.Table, kinds: tuple[str, ...] | list[str] = KINDS)
         if kind in kinds and kind in table.column_names:
             column = table.column(kind).combine_chunks()
             if pa.types.is_list(column.type):
-                column = pc.binary_join(column, " ")
+                column = pc.binary_join(column.cast(pa.list_(pa.string())), " ")
             pieces.append((np.arange(n), pa.array([kind] * n, pa.string()), column.cast(pa.string())))
 
     if pieces:
@@ -95,16 +117,3 @@ def reference_texts(table: pa.Table, kinds: tuple[str, ...] | list[str] = KINDS)
 def build_index(image_ids: list[str], references: References, max_order: int = 4) -> BleuIndex:
     """The BLEU index of these images over their references (words split as the tokenizer splits them)."""
     return BleuIndex(image_ids, words_array(references.texts), references.counts, max_order)
-
-
-def best_reference(query: list[str], references: list[tuple[str, str]], params: BleuParams) -> tuple[str, str] | None:
-    """The (kind, text) that alone scores best against the query (the first of equals); None if none shares a word."""
-    best, best_score, asked = None, 0.0, set(query)
-    for kind, text in references:
-        ref = words(text)
-        if asked.isdisjoint(ref):  # no word in common: it scores 0, and most texts of a hit are such
-            continue
-        value = score(matches(query, [ref], params.max_order), len(query), len(ref), params)
-        if value > best_score:
-            best, best_score = (kind, text), value
-    return best

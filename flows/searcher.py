@@ -32,7 +32,6 @@ from cbir.references import (
     SOURCE,
     SOURCE_COLUMNS,
     References,
-    best_reference,
     build_index,
     reference_texts,
 )
@@ -258,10 +257,11 @@ class Searcher:
         started = time.perf_counter()
         hits = snapshot.index.search(query, k, self.params)
         captions, uris = snapshot.table.column("caption"), snapshot.table.column("uri")
+        rows = [snapshot.row_of[hit.image_id] for hit in hits]
         results = []
-        for rank, hit in enumerate(hits, start=1):
-            at = snapshot.row_of[hit.image_id]
-            kind, text = best_reference(query, snapshot.references.of(at), self.params) or (None, None)
+        for rank, (hit, at, matched) in enumerate(zip(hits, rows, snapshot.references.matched(query, rows, self.params)),
+                                                  start=1):
+            kind, text = matched or (None, None)
             results.append(Result(rank, hit.image_id, hit.score, captions[at].as_py(), uris[at].as_py(), kind, text))
         took = (time.perf_counter() - started) * 1000
         return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))

@@ -32,7 +32,6 @@ from cbir.lake import Lake, new_run_id, open_filesystem
 from cbir.references import (
     SOURCE,
     SOURCE_COLUMNS,
-    best_reference,
     build_index,
     reference_texts,
 )
@@ -326,9 +325,10 @@ def _search_partition(wanted, params: BleuParams, kinds: tuple[str, ...],
     uris, captions = table.column("uri").to_pylist(), table.column("caption").to_pylist()
     out: list[dict] = []
     for query_id, query_words, k in wanted.value:
-        for hit in index.search(query_words, k, params):
-            row = where[hit.image_id]
-            kind, text = best_reference(query_words, references.of(row), params) or (None, None)
+        hits = index.search(query_words, k, params)
+        rows = [where[hit.image_id] for hit in hits]
+        for hit, row, matched in zip(hits, rows, references.matched(query_words, rows, params)):
+            kind, text = matched or (None, None)
             out.append(dict(query_id=query_id, image_id=hit.image_id, uri=uris[row], caption=captions[row],
                             score=hit.score, matched_kind=kind, matched_text=text))
     yield pa.RecordBatch.from_pylist(out, schema=HIT_SCHEMA)

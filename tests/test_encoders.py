@@ -205,7 +205,7 @@ def test_lines_dropped_passes_every_other_line_on_children_included():
 
 def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_finds_them(encoder, photos):
     from cbir.bleu import BleuParams
-    from cbir.references import best_reference, build_index, reference_texts
+    from cbir.references import build_index, reference_texts
     from cbir.schemas import REFERENCES
     from models.encoders import labeler
 
@@ -225,5 +225,5 @@ def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_fi
     texts = reference_texts(table)
     hits = build_index(ids, texts).search(["espresso"], 3, BleuParams())
     assert [hit.image_id for hit in hits] == ["coffee"]
-    assert best_reference(["espresso"], texts.of(1), BleuParams()) == ("label", "espresso")
+    assert texts.matched(["espresso"], [1, 0], BleuParams()) == [("label", "espresso"), None]
     assert build_index(ids, reference_texts(table, ["caption"])).search(["espresso"], 3, BleuParams()) == []
