@@ -53,8 +53,9 @@ class References:
         counts = self.counts[rows]
         at = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(self.starts[rows], counts)
         at = pa.array(at, pa.int64())
-        texts, kinds = self.texts.take(at).to_pylist(), self.kinds.take(at).to_pylist()
-        split = words_array(self.texts.take(at)).to_pylist()  # one Arrow call, not a regex per text
+        taken = self.texts.take(at)
+        texts, kinds = taken.to_pylist(), self.kinds.take(at).to_pylist()
+        split = words_array(taken).to_pylist()  # one Arrow call, not a regex per text
         asked, out, first = set(query), [], 0
         for n in counts.tolist():
             shared = [len(asked.intersection(split[i])) for i in range(first, first + n)]

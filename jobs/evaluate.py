@@ -21,7 +21,7 @@ from cbir.lake import Lake
 from cbir.references import GENERATED, reference_texts
 from cbir.settings import Settings
 from cbir.text import words
-from jobs.query import Query, bleu_params, indexed_captions, lake_captions, search
+from jobs.query import Query, bleu_params, lake_captions, search
 from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 from models import store
 
@@ -101,14 +101,13 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     params = bleu_params(settings)
 
     category = {row["image_id"]: row["category"] for row in rows if row["category"]}
-    generated = indexed_captions(lake, card["version"], category)
+    generated, vocabulary = _generated(lake, card["version"], [row["image_id"] for row in rows], kinds)
     # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out).
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
     images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
     found = _ranked(search(spark, captions, n_captions, [q for q in texts + images if q.words], params, kinds))
     ranks = [next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
              for q, row in zip(texts, rows)]
-    vocabulary = _words_of(lake, card["version"], [row["image_id"] for row in rows], kinds)
     reachable = sum(1 for q, row in zip(texts, rows) if vocabulary.get(row["image_id"], set()) & set(q.words))
 
     precisions, image_hits = [], []
@@ -127,14 +126,18 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
         seconds=round(time.monotonic() - started, 1))
 
 
-def _words_of(lake: Lake, version: str, image_ids: list[str], kinds: tuple[str, ...]) -> dict[str, set[str]]:
-    """image_id -> every word of its references of these kinds."""
+def _generated(lake: Lake, version: str, image_ids: list[str],
+               kinds: tuple[str, ...]) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """For these images, in one read of the captions table: image_id -> its caption from this captioner
+    version, and image_id -> every word of its references of these kinds."""
     wanted = pa.array(sorted(set(image_ids)), pa.string())
     table = lake.table("captions").dataset().to_table(columns=["image_id", "caption", "references"], filter=(
         ds.field("image_id").isin(wanted) & (ds.field("model_version") == version) & (ds.field("status") == "ok")))
-    references = reference_texts(table, kinds)
-    return {image_id: {word for _, text in references.of(row) for word in words(text)}
-            for row, image_id in enumerate(table.column("image_id").to_pylist())}
+    ids, references = table.column("image_id").to_pylist(), reference_texts(table, kinds)
+    captions = dict(zip(ids, table.column("caption").to_pylist()))
+    vocabulary = {image_id: {word for _, text in references.of(row) for word in words(text)}
+                  for row, image_id in enumerate(ids)}
+    return captions, vocabulary
 
 
 def _ranked(frame) -> dict[str, list[tuple[str, int]]]:
