@@ -49,7 +49,7 @@ from cbir.samples import sample_corpus, write_jsonl  # noqa: E402
 from cbir.settings import load_settings  # noqa: E402
 
 BASELINE = ["captioner.decode=greedy", "captioner.no_repeat_ngram=0", "captioner.captions_per_image=1",
-            "captioner.labels_per_image=0", "bleu.references=caption", "train.monitor=loss",
+            "captioner.labels_per_image=0", "captioner.neighbours=0", "bleu.references=caption", "train.monitor=loss",
             "captioner.min_word_count=2", "captioner.dropout=0.5", "train.label_smoothing=0"]
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "degenerate", "distinct_per_100", "r_at_1", "r_at_5", "r_at_10",
            "map_at_10", "image_r_at_10", "reachable")

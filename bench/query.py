@@ -4,9 +4,9 @@
    caption's score, and the largest difference between them (must be 0: the engine is exact).
 2. The engine alone on generated images with the default references each (Zipf-like vocabulary of
    20,000 words): three captions of 8 to 15 words (the 2nd and 3rd differ from the first in two
-   words, as a beam's n best do), two labels of 1 to 3 words, a title of 2 to 5 words and a line of
-   3 to 5 tags: 7 texts an image. Queries are drawn the same way, a quarter of them one to three
-   words: index build (cbir.references, as cbir web and the query job build it) and exact top-10
+   words, as a beam's n best do), two labels of 1 to 3 words, five neighbours' titles and a title of
+   2 to 5 words and a line of 3 to 5 tags: 12 texts an image. Queries are drawn the same way, a
+   quarter of them one to three words: index build (cbir.references, as cbir web and the query job build it) and exact top-10
    for every query (BleuIndex.search_many: all cores), with time per stage and peak memory; the same
    queries on one thread are timed apart. Its pairs/s (images x queries / seconds) is
    engine_pairs_per_s: pruning decides most pairs without scoring them.
@@ -56,7 +56,9 @@ def corpus(n: int, vocabulary: int, seed: int, short_share: float = 0.0) -> list
 
 
 REFERENCES = (("caption", 8, 16), ("caption", 0, 0), ("caption", 0, 0), ("label", 1, 4), ("label", 1, 4),
-              ("title", 2, 6), ("tags", 3, 6))  # (kind, fewest words, most + 1); (0, 0): a variant of the caption
+              *[("neighbour", 2, 6)] * 5, ("title", 2, 6), ("tags", 3, 6))
+# (kind, fewest words, most + 1); (0, 0): a variant of the caption. Ranks count within a kind.
+RANKS = [[kind for kind, _, _ in REFERENCES][:i + 1].count(kind) for i, (kind, _, _) in enumerate(REFERENCES)]
 
 
 def images_with_references(n: int, vocabulary: int, seed: int) -> pa.Table:
@@ -85,7 +87,7 @@ def images_with_references(n: int, vocabulary: int, seed: int) -> pa.Table:
     order = pa.array(np.arange(n * per_image).reshape(per_image, n).T.ravel())  # image by image
     text = pa.concat_arrays(texts).take(order)
     kind = pa.array(np.repeat(np.array(kinds, object)[None, :], n, axis=0).ravel(), pa.string())
-    rank = pa.array(np.tile([1, 2, 3, 1, 2, 1, 1], n), pa.int32())
+    rank = pa.array(np.tile(RANKS, n), pa.int32())
     structs = pa.StructArray.from_arrays([kind, rank, text, pa.nulls(len(text), pa.float64())],
                                          fields=list(REFERENCE))
     references = pa.ListArray.from_arrays(pa.array(np.arange(0, n * per_image + 1, per_image, dtype=np.int32)),

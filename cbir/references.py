@@ -3,6 +3,7 @@
 Generated at index time and stored in the captions table's `references` column:
   caption      the captioner's n best distinct captions (captioner.captions_per_image)
   label        the encoder's ImageNet labels above captioner.label_threshold
+  neighbour    the human texts of the captioner's training images nearest to it (models/neighbours.py)
 From the image's source, in the manifest:
   title, description, tags, given (a caption that came with the image, e.g. a manifest's `caption`)
 
@@ -24,7 +25,7 @@ from cbir.bleu import BleuParams, matches, score
 from cbir.engine import BleuIndex
 from cbir.text import words_array
 
-GENERATED = ("caption", "label")
+GENERATED = ("caption", "label", "neighbour")
 SOURCE = ("title", "description", "tags", "given")
 KINDS = GENERATED + SOURCE
 SOURCE_COLUMNS = {"title": "title", "description": "description", "tags": "tags", "given": "caption"}  # manifest's

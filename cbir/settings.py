@@ -31,7 +31,7 @@ ENV_PREFIX = "CBIR_"
 # Variables that choose the layers rather than being settings themselves.
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
-REFERENCE_KINDS = ("caption", "label", "title", "description", "tags", "given")  # cbir.references.KINDS
+REFERENCE_KINDS = ("caption", "label", "neighbour", "title", "description", "tags", "given")  # cbir.references.KINDS
 # The registry in models/encoders.py; listed here so settings fail at start.
 ENCODERS = ("vgg16", "efficientnet_lite0")
 
@@ -221,6 +221,8 @@ class Captioner(Section):
     length_penalty: float = Field(0.5, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
     labels_per_image: int = Field(3, ge=0, le=20, description="the encoder's ImageNet labels kept per image")
     label_threshold: float = Field(0.2, ge=0, le=1, description="the least probability a kept label has")
+    neighbours: int = Field(5, ge=0, le=20, description="texts of the nearest training images kept per image")
+    memory_images: int = Field(100_000, ge=0, description="training images a captioner remembers for neighbours")
 
 
 class Train(Section):
@@ -243,7 +245,8 @@ class Bleu(Section):
     smoothing: Literal["method0", "method1", "method2", "method3"] = "method1"
     auto_reweigh: bool = True
     references: list[str] = Field(list(REFERENCE_KINDS), description="the kinds of an image's texts that count: "
-                                  "caption, label (generated), title, description, tags, given (from its source)")
+                                  "caption, label, neighbour (generated), title, description, tags, given "
+                                  "(from its source)")
 
     @field_validator("references", mode="before")
     @classmethod

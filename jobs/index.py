@@ -35,6 +35,7 @@ from models import store
 from models.captioner import Decoding
 from models.encoders import configure_tensorflow, encoder_key, labeler
 from models.labels import Labeler
+from models.neighbours import Memory
 
 CAPTIONS_PER_TASK = 4096  # captioning cached features is quick
 STAGES = ("load", "read", "decode", "encode", "caption", "write")  # load: the models, once per worker
@@ -50,6 +51,7 @@ class IndexContext:
     decoding: Decoding
     labels: int
     label_threshold: float
+    neighbours: int
     run_id: str
     indexed_at: datetime
 
@@ -57,15 +59,24 @@ class IndexContext:
     def from_settings(cls, lake: Lake, version: str, encoder: EncoderConfig, settings: Settings,
                       run_id: str) -> "IndexContext":
         c = settings.captioner
-        return cls(lake, version, encoder, Decoding.from_settings(c), c.labels_per_image, c.label_threshold, run_id,
+        return cls(lake, version, encoder, Decoding.from_settings(c), c.labels_per_image, c.label_threshold,
+                   c.neighbours, run_id,
                    datetime.now(timezone.utc))
 
     def captioner(self):
         key = (self.lake.uri, self.version)
         if key not in _CAPTIONERS:
             configure_tensorflow(self.encoder.threads)  # before TensorFlow's first use in this worker
-            _CAPTIONERS[key] = store.load(self.lake, self.version, encoder=self.encoder.key)[0]
-        return _CAPTIONERS[key]
+            _CAPTIONERS[key] = store.load(self.lake, self.version, encoder=self.encoder.key)
+        return _CAPTIONERS[key][0]
+
+    def memory(self) -> Memory | None:
+        """The captioner's memory, once per worker; None when neighbours are off or the version has none."""
+        key = (self.lake.uri, self.version)
+        if key not in _MEMORIES:
+            self.captioner()
+            _MEMORIES[key] = store.load_memory(self.lake, _CAPTIONERS[key][1])
+        return _MEMORIES[key] if self.neighbours else None
 
     def labeler(self) -> Labeler:
         """The encoder's classifier, once per worker (the encoder itself is cached by load_encoder)."""
@@ -74,13 +85,14 @@ class IndexContext:
         return _LABELERS[self.encoder.key]
 
     def describe(self, vectors: np.ndarray) -> list[list[dict]]:
-        """Each image's references: its n best distinct captions, then its ImageNet labels."""
+        """Each image's references: its n best distinct captions, its ImageNet labels, then the texts of
+        its nearest training images."""
         captions = self.captioner().decode(vectors, self.decoding) if len(vectors) else []
         labels = self.labeler().labels(vectors, self.labels, self.label_threshold) if self.labels else [[]] * len(vectors)
-        return [[dict(kind="caption", rank=rank, text=text, score=logprob)
-                 for rank, (text, logprob) in enumerate(best, start=1)]
-                + [dict(kind="label", rank=rank, text=text, score=p) for rank, (text, p) in enumerate(names, start=1)]
-                for best, names in zip(captions, labels)]
+        memory = self.memory()
+        near = memory.nearest(vectors, self.neighbours) if memory is not None else [[]] * len(vectors)
+        return [_references("caption", best) + _references("label", names) + _references("neighbour", texts)
+                for best, names, texts in zip(captions, labels, near)]
 
     def captions_batch(self, rows: list[dict], vectors: np.ndarray, failed: list[tuple[dict, str]]) -> pa.RecordBatch:
         out = [dict(image_id=row["image_id"], uri=row["uri"], caption=refs[0]["text"], logprob=refs[0]["score"],
@@ -93,7 +105,12 @@ class IndexContext:
         return pa.RecordBatch.from_pylist(out, schema=CAPTIONS)
 
 
-_CAPTIONERS: dict = {}
+def _references(kind: str, scored: list[tuple[str, float]]) -> list[dict]:
+    return [dict(kind=kind, rank=rank, text=text, score=score) for rank, (text, score) in enumerate(scored, start=1)]
+
+
+_CAPTIONERS: dict = {}  # (lake, version) -> (captioner, card)
+_MEMORIES: dict = {}
 _LABELERS: dict = {}
 
 
@@ -206,6 +223,7 @@ def index_partition(context: IndexContext, batches: Iterator[pa.RecordBatch]):
     """A partition holds either images to encode (no vector) or cached vectors: caption them all."""
     clock = time.perf_counter()
     context.captioner()
+    context.memory()
     if context.labels:
         context.labeler()
     yield Counter({"seconds:load": time.perf_counter() - clock})

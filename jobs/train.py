@@ -25,6 +25,7 @@ from jobs.progress import Report
 from models import store
 from models.captioner import GREEDY, Decoding
 from models.encoders import weights_label, weights_source
+from models.neighbours import Memory, consensus
 from models.tokenizer import Tokenizer
 from models.training import Split, evaluate, fit, split_references
 
@@ -64,6 +65,7 @@ def run(
         units=c.units, dropout=c.dropout, epochs=t.epochs, batch_size=t.batch_size,
         learning_rate=t.learning_rate, patience=t.patience, seed=t.seed, monitor=t.monitor,
         label_smoothing=t.label_smoothing, decoding=decoding, on_epoch=on_epoch)
+    memory = _memory(splits, settings)
     test = splits["test"]
     references = split_references(test) if test.captions else []
     # Plain greedy decoding beside the configured one, so a card shows what the decoding settings add.
@@ -82,7 +84,8 @@ def run(
                     "weights_source": weights_source(config.name, config.weights), "key": config.key,
                     "feature_dim": config.dim, "features_computed": computed},
         "sizes": {"vocabulary": len(tokenizer), "max_length": max_length, "embedding_dim": c.embedding_dim,
-                  "units": c.units, "dropout": c.dropout, "min_word_count": c.min_word_count},
+                  "units": c.units, "dropout": c.dropout, "min_word_count": c.min_word_count,
+                  "memory_images": len(memory), "memory_dim": memory.vectors.shape[1]},
         "training": {"epochs_run": len(history), "best_epoch": _best_epoch(history), "history": history,
                      "batch_size": t.batch_size, "learning_rate": t.learning_rate, "seed": t.seed,
                      "monitor": t.monitor, "label_smoothing": t.label_smoothing,
@@ -90,7 +93,7 @@ def run(
         "metrics": {"test_images": len(references), "decoding": asdict(decoding), **metrics},
         "software": _versions(),
     }
-    card["version"] = store.save(lake, captioner, card)
+    card["version"] = store.save(lake, captioner, card, memory)
     return card
 
 
@@ -126,6 +129,19 @@ def _splits(dataset: Dataset, image_of: dict[str, str], features: dict[str, np.n
         matrix = np.stack([features[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
         splits[name] = Split(matrix, np.array(index, np.int32), captions)
     return splits
+
+
+def _memory(splits: dict[str, Split], settings: Settings) -> Memory:
+    """The train and dev images, each with the caption its annotators agree on most: the images whose
+    texts the index job gives as references to the images that look most like them."""
+    features, texts = [], []
+    for split in (splits["train"], splits["dev"]):
+        by_image: dict[int, list[str]] = defaultdict(list)
+        for image, caption in zip(split.image_index.tolist(), split.captions):
+            by_image[image].append(caption)
+        features += [split.features[image] for image in sorted(by_image)]
+        texts += [consensus(by_image[image]) for image in sorted(by_image)]
+    return Memory.build(np.stack(features), texts, settings.captioner.memory_images, settings.train.seed)
 
 
 def _best_epoch(history: list[dict]) -> int:

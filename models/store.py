@@ -1,4 +1,5 @@
-"""Captioner versions in the lake: models/captioner/<version>/{model.keras, tokenizer.json, card.json}.
+"""Captioner versions in the lake: models/captioner/<version>/{model.keras, tokenizer.json, card.json,
+memory.npz} (memory: its training images' features and texts, models/neighbours.py).
 
 A version is written whole before `models/captioner/current` points at it, so a reader never
 loads half a model. Loading checks that the model, its tokenizer and the configured encoder agree.
@@ -15,6 +16,7 @@ import pyarrow.fs as pafs
 from cbir.errors import UsageError
 from cbir.lake import RUN_ID, Lake, checked_run_id, new_run_id, put_bytes
 from models.captioner import Captioner
+from models.neighbours import Memory
 from models.tokenizer import Tokenizer
 
 ROOT = ("models", "captioner")
@@ -25,7 +27,7 @@ def _read(lake: Lake, path: str, limit: int = -1) -> bytes:
         return stream.read(limit) if limit >= 0 else stream.read()
 
 
-def save(lake: Lake, captioner: Captioner, card: dict, promote: bool = True) -> str:
+def save(lake: Lake, captioner: Captioner, card: dict, memory: Memory | None = None, promote: bool = True) -> str:
     """Write a new version; with promote, make it current. Returns the version."""
     version = new_run_id()
     folder = lake.path(*ROOT, version)
@@ -34,6 +36,8 @@ def save(lake: Lake, captioner: Captioner, card: dict, promote: bool = True) -> 
         captioner.model.save(local)  # Keras writes local files only
         put_bytes(lake.fs, f"{folder}/model.keras", local.read_bytes())
     put_bytes(lake.fs, f"{folder}/tokenizer.json", captioner.tokenizer.to_json().encode())
+    if memory is not None:
+        put_bytes(lake.fs, f"{folder}/memory.npz", memory.to_bytes())
     put_bytes(lake.fs, f"{folder}/card.json", json.dumps({**card, "version": version}, indent=1).encode())
     if promote:
         put_bytes(lake.fs, lake.path(*ROOT, "current"), version.encode(), overwrite=True)
@@ -94,3 +98,14 @@ def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tu
         raise UsageError(f"captioner {info['version']} expects {captioner.feature_dim} features per image, "
                          f"its card says {info['encoder']['feature_dim']}")
     return captioner, info
+
+
+def load_memory(lake: Lake, info: dict) -> Memory | None:
+    """The version's memory (`info` is its card), or None for a version saved without one."""
+    path = lake.path(*ROOT, info["version"], "memory.npz")
+    if lake.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    try:
+        return Memory.from_bytes(_read(lake, path), info["encoder"]["feature_dim"])
+    except ValueError as exc:
+        raise UsageError(f"captioner {info['version']}: memory.npz is {exc}") from None

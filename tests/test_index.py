@@ -89,7 +89,7 @@ def fresh_s3(prepared_local, s3_endpoint, s3_client, bucket, tmp_path):
 
 
 def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_local):
-    settings, prepared, _ = fresh_local
+    settings, prepared, source = fresh_local
     lake, card = prepared["lake"], prepared["card"]
     images = stored_images(lake)
     broken, missing = sorted(images)[:2]
@@ -108,6 +108,7 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
     assert by_id[broken]["status"] == "failed" and by_id[broken]["error"].startswith("decode-failed:")
     assert by_id[missing]["error"] == "not-found: the image is not in the lake's image store"
     assert_captions_are_the_captioners(lake, settings, [row for row in rows if row["status"] == "ok"], card["version"])
+    assert_neighbours_are_the_training_texts(rows, source)
 
     again = index.run(None, lake, settings)  # the driver knows nothing is pending: no Spark needed
     assert (again.pending, again.indexed) == (0, 0)
@@ -130,6 +131,25 @@ def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], ver
         assert all(r["score"] >= settings.captioner.label_threshold for r in labels)
         assert row["uri"].endswith(".png") and row["model_version"] == version
     assert len({row["caption"] for row in ok}) > 1
+
+
+def assert_neighbours_are_the_training_texts(rows: list[dict], source: Path) -> None:
+    """Neighbours are training (and dev) images' first captions, nearest first; a training image seen again
+    is its own nearest neighbour, a held-out one is not in the memory."""
+    with open(source / "train.csv", newline="") as handle:
+        first = {}
+        for row in csv.DictReader(handle):
+            first.setdefault(Path(row["uri"]).name, (row["caption"], row["split"]))
+    remembered = {caption for caption, split in first.values() if split != "test"}
+    for row in rows:
+        near = [r for r in row["references"] or [] if r["kind"] == "neighbour"]
+        assert row["status"] != "ok" or 1 <= len(near) <= 5
+        assert [r["rank"] for r in near] == list(range(1, len(near) + 1)) and {r["text"] for r in near} <= remembered
+        assert [r["score"] for r in near] == sorted((r["score"] for r in near), reverse=True)
+        name = Path(row["uri"]).name
+        if row["status"] == "ok" and name.startswith("seen-"):
+            caption, split = first[name.removeprefix("seen-")]
+            assert (near[0]["text"] == caption and near[0]["score"] > 0.99) is (split != "test")
 
 
 def test_a_new_version_keeps_the_old_captions_until_dropped(spark, fresh_local):

@@ -1,0 +1,108 @@
+"""The captioner's memory: its training images' features and human texts, for nearest-neighbour references.
+
+A captioner trained on a few thousand images says the few phrases it learned well; the human texts of
+the training images that look most like a new image carry the specific words it cannot (Devlin et al.,
+"Exploring Nearest Neighbor Approaches for Image Captioning", 2015). On OpenClipart's held-out drawings
+the five nearest titles lift text->image recall@10 from 0.41 to 0.49 (bench/quality.py).
+
+Features are centred and, above PROJECTED_DIM, projected on their principal axes (fitted on a seeded
+sample), so a memory of 100,000 VGG16 images is about 50 MB, not 800; neighbours are found by cosine.
+Saved with numpy's npz without pickles: a foreign memory file can only be refused, never run.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbir.text import words
+
+PROJECTED_DIM = 256
+PCA_SAMPLE = 10_000  # rows the principal axes are fitted on: enough for 256 axes, seconds at 4096 dims
+
+
+@dataclass(frozen=True)
+class Memory:
+    mean: np.ndarray  # (feature_dim,) float32
+    basis: np.ndarray  # (feature_dim, d) float32: identity-like when not projected
+    vectors: np.ndarray  # (n, d) float16, unit length
+    texts: np.ndarray  # (n,) str: one human text per remembered image
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    def build(cls, features: np.ndarray, texts: list[str], limit: int, seed: int = 0) -> "Memory":
+        """Remember at most `limit` images (a seeded sample when there are more)."""
+        features = np.asarray(features, np.float32)
+        rng = np.random.default_rng(seed)
+        if len(features) > limit:
+            keep = np.sort(rng.choice(len(features), limit, replace=False))
+            features, texts = features[keep], [texts[i] for i in keep]
+        mean = features.mean(axis=0) if len(features) else np.zeros(features.shape[1], np.float32)
+        centred = features - mean
+        if features.shape[1] > PROJECTED_DIM and len(features) > PROJECTED_DIM:
+            sample = centred[rng.choice(len(centred), min(PCA_SAMPLE, len(centred)), replace=False)]
+            basis = np.linalg.svd(sample, full_matrices=False)[2][:PROJECTED_DIM].T
+        else:
+            basis = np.eye(features.shape[1], dtype=np.float32)
+        return cls(mean, basis.astype(np.float32), _unit(centred @ basis).astype(np.float16), np.array(texts, str))
+
+    def nearest(self, features: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """For each row: the texts of its k nearest remembered images with their cosine, nearest first,
+        a text already given by a nearer image left out."""
+        if k <= 0 or not len(self) or not len(features):
+            return [[] for _ in range(len(features))]
+        queries = _unit((np.asarray(features, np.float32) - self.mean) @ self.basis)
+        similarity = queries @ self.vectors.T.astype(np.float32)
+        k = min(k, len(self))
+        best = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        out = []
+        for row, candidates in zip(similarity, best):
+            seen, found = set(), []
+            for i in candidates[np.argsort(-row[candidates], kind="stable")]:
+                key = " ".join(words(str(self.texts[i])))
+                if key not in seen:
+                    seen.add(key)
+                    found.append((str(self.texts[i]), float(row[i])))
+            out.append(found)
+        return out
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, mean=self.mean, basis=self.basis, vectors=self.vectors, texts=self.texts)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, feature_dim: int) -> "Memory":
+        """Read a saved memory; ValueError says what is wrong with a file that is not one for these features."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+                mean, basis, vectors, texts = (saved[name] for name in ("mean", "basis", "vectors", "texts"))
+        except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"not a neighbour memory ({exc})") from None
+        d = basis.shape[1] if basis.ndim == 2 else -1
+        if (mean.shape != (feature_dim,) or basis.shape != (feature_dim, d) or vectors.ndim != 2
+                or vectors.shape[1] != d or texts.shape != (len(vectors),) or texts.dtype.kind != "U"
+                or not all(a.dtype.kind == "f" for a in (mean, basis, vectors))):
+            raise ValueError(f"its arrays do not fit {feature_dim} features per image")
+        return cls(mean.astype(np.float32), basis.astype(np.float32), vectors.astype(np.float16), texts)
+
+
+def consensus(captions: list[str]) -> str:
+    """The one caption of an image that shares the most words with its others (the first among equals):
+    the text most annotators agree on, when a data set has several per image."""
+    bags = [set(words(caption)) for caption in captions]
+    shared = [sum(len(bag & other) for j, other in enumerate(bags) if j != i) for i, bag in enumerate(bags)]
+    return captions[shared.index(max(shared))]
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
