@@ -6,7 +6,7 @@ captions of the loop and of batched greedy must be identical. The model is untra
 full-sized (vocabulary 5,000, 256 units, 4096-d features, 20 words), so every method decodes
 the same number of steps. Encoder: VGG16 fc2 images/s at batch 1, 16 and 64.
 
-    .venv/bin/python bench/caption.py
+    .venv/bin/python -m bench.caption
 
 Prints a table, then one JSON line: batched_greedy_img_s, batched_beam_img_s,
 per_word_loop_img_s, encoder_img_s (by batch size), greedy_speedup.
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 

@@ -9,7 +9,7 @@ the timed crawl. Peak memory is the sum of that process tree's RSS (driver, JVM,
 workers), sampled every 0.2 s. Baseline, in the same run: a plain loop that downloads, checks
 and stores one URL at a time with requests.
 
-    .venv/bin/python bench/crawl.py [--small 5000] [--large 50000]
+    .venv/bin/python -m bench.crawl [--small 5000] [--large 50000]
 
 Prints a table, then one JSON line: {"img_s", "peak_rss_mb_5k", "peak_rss_mb_50k", ...}.
 """
@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 HOSTS = 100
 LATENCY_S, FAILURE_RATE = 0.05, 0.01

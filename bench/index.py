@@ -10,7 +10,7 @@ depend on the values). Also the bfloat16 encoder against float32: speed-up and t
 their features. Peak memory is the summed RSS of this process, Spark's JVM and its workers
 while (b) runs.
 
-    .venv/bin/python bench/index.py [--images N]
+    .venv/bin/python -m bench.index [--images N]
 
 Prints a table, then one JSON line: encoder_img_s, job_img_s, seed_loop_img_s, peak_rss_gb,
 bf16_speedup, bf16_min_cosine, ...
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -5,7 +5,7 @@ Baseline, in the same run: a plain single-process loop doing the same work per i
 server runs in its own process, as a real endpoint would. A small warm-up ingest starts
 Spark's Python workers first, so the timed runs measure throughput, not start-up (both shown).
 
-    .venv/bin/python bench/ingest.py [--images N]
+    .venv/bin/python -m bench.ingest [--images N]
 
 Prints a table, then one JSON line: {"local_img_s", "s3_img_s", "baseline_local_img_s", "baseline_s3_img_s", ...}.
 """
@@ -27,7 +27,6 @@ import boto3
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbir.images import Limits, inspect_image  # noqa: E402
 from cbir.lake import Lake  # noqa: E402

@@ -1,4 +1,4 @@
-"""TensorFlow/Keras models: image encoders and the LSTM captioner (filled by the captioner issue)."""
+"""TensorFlow/Keras models: image encoders and the LSTM captioner."""
 
 from models import quiet
 
