@@ -1,4 +1,4 @@
-"""Arrow schemas of the lake's tables; the README's table reference is written from these."""
+"""Arrow schemas of the lake's tables; docs/reference.md's table reference is written from these."""
 
 import pyarrow as pa
 

@@ -1,14 +1,14 @@
-"""The README's table reference is the schema the code writes."""
+"""The table reference (docs/reference.md) is the schema the code writes."""
 
 from pathlib import Path
 
 from cbir.schemas import RESULTS, SCHEMAS, features_schema
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+REFERENCE = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
 
 
 def documented_columns(table: str) -> list[tuple[str, str, str]]:
-    section = README.split(f"### {table}\n", 1)[1].split("\n#", 1)[0]
+    section = REFERENCE.split(f"### {table}\n", 1)[1].split("\n#", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     return [tuple(cell.strip().strip("`") for cell in row.strip("|").split("|")) for row in rows]
 
