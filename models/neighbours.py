@@ -15,9 +15,12 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+from cbir.bleu import BleuParams
+from cbir.engine import BleuIndex
 from cbir.text import words
 
 PROJECTED_DIM = 256
@@ -55,13 +58,16 @@ class Memory:
             basis = np.eye(features.shape[1], dtype=np.float32)
         return cls(mean, basis.astype(np.float32), _unit(centred @ basis).astype(np.float16), np.array(texts, str))
 
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """Features in the memory's space, unit length: comparable with its vectors and prototypes."""
+        return _unit((np.asarray(features, np.float32) - self.mean) @ self.basis)
+
     def nearest(self, features: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """For each row: the texts of its k nearest remembered images with their cosine, nearest first,
         a text already given by a nearer image left out."""
         if k <= 0 or not len(self) or not len(features):
             return [[] for _ in range(len(features))]
-        queries = _unit((np.asarray(features, np.float32) - self.mean) @ self.basis)
-        similarity = queries @ self.vectors.T.astype(np.float32)
+        similarity = self.project(features) @ self.vectors.T.astype(np.float32)
         k = min(k, len(self))
         best = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         out = []
@@ -74,6 +80,19 @@ class Memory:
                     found.append((str(self.texts[i]), float(row[i])))
             out.append(found)
         return out
+
+    @cached_property
+    def _texts_index(self) -> BleuIndex:
+        return BleuIndex.from_captions([str(i) for i in range(len(self))], self.texts.tolist())
+
+    def prototypes(self, queries: list[list[str]], m: int, params: BleuParams) -> np.ndarray:
+        """For each text query, what its images look like: the mean of the remembered images whose texts
+        match it best (m of them, weighted by their BLEU), unit length; a zero row when none matches."""
+        out = np.zeros((len(queries), self.vectors.shape[1]), np.float32)
+        for row, hits in enumerate(self._texts_index.search_many(queries, m, params) if len(self) else []):
+            for hit in hits:
+                out[row] += hit.score * self.vectors[int(hit.image_id)].astype(np.float32)
+        return np.where(np.abs(out).sum(axis=1, keepdims=True) > 0, _unit(out), 0.0).astype(np.float32)
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
