@@ -221,10 +221,13 @@ class Table:
 
     def commit(self, run_id: str, parts: list[tuple[str, int]], **meta) -> dict | None:
         """Publish the named parts of a run (other files in its staging folder are failed attempts).
+        Idempotent: committing a committed run returns its record.
 
         `meta` (for example the model version) is kept in the commit record.
         """
         self.recover()
+        if run_id in self.committed_runs():  # a retry after the commit went through (or was rolled forward)
+            return self._read_json(f"{self.path}/_commits/{run_id}.json")
         parts = [(name, rows) for name, rows in parts if rows]
         if not parts:
             self.abort(run_id)

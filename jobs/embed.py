@@ -25,7 +25,7 @@ from cbir.images import ImageRejected, Limits
 from cbir.lake import Lake, Table, new_run_id
 from cbir.settings import S3, Settings
 from jobs.ingest import PROBED, probe_partition, read_bytes
-from jobs.lakeio import write_tables
+from jobs.lakeio import commit_or_abort, stage
 from jobs.progress import Report, tracked
 from jobs.reader import ENTRY_DDL, Entry
 from jobs.spark import default_partitions
@@ -91,14 +91,10 @@ def embed(spark: SparkSession, lake: Lake, config: EncoderConfig, images: dict[s
     run_id = new_run_id()
     items = spark.createDataFrame([(image_id, images[image_id]) for image_id in todo], "image_id string, uri string")
     items = items.repartition(default_partitions(spark, len(todo), 0, per_partition=IMAGES_PER_TASK))
-    try:
-        with tracked(spark, f"embed {len(todo)} images with {config.key}", progress):
-            parts, _ = write_tables(items, {"features": table}, run_id, partial(_embed_partition, config, run_id))
-        table.commit(run_id, parts["features"])
-    except BaseException:
-        table.abort(run_id)
-        raise
-    return sum(rows for _, rows in parts["features"])
+    with tracked(spark, f"embed {len(todo)} images with {config.key}", progress):
+        staged = stage(items, {"features": table}, run_id, partial(_embed_partition, config, run_id))
+    commit_or_abort(staged)
+    return sum(rows for _, rows in staged.parts["features"])
 
 
 def cached_ids(table: Table) -> set[str]:

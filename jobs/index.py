@@ -28,9 +28,10 @@ from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_config
-from jobs.lakeio import read_table, write_tables
+from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
+from jobs.stats import TaskStats
 from models import store
 from models.captioner import Decoding
 from models.encoders import configure_tensorflow, encoder_key, labeler
@@ -109,6 +110,7 @@ class IndexSummary:
     failed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def images_per_s(self) -> float:
@@ -128,29 +130,49 @@ class IndexSummary:
         return rows
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+        data = asdict(self)
+        del data["started"]
+        return {**data, "images_per_s": round(self.images_per_s, 2)}
 
 
 def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
-    started = time.monotonic()
+    summary, todo = plan(lake, settings)
+    staged = caption(spark, lake, settings, summary, todo, progress) if todo.num_rows else None
+    if staged:
+        commit_or_abort(staged)
+    return tally(summary, staged)
+
+
+def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table]:
+    """The run's summary, begun, and the images its captioner version has not captioned yet."""
     card = store.card(lake, settings.captioner.version)
     store.check_encoder(card, encoder_key(settings.encoder.name, settings.encoder.weights))
     version = card["version"]
     summary = IndexSummary(new_run_id(), version)
-
     todo = pending(lake, version)
     records = lake.table("captions").commits()
     summary.skipped = sum(record["rows"] for record in records if record.get("model_version") == version)
     summary.pending = todo.num_rows
-    if summary.pending:
-        config = encoder_config(settings, spark.sparkContext.defaultParallelism)
-        context = IndexContext.from_settings(lake, version, config, settings, summary.run_id)
-        counts = _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions,
-                        progress)
-        summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
-        summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
-        summary.stages = {stage: counts[f"seconds:{stage}"] for stage in STAGES}
-    summary.seconds = time.monotonic() - started
+    return summary, todo
+
+
+def caption(spark: SparkSession, lake: Lake, settings: Settings, summary: IndexSummary, todo: pa.Table,
+            progress: Report | None = None) -> StagedRun:
+    """Encode and caption the pending images in Spark tasks; features and captions are staged, to commit."""
+    config = encoder_config(settings, spark.sparkContext.defaultParallelism)
+    context = IndexContext.from_settings(lake, summary.version, config, settings, summary.run_id)
+    return _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions, progress)
+
+
+def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
+    """The summary, completed from the run's stats (None: nothing was pending)."""
+    if staged:
+        stats = staged.stats
+        summary.indexed, summary.encoded, summary.reused = stats.status["ok"], stats.counts["encoded"], \
+            stats.counts["reused"]
+        summary.failed = dict(stats.failed)
+        summary.stages = {name: stats.seconds[name] for name in STAGES}
+    summary.seconds = time.monotonic() - summary.started
     return summary
 
 
@@ -166,8 +188,8 @@ def pending(lake: Lake, version: str) -> pa.Table:
     return todo.sort_by("image_id")
 
 
-def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> Counter:
-    """One Spark job: encode and caption the images without features, caption those with; commit both."""
+def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> StagedRun:
+    """One Spark job: encode and caption the images without features, caption those with; stage both."""
     lake, config, run_id = context.lake, context.encoder, context.run_id
     features, captions = config.table(lake), lake.table("captions")
     columns = ["image_id", "uri", "format", "vector"]
@@ -180,17 +202,9 @@ def _index(spark, context: IndexContext, todo, pending: int, partitions: int, pr
                   .join(F.broadcast(todo.select("image_id", "uri", "format")), "image_id")
                   .repartition(default_partitions(spark, pending, partitions, CAPTIONS_PER_TASK)))
     work = to_encode.select(columns).unionByName(to_caption.select(columns))
-    try:
-        with tracked(spark, f"index with captioner {context.version}", progress):
-            parts, counts = write_tables(work, {"features": features, "captions": captions}, run_id,
-                                         partial(index_partition, context))
-        features.commit(run_id, parts["features"])
-        captions.commit(run_id, parts["captions"], model_version=context.version)
-    except BaseException:
-        features.abort(run_id)
-        captions.abort(run_id)
-        raise
-    return counts
+    with tracked(spark, f"index with captioner {context.version}", progress):
+        return stage(work, {"features": features, "captions": captions}, run_id, partial(index_partition, context),
+                     captions={"model_version": context.version})
 
 
 def drop_version(lake: Lake, version: str) -> tuple[int, int]:
@@ -208,7 +222,7 @@ def index_partition(context: IndexContext, batches: Iterator[pa.RecordBatch]):
     context.captioner()
     if context.labels:
         context.labeler()
-    yield Counter({"seconds:load": time.perf_counter() - clock})
+    yield TaskStats(seconds=Counter(load=time.perf_counter() - clock))
     for batch in batches:
         if batch.column("vector").null_count < batch.num_rows:
             yield from caption_cached(context, batch)
@@ -247,8 +261,6 @@ def caption_cached(context: IndexContext, batch: pa.RecordBatch):
     yield _tally(rows, [], Counter(caption=time.perf_counter() - clock), reused=len(rows))
 
 
-def _tally(rows: list, failed: list[tuple[dict, str]], seconds: Counter, **extra: int) -> Counter:
-    counts = Counter({"ok": len(rows), **extra})
-    counts.update(f"failed:{error.split(':')[0]}" for _, error in failed)
-    counts.update({f"seconds:{stage}": value for stage, value in seconds.items()})
-    return counts
+def _tally(rows: list, failed: list[tuple[dict, str]], seconds: Counter, **counts: int) -> TaskStats:
+    return TaskStats(status=Counter(ok=len(rows)), failed=Counter(error.split(":")[0] for _, error in failed),
+                     seconds=seconds, counts=Counter(counts))

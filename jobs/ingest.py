@@ -9,7 +9,6 @@ parts -> commit. Every item gets a row: ok, duplicate or failed with its reason.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -28,10 +27,11 @@ from cbir.lake import Lake, Table, new_run_id, open_filesystem
 from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
 from jobs.download import Downloader
-from jobs.lakeio import read_table, write_run
+from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_entries
 from jobs.spark import default_partitions
+from jobs.stats import TaskStats
 
 PROBED = pa.schema([MANIFEST.field(name) for name in (
     "uri", "caption", "title", "description", "tags", "source_id", "owner", "license", "taken_at", "page_url",
@@ -50,6 +50,7 @@ class IngestSummary:
     bytes: int = 0
     seconds: float = 0.0
     stored_as: str = "ingested"
+    started: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def probed(self) -> int:
@@ -73,7 +74,9 @@ class IngestSummary:
         return rows
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+        data = asdict(self)
+        del data["started"]
+        return {**data, "images_per_s": round(self.images_per_s, 2)}
 
 
 def run(
@@ -86,38 +89,51 @@ def run(
     progress: Report | None = None,
 ) -> IngestSummary:
     """Store what is new in SOURCE; a Listing (a crawl's finds) is downloaded from the web."""
-    started, run_id = time.monotonic(), new_run_id()
+    summary, entries = plan(lake, source, retry_failed)
+    staged = store(spark, lake, settings, source, entries, summary.run_id, progress) if entries else None
+    if staged:
+        commit_or_abort(staged)
+    return tally(summary, staged)
+
+
+def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tuple[IngestSummary, list[Entry]]:
+    """The run's summary, begun, and the entries to store: each uri once, none that the manifest has."""
     web = isinstance(source, Listing)
-    summary = IngestSummary(run_id, source.uri, stored_as="downloaded" if web else "ingested")
+    summary = IngestSummary(new_run_id(), source.uri, stored_as="downloaded" if web else "ingested")
     entries = list(source.entries if web else read_entries(source))
     summary.found = len(entries)
     unique: dict[str, Entry] = {}
     for entry in entries:  # a uri listed twice counts once, with its first row
         unique.setdefault(entry.uri, entry)
-    entries = list(unique.values())
+    return summary, _not_in_manifest(list(unique.values()), lake.table("manifest"), retry_failed)
+
+
+def store(spark: SparkSession, lake: Lake, settings: Settings, source: Source | Listing, entries: list[Entry],
+          run_id: str, progress: Report | None = None) -> StagedRun:
+    """Probe and store the entries in Spark tasks; their manifest rows are staged, to commit."""
+    web = isinstance(source, Listing)
     table = lake.table("manifest")
-    entries = _not_in_manifest(entries, table, retry_failed)
-    if entries:
-        known = read_table(spark, table, ["image_id", "status"])
-        rows = _probed_rows(spark, entries, known, lake, settings, settings.crawl if web else None)
-        rows = rows.select(
-            *PROBED.names,
-            F.lit(source.uri).alias("source"),
-            F.lit(datetime.now(timezone.utc)).alias("ingested_at"),
-            F.lit(run_id).alias("run_id"),
-        )
-        try:
-            with tracked(spark, f"ingest {source.uri}", progress):
-                parts, counts = write_run(rows, table, run_id, count=_count_statuses)
-            table.commit(run_id, parts)
-        except BaseException:
-            table.abort(run_id)
-            raise
-        summary.bytes = counts.pop("bytes", 0)
-        summary.ingested, summary.duplicates = counts.pop("ok", 0), counts.pop("duplicate", 0)
-        summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
+    known = read_table(spark, table, ["image_id", "status"])
+    rows = _probed_rows(spark, entries, known, lake, settings, settings.crawl if web else None)
+    rows = rows.select(
+        *PROBED.names,
+        F.lit(source.uri).alias("source"),
+        F.lit(datetime.now(timezone.utc)).alias("ingested_at"),
+        F.lit(run_id).alias("run_id"),
+    )
+    with tracked(spark, f"ingest {source.uri}", progress):
+        return stage(rows, {table.name: table}, run_id, _tally_batches)
+
+
+def tally(summary: IngestSummary, staged: StagedRun | None) -> IngestSummary:
+    """The summary, completed from the run's stats (None: nothing was new)."""
+    if staged:
+        stats = staged.stats
+        summary.bytes = stats.counts["bytes"]
+        summary.ingested, summary.duplicates = stats.status["ok"], stats.status["duplicate"]
+        summary.failed = dict(stats.failed)
     summary.skipped = summary.found - summary.probed
-    summary.seconds = time.monotonic() - started
+    summary.seconds = time.monotonic() - summary.started
     return summary
 
 
@@ -159,12 +175,20 @@ def mark_duplicates(probed: DataFrame, known: DataFrame) -> DataFrame:
     )
 
 
-def _count_statuses(batch: pa.RecordBatch) -> Counter:
+def _tally_batches(batches: Iterator[pa.RecordBatch]):
+    for batch in batches:
+        yield "manifest", batch
+        yield _count_statuses(batch)
+
+
+def _count_statuses(batch: pa.RecordBatch) -> TaskStats:
     statuses = batch.column("status").to_pylist()
     errors = batch.column("error").to_pylist()
-    counts = Counter(s if s != "failed" else f"failed:{(e or '').split(':')[0]}" for s, e in zip(statuses, errors))
-    counts["bytes"] = sum(b for s, b in zip(statuses, batch.column("bytes").to_pylist()) if s == "ok")
-    return counts
+    stats = TaskStats()
+    stats.status.update(s for s in statuses if s != "failed")
+    stats.failed.update((e or "").split(":")[0] for s, e in zip(statuses, errors) if s == "failed")
+    stats.counts["bytes"] = sum(b for s, b in zip(statuses, batch.column("bytes").to_pylist()) if s == "ok")
+    return stats
 
 
 # Executor side.
