@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
+from croniter import CroniterError, croniter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -140,6 +141,8 @@ class Crawl(Section):
     resize: int = Field(0, ge=0, description="shrink stored copies to this longest side in pixels; 0 keeps them")
     schedule: str = Field("0 3 * * *", description="cron of the scheduled crawl deployment")
 
+    _token_list = field_validator("opt_out_tokens", mode="before")(_split)
+
     @field_validator("allow_hosts", mode="before")
     @classmethod
     def _host_list(cls, value: Any) -> Any:
@@ -156,11 +159,6 @@ class Crawl(Section):
     @classmethod
     def _cron(cls, value: str) -> str:
         return _cron_expression(value)
-
-    @field_validator("opt_out_tokens", mode="before")
-    @classmethod
-    def _token_list(cls, value: Any) -> Any:
-        return _split(value)
 
     @property
     def agent(self) -> str:
@@ -182,8 +180,14 @@ class Index(Section):
 
 
 def _cron_expression(value: str) -> str:
+    """Five fields whose values croniter accepts (Prefect's schedules read them with croniter too)."""
     if len(value.split()) != 5:
         raise ValueError("must be a cron expression of 5 fields, e.g. '0 3 * * *'")
+    try:
+        croniter(value)
+    except (CroniterError, ValueError) as exc:
+        detail = str(exc).removeprefix(f"[{value}] ").replace("is not acceptable, out of range", "a value is out of range")
+        raise ValueError(f"not a valid cron expression: {detail}") from None
     return value
 
 
@@ -291,11 +295,7 @@ class Web(Section):
                                      "and web.host (a reverse proxy's name)")
     reload_s: float = Field(5.0, ge=0, description="look for a newer index run at most this often; 0: never")
 
-
-    @field_validator("trusted_hosts", mode="before")
-    @classmethod
-    def _host_list(cls, value: Any) -> Any:
-        return _split(value)
+    _host_list = field_validator("trusted_hosts", mode="before")(_split)
 
 
 class Ui(Section):
@@ -305,10 +305,7 @@ class Ui(Section):
     csrf: bool = Field(True, description="state-changing API calls need a CSRF token (Prefect's clients fetch one)")
     trusted_hosts: list[str] = Field([], description="Host names served besides 127.0.0.1, localhost and --host")
 
-    @field_validator("trusted_hosts", mode="before")
-    @classmethod
-    def _host_list(cls, value: Any) -> Any:
-        return _split(value)
+    _host_list = field_validator("trusted_hosts", mode="before")(_split)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -61,7 +61,7 @@ def demo_flow(emoji: int = DEMO_EMOJI, settings: Settings | None = None) -> dict
     photos = sum(1 for row in rows if row["category"] == PHOTO_CATEGORY)
     print(f"sample corpus: {photos} photos and {len(rows) - photos} emoji ({manifest}); "
           f"encoder {settings.encoder.name} ({settings.encoder.weights})")
-    lake = Lake.open(settings)
+    lake = Lake.open(settings)  # each step's flow checks it
     steps: list[dict] = []
 
     def step(name: str, what: str, run):

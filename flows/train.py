@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cbir.lake import Lake
-from cbir.settings import Settings, load_settings
+from cbir.settings import Settings
+from flows.common import open_lake, spark_job, stage
 from flows.reporting import Progress, publish_summary
 from jobs import train
 from jobs.datasets import read_dataset
-from jobs.spark import spark_session
+
+features = stage(train.features, name="features")
+fit = stage(train.fit_captioner, name="fit")
+save = stage(train.save, name="save")
 
 
 @flow(name="train", log_prints=True)
 def train_flow(dataset: str, images: str | None = None, settings: Settings | None = None) -> dict:
     """Train a captioner on DATASET, report BLEU on its test split, and make it the current version."""
-    settings = settings or load_settings()
-    lake = Lake.open(settings)
-    lake.check()
+    settings, lake = open_lake(settings)
     if settings.encoder.weights == "random":
         print("encoder.weights=random: features carry no learned meaning; use this model for tests only")
-    features = Progress("train-features-progress", "features")
     epochs = Progress("train-epochs-progress", "training", unit="epochs", announce=False)
 
     def on_epoch(epoch: int, logs: dict) -> None:
@@ -29,9 +29,10 @@ def train_flow(dataset: str, images: str | None = None, settings: Settings | Non
 
     data = read_dataset(dataset, settings, images)
     print(f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else ""))
-    with spark_session(settings) as spark:
-        card = train.run(spark, lake, settings, data, features_progress=features, on_epoch=on_epoch)
-    features.finish()
+    with spark_job(settings, "train-features", "features") as (spark, progress):
+        computed = features(spark, lake, settings, data, progress)
+        fitted = fit(settings, computed, on_epoch)
+    card = save(lake, settings, data, computed, fitted)
     epochs.finish()
     publish_summary("train-summary", f"captioner {card['version']} (now current)", summary_rows(card))
     return card
