@@ -39,6 +39,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cbir import uris
 from cbir.errors import CbirError, UsageError
 from cbir.schemas import ERRORS, RESULTS, SCHEMAS, features_schema
 from cbir.settings import S3, Settings
@@ -67,8 +68,8 @@ def new_run_id() -> str:
 
 def open_filesystem(uri: str, s3: S3) -> tuple[pafs.FileSystem, str]:
     """A URI (local path, file:// or s3://) -> (filesystem, path within it)."""
-    if uri.startswith("s3://"):
-        return pafs.S3FileSystem(**_s3_options(s3)), uri.removeprefix("s3://").rstrip("/")
+    if uris.is_s3(uri):
+        return pafs.S3FileSystem(**_s3_options(s3)), uri.removeprefix(uris.S3).rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 

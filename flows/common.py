@@ -1,4 +1,4 @@
-"""What every flow does around its job: settings, the checked lake, Spark with progress, stage tasks, the summary.
+"""What every flow does around its job: settings, the checked lake, Spark with progress, stage tasks, the commit.
 
 A flow's stages are Prefect tasks (`stage`), so a run's timeline shows where the time went and
 which stage failed. Stages pass Spark sessions, lakes and staged runs, which Prefect can neither
@@ -17,10 +17,9 @@ from pyspark.sql import SparkSession
 
 from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
-from flows.reporting import Progress, publish_summary
+from flows.reporting import Progress
 from jobs.lakeio import StagedRun, commit_or_abort
 from jobs.spark import spark_session
-from jobs.stats import RunSummary
 
 # @stage(name=...) or stage(job_function, name=...): a task whose inputs are not hashed and whose result is not stored.
 stage = partial(task, cache_policy=NONE, persist_result=False)
@@ -49,24 +48,14 @@ def _commit(staged: StagedRun) -> None:
     staged.commit()
 
 
-def commit(staged: StagedRun | None) -> None:
-    """Commit a staged run in the retrying task; if it fails for good, its staging is dropped."""
-    if staged is not None:
-        commit_or_abort(staged, _commit)
-
-
 def stage_and_commit(settings: Settings, kind: str, description: str,
                      write: Callable[..., StagedRun] | None) -> StagedRun | None:
-    """The job's Spark stage, `write(spark, progress=...)` (None: nothing to do), then the commit of what it staged."""
+    """The job's Spark stage, `write(spark, progress=...)` (None: nothing to do), then the commit of what it
+    staged, in the retrying task; if that fails for good, the staging is dropped."""
     staged = None
     with spark_job(settings, kind, description) as (spark, progress):
         if write is not None:
             staged = write(spark, progress=progress)
-    commit(staged)
+    if staged is not None:
+        commit_or_abort(staged, _commit)
     return staged
-
-
-def report(kind: str, title: str, summary: RunSummary) -> dict:
-    """Print the run's summary table, keep it as the `<kind>-summary` artifact; returns it as data."""
-    publish_summary(f"{kind}-summary", title, summary.rows())
-    return summary.as_dict()

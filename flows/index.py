@@ -7,7 +7,8 @@ from functools import partial
 from prefect import flow
 
 from cbir.settings import Settings
-from flows.common import open_lake, report, stage, stage_and_commit
+from flows.common import open_lake, stage, stage_and_commit
+from flows.reporting import publish
 from jobs import index
 
 find_pending = stage(index.plan, name="find pending images")
@@ -26,4 +27,4 @@ def index_flow(drop_version: str | None = None, settings: Settings | None = None
     write = partial(caption, lake=lake, settings=settings, summary=summary, todo=todo)
     staged = stage_and_commit(settings, "index", "index", write if todo.num_rows else None)
     summary = index.tally(summary, staged)
-    return report("index", f"index with captioner {summary.version} (run {summary.run_id})", summary)
+    return publish("index", f"index with captioner {summary.version} (run {summary.run_id})", summary)

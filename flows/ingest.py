@@ -7,7 +7,8 @@ from functools import partial
 from prefect import flow
 
 from cbir.settings import Settings, load_settings
-from flows.common import open_lake, report, stage, stage_and_commit
+from flows.common import open_lake, stage, stage_and_commit
+from flows.reporting import publish
 from jobs import ingest
 from jobs.reader import Listing, Source, resolve_source
 
@@ -28,4 +29,4 @@ def store_images(kind: str, source: Source | Listing, settings: Settings, retry_
     summary, entries = list_new(lake, source, retry_failed)
     write = partial(store_new, lake=lake, settings=settings, source=source, entries=entries, run_id=summary.run_id)
     staged = stage_and_commit(settings, kind, f"{kind} {source.uri}", write if entries else None)
-    return report(kind, f"{kind} {source.uri} (run {summary.run_id})", ingest.tally(summary, staged))
+    return publish(kind, f"{kind} {source.uri} (run {summary.run_id})", ingest.tally(summary, staged))

@@ -17,7 +17,7 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from cbir.settings import Settings, load_settings
+from cbir.settings import MAX_K, Settings, load_settings
 from flows.crawl import crawl_flickr_flow
 from flows.index import index_flow
 from flows.query import query_flow
@@ -63,7 +63,7 @@ def _without_settings(deployment):
 # The query flow takes no `k` (results per query) yet; until it does, this keeps the form's k. TODO(issue 16):
 # deploy query_flow itself, with _without_settings, once it takes k.
 @flow(name="query", log_prints=True)
-def query(query_file: str, k: Annotated[int, Field(ge=1, le=1000)] | None = None,
+def query(query_file: str, k: Annotated[int, Field(ge=1, le=MAX_K)] | None = None,
           captions: str | None = None) -> dict:
     """Answer every query of a query file with its exact BLEU top k; write results, errors and a gallery.
 

@@ -9,6 +9,7 @@ from flows.common import open_lake, spark_job, stage
 from flows.reporting import Progress, publish_summary
 from jobs import train
 from jobs.datasets import read_dataset
+from models.card import ModelCard
 
 features = stage(train.features, name="features")
 fit = stage(train.fit_captioner, name="fit")
@@ -34,27 +35,27 @@ def train_flow(dataset: str, images: str | None = None, settings: Settings | Non
         fitted = fit(settings, computed, on_epoch)
     card = save(lake, settings, data, computed, fitted)
     epochs.finish()
-    publish_summary("train-summary", f"captioner {card['version']} (now current)", summary_rows(card))
-    return card
+    publish_summary("train-summary", f"captioner {card.version} (now current)", summary_rows(card))
+    return card.as_dict()
 
 
-def summary_rows(card: dict) -> list[dict]:
-    data, metrics = card["dataset"], card["metrics"]
+def summary_rows(card: ModelCard) -> list[dict]:
+    data, metrics, encoder = card.dataset, card.metrics, card.encoder
     rows = [
-        {"what": "encoder", "value": f"{card['encoder']['name']} ({card['encoder']['weights']})"},
-        {"what": "encoder weights", "value": card["encoder"].get("weights_source", card["encoder"]["weights"])},
-        {"what": "captions train/dev/test", "value": "/".join(str(data["captions"][s]) for s in ("train", "dev", "test"))},
-        {"what": "images train/dev/test", "value": "/".join(str(data["images"][s]) for s in ("train", "dev", "test"))},
-        {"what": "rows skipped", "value": ", ".join(f"{k} {v}" for k, v in data["skipped"].items()) or "none"},
-        {"what": "vocabulary", "value": str(card["sizes"]["vocabulary"])},
-        {"what": "epochs (best)", "value": f"{card['training']['epochs_run']} ({card['training']['best_epoch']})"},
+        {"what": "encoder", "value": f"{encoder.name} ({encoder.weights})"},
+        {"what": "encoder weights", "value": encoder.weights_source or encoder.weights},
+        {"what": "captions train/dev/test", "value": "/".join(str(data.captions[s]) for s in ("train", "dev", "test"))},
+        {"what": "images train/dev/test", "value": "/".join(str(data.images[s]) for s in ("train", "dev", "test"))},
+        {"what": "rows skipped", "value": ", ".join(f"{k} {v}" for k, v in data.skipped.items()) or "none"},
+        {"what": "vocabulary", "value": str(card.sizes.vocabulary)},
+        {"what": "epochs (best)", "value": f"{card.training.epochs_run} ({card.training.best_epoch})"},
     ]
-    decoding = metrics.get("decoding", {})
+    decoding = metrics.decoding
     configured = f"{decoding.get('method')}" + (f" (width {decoding.get('beam_width')})"
                                                 if decoding.get("method") == "beam" else "")
-    for name, label in (("greedy", "plain greedy"), ("configured", configured)):
-        if name in metrics:
-            bleu = " ".join(f"{metrics[name][f'bleu{n}']:.3f}" for n in range(1, 5))
+    for scores, label in ((metrics.greedy, "plain greedy"), (metrics.configured, configured)):
+        if scores is not None:
+            bleu = " ".join(f"{scores[f'bleu{n}']:.3f}" for n in range(1, 5))
             rows.append({"what": f"BLEU-1..4, {label}", "value": bleu})
-            rows.append({"what": f"loops, {label}", "value": f"{metrics[name]['degenerate']:.0%} of captions"})
+            rows.append({"what": f"loops, {label}", "value": f"{scores['degenerate']:.0%} of captions"})
     return rows

@@ -124,7 +124,7 @@ def entry(photo: dict, sizes: list[str]) -> Entry:
         taken_at=photo.get("datetaken") or None, page_url=page_url,
     )
     if url is None:
-        return Entry(page_url, error=f"no-size: none of flickr.sizes={','.join(sizes)} is offered", **meta)
+        return Entry.failed(page_url, "no-size", f"none of flickr.sizes={','.join(sizes)} is offered", **meta)
     return Entry(url, **meta)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from typing import Iterator
@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from cbir.images import ImageRejected
+from cbir.images import Failure, ImageRejected
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
@@ -31,7 +31,7 @@ from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_co
 from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
-from jobs.stats import TaskStats
+from jobs.stats import ImagesSummary, TaskStats
 from models import store
 from models.captioner import Decoding
 from models.encoders import configure_tensorflow, encoder_key, labeler
@@ -83,12 +83,13 @@ class IndexContext:
                 + [dict(kind="label", rank=rank, text=text, score=p) for rank, (text, p) in enumerate(names, start=1)]
                 for best, names in zip(captions, labels)]
 
-    def captions_batch(self, rows: list[dict], vectors: np.ndarray, failed: list[tuple[dict, str]]) -> pa.RecordBatch:
+    def captions_batch(self, rows: list[dict], vectors: np.ndarray,
+                       failed: list[tuple[dict, Failure]]) -> pa.RecordBatch:
         out = [dict(image_id=row["image_id"], uri=row["uri"], caption=refs[0]["text"], logprob=refs[0]["score"],
-                    references=refs, status="ok", error=None)
+                    references=refs, status="ok", error=None, reason=None)
                for row, refs in zip(rows, self.describe(vectors))]
-        out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed", error=error)
-                for row, error in failed]
+        out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed",
+                     error=str(error), reason=error.reason) for row, error in failed]
         for row in out:
             row.update(model_version=self.version, indexed_at=self.indexed_at, run_id=self.run_id)
         return pa.RecordBatch.from_pylist(out, schema=CAPTIONS)
@@ -99,7 +100,7 @@ _LABELERS: dict = {}
 
 
 @dataclass
-class IndexSummary:
+class IndexSummary(ImagesSummary):
     run_id: str
     version: str
     pending: int = 0
@@ -110,7 +111,6 @@ class IndexSummary:
     failed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def images_per_s(self) -> float:
@@ -129,11 +129,6 @@ class IndexSummary:
         rows += [{"what": f"task seconds: {stage}", "count": round(self.stages.get(stage, 0.0), 1)} for stage in STAGES]
         return rows
 
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        del data["started"]
-        return {**data, "images_per_s": round(self.images_per_s, 2)}
-
 
 def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
     summary, todo = plan(lake, settings)
@@ -147,7 +142,7 @@ def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table]:
     """The run's summary, begun, and the images its captioner version has not captioned yet."""
     card = store.card(lake, settings.captioner.version)
     store.check_encoder(card, encoder_key(settings.encoder.name, settings.encoder.weights))
-    version = card["version"]
+    version = card.version
     summary = IndexSummary(new_run_id(), version)
     todo = pending(lake, version)
     records = lake.table("captions").commits()
@@ -172,7 +167,7 @@ def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
             stats.counts["reused"]
         summary.failed = dict(stats.failed)
         summary.stages = {name: stats.seconds[name] for name in STAGES}
-    summary.seconds = time.monotonic() - summary.started
+    summary.stop()
     return summary
 
 
@@ -261,6 +256,6 @@ def caption_cached(context: IndexContext, batch: pa.RecordBatch):
     yield _tally(rows, [], Counter(caption=time.perf_counter() - clock), reused=len(rows))
 
 
-def _tally(rows: list, failed: list[tuple[dict, str]], seconds: Counter, **counts: int) -> TaskStats:
-    return TaskStats(status=Counter(ok=len(rows)), failed=Counter(error.split(":")[0] for _, error in failed),
+def _tally(rows: list, failed: list[tuple[dict, Failure]], seconds: Counter, **counts: int) -> TaskStats:
+    return TaskStats(status=Counter(ok=len(rows)), failed=Counter(error.reason for _, error in failed),
                      seconds=seconds, counts=Counter(counts))

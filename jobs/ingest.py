@@ -8,9 +8,8 @@ parts -> commit. Every item gets a row: ok, duplicate or failed with its reason.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from typing import Iterator
@@ -22,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from cbir import uris
 from cbir.images import ImageRejected, Limits, inspect_image, shrink
 from cbir.lake import Lake, Table, new_run_id, open_filesystem
 from cbir.schemas import MANIFEST
@@ -31,15 +31,15 @@ from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_entries
 from jobs.spark import default_partitions
-from jobs.stats import TaskStats
+from jobs.stats import ImagesSummary, TaskStats
 
 PROBED = pa.schema([MANIFEST.field(name) for name in (
     "uri", "caption", "title", "description", "tags", "source_id", "owner", "license", "taken_at", "page_url",
-    "image_id", "format", "width", "height", "bytes", "status", "error")])
+    "image_id", "format", "width", "height", "bytes", "status", "error", "reason")])
 
 
 @dataclass
-class IngestSummary:
+class IngestSummary(ImagesSummary):
     run_id: str
     source: str
     found: int = 0
@@ -50,7 +50,6 @@ class IngestSummary:
     bytes: int = 0
     seconds: float = 0.0
     stored_as: str = "ingested"
-    started: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def probed(self) -> int:
@@ -72,11 +71,6 @@ class IngestSummary:
         rows.append({"what": "bytes stored", "count": self.bytes})
         rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
         return rows
-
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        del data["started"]
-        return {**data, "images_per_s": round(self.images_per_s, 2)}
 
 
 def run(
@@ -133,7 +127,7 @@ def tally(summary: IngestSummary, staged: StagedRun | None) -> IngestSummary:
         summary.ingested, summary.duplicates = stats.status["ok"], stats.status["duplicate"]
         summary.failed = dict(stats.failed)
     summary.skipped = summary.found - summary.probed
-    summary.seconds = time.monotonic() - summary.started
+    summary.stop()
     return summary
 
 
@@ -183,10 +177,9 @@ def _tally_batches(batches: Iterator[pa.RecordBatch]):
 
 def _count_statuses(batch: pa.RecordBatch) -> TaskStats:
     statuses = batch.column("status").to_pylist()
-    errors = batch.column("error").to_pylist()
     stats = TaskStats()
     stats.status.update(s for s in statuses if s != "failed")
-    stats.failed.update((e or "").split(":")[0] for s, e in zip(statuses, errors) if s == "failed")
+    stats.failed.update(r for s, r in zip(statuses, batch.column("reason").to_pylist()) if s == "failed")
     stats.counts["bytes"] = sum(b for s, b in zip(statuses, batch.column("bytes").to_pylist()) if s == "ok")
     return stats
 
@@ -222,11 +215,11 @@ def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: d
             data = shrink(data, resize)
             row["bytes"], info = len(data), inspect_image(data, limits)
     except ImageRejected as exc:
-        return {**row, "status": "failed", "error": str(exc)}
+        return {**row, "status": "failed", "error": str(exc), "reason": exc.reason}
     if lake is not None:
         lake.put_image(info.image_id, info.format, data)
     return {**row, "image_id": info.image_id, "format": info.format, "width": info.width,
-            "height": info.height, "status": "ok", "error": None}
+            "height": info.height, "status": "ok", "error": None, "reason": None}
 
 
 def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
@@ -235,11 +228,11 @@ def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
         if "web" not in filesystems:
             raise ImageRejected("unsupported-uri", "web addresses are fetched with `cbir crawl urls`")
         return filesystems["web"].fetch(uri)
-    scheme = "s3" if uri.startswith("s3://") else "local"
+    scheme = "s3" if uris.is_s3(uri) else "local"
     if scheme not in filesystems:  # one filesystem per task, shared by its threads
         filesystems[scheme] = open_filesystem(uri, s3)[0]
     fs = filesystems[scheme]
-    path = uri.removeprefix("s3://")
+    path = uri.removeprefix(uris.S3)
     try:
         with fs.open_input_stream(path) as stream:
             data = stream.read(max_bytes + 1)

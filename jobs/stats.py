@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 
@@ -18,7 +19,7 @@ class TaskStats:
     seconds: Counter = field(default_factory=Counter)
     counts: Counter = field(default_factory=Counter)
 
-    def __iadd__(self, other: "TaskStats") -> "TaskStats":
+    def __iadd__(self, other: TaskStats) -> TaskStats:
         for name in self._names():
             getattr(self, name).update(getattr(other, name))
         return self
@@ -27,7 +28,7 @@ class TaskStats:
         return json.dumps({name: getattr(self, name) for name in self._names()})
 
     @classmethod
-    def from_json(cls, text: str) -> "TaskStats":
+    def from_json(cls, text: str) -> TaskStats:
         return cls(**{name: Counter(values) for name, values in json.loads(text).items()})
 
     @classmethod
@@ -43,3 +44,18 @@ class RunSummary(Protocol):
 
     def as_dict(self) -> dict:
         """JSON-ready data: what the flow returns."""
+
+
+@dataclass
+class ImagesSummary:
+    """The base of the summaries of runs over images (ingest and crawl, index): begun when the run starts,
+    stopped when it is tallied; `seconds` and `images_per_s` are the subclass's."""
+
+    started: float = field(default_factory=time.monotonic, repr=False, kw_only=True)
+
+    def stop(self) -> None:
+        self.seconds = time.monotonic() - self.started
+
+    def as_dict(self) -> dict:
+        data = {key: value for key, value in asdict(self).items() if key != "started"}
+        return {**data, "images_per_s": round(self.images_per_s, 2)}

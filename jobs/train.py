@@ -24,6 +24,7 @@ from jobs.embed import EncoderConfig, embed, encoder_config, identify, read_feat
 from jobs.progress import Report
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding
+from models.card import DatasetInfo, EncoderInfo, Metrics, ModelCard, Sizes, Training
 from models.encoders import weights_label, weights_source
 from models.tokenizer import Tokenizer
 from models.training import Split, evaluate, fit, split_references
@@ -57,7 +58,7 @@ def run(
     *,
     features_progress: Report | None = None,
     on_epoch: EpochReport | None = None,
-) -> dict:
+) -> ModelCard:
     """Train, evaluate and save a captioner version (made current); returns its model card.
 
     `dataset` comes from jobs.datasets.read_dataset, read before Spark starts so a wrong file fails fast.
@@ -101,31 +102,27 @@ def fit_captioner(settings: Settings, data: Features, on_epoch: EpochReport | No
                   {"test_images": len(references), "decoding": asdict(decoding), **metrics})
 
 
-def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitted: Fitted) -> dict:
+def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitted: Fitted) -> ModelCard:
     """Save the captioner as a new version, made current, with its model card; returns the card."""
     c, t, config, splits, history = settings.captioner, settings.train, data.config, data.splits, fitted.history
-    card = {
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "dataset": {
-            "uri": dataset.uri, "kind": dataset.kind,
-            "captions": {name: len(split) for name, split in splits.items()},
-            "images": {name: len(split.features) for name, split in splits.items()},
-            "skipped": dict(dataset.skipped),
-        },
-        "encoder": {"name": config.name, "weights": weights_label(config.weights),
-                    "weights_source": weights_source(config.name, config.weights), "key": config.key,
-                    "feature_dim": config.dim, "features_computed": data.computed},
-        "sizes": {"vocabulary": len(fitted.captioner.tokenizer), "max_length": fitted.max_length,
-                  "embedding_dim": c.embedding_dim, "units": c.units, "dropout": c.dropout,
-                  "min_word_count": c.min_word_count},
-        "training": {"epochs_run": len(history), "best_epoch": _best_epoch(history), "history": history,
-                     "batch_size": t.batch_size, "learning_rate": t.learning_rate, "seed": t.seed,
-                     "monitor": t.monitor, "label_smoothing": t.label_smoothing,
-                     "seconds": round(time.monotonic() - data.started, 1)},
-        "metrics": fitted.metrics,
-        "software": _versions(),
-    }
-    card["version"] = store.save(lake, fitted.captioner, card)
+    card = ModelCard(
+        created_at=datetime.now(timezone.utc).isoformat(),
+        dataset=DatasetInfo(uri=dataset.uri, kind=dataset.kind,
+                            captions={name: len(split) for name, split in splits.items()},
+                            images={name: len(split.features) for name, split in splits.items()},
+                            skipped=dict(dataset.skipped)),
+        encoder=EncoderInfo(name=config.name, weights=weights_label(config.weights),
+                            weights_source=weights_source(config.name, config.weights), key=config.key,
+                            feature_dim=config.dim, features_computed=data.computed),
+        sizes=Sizes(vocabulary=len(fitted.captioner.tokenizer), max_length=fitted.max_length,
+                    embedding_dim=c.embedding_dim, units=c.units, dropout=c.dropout, min_word_count=c.min_word_count),
+        training=Training(epochs_run=len(history), best_epoch=_best_epoch(history), history=history,
+                          batch_size=t.batch_size, learning_rate=t.learning_rate, seed=t.seed, monitor=t.monitor,
+                          label_smoothing=t.label_smoothing, seconds=round(time.monotonic() - data.started, 1)),
+        metrics=Metrics(**fitted.metrics),
+        software=_versions(),
+    )
+    store.save(lake, fitted.captioner, card)
     return card
 
 
@@ -138,7 +135,7 @@ def _identify(spark: SparkSession, settings: Settings, dataset: Dataset) -> dict
         if image_id:
             kept.append(row)
         else:
-            dataset.skipped[f"image {error.split(':')[0]}"] += 1
+            dataset.skipped[f"image {error.reason}"] += 1
     dataset.rows = kept
     return {uri: image_id for uri, (image_id, _) in checked.items() if image_id}
 

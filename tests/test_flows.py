@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from cbir.lake import Lake
-from conftest import image_bytes, make_settings
+from conftest import image_bytes, make_settings, task_runs
 from flows.ingest import ingest_flow
-
-
-def task_runs(flow_run_id) -> dict[str, str]:
-    """The task runs of a flow run: task name -> final state."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.type.value for run in runs}
 
 
 def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server, spark, tmp_path):
