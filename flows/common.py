@@ -2,7 +2,8 @@
 
 A flow's stages are Prefect tasks (`stage`), so a run's timeline shows where the time went and
 which stage failed. Stages pass Spark sessions, lakes and staged runs, which Prefect can neither
-hash nor store: stage tasks have no cache policy, and their results stay in memory.
+hash nor store: stage tasks have no cache policy, and their results stay in memory. Large inputs (a
+source's entries, a data set's rows) are passed in `quote()`, so Prefect does not walk every item.
 """
 
 from __future__ import annotations

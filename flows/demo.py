@@ -134,4 +134,4 @@ def _trained_on(lake: Lake, dataset: str, encoder: str) -> bool:
         card = store.card(lake)
     except UsageError:  # no captioner yet
         return False
-    return card.dataset.uri == dataset and card.encoder.key == encoder
+    return card.dataset is not None and card.dataset.uri == dataset and card.encoder.key == encoder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
 from cbir.settings import Settings
 from flows.common import open_lake, stage
@@ -26,6 +27,6 @@ def eval_flow(table: str, prepare: bool = True, settings: Settings | None = None
         ingest_flow(table, settings=settings)
         index_flow(settings=settings)
     with spark_session(settings) as spark:
-        summary = measure(spark, lake, settings, rows)
+        summary = measure(spark, lake, settings, quote(rows))
     publish_summary("eval-summary", f"retrieval quality on {table}", summary.rows())
     return summary.contract()

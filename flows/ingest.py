@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
 from cbir.settings import Settings, load_settings
 from flows.common import open_lake, stage, stage_and_commit
@@ -26,7 +27,8 @@ def ingest_flow(source: str, retry_failed: bool = False, settings: Settings | No
 def store_images(kind: str, source: Source | Listing, settings: Settings, retry_failed: bool) -> dict:
     """The ingest job's stages on a source (or a crawl's listing), with the progress and summary artifacts of `kind`."""
     settings, lake = open_lake(settings)
-    summary, entries = list_new(lake, source, retry_failed)
-    write = partial(store_new, lake=lake, settings=settings, source=source, entries=entries, run_id=summary.run_id)
+    summary, entries = list_new(lake, quote(source), retry_failed)
+    write = partial(store_new, lake=lake, settings=settings, source=quote(source), entries=quote(entries),
+                    run_id=summary.run_id)
     staged = stage_and_commit(settings, kind, f"{kind} {source.uri}", write if entries else None)
     return publish(kind, f"{kind} {source.uri} (run {summary.run_id})", ingest.tally(summary, staged))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
 from cbir.settings import Settings
 from flows.common import open_lake, spark_job, stage
@@ -31,9 +32,9 @@ def train_flow(dataset: str, images: str | None = None, settings: Settings | Non
     data = read_dataset(dataset, settings, images)
     print(f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else ""))
     with spark_job(settings, "train-features", "features") as (spark, progress):
-        computed = features(spark, lake, settings, data, progress)
-        fitted = fit(settings, computed, on_epoch)
-    card = save(lake, settings, data, computed, fitted)
+        computed = features(spark, lake, settings, quote(data), progress)
+        fitted = fit(settings, quote(computed), on_epoch)
+    card = save(lake, settings, quote(data), quote(computed), fitted)
     epochs.finish()
     publish_summary("train-summary", f"captioner {card.version} (now current)", summary_rows(card))
     return card.as_dict()

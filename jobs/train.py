@@ -122,7 +122,7 @@ def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitte
         metrics=Metrics(**fitted.metrics),
         software=_versions(),
     )
-    store.save(lake, fitted.captioner, card)
+    card.version = store.save(lake, fitted.captioner, card)
     return card
 
 

@@ -1,8 +1,8 @@
 """The model card: what a captioner version was trained on, how, and how well; card.json beside the model.
 
 Typed, with the JSON on disk unchanged: fields are in the order cbir has always written them, keys
-a card does not have (older cards, a test split without captions) stay absent, and keys this code
-does not know (a newer card) are kept.
+a card does not have stay absent, and keys this code does not know (a newer card) are kept. Loading
+a captioner needs only its encoder; `cbir train` writes every part.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ class EncoderInfo(_Part):
 class Sizes(_Part):
     vocabulary: int
     max_length: int
-    embedding_dim: int
-    units: int
-    dropout: float
-    min_word_count: int
+    embedding_dim: int | None = None
+    units: int | None = None
+    dropout: float | None = None
+    min_word_count: int | None = None
 
 
 class Training(_Part):
@@ -70,13 +70,13 @@ class Metrics(_Part):
 
 
 class ModelCard(_Part):
-    created_at: str
-    dataset: DatasetInfo
+    created_at: str | None = None
+    dataset: DatasetInfo | None = None
     encoder: EncoderInfo
-    sizes: Sizes
-    training: Training
-    metrics: Metrics
-    software: dict[str, str]
+    sizes: Sizes | None = None
+    training: Training | None = None
+    metrics: Metrics | None = None
+    software: dict[str, str] | None = None
     version: str | None = None  # set when saved: the version's run id
 
     def as_dict(self) -> dict:

@@ -27,14 +27,14 @@ def _read(lake: Lake, path: str, limit: int = -1) -> bytes:
 
 def save(lake: Lake, captioner: Captioner, card: ModelCard, promote: bool = True) -> str:
     """Write a new version, its card saying which; with promote, make it current. Returns the version."""
-    version = card.version = new_run_id()
+    version = new_run_id()
     folder = lake.path(*ROOT, version)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model.keras"
         captioner.model.save(local)  # Keras writes local files only
         put_bytes(lake.fs, f"{folder}/model.keras", local.read_bytes())
     put_bytes(lake.fs, f"{folder}/tokenizer.json", captioner.tokenizer.to_json().encode())
-    put_bytes(lake.fs, f"{folder}/card.json", card.to_json().encode())
+    put_bytes(lake.fs, f"{folder}/card.json", card.model_copy(update={"version": version}).to_json().encode())
     if promote:
         put_bytes(lake.fs, lake.path(*ROOT, "current"), version.encode(), overwrite=True)
     return version
