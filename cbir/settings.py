@@ -190,7 +190,8 @@ def _cron_expression(value: str) -> str:
     try:
         croniter(value)
     except (CroniterError, ValueError) as exc:
-        detail = str(exc).removeprefix(f"[{value}] ").replace("is not acceptable, out of range", "a value is out of range")
+        detail = str(exc).removeprefix(f"[{value}] ")
+        detail = detail.replace("is not acceptable, out of range", "a value is out of range")
         raise ValueError(f"not a valid cron expression: {detail}") from None
     return value
 
