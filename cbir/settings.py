@@ -36,7 +36,8 @@ ENV_PREFIX = "CBIR_"
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 REFERENCE_KINDS = ("caption", "label", "title", "description", "tags", "given")  # cbir.references.KINDS
-# The registry in models/encoders.py; listed here so settings fail at start.
+# The names of the registry in models/encoders.py (cbir imports no model code), so settings fail at start;
+# tests/test_encoders.py checks that the two agree.
 ENCODERS = ("vgg16", "efficientnet_lite0")
 MAX_K = 1000  # results per query, at most: the query.k setting, query files, cbir search, the web API
 
