@@ -16,12 +16,32 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 Image.MAX_IMAGE_PIXELS = None
 
 
+class Failure(str):
+    """Why an item failed: '<reason>: <detail>' as rows and messages show it, with its reason (a short slug)
+    kept apart, so that nothing parses it back."""
+
+    reason: str
+
+    def __new__(cls, text: str, reason: str) -> Failure:
+        failure = super().__new__(cls, text)
+        failure.reason = reason
+        return failure
+
+    @classmethod
+    def of(cls, reason: str, detail: str) -> Failure:
+        return cls(f"{reason}: {detail}", reason)
+
+
 class ImageRejected(Exception):
     """An item that cannot be stored; str() is '<reason>: <detail>', the reason a short slug."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+    @property
+    def failure(self) -> Failure:
+        return Failure(str(self), self.reason)
 
 
 @dataclass(frozen=True)
@@ -31,7 +51,7 @@ class Limits:
     formats: frozenset[str]
 
     @classmethod
-    def from_settings(cls, ingest) -> "Limits":
+    def from_settings(cls, ingest) -> Limits:
         return cls(ingest.max_bytes, ingest.max_pixels, frozenset(ingest.formats))
 
 

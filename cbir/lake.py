@@ -39,6 +39,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cbir import uris
 from cbir.errors import CbirError, UsageError
 from cbir.schemas import ERRORS, RESULTS, SCHEMAS, features_schema
 from cbir.settings import S3, Settings
@@ -67,8 +68,8 @@ def new_run_id() -> str:
 
 def open_filesystem(uri: str, s3: S3) -> tuple[pafs.FileSystem, str]:
     """A URI (local path, file:// or s3://) -> (filesystem, path within it)."""
-    if uri.startswith("s3://"):
-        return pafs.S3FileSystem(**_s3_options(s3)), uri.removeprefix("s3://").rstrip("/")
+    if uris.is_s3(uri):
+        return pafs.S3FileSystem(**_s3_options(s3)), uri.removeprefix(uris.S3).rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
@@ -221,10 +222,13 @@ class Table:
 
     def commit(self, run_id: str, parts: list[tuple[str, int]], **meta) -> dict | None:
         """Publish the named parts of a run (other files in its staging folder are failed attempts).
+        Idempotent: committing a committed run returns its record.
 
         `meta` (for example the model version) is kept in the commit record.
         """
         self.recover()
+        if run_id in self.committed_runs():  # a retry after the commit went through (or was rolled forward)
+            return self._read_json(f"{self.path}/_commits/{run_id}.json")
         parts = [(name, rows) for name, rows in parts if rows]
         if not parts:
             self.abort(run_id)

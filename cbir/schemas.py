@@ -23,6 +23,7 @@ MANIFEST = pa.schema(
         _field("bytes", pa.int64(), "size of the image file"),
         _field("status", pa.string(), "ok, duplicate (same bytes as an image already stored) or failed"),
         _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
+        _field("reason", pa.string(), "the error's reason alone (rows written before it have none)"),
         _field("title", pa.string(), "source title, if any"),
         _field("description", pa.string(), "source description, if any"),
         _field("tags", pa.list_(pa.string()), "source tags, if any"),
@@ -48,6 +49,7 @@ CAPTIONS = pa.schema(
         _field("model_version", pa.string(), "the captioner version that wrote it"),
         _field("status", pa.string(), "ok or failed"),
         _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
+        _field("reason", pa.string(), "the error's reason alone (rows written before it have none)"),
         _field("indexed_at", pa.timestamp("us", tz="UTC"), "when the run started"),
         _field("run_id", pa.string(), "the index run that wrote the row"),
     ]

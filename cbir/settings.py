@@ -1,7 +1,7 @@
 """Settings: a conf/<profile>.yaml, then --conf FILE, then CBIR_* variables, then --set KEY=VALUE.
 
-Every layer is merged into one dict and validated once, so an error names the key, the value
-and the layer it came from. Unknown keys are errors, not silently ignored.
+Each layer is a pydantic-settings source; pydantic-settings merges them and validates once, and an
+error names the key, the value and the layer it came from. Unknown keys are errors, not silently ignored.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import ipaddress
 import os
 import re
 import typing
+from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
+from croniter import CroniterError, croniter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +25,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cbir import uris
 from cbir.errors import UsageError
 
 PROFILES = ("local", "s3", "cluster", "offline")
@@ -32,8 +36,10 @@ ENV_PREFIX = "CBIR_"
 ENV_CONTROL = {"CBIR_PROFILE", "CBIR_CONF"}
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 REFERENCE_KINDS = ("caption", "label", "neighbour", "title", "description", "tags", "given")  # cbir.references.KINDS
-# The registry in models/encoders.py; listed here so settings fail at start.
+# The names of the registry in models/encoders.py (cbir imports no model code), so settings fail at start;
+# tests/test_encoders.py checks that the two agree.
 ENCODERS = ("vgg16", "efficientnet_lite0")
+MAX_K = 1000  # results per query, at most: the query.k setting, query files, cbir search, the web API
 
 
 def _split(value: Any) -> Any:
@@ -140,6 +146,8 @@ class Crawl(Section):
     resize: int = Field(0, ge=0, description="shrink stored copies to this longest side in pixels; 0 keeps them")
     schedule: str = Field("0 3 * * *", description="cron of the scheduled crawl deployment")
 
+    _token_list = field_validator("opt_out_tokens", mode="before")(_split)
+
     @field_validator("allow_hosts", mode="before")
     @classmethod
     def _host_list(cls, value: Any) -> Any:
@@ -156,11 +164,6 @@ class Crawl(Section):
     @classmethod
     def _cron(cls, value: str) -> str:
         return _cron_expression(value)
-
-    @field_validator("opt_out_tokens", mode="before")
-    @classmethod
-    def _token_list(cls, value: Any) -> Any:
-        return _split(value)
 
     @property
     def agent(self) -> str:
@@ -182,8 +185,15 @@ class Index(Section):
 
 
 def _cron_expression(value: str) -> str:
+    """Five fields whose values croniter accepts (Prefect's schedules read them with croniter too)."""
     if len(value.split()) != 5:
         raise ValueError("must be a cron expression of 5 fields, e.g. '0 3 * * *'")
+    try:
+        croniter(value)
+    except (CroniterError, ValueError) as exc:
+        detail = str(exc).removeprefix(f"[{value}] ")
+        detail = detail.replace("is not acceptable, out of range", "a value is out of range")
+        raise ValueError(f"not a valid cron expression: {detail}") from None
     return value
 
 
@@ -272,7 +282,7 @@ class Bleu(Section):
 
 
 class Query(Section):
-    k: int = Field(10, ge=1, le=1000, description="results per query, unless a query row says otherwise")
+    k: int = Field(10, ge=1, le=MAX_K, description="results per query, unless a query row says otherwise")
     hybrid: bool = Field(False, description="for image queries, blend BLEU with visual similarity")
     visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
     hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
@@ -294,11 +304,7 @@ class Web(Section):
                                      "and web.host (a reverse proxy's name)")
     reload_s: float = Field(5.0, ge=0, description="look for a newer index run at most this often; 0: never")
 
-
-    @field_validator("trusted_hosts", mode="before")
-    @classmethod
-    def _host_list(cls, value: Any) -> Any:
-        return _split(value)
+    _host_list = field_validator("trusted_hosts", mode="before")(_split)
 
 
 class Ui(Section):
@@ -308,10 +314,7 @@ class Ui(Section):
     csrf: bool = Field(True, description="state-changing API calls need a CSRF token (Prefect's clients fetch one)")
     trusted_hosts: list[str] = Field([], description="Host names served besides 127.0.0.1, localhost and --host")
 
-    @field_validator("trusted_hosts", mode="before")
-    @classmethod
-    def _host_list(cls, value: Any) -> Any:
-        return _split(value)
+    _host_list = field_validator("trusted_hosts", mode="before")(_split)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
@@ -323,7 +326,12 @@ class Ui(Section):
         return value
 
 
-class Settings(Section):
+class Settings(BaseSettings):
+    """All settings. Its sources are the layers load_settings reads, highest last; built any other way
+    (Settings()), it holds the defaults."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
     profile: str = "local"
     state_dir: str = ".cbir"
     lake: str = ".cbir/lake"
@@ -344,20 +352,27 @@ class Settings(Section):
     @field_validator("lake")
     @classmethod
     def _lake_uri(cls, value: str) -> str:
-        scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", value)
-        if scheme and scheme.group(1) not in ("s3", "file"):
+        if uris.scheme(value) not in (None, "s3", "file"):
             raise ValueError("must be a local folder or an s3://bucket/prefix URI")
-        if scheme and scheme.group(1) == "s3" and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{2,62}(/|$)", value):
+        if uris.is_s3(value) and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{2,62}(/|$)", value):
             raise ValueError("must name a bucket: s3://bucket/prefix")
         return value
 
     @property
     def lake_is_local(self) -> bool:
-        return not self.lake.startswith("s3://")
+        return not uris.is_s3(self.lake)
 
     def public(self) -> dict[str, Any]:
         """The settings as JSON-ready data, secrets masked."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, *reversed(_LAYERS.get()))  # the first wins
+
+
+_LAYERS: ContextVar[tuple[Layer, ...]] = ContextVar("cbir_settings_layers", default=())
 
 
 def load_settings(
@@ -366,26 +381,45 @@ def load_settings(
     overrides: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge the layers, validate once, and make local paths absolute."""
+    """Merge the layers (pydantic-settings sources), validate once, and make local paths absolute."""
     environ = os.environ if environ is None else environ
     profile = profile or environ.get("CBIR_PROFILE") or "local"
     conf_file = conf_file or environ.get("CBIR_CONF")
-    layers = [(f"profile '{profile}'", _profile_layer(profile))]
+    layers = [Layer(f"profile '{profile}'", _profile_layer(profile))]
     if conf_file:
-        layers.append((conf_file, _yaml_layer(conf_file)))
+        layers.append(Layer(conf_file, _yaml_layer(conf_file)))
     layers += _env_layers(environ)
-    layers.append(("--set", _set_layer(overrides)))
-
-    merged: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for origin, layer in layers:
-        _merge(merged, layer, origins, origin)
-    merged["profile"] = profile
+    layers.append(Layer("--set", _set_layer(overrides)))
+    token = _LAYERS.set(tuple(layers))
     try:
-        settings = Settings.model_validate(merged)
+        settings = Settings(profile=profile)
     except ValidationError as exc:
-        raise UsageError(_describe(exc.errors()[0], merged, origins)) from None
+        raise UsageError(_describe(exc.errors()[0], layers)) from None
+    finally:
+        _LAYERS.reset(token)
     return _absolute_paths(settings)
+
+
+class Layer(PydanticBaseSettingsSource):
+    """One layer of settings (a profile, a file, a variable, --set) and the name errors give where it came from."""
+
+    def __init__(self, origin: str, data: dict[str, Any]):
+        super().__init__(Settings)
+        self.origin, self.data = origin, data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.data
+
+    def holds(self, path: tuple[str, ...]) -> bool:
+        node: Any = self.data
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
 
 
 def _profile_layer(name: str) -> dict[str, Any]:
@@ -412,7 +446,7 @@ def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
     return data
 
 
-def _env_layers(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+def _env_layers(environ: Mapping[str, str]) -> list[Layer]:
     """CBIR_SECTION__KEY=value -> {section: {key: value}}, one layer a variable so errors can name it.
     Only variables that name a setting or a section are read: CBIR_HOME and the like belong to others."""
     layers = []
@@ -422,7 +456,7 @@ def _env_layers(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
             origin = f"environment variable {name}"
             layer: dict[str, Any] = {}
             _assign(layer, path, value, origin)
-            layers.append((origin, layer))
+            layers.append(Layer(origin, layer))
     return layers
 
 
@@ -502,29 +536,16 @@ def _annotation(path: list[str]) -> Any:
     return annotation
 
 
-def _merge(into: dict[str, Any], layer: dict[str, Any], origins: dict, origin: str, prefix=()) -> None:
-    for key, value in layer.items():
-        path = (*prefix, str(key))
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value, origins, origin, path)
-        else:
-            into[key] = value
-            origins[path] = origin
-            if isinstance(value, dict):
-                _record_leaves(value, origins, origin, path)
+def _origin(loc: tuple[str, ...], layers: list[Layer]) -> str:
+    """The layer that gave the value at loc: the last to set it, or else the last to set the nearest key above it."""
+    return next((layer.origin for i in range(len(loc), 0, -1) for layer in reversed(layers) if layer.holds(loc[:i])),
+                "defaults")
 
 
-def _record_leaves(value: dict, origins: dict, origin: str, prefix: tuple) -> None:
-    for key, item in value.items():
-        origins[(*prefix, str(key))] = origin
-        if isinstance(item, dict):
-            _record_leaves(item, origins, origin, (*prefix, str(key)))
-
-
-def _describe(error: dict, merged: dict, origins: dict) -> str:
+def _describe(error: dict, layers: list[Layer]) -> str:
     loc = tuple(str(part) for part in error["loc"])
     key = ".".join(loc)
-    origin = origins.get(loc) or next((origins[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origins), "defaults")
+    origin = _origin(loc, layers)
     if error["type"] == "extra_forbidden":
         parent = Settings
         for part in loc[:-1]:

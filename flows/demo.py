@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 
+from cbir import uris
 from cbir.errors import UsageError
 from cbir.images import image_id
 from cbir.lake import Lake
@@ -61,7 +62,7 @@ def demo_flow(emoji: int = DEMO_EMOJI, settings: Settings | None = None) -> dict
     photos = sum(1 for row in rows if row["category"] == PHOTO_CATEGORY)
     print(f"sample corpus: {photos} photos and {len(rows) - photos} emoji ({manifest}); "
           f"encoder {settings.encoder.name} ({settings.encoder.weights})")
-    lake = Lake.open(settings)
+    lake = Lake.open(settings)  # each step's flow checks it
     steps: list[dict] = []
 
     def step(name: str, what: str, run):
@@ -83,7 +84,7 @@ def demo_flow(emoji: int = DEMO_EMOJI, settings: Settings | None = None) -> dict
         metrics = step("eval", "recall@1/5/10 and mAP@10 on the corpus", lambda: eval_flow(str(manifest), prepare=False,
                                                                                            settings=settings))
     gallery = answered["gallery"]
-    create_link_artifact(link=gallery if gallery.startswith("s3://") else f"file://{gallery}", link_text="gallery",
+    create_link_artifact(link=uris.link(gallery), link_text="gallery",
                          key="demo-gallery", description="The demo's query results as a gallery")
     publish_summary("demo-summary", "cbir demo", steps)
     version = store.resolve(lake, settings.captioner.version)
@@ -133,4 +134,4 @@ def _trained_on(lake: Lake, dataset: str, encoder: str) -> bool:
         card = store.card(lake)
     except UsageError:  # no captioner yet
         return False
-    return card.get("dataset", {}).get("uri") == dataset and card.get("encoder", {}).get("key") == encoder
+    return card.dataset is not None and card.dataset.uri == dataset and card.encoder.key == encoder

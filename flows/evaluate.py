@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
-from cbir.lake import Lake
-from cbir.settings import Settings, load_settings
+from cbir.settings import Settings
+from flows.common import open_lake, stage
 from flows.index import index_flow
 from flows.ingest import ingest_flow
 from flows.reporting import publish_summary
 from jobs import evaluate
 from jobs.spark import spark_session
 
+read_rows = stage(evaluate.read_table_rows, name="read the table")
+measure = stage(evaluate.run, name="measure retrieval")
+
 
 @flow(name="eval", log_prints=True)
 def eval_flow(table: str, prepare: bool = True, settings: Settings | None = None) -> dict:
     """Text-to-image recall@1/5/10 and image-to-image mAP@10 on TABLE (uri, caption[, category]);
     first ingest and index its images, unless `prepare` is false (the caller just did both)."""
-    settings = settings or load_settings()
-    lake = Lake.open(settings)
-    lake.check()
-    rows = evaluate.read_table_rows(table, settings)
+    settings, lake = open_lake(settings)
+    rows = read_rows(table, settings)
     if prepare:
         ingest_flow(table, settings=settings)
         index_flow(settings=settings)
     with spark_session(settings) as spark:
-        summary = evaluate.run(spark, lake, settings, rows)
+        summary = measure(spark, lake, settings, quote(rows))
     publish_summary("eval-summary", f"retrieval quality on {table}", summary.rows())
     return summary.contract()

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prefect import flow
 
-from cbir.lake import Lake
-from cbir.settings import Settings, load_settings
-from flows.reporting import Progress, publish_summary
+from cbir.settings import Settings
+from flows.common import open_lake, stage, stage_and_commit
+from flows.reporting import publish
 from jobs import index
-from jobs.spark import spark_session
+
+find_pending = stage(index.plan, name="find pending images")
+caption = stage(index.caption, name="caption and write")
 
 
 @flow(name="index", log_prints=True)
 def index_flow(drop_version: str | None = None, settings: Settings | None = None) -> dict:
     """Embed and caption the manifest's ok images that the captioner version has not captioned yet."""
-    settings = settings or load_settings()
-    lake = Lake.open(settings)
-    lake.check()
+    settings, lake = open_lake(settings)
     if drop_version:
         runs, rows = index.drop_version(lake, drop_version)
         print(f"dropped {rows} captions of captioner {drop_version} ({runs} runs); features are kept")
         return {"dropped_version": drop_version, "runs": runs, "rows": rows}
-    progress = Progress("index-progress", "index")
-    with spark_session(settings) as spark:
-        summary = index.run(spark, lake, settings, progress=progress)
-    progress.finish()
-    publish_summary("index-summary", f"index with captioner {summary.version} (run {summary.run_id})", summary.rows())
-    return summary.as_dict()
+    summary, todo = find_pending(lake, settings)
+    write = partial(caption, lake=lake, settings=settings, summary=summary, todo=todo)
+    staged = stage_and_commit(settings, "index", "index", write if todo.num_rows else None)
+    summary = index.tally(summary, staged)
+    return publish("index", f"index with captioner {summary.version} (run {summary.run_id})", summary)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from functools import partial
 
-from cbir.lake import Lake
+from prefect import flow
+from prefect.utilities.annotations import quote
+
 from cbir.settings import Settings, load_settings
-from flows.reporting import Progress, publish_summary
+from flows.common import open_lake, stage, stage_and_commit
+from flows.reporting import publish
 from jobs import ingest
 from jobs.reader import Listing, Source, resolve_source
-from jobs.spark import spark_session
+
+list_new = stage(ingest.plan, name="list new items")
+store_new = stage(ingest.store, name="store images")
 
 
 @flow(name="ingest", log_prints=True)
@@ -20,12 +25,10 @@ def ingest_flow(source: str, retry_failed: bool = False, settings: Settings | No
 
 
 def store_images(kind: str, source: Source | Listing, settings: Settings, retry_failed: bool) -> dict:
-    """The ingest job on a source (or a crawl's listing), with the progress and summary artifacts of `kind`."""
-    lake = Lake.open(settings)
-    lake.check()
-    progress = Progress(f"{kind}-progress", f"{kind} {source.uri}")
-    with spark_session(settings) as spark:
-        summary = ingest.run(spark, lake, settings, source, retry_failed=retry_failed, progress=progress)
-    progress.finish()
-    publish_summary(f"{kind}-summary", f"{kind} {source.uri} (run {summary.run_id})", summary.rows())
-    return summary.as_dict()
+    """The ingest job's stages on a source (or a crawl's listing), with the progress and summary artifacts of `kind`."""
+    settings, lake = open_lake(settings)
+    summary, entries = list_new(lake, quote(source), retry_failed)
+    write = partial(store_new, lake=lake, settings=settings, source=quote(source), entries=quote(entries),
+                    run_id=summary.run_id)
+    staged = stage_and_commit(settings, kind, f"{kind} {source.uri}", write if entries else None)
+    return publish(kind, f"{kind} {source.uri} (run {summary.run_id})", ingest.tally(summary, staged))

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cbir.text import printable
+from jobs.stats import RunSummary
 
 
 class Progress:
@@ -57,3 +58,9 @@ def publish_summary(key: str, title: str, rows: list[dict]) -> None:
     """Print the summary and keep it as a Prefect table artifact."""
     print("\n" + render_table(title, rows))
     create_table_artifact(table=rows, key=key, description=title)
+
+
+def publish(kind: str, title: str, summary: RunSummary) -> dict:
+    """A run's summary as the `<kind>-summary` table, printed and kept; returns it as data (the flow's result)."""
+    publish_summary(f"{kind}-summary", title, summary.rows())
+    return summary.as_dict()

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
-from cbir.lake import Lake
-from cbir.settings import Settings, load_settings
+from cbir.settings import Settings
+from flows.common import open_lake, spark_job, stage
 from flows.reporting import Progress, publish_summary
 from jobs import train
 from jobs.datasets import read_dataset
-from jobs.spark import spark_session
+from models.card import ModelCard
+
+features = stage(train.features, name="features")
+fit = stage(train.fit_captioner, name="fit")
+save = stage(train.save, name="save")
 
 
 @flow(name="train", log_prints=True)
 def train_flow(dataset: str, images: str | None = None, settings: Settings | None = None) -> dict:
     """Train a captioner on DATASET, report BLEU on its test split, and make it the current version."""
-    settings = settings or load_settings()
-    lake = Lake.open(settings)
-    lake.check()
+    settings, lake = open_lake(settings)
     if settings.encoder.weights == "random":
         print("encoder.weights=random: features carry no learned meaning; use this model for tests only")
-    features = Progress("train-features-progress", "features")
     epochs = Progress("train-epochs-progress", "training", unit="epochs", announce=False)
 
     def on_epoch(epoch: int, logs: dict) -> None:
@@ -29,31 +31,32 @@ def train_flow(dataset: str, images: str | None = None, settings: Settings | Non
 
     data = read_dataset(dataset, settings, images)
     print(f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else ""))
-    with spark_session(settings) as spark:
-        card = train.run(spark, lake, settings, data, features_progress=features, on_epoch=on_epoch)
-    features.finish()
+    with spark_job(settings, "train-features", "features") as (spark, progress):
+        computed = features(spark, lake, settings, quote(data), progress)
+        fitted = fit(settings, quote(computed), on_epoch)
+    card = save(lake, settings, quote(data), quote(computed), fitted)
     epochs.finish()
-    publish_summary("train-summary", f"captioner {card['version']} (now current)", summary_rows(card))
-    return card
+    publish_summary("train-summary", f"captioner {card.version} (now current)", summary_rows(card))
+    return card.as_dict()
 
 
-def summary_rows(card: dict) -> list[dict]:
-    data, metrics = card["dataset"], card["metrics"]
+def summary_rows(card: ModelCard) -> list[dict]:
+    data, metrics, encoder = card.dataset, card.metrics, card.encoder
     rows = [
-        {"what": "encoder", "value": f"{card['encoder']['name']} ({card['encoder']['weights']})"},
-        {"what": "encoder weights", "value": card["encoder"].get("weights_source", card["encoder"]["weights"])},
-        {"what": "captions train/dev/test", "value": "/".join(str(data["captions"][s]) for s in ("train", "dev", "test"))},
-        {"what": "images train/dev/test", "value": "/".join(str(data["images"][s]) for s in ("train", "dev", "test"))},
-        {"what": "rows skipped", "value": ", ".join(f"{k} {v}" for k, v in data["skipped"].items()) or "none"},
-        {"what": "vocabulary", "value": str(card["sizes"]["vocabulary"])},
-        {"what": "epochs (best)", "value": f"{card['training']['epochs_run']} ({card['training']['best_epoch']})"},
+        {"what": "encoder", "value": f"{encoder.name} ({encoder.weights})"},
+        {"what": "encoder weights", "value": encoder.weights_source or encoder.weights},
+        {"what": "captions train/dev/test", "value": "/".join(str(data.captions[s]) for s in ("train", "dev", "test"))},
+        {"what": "images train/dev/test", "value": "/".join(str(data.images[s]) for s in ("train", "dev", "test"))},
+        {"what": "rows skipped", "value": ", ".join(f"{k} {v}" for k, v in data.skipped.items()) or "none"},
+        {"what": "vocabulary", "value": str(card.sizes.vocabulary)},
+        {"what": "epochs (best)", "value": f"{card.training.epochs_run} ({card.training.best_epoch})"},
     ]
-    decoding = metrics.get("decoding", {})
+    decoding = metrics.decoding
     configured = f"{decoding.get('method')}" + (f" (width {decoding.get('beam_width')})"
                                                 if decoding.get("method") == "beam" else "")
-    for name, label in (("greedy", "plain greedy"), ("configured", configured)):
-        if name in metrics:
-            bleu = " ".join(f"{metrics[name][f'bleu{n}']:.3f}" for n in range(1, 5))
+    for scores, label in ((metrics.greedy, "plain greedy"), (metrics.configured, configured)):
+        if scores is not None:
+            bleu = " ".join(f"{scores[f'bleu{n}']:.3f}" for n in range(1, 5))
             rows.append({"what": f"BLEU-1..4, {label}", "value": bleu})
-            rows.append({"what": f"loops, {label}", "value": f"{metrics[name]['degenerate']:.0%} of captions"})
+            rows.append({"what": f"loops, {label}", "value": f"{scores['degenerate']:.0%} of captions"})
     return rows

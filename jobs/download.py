@@ -30,6 +30,7 @@ from urllib3.util import parse_url
 
 from cbir.images import ImageRejected, first_line
 from cbir.settings import Crawl
+from jobs.pacing import Pacer
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 # Public-looking IPv6 ranges that reach IPv4 hosts (NAT64, 6to4, IPv4-compatible): a gateway may
@@ -146,27 +147,10 @@ def opted_out(headers, tokens: list[str], agent: str = "cbir") -> str | None:
     return None
 
 
-class HostRate:
-    """At most `per_s` request starts a second to each host (a pacing schedule, shared by threads)."""
-
-    def __init__(self, per_s: float):
-        self.interval = 1.0 / per_s
-        self.next_start: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def wait(self, host: str) -> None:
-        with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next_start.get(host, now))
-            self.next_start[host] = start + self.interval
-        if start > now:
-            time.sleep(start - now)
-
-
 class Downloader:
     def __init__(self, crawl: Crawl, max_bytes: int, parallel_tasks: int = 1, resolve: Resolver | None = None):
         self.crawl, self.max_bytes = crawl, max_bytes
-        self.rate = HostRate(crawl.per_host_per_s / max(parallel_tasks, 1))  # the limit is for all tasks together
+        self.rate = Pacer(crawl.per_host_per_s / max(parallel_tasks, 1))  # the limit is for all tasks together
         # One lookup per host and task, not per request (a task lasts seconds to minutes); the
         # connections dial this same checked answer.
         self.address = lru_cache(maxsize=4096)(

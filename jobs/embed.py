@@ -21,11 +21,11 @@ import pyarrow.dataset as ds
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.images import ImageRejected, Limits
+from cbir.images import Failure, ImageRejected, Limits
 from cbir.lake import Lake, Table, new_run_id
 from cbir.settings import S3, Settings
 from jobs.ingest import PROBED, probe_partition, read_bytes
-from jobs.lakeio import write_tables
+from jobs.lakeio import commit_or_abort, stage
 from jobs.progress import Report, tracked
 from jobs.reader import ENTRY_DDL, Entry
 from jobs.spark import default_partitions
@@ -71,14 +71,14 @@ def encoder_config(settings: Settings, parallel_tasks: int) -> EncoderConfig:
 
 
 def identify(spark: SparkSession, settings: Settings, uris: list[str]) -> dict[str, tuple[str | None, str | None]]:
-    """uri -> (image_id, None) for a good image, (None, '<reason>: <detail>') for a bad one."""
+    """uri -> (image_id, None) for a good image, (None, its Failure) for a bad one."""
     if not uris:
         return {}
     entries = spark.createDataFrame([Entry(uri) for uri in uris], ENTRY_DDL)
     check = partial(probe_partition, None, Limits.from_settings(settings.ingest), settings.s3, settings.ingest.threads)
     probed = entries.repartition(default_partitions(spark, len(uris), settings.spark.partitions))
-    rows = probed.mapInArrow(check, from_arrow_schema(PROBED)).select("uri", "image_id", "error").collect()
-    return {row.uri: (row.image_id, row.error) for row in rows}
+    rows = probed.mapInArrow(check, from_arrow_schema(PROBED)).select("uri", "image_id", "error", "reason").collect()
+    return {row.uri: (row.image_id, row.error and Failure(row.error, row.reason)) for row in rows}
 
 
 def embed(spark: SparkSession, lake: Lake, config: EncoderConfig, images: dict[str, str],
@@ -91,14 +91,10 @@ def embed(spark: SparkSession, lake: Lake, config: EncoderConfig, images: dict[s
     run_id = new_run_id()
     items = spark.createDataFrame([(image_id, images[image_id]) for image_id in todo], "image_id string, uri string")
     items = items.repartition(default_partitions(spark, len(todo), 0, per_partition=IMAGES_PER_TASK))
-    try:
-        with tracked(spark, f"embed {len(todo)} images with {config.key}", progress):
-            parts, _ = write_tables(items, {"features": table}, run_id, partial(_embed_partition, config, run_id))
-        table.commit(run_id, parts["features"])
-    except BaseException:
-        table.abort(run_id)
-        raise
-    return sum(rows for _, rows in parts["features"])
+    with tracked(spark, f"embed {len(todo)} images with {config.key}", progress):
+        staged = stage(items, {"features": table}, run_id, partial(_embed_partition, config, run_id))
+    commit_or_abort(staged)
+    return sum(rows for _, rows in staged.parts["features"])
 
 
 def cached_ids(table: Table) -> set[str]:
@@ -124,7 +120,7 @@ class Chunk:
 
     rows: list[dict]
     vectors: np.ndarray
-    failed: list[tuple[dict, str]] = field(default_factory=list)
+    failed: list[tuple[dict, Failure]] = field(default_factory=list)
     seconds: Counter = field(default_factory=Counter)
 
     def features_batch(self, config: EncoderConfig, run_id: str) -> pa.RecordBatch:
@@ -151,9 +147,10 @@ def encode_chunks(config: EncoderConfig, rows: Iterable[dict], read: Callable[[d
                 images.append(pixels(data, image_size(config.name)))
                 chunk.rows.append(row)
             except ImageRejected as exc:
-                chunk.failed.append((row, str(exc)))
+                chunk.failed.append((row, exc.failure))
             except Exception as exc:  # Pillow raises many kinds for a damaged file
-                chunk.failed.append((row, f"decode-failed: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"))
+                chunk.failed.append((row, Failure.of("decode-failed",
+                                                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])))
             chunk.seconds["decode"] += time.perf_counter() - clock
             clock = time.perf_counter()
         if images:

@@ -2,17 +2,18 @@
 
 Runs on the driver (a few hundred photos a call); the downloads then run in Spark tasks.
 One call per page asks for everything the manifest keeps (title, tags, owner, license, date
-taken and the size URLs). Calls are paced under flickr.calls_per_hour. The key and secret only
+taken and the size URLs). Calls are paced under flickr.calls_per_hour (jobs.pacing). The key and secret only
 travel in the OAuth-signed request; they are never logged or returned.
 """
 
 from __future__ import annotations
 
 import logging
+import datetime
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import flickrapi
 import requests
@@ -20,11 +21,13 @@ from flickrapi.exceptions import FlickrError
 
 from cbir.errors import CbirError, UsageError
 from cbir.settings import Flickr
+from jobs.pacing import Pacer
 from jobs.reader import Entry
 
 logging.getLogger("flickrapi").setLevel(logging.WARNING)  # its INFO and DEBUG lines echo every call
 KEY_ERRORS = {"96", "97", "98", "100"}  # signature, missing or invalid key
 RETRY_ERRORS = {"105", "106"}  # service unavailable, write operation failed
+MAX_PHOTOS = 100_000  # per search, a deployment's form says so too
 SORTS = ("relevance", "date-posted-desc", "date-posted-asc", "date-taken-desc", "date-taken-asc",
          "interestingness-desc", "interestingness-asc")
 
@@ -54,8 +57,13 @@ class Search:
             raise UsageError(f"--tag-mode must be any or all, got {self.tag_mode!r}")
         if self.sort not in SORTS:
             raise UsageError(f"--sort must be one of {', '.join(SORTS)}; got {self.sort!r}")
-        if self.max_photos < 1:
-            raise UsageError(f"--max must be at least 1, got {self.max_photos}")
+        if not 1 <= self.max_photos <= MAX_PHOTOS:
+            raise UsageError(f"--max must be 1 to {MAX_PHOTOS:,}, got {self.max_photos}")
+        for flag, day in (("--min-taken", self.min_taken), ("--max-taken", self.max_taken)):
+            try:
+                day is None or datetime.date.fromisoformat(str(day))
+            except ValueError:
+                raise UsageError(f"{flag} must be a day, YYYY-MM-DD; got {day!r}") from None
 
     def arguments(self, sizes: list[str]) -> dict:
         extras = ["description", "license", "date_taken", "owner_name", "tags", *(f"url_{size}" for size in sizes)]
@@ -80,14 +88,14 @@ def client(config: Flickr) -> flickrapi.FlickrAPI:
     return api
 
 
-def search(config: Flickr, query: Search, retries: int = 3) -> Iterator[Entry]:
-    """Up to query.max_photos entries, page by page, in Flickr's order."""
+def search(config: Flickr, query: Search, retries: int = 3, call: Callable[..., dict] | None = None) -> Iterator[Entry]:
+    """Up to query.max_photos entries, page by page, in Flickr's order; `call` (default: call_page) fetches a page."""
     query.check()
-    api, pace = client(config), Pace(config.calls_per_hour)
+    api, pace, call = client(config), Pacer(config.calls_per_hour / 3600), call or call_page
     arguments, found, page = query.arguments(config.sizes), 0, 1
     per_page = min(config.per_page, query.max_photos)
     while found < query.max_photos:
-        result = _call(api, config, pace, retries, page=page, per_page=per_page, **arguments)["photos"]
+        result = call(api, config, pace, retries, page=page, per_page=per_page, **arguments)["photos"]
         photos = result.get("photo", [])
         for photo in photos[: query.max_photos - found]:
             yield entry(photo, config.sizes)
@@ -116,24 +124,11 @@ def entry(photo: dict, sizes: list[str]) -> Entry:
         taken_at=photo.get("datetaken") or None, page_url=page_url,
     )
     if url is None:
-        return Entry(page_url, error=f"no-size: none of flickr.sizes={','.join(sizes)} is offered", **meta)
+        return Entry.failed(page_url, "no-size", f"none of flickr.sizes={','.join(sizes)} is offered", **meta)
     return Entry(url, **meta)
 
 
-class Pace:
-    """Spaces calls evenly so that no hour has more than calls_per_hour of them."""
-
-    def __init__(self, calls_per_hour: int):
-        self.interval, self.next_call = 3600.0 / calls_per_hour, 0.0
-
-    def wait(self) -> None:
-        now = time.monotonic()
-        if self.next_call > now:
-            time.sleep(self.next_call - now)
-        self.next_call = max(now, self.next_call) + self.interval
-
-
-def _call(api: flickrapi.FlickrAPI, config: Flickr, pace: Pace, retries: int, **arguments) -> dict:
+def call_page(api: flickrapi.FlickrAPI, config: Flickr, pace: Pacer, retries: int, **arguments) -> dict:
     """One photos.search call: waits out rate limits, retries outages, turns refusals into one clear line."""
     waits = failures = 0
     while True:

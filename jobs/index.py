@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from typing import Iterator
@@ -23,14 +23,15 @@ import pyarrow.dataset as ds
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from cbir.images import ImageRejected
+from cbir.images import Failure, ImageRejected
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_config
-from jobs.lakeio import read_table, write_tables
+from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
+from jobs.stats import ImagesSummary, TaskStats
 from models import store
 from models.captioner import Decoding
 from models.encoders import configure_tensorflow, encoder_key, labeler
@@ -94,12 +95,13 @@ class IndexContext:
         return [_references("caption", best) + _references("label", names) + _references("neighbour", texts)
                 for best, names, texts in zip(captions, labels, near)]
 
-    def captions_batch(self, rows: list[dict], vectors: np.ndarray, failed: list[tuple[dict, str]]) -> pa.RecordBatch:
+    def captions_batch(self, rows: list[dict], vectors: np.ndarray,
+                       failed: list[tuple[dict, Failure]]) -> pa.RecordBatch:
         out = [dict(image_id=row["image_id"], uri=row["uri"], caption=refs[0]["text"], logprob=refs[0]["score"],
-                    references=refs, status="ok", error=None)
+                    references=refs, status="ok", error=None, reason=None)
                for row, refs in zip(rows, self.describe(vectors))]
-        out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed", error=error)
-                for row, error in failed]
+        out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed",
+                     error=str(error), reason=error.reason) for row, error in failed]
         for row in out:
             row.update(model_version=self.version, indexed_at=self.indexed_at, run_id=self.run_id)
         return pa.RecordBatch.from_pylist(out, schema=CAPTIONS)
@@ -115,7 +117,7 @@ _LABELERS: dict = {}
 
 
 @dataclass
-class IndexSummary:
+class IndexSummary(ImagesSummary):
     run_id: str
     version: str
     pending: int = 0
@@ -144,30 +146,45 @@ class IndexSummary:
         rows += [{"what": f"task seconds: {stage}", "count": round(self.stages.get(stage, 0.0), 1)} for stage in STAGES]
         return rows
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
-
 
 def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
-    started = time.monotonic()
+    summary, todo = plan(lake, settings)
+    staged = caption(spark, lake, settings, summary, todo, progress) if todo.num_rows else None
+    if staged:
+        commit_or_abort(staged)
+    return tally(summary, staged)
+
+
+def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table]:
+    """The run's summary, begun, and the images its captioner version has not captioned yet."""
     card = store.card(lake, settings.captioner.version)
     store.check_encoder(card, encoder_key(settings.encoder.name, settings.encoder.weights))
-    version = card["version"]
+    version = card.version
     summary = IndexSummary(new_run_id(), version)
-
     todo = pending(lake, version)
     records = lake.table("captions").commits()
     summary.skipped = sum(record["rows"] for record in records if record.get("model_version") == version)
     summary.pending = todo.num_rows
-    if summary.pending:
-        config = encoder_config(settings, spark.sparkContext.defaultParallelism)
-        context = IndexContext.from_settings(lake, version, config, settings, summary.run_id)
-        counts = _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions,
-                        progress)
-        summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
-        summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
-        summary.stages = {stage: counts[f"seconds:{stage}"] for stage in STAGES}
-    summary.seconds = time.monotonic() - started
+    return summary, todo
+
+
+def caption(spark: SparkSession, lake: Lake, settings: Settings, summary: IndexSummary, todo: pa.Table,
+            progress: Report | None = None) -> StagedRun:
+    """Encode and caption the pending images in Spark tasks; features and captions are staged, to commit."""
+    config = encoder_config(settings, spark.sparkContext.defaultParallelism)
+    context = IndexContext.from_settings(lake, summary.version, config, settings, summary.run_id)
+    return _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions, progress)
+
+
+def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
+    """The summary, completed from the run's stats (None: nothing was pending)."""
+    if staged:
+        stats = staged.stats
+        summary.indexed, summary.encoded, summary.reused = stats.status["ok"], stats.counts["encoded"], \
+            stats.counts["reused"]
+        summary.failed = dict(stats.failed)
+        summary.stages = {name: stats.seconds[name] for name in STAGES}
+    summary.stop()
     return summary
 
 
@@ -183,8 +200,8 @@ def pending(lake: Lake, version: str) -> pa.Table:
     return todo.sort_by("image_id")
 
 
-def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> Counter:
-    """One Spark job: encode and caption the images without features, caption those with; commit both."""
+def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> StagedRun:
+    """One Spark job: encode and caption the images without features, caption those with; stage both."""
     lake, config, run_id = context.lake, context.encoder, context.run_id
     features, captions = config.table(lake), lake.table("captions")
     columns = ["image_id", "uri", "format", "vector"]
@@ -197,17 +214,9 @@ def _index(spark, context: IndexContext, todo, pending: int, partitions: int, pr
                   .join(F.broadcast(todo.select("image_id", "uri", "format")), "image_id")
                   .repartition(default_partitions(spark, pending, partitions, CAPTIONS_PER_TASK)))
     work = to_encode.select(columns).unionByName(to_caption.select(columns))
-    try:
-        with tracked(spark, f"index with captioner {context.version}", progress):
-            parts, counts = write_tables(work, {"features": features, "captions": captions}, run_id,
-                                         partial(index_partition, context))
-        features.commit(run_id, parts["features"])
-        captions.commit(run_id, parts["captions"], model_version=context.version)
-    except BaseException:
-        features.abort(run_id)
-        captions.abort(run_id)
-        raise
-    return counts
+    with tracked(spark, f"index with captioner {context.version}", progress):
+        return stage(work, {"features": features, "captions": captions}, run_id, partial(index_partition, context),
+                     captions={"model_version": context.version})
 
 
 def drop_version(lake: Lake, version: str) -> tuple[int, int]:
@@ -226,7 +235,7 @@ def index_partition(context: IndexContext, batches: Iterator[pa.RecordBatch]):
     context.memory()
     if context.labels:
         context.labeler()
-    yield Counter({"seconds:load": time.perf_counter() - clock})
+    yield TaskStats(seconds=Counter(load=time.perf_counter() - clock))
     for batch in batches:
         if batch.column("vector").null_count < batch.num_rows:
             yield from caption_cached(context, batch)
@@ -265,8 +274,6 @@ def caption_cached(context: IndexContext, batch: pa.RecordBatch):
     yield _tally(rows, [], Counter(caption=time.perf_counter() - clock), reused=len(rows))
 
 
-def _tally(rows: list, failed: list[tuple[dict, str]], seconds: Counter, **extra: int) -> Counter:
-    counts = Counter({"ok": len(rows), **extra})
-    counts.update(f"failed:{error.split(':')[0]}" for _, error in failed)
-    counts.update({f"seconds:{stage}": value for stage, value in seconds.items()})
-    return counts
+def _tally(rows: list, failed: list[tuple[dict, Failure]], seconds: Counter, **counts: int) -> TaskStats:
+    return TaskStats(status=Counter(ok=len(rows)), failed=Counter(error.reason for _, error in failed),
+                     seconds=seconds, counts=Counter(counts))

@@ -8,10 +8,8 @@ parts -> commit. Every item gets a row: ok, duplicate or failed with its reason.
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from typing import Iterator
@@ -23,23 +21,25 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from cbir import uris
 from cbir.images import ImageRejected, Limits, inspect_image, shrink
 from cbir.lake import Lake, Table, new_run_id, open_filesystem
 from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
 from jobs.download import Downloader
-from jobs.lakeio import read_table, write_run
+from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_entries
 from jobs.spark import default_partitions
+from jobs.stats import ImagesSummary, TaskStats
 
 PROBED = pa.schema([MANIFEST.field(name) for name in (
     "uri", "caption", "title", "description", "tags", "source_id", "owner", "license", "taken_at", "page_url",
-    "image_id", "format", "width", "height", "bytes", "status", "error")])
+    "image_id", "format", "width", "height", "bytes", "status", "error", "reason")])
 
 
 @dataclass
-class IngestSummary:
+class IngestSummary(ImagesSummary):
     run_id: str
     source: str
     found: int = 0
@@ -72,9 +72,6 @@ class IngestSummary:
         rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
         return rows
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
-
 
 def run(
     spark: SparkSession,
@@ -86,38 +83,51 @@ def run(
     progress: Report | None = None,
 ) -> IngestSummary:
     """Store what is new in SOURCE; a Listing (a crawl's finds) is downloaded from the web."""
-    started, run_id = time.monotonic(), new_run_id()
+    summary, entries = plan(lake, source, retry_failed)
+    staged = store(spark, lake, settings, source, entries, summary.run_id, progress) if entries else None
+    if staged:
+        commit_or_abort(staged)
+    return tally(summary, staged)
+
+
+def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tuple[IngestSummary, list[Entry]]:
+    """The run's summary, begun, and the entries to store: each uri once, none that the manifest has."""
     web = isinstance(source, Listing)
-    summary = IngestSummary(run_id, source.uri, stored_as="downloaded" if web else "ingested")
+    summary = IngestSummary(new_run_id(), source.uri, stored_as="downloaded" if web else "ingested")
     entries = list(source.entries if web else read_entries(source))
     summary.found = len(entries)
     unique: dict[str, Entry] = {}
     for entry in entries:  # a uri listed twice counts once, with its first row
         unique.setdefault(entry.uri, entry)
-    entries = list(unique.values())
+    return summary, _not_in_manifest(list(unique.values()), lake.table("manifest"), retry_failed)
+
+
+def store(spark: SparkSession, lake: Lake, settings: Settings, source: Source | Listing, entries: list[Entry],
+          run_id: str, progress: Report | None = None) -> StagedRun:
+    """Probe and store the entries in Spark tasks; their manifest rows are staged, to commit."""
+    web = isinstance(source, Listing)
     table = lake.table("manifest")
-    entries = _not_in_manifest(entries, table, retry_failed)
-    if entries:
-        known = read_table(spark, table, ["image_id", "status"])
-        rows = _probed_rows(spark, entries, known, lake, settings, settings.crawl if web else None)
-        rows = rows.select(
-            *PROBED.names,
-            F.lit(source.uri).alias("source"),
-            F.lit(datetime.now(timezone.utc)).alias("ingested_at"),
-            F.lit(run_id).alias("run_id"),
-        )
-        try:
-            with tracked(spark, f"ingest {source.uri}", progress):
-                parts, counts = write_run(rows, table, run_id, count=_count_statuses)
-            table.commit(run_id, parts)
-        except BaseException:
-            table.abort(run_id)
-            raise
-        summary.bytes = counts.pop("bytes", 0)
-        summary.ingested, summary.duplicates = counts.pop("ok", 0), counts.pop("duplicate", 0)
-        summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
+    known = read_table(spark, table, ["image_id", "status"])
+    rows = _probed_rows(spark, entries, known, lake, settings, settings.crawl if web else None)
+    rows = rows.select(
+        *PROBED.names,
+        F.lit(source.uri).alias("source"),
+        F.lit(datetime.now(timezone.utc)).alias("ingested_at"),
+        F.lit(run_id).alias("run_id"),
+    )
+    with tracked(spark, f"ingest {source.uri}", progress):
+        return stage(rows, {table.name: table}, run_id, _tally_batches)
+
+
+def tally(summary: IngestSummary, staged: StagedRun | None) -> IngestSummary:
+    """The summary, completed from the run's stats (None: nothing was new)."""
+    if staged:
+        stats = staged.stats
+        summary.bytes = stats.counts["bytes"]
+        summary.ingested, summary.duplicates = stats.status["ok"], stats.status["duplicate"]
+        summary.failed = dict(stats.failed)
     summary.skipped = summary.found - summary.probed
-    summary.seconds = time.monotonic() - started
+    summary.stop()
     return summary
 
 
@@ -159,12 +169,19 @@ def mark_duplicates(probed: DataFrame, known: DataFrame) -> DataFrame:
     )
 
 
-def _count_statuses(batch: pa.RecordBatch) -> Counter:
+def _tally_batches(batches: Iterator[pa.RecordBatch]):
+    for batch in batches:
+        yield "manifest", batch
+        yield _count_statuses(batch)
+
+
+def _count_statuses(batch: pa.RecordBatch) -> TaskStats:
     statuses = batch.column("status").to_pylist()
-    errors = batch.column("error").to_pylist()
-    counts = Counter(s if s != "failed" else f"failed:{(e or '').split(':')[0]}" for s, e in zip(statuses, errors))
-    counts["bytes"] = sum(b for s, b in zip(statuses, batch.column("bytes").to_pylist()) if s == "ok")
-    return counts
+    stats = TaskStats()
+    stats.status.update(s for s in statuses if s != "failed")
+    stats.failed.update(r for s, r in zip(statuses, batch.column("reason").to_pylist()) if s == "failed")
+    stats.counts["bytes"] = sum(b for s, b in zip(statuses, batch.column("bytes").to_pylist()) if s == "ok")
+    return stats
 
 
 # Executor side.
@@ -198,11 +215,11 @@ def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: d
             data = shrink(data, resize)
             row["bytes"], info = len(data), inspect_image(data, limits)
     except ImageRejected as exc:
-        return {**row, "status": "failed", "error": str(exc)}
+        return {**row, "status": "failed", "error": str(exc), "reason": exc.reason}
     if lake is not None:
         lake.put_image(info.image_id, info.format, data)
     return {**row, "image_id": info.image_id, "format": info.format, "width": info.width,
-            "height": info.height, "status": "ok", "error": None}
+            "height": info.height, "status": "ok", "error": None, "reason": None}
 
 
 def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
@@ -211,11 +228,11 @@ def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
         if "web" not in filesystems:
             raise ImageRejected("unsupported-uri", "web addresses are fetched with `cbir crawl urls`")
         return filesystems["web"].fetch(uri)
-    scheme = "s3" if uri.startswith("s3://") else "local"
+    scheme = "s3" if uris.is_s3(uri) else "local"
     if scheme not in filesystems:  # one filesystem per task, shared by its threads
         filesystems[scheme] = open_filesystem(uri, s3)[0]
     fs = filesystems[scheme]
-    path = uri.removeprefix("s3://")
+    path = uri.removeprefix(uris.S3)
     try:
         with fs.open_input_stream(path) as stream:
             data = stream.read(max_bytes + 1)

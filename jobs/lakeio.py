@@ -6,9 +6,9 @@ lake through pyarrow.fs. Only file names and row counts travel back to the drive
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.lake import Table, heartbeat
+from jobs.stats import TaskStats
 
 PARTS_DDL = "table string, file string, rows long, counts string"
 
@@ -47,58 +48,98 @@ def _read_files(table: Table, schema: pa.Schema, batches: Iterator[pa.RecordBatc
             yield part.cast(schema)
 
 
-Produce = Callable[[Iterator[pa.RecordBatch]], Iterator["tuple[str, pa.RecordBatch] | Counter"]]
+Produce = Callable[[Iterator[pa.RecordBatch]], Iterator["tuple[str, pa.RecordBatch] | TaskStats"]]
+
+
+@dataclass
+class StagedRun:
+    """A run's parts in the tables' staging folders, not yet visible: commit() publishes them, abort() drops them."""
+
+    run_id: str
+    tables: dict[str, Table]
+    parts: dict[str, list[tuple[str, int]]]
+    stats: TaskStats = field(default_factory=TaskStats)
+    meta: dict[str, dict] = field(default_factory=dict)  # per table: kept in its commit record
+
+    def commit(self) -> None:
+        """Idempotent (Table.commit is): a retry after a failure commits what the failure left."""
+        for name, table in self.tables.items():
+            table.commit(self.run_id, self.parts[name], **self.meta.get(name, {}))
+
+    def abort(self) -> None:
+        for table in self.tables.values():
+            table.abort(self.run_id)
+
+
+def stage(df: DataFrame, tables: dict[str, Table], run_id: str, produce: Produce, **meta: dict) -> StagedRun:
+    """write_tables as a StagedRun; a failed write leaves no staging behind."""
+    try:
+        parts, stats = write_tables(df, tables, run_id, produce)
+    except BaseException:
+        StagedRun(run_id, tables, {}).abort()
+        raise
+    return StagedRun(run_id, tables, parts, stats, meta)
+
+
+def commit_or_abort(staged: StagedRun, commit: Callable[[StagedRun], None] = StagedRun.commit) -> None:
+    """Commit a staged run (`commit` may be a flow's retrying task); if that fails for good, drop its staging."""
+    try:
+        commit(staged)
+    except BaseException:
+        staged.abort()
+        raise
 
 
 def write_tables(df: DataFrame, tables: dict[str, Table], run_id: str,
-                 produce: Produce) -> tuple[dict[str, list[tuple[str, int]]], Counter]:
+                 produce: Produce) -> tuple[dict[str, list[tuple[str, int]]], TaskStats]:
     """Each partition writes at most one part per table into the run's staging folders.
 
     `produce` runs in the task: it turns the partition's rows into (table name, batch) pairs
-    to write, and Counters (rows by status, seconds by stage) that are summed for the summary.
-    Returns the parts of each table, to commit, and the summed counts.
+    to write, and TaskStats that are summed for the summary (the write's seconds are added).
+    Returns the parts of each table, to commit, and the summed stats.
     """
     with heartbeat(tables.values(), run_id):  # a long run's staging is not taken for abandoned
         rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
     parts: dict[str, list[tuple[str, int]]] = {name: [] for name in tables}
-    counts: Counter = Counter()
+    stats = TaskStats()
     for row in rows:
         if row.rows:
             parts[row.table].append((row.file, row.rows))
-        counts.update(json.loads(row.counts))
-    return parts, counts
+        if row.counts:
+            stats += TaskStats.from_json(row.counts)
+    return parts, stats
 
 
 def write_run(df: DataFrame, table: Table, run_id: str,
               count: Callable[[pa.RecordBatch], Counter] | None = None) -> tuple[list[tuple[str, int]], Counter]:
-    """The rows of df as one run of one table; `count` tallies each batch for the summary."""
+    """The rows of df as one run of one table; `count` tallies each batch by key (e.g. rows per query id)."""
     def produce(batches: Iterator[pa.RecordBatch]):
         for batch in batches:
             yield table.name, batch
             if count:
-                yield count(batch)
+                yield TaskStats(counts=count(batch))
 
-    parts, counts = write_tables(df, {table.name: table}, run_id, produce)
-    return parts[table.name], counts
+    parts, stats = write_tables(df, {table.name: table}, run_id, produce)
+    return parts[table.name], stats.counts
 
 
 def _write_partition(tables, run_id, produce, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     context = TaskContext.get()
     tag = f"{context.partitionId():05d}-" if context else ""
     writers = {name: table.part_writer(run_id, tag) for name, table in tables.items()}
-    counts: Counter = Counter()
+    stats = TaskStats()
     for item in produce(batches):
-        if isinstance(item, Counter):
-            counts.update(item)
+        if isinstance(item, TaskStats):
+            stats += item
         else:
             clock = time.perf_counter()
             writers[item[0]].write(item[1])
-            counts["seconds:write"] += time.perf_counter() - clock
-    stats = []
+            stats.seconds["write"] += time.perf_counter() - clock
+    parts = []
     for name, writer in writers.items():
         clock = time.perf_counter()
         file, rows = writer.close()
-        counts["seconds:write"] += time.perf_counter() - clock
-        stats.append({"table": name, "file": file, "rows": rows, "counts": "{}"})
-    stats[0]["counts"] = json.dumps(counts)  # one copy of the counts per task
-    yield pa.RecordBatch.from_pylist(stats)
+        stats.seconds["write"] += time.perf_counter() - clock
+        parts.append({"table": name, "file": file, "rows": rows, "counts": ""})
+    parts[0]["counts"] = stats.to_json()  # one copy of the stats per task
+    yield pa.RecordBatch.from_pylist(parts)

@@ -13,13 +13,13 @@ import io
 import itertools
 import json
 import posixpath
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cbir import uris
 from cbir.errors import UsageError
 from cbir.lake import open_filesystem
 from cbir.settings import Settings
@@ -40,10 +40,15 @@ class Entry(NamedTuple):
     taken_at: str | None = None
     page_url: str | None = None
     description: str | None = None
+    reason: str | None = None  # the error's reason alone
+
+    @classmethod
+    def failed(cls, uri: str, reason: str, detail: str, **meta) -> Entry:
+        return cls(uri, error=f"{reason}: {detail}", reason=reason, **meta)
 
 
 ENTRY_DDL = ("uri string, caption string, title string, tags array<string>, error string, source_id string, "
-             "owner string, license string, taken_at string, page_url string, description string")
+             "owner string, license string, taken_at string, page_url string, description string, reason string")
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def resolve_source(uri: str, settings: Settings, columns: tuple[str, ...] = ("ur
 
     A CSV or Parquet manifest must have the named columns (JSON lines are checked row by row).
     """
-    scheme = _scheme(uri)
+    scheme = uris.scheme(uri)
     if scheme in ("http", "https"):
         raise UsageError(f"{what} {uri}: web addresses are fetched with `cbir crawl urls`, not ingested")
     if scheme and scheme not in ("s3", "file"):
@@ -156,18 +161,18 @@ def _json_rows(text: io.TextIOBase) -> Iterator[Any]:
 def _entry(source: Source, number: int, row: Any, web: bool = False) -> Entry:
     row_uri = f"{source.uri}#row={number}"
     if isinstance(row, Exception):
-        return Entry(row_uri, error=f"bad-row: {row}")
+        return Entry.failed(row_uri, "bad-row", str(row))
     if not isinstance(row, dict):
-        return Entry(row_uri, error=f"bad-row: expected an object with a uri, got {type(row).__name__}")
+        return Entry.failed(row_uri, "bad-row", f"expected an object with a uri, got {type(row).__name__}")
     uri = row.get("uri") or (row.get("url") if web else None)
     if not isinstance(uri, str) or not uri.strip():
-        return Entry(row_uri, error="bad-row: no uri")
+        return Entry.failed(row_uri, "bad-row", "no uri")
     meta = dict(caption=text_value(row.get("caption")), title=text_value(row.get("title")), tags=_tags(row.get("tags")),
                 description=text_value(row.get("description")))
     try:
         return Entry(web_uri(uri) if web else resolve_uri(source, uri), **meta)
     except ValueError as exc:
-        return Entry(uri.strip(), **meta, error=f"unsupported-uri: {exc}")
+        return Entry.failed(uri.strip(), "unsupported-uri", str(exc), **meta)
 
 
 def resolve_url_list(uri: str, settings: Settings) -> Source:
@@ -191,7 +196,7 @@ def read_web_entries(source: Source) -> Iterator[Entry]:
 
 def web_uri(uri: str) -> str:
     uri = uri.strip()
-    if (_scheme(uri) or "").lower() not in ("http", "https"):
+    if (uris.scheme(uri) or "").lower() not in ("http", "https"):
         raise ValueError(f"only http and https URLs are crawled, not {uri[:100]!r}")
     return uri
 
@@ -202,7 +207,7 @@ def resolve_uri(source: Source, uri: str) -> str:
     Raises ValueError for web addresses and schemes other than s3:// and file://.
     """
     uri = uri.strip()
-    scheme = _scheme(uri)
+    scheme = uris.scheme(uri)
     if scheme in ("http", "https"):
         raise ValueError("web addresses are fetched with `cbir crawl urls`")
     if scheme and scheme not in ("s3", "file"):
@@ -213,11 +218,6 @@ def resolve_uri(source: Source, uri: str) -> str:
         return uri.removeprefix("file://")
     return source.uri_of(posixpath.normpath(posixpath.join(posixpath.dirname(source.path), uri)))
 
-
-def _scheme(uri: str) -> str | None:
-    """The scheme of a scheme://... address; None for a path."""
-    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-    return match.group(1) if match else None
 
 
 def text_value(value: Any) -> str | None:

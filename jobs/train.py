@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -20,16 +20,35 @@ from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.settings import Settings
 from jobs.datasets import Dataset
-from jobs.embed import embed, encoder_config, identify, read_features
+from jobs.embed import EncoderConfig, embed, encoder_config, identify, read_features
 from jobs.progress import Report
 from models import store
-from models.captioner import GREEDY, Decoding
+from models.captioner import GREEDY, Captioner, Decoding
+from models.card import DatasetInfo, EncoderInfo, Metrics, ModelCard, Sizes, Training
 from models.encoders import weights_label, weights_source
 from models.neighbours import Memory, consensus
 from models.tokenizer import Tokenizer
 from models.training import Split, evaluate, fit, split_references
 
 EpochReport = Callable[[int, dict], None]
+
+
+@dataclass
+class Features:
+    """The data set's features, computed or cached, split for training."""
+
+    config: EncoderConfig
+    computed: int
+    splits: dict[str, Split]
+    started: float
+
+
+@dataclass
+class Fitted:
+    captioner: Captioner
+    history: list[dict]
+    max_length: int
+    metrics: dict
 
 
 def run(
@@ -40,22 +59,32 @@ def run(
     *,
     features_progress: Report | None = None,
     on_epoch: EpochReport | None = None,
-) -> dict:
+) -> ModelCard:
     """Train, evaluate and save a captioner version (made current); returns its model card.
 
     `dataset` comes from jobs.datasets.read_dataset, read before Spark starts so a wrong file fails fast.
     """
+    computed = features(spark, lake, settings, dataset, features_progress)
+    return save(lake, settings, dataset, computed, fit_captioner(settings, computed, on_epoch))
+
+
+def features(spark: SparkSession, lake: Lake, settings: Settings, dataset: Dataset,
+             progress: Report | None = None) -> Features:
+    """The data set's good images encoded in Spark tasks (cached per encoder), split into train/dev/test."""
     started = time.monotonic()
     config = encoder_config(settings, spark.sparkContext.defaultParallelism)
     image_of = _identify(spark, settings, dataset)
-    computed = embed(spark, lake, config, {i: uri for uri, i in image_of.items()}, features_progress)
-    features = read_features(lake, config, list(image_of.values()))
-    splits = _splits(dataset, image_of, features)
+    computed = embed(spark, lake, config, {i: uri for uri, i in image_of.items()}, progress)
+    splits = _splits(dataset, image_of, read_features(lake, config, list(image_of.values())))
     if not splits["train"].captions:
         skipped = ", ".join(f"{reason} {n}" for reason, n in dataset.skipped.most_common()) or "none"
         raise UsageError(f"data set {dataset.uri} has no usable training rows (skipped: {skipped})")
+    return Features(config, computed, splits, started)
 
-    c, t = settings.captioner, settings.train
+
+def fit_captioner(settings: Settings, data: Features, on_epoch: EpochReport | None = None) -> Fitted:
+    """Fit the LSTM captioner on the driver and measure BLEU on the test split."""
+    c, t, splits = settings.captioner, settings.train, data.splits
     tokenizer = Tokenizer.fit(splits["train"].captions, c.min_word_count)
     longest = max(len(tokenizer.encode(caption)) - 1 for caption in splits["train"].captions)
     max_length = min(c.max_length, longest)
@@ -65,35 +94,38 @@ def run(
         units=c.units, dropout=c.dropout, epochs=t.epochs, batch_size=t.batch_size,
         learning_rate=t.learning_rate, patience=t.patience, seed=t.seed, monitor=t.monitor,
         label_smoothing=t.label_smoothing, decoding=decoding, on_epoch=on_epoch)
-    memory = _memory(splits, settings)
     test = splits["test"]
     references = split_references(test) if test.captions else []
     # Plain greedy decoding beside the configured one, so a card shows what the decoding settings add.
     metrics = (evaluate(captioner, test.features, references, {"greedy": GREEDY, "configured": decoding})
                if references else {})
+    return Fitted(captioner, history, max_length,
+                  {"test_images": len(references), "decoding": asdict(decoding), **metrics})
 
-    card = {
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "dataset": {
-            "uri": dataset.uri, "kind": dataset.kind,
-            "captions": {name: len(split) for name, split in splits.items()},
-            "images": {name: len(split.features) for name, split in splits.items()},
-            "skipped": dict(dataset.skipped),
-        },
-        "encoder": {"name": config.name, "weights": weights_label(config.weights),
-                    "weights_source": weights_source(config.name, config.weights), "key": config.key,
-                    "feature_dim": config.dim, "features_computed": computed},
-        "sizes": {"vocabulary": len(tokenizer), "max_length": max_length, "embedding_dim": c.embedding_dim,
-                  "units": c.units, "dropout": c.dropout, "min_word_count": c.min_word_count,
-                  "memory_images": len(memory), "memory_dim": memory.vectors.shape[1]},
-        "training": {"epochs_run": len(history), "best_epoch": _best_epoch(history), "history": history,
-                     "batch_size": t.batch_size, "learning_rate": t.learning_rate, "seed": t.seed,
-                     "monitor": t.monitor, "label_smoothing": t.label_smoothing,
-                     "seconds": round(time.monotonic() - started, 1)},
-        "metrics": {"test_images": len(references), "decoding": asdict(decoding), **metrics},
-        "software": _versions(),
-    }
-    card["version"] = store.save(lake, captioner, card, memory)
+
+def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitted: Fitted) -> ModelCard:
+    """Save the captioner as a new version, made current, with its model card; returns the card."""
+    c, t, config, splits, history = settings.captioner, settings.train, data.config, data.splits, fitted.history
+    memory = _memory(splits, settings)
+    card = ModelCard(
+        created_at=datetime.now(timezone.utc).isoformat(),
+        dataset=DatasetInfo(uri=dataset.uri, kind=dataset.kind,
+                            captions={name: len(split) for name, split in splits.items()},
+                            images={name: len(split.features) for name, split in splits.items()},
+                            skipped=dict(dataset.skipped)),
+        encoder=EncoderInfo(name=config.name, weights=weights_label(config.weights),
+                            weights_source=weights_source(config.name, config.weights), key=config.key,
+                            feature_dim=config.dim, features_computed=data.computed),
+        sizes=Sizes(vocabulary=len(fitted.captioner.tokenizer), max_length=fitted.max_length,
+                    embedding_dim=c.embedding_dim, units=c.units, dropout=c.dropout, min_word_count=c.min_word_count,
+                    memory_images=len(memory), memory_dim=memory.vectors.shape[1]),
+        training=Training(epochs_run=len(history), best_epoch=_best_epoch(history), history=history,
+                          batch_size=t.batch_size, learning_rate=t.learning_rate, seed=t.seed, monitor=t.monitor,
+                          label_smoothing=t.label_smoothing, seconds=round(time.monotonic() - data.started, 1)),
+        metrics=Metrics(**fitted.metrics),
+        software=_versions(),
+    )
+    card.version = store.save(lake, fitted.captioner, card, memory)
     return card
 
 
@@ -106,7 +138,7 @@ def _identify(spark: SparkSession, settings: Settings, dataset: Dataset) -> dict
         if image_id:
             kept.append(row)
         else:
-            dataset.skipped[f"image {error.split(':')[0]}"] += 1
+            dataset.skipped[f"image {error.reason}"] += 1
     dataset.rows = kept
     return {uri: image_id for uri, (image_id, _) in checked.items() if image_id}
 

@@ -186,7 +186,7 @@ def _keras_cache_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
 
 
-ENCODERS = {"vgg16": VGG16, "efficientnet_lite0": EfficientNetLite0}
+ENCODERS = {encoder.name: encoder for encoder in (VGG16, EfficientNetLite0)}  # cbir.settings.ENCODERS names them
 
 
 def encoder_key(name: str, weights: str) -> str:

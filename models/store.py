@@ -7,7 +7,6 @@ loads half a model. Loading checks that the model, its tokenizer and the configu
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow.fs as pafs
 from cbir.errors import UsageError
 from cbir.lake import RUN_ID, Lake, checked_run_id, new_run_id, put_bytes
 from models.captioner import Captioner
+from models.card import ModelCard
 from models.neighbours import Memory
 from models.tokenizer import Tokenizer
 
@@ -27,8 +27,9 @@ def _read(lake: Lake, path: str, limit: int = -1) -> bytes:
         return stream.read(limit) if limit >= 0 else stream.read()
 
 
-def save(lake: Lake, captioner: Captioner, card: dict, memory: Memory | None = None, promote: bool = True) -> str:
-    """Write a new version; with promote, make it current. Returns the version."""
+def save(lake: Lake, captioner: Captioner, card: ModelCard, memory: Memory | None = None,
+         promote: bool = True) -> str:
+    """Write a new version, its card saying which; with promote, make it current. Returns the version."""
     version = new_run_id()
     folder = lake.path(*ROOT, version)
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,7 +39,7 @@ def save(lake: Lake, captioner: Captioner, card: dict, memory: Memory | None = N
     put_bytes(lake.fs, f"{folder}/tokenizer.json", captioner.tokenizer.to_json().encode())
     if memory is not None:
         put_bytes(lake.fs, f"{folder}/memory.npz", memory.to_bytes())
-    put_bytes(lake.fs, f"{folder}/card.json", json.dumps({**card, "version": version}, indent=1).encode())
+    put_bytes(lake.fs, f"{folder}/card.json", card.model_copy(update={"version": version}).to_json().encode())
     if promote:
         put_bytes(lake.fs, lake.path(*ROOT, "current"), version.encode(), overwrite=True)
     return version
@@ -58,31 +59,35 @@ def resolve(lake: Lake, version: str = "current") -> str:
     return checked_run_id(_read(lake, pointer, 100).decode(errors="replace").strip(), "the captioner pointer holds")
 
 
-def card(lake: Lake, version: str = "current") -> dict:
+def card(lake: Lake, version: str = "current") -> ModelCard:
     version = resolve(lake, version)
     path = lake.path(*ROOT, version, "card.json")
     if lake.fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise UsageError(f"captioner version '{version}' is not in the lake {lake.uri}")
-    info = json.loads(_read(lake, path))
-    if not isinstance(info, dict) or info.get("version") != version:
+    try:
+        info = ModelCard.from_json(_read(lake, path))
+    except ValueError as exc:  # pydantic's ValidationError, JSON errors included
+        raise UsageError(f"captioner version '{version}': its card is not a model card "
+                         f"({str(exc).splitlines()[0][:200]})") from None
+    if info.version != version:
         raise UsageError(f"captioner version '{version}': its card names another version")
     return info
 
 
-def check_encoder(info: dict, encoder: str) -> None:
+def check_encoder(info: ModelCard, encoder: str) -> None:
     """A captioner reads only the features it was trained on."""
-    if info["encoder"]["key"] != encoder:
+    if info.encoder.key != encoder:
         raise UsageError(
-            f"captioner {info['version']} was trained on {info['encoder']['key']} features, "
+            f"captioner {info.version} was trained on {info.encoder.key} features, "
             f"but the encoder settings give {encoder}: set encoder.name/encoder.weights to match, or train again")
 
 
-def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tuple[Captioner, dict]:
+def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tuple[Captioner, ModelCard]:
     """The captioner and its card; `encoder` (an encoder key) must be the one it was trained on."""
     import keras
 
     info = card(lake, version)
-    folder = lake.path(*ROOT, info["version"])
+    folder = lake.path(*ROOT, info.version)
     if encoder is not None:
         check_encoder(info, encoder)
     tokenizer = Tokenizer.from_json(_read(lake, f"{folder}/tokenizer.json").decode())
@@ -93,19 +98,19 @@ def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tu
     try:
         captioner = Captioner(model, tokenizer)
     except ValueError as exc:
-        raise UsageError(f"captioner {info['version']} is inconsistent: {exc}") from None
-    if captioner.feature_dim != info["encoder"]["feature_dim"]:
-        raise UsageError(f"captioner {info['version']} expects {captioner.feature_dim} features per image, "
-                         f"its card says {info['encoder']['feature_dim']}")
+        raise UsageError(f"captioner {info.version} is inconsistent: {exc}") from None
+    if captioner.feature_dim != info.encoder.feature_dim:
+        raise UsageError(f"captioner {info.version} expects {captioner.feature_dim} features per image, "
+                         f"its card says {info.encoder.feature_dim}")
     return captioner, info
 
 
-def load_memory(lake: Lake, info: dict) -> Memory | None:
+def load_memory(lake: Lake, info: ModelCard) -> Memory | None:
     """The version's memory (`info` is its card), or None for a version saved without one."""
-    path = lake.path(*ROOT, info["version"], "memory.npz")
+    path = lake.path(*ROOT, info.version, "memory.npz")
     if lake.fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     try:
-        return Memory.from_bytes(_read(lake, path), info["encoder"]["feature_dim"])
+        return Memory.from_bytes(_read(lake, path), info.encoder.feature_dim)
     except ValueError as exc:
-        raise UsageError(f"captioner {info['version']}: memory.npz is {exc}") from None
+        raise UsageError(f"captioner {info.version}: memory.npz is {exc}") from None

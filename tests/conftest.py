@@ -78,6 +78,18 @@ def flow_runs(name: str) -> list:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
 
 
+def task_runs(flow_run_id) -> dict[str, str]:
+    """The task runs of a flow run (its stages): task name -> final state, of the last run of each task."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+    return {run.name.rsplit("-", 1)[0]: run.state.type.value for run in runs}
+
+
 @pytest.fixture
 def bucket(s3_endpoint) -> str:
     name = f"lake-{uuid.uuid4().hex[:10]}"

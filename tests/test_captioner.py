@@ -19,6 +19,7 @@ from jobs.datasets import read_dataset
 from jobs.embed import encoder_config, read_features
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding, build_model, repeats, top_k
+from models.card import ModelCard
 from models.encoders import VGG16, load_encoder, pixels, weights_source
 from models.tokenizer import Tokenizer
 from models.training import caption_stats, corpus_bleu, degenerate
@@ -243,6 +244,20 @@ def test_a_saved_version_loads_with_identical_captions(trained):
         store.load(lake, encoder="vgg16-imagenet")
     with pytest.raises(UsageError, match="version 'nope' is not in the lake"):
         store.load(lake, "nope")
+
+
+def test_the_typed_card_round_trips_the_json_on_disk(trained):
+    lake, card = trained["lake"], trained["card"]
+    text = store._read(lake, lake.path("models", "captioner", card.version, "card.json")).decode()
+    assert ModelCard.from_json(text).to_json() == text == card.to_json()
+    assert list(json.loads(text)) == ["created_at", "dataset", "encoder", "sizes", "training", "metrics", "software",
+                                      "version"]
+    # An older card (no weights_source) and a newer one (a key this code does not know) read and write back as they are.
+    other = json.loads(text)
+    del other["encoder"]["weights_source"]
+    other["metrics"]["newer"] = {"bleu1": 0.5}
+    again = ModelCard.from_json(json.dumps(other))
+    assert again.encoder.weights_source is None and json.loads(again.to_json()) == other
 
 
 def test_a_model_and_tokenizer_that_disagree_are_refused(trained):

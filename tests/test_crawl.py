@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from cbir.errors import UsageError
 from cbir.images import ImageRejected
 from cbir.lake import Lake
-from conftest import image_bytes, make_settings
+from conftest import image_bytes, make_settings, task_runs
 from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
 from jobs import flickr, ingest
 from jobs.download import Downloader, refused_reason, target
@@ -139,6 +139,8 @@ def test_flickr_crawl_pages_waits_out_rate_limits_and_keeps_secrets_out(prefect_
     summary = state.result()
     assert (summary["found"], summary["ingested"], summary["failed"]) == (6, 5, {"no-size": 1})
     assert [s["page"] for s in web.searches] == ["1", "2", "2"]  # page 2 again after the 429
+    assert task_runs(state.state_details.flow_run_id) == {"flickr page": "COMPLETED", "list new items": "COMPLETED",
+                                                          "store images": "COMPLETED", "commit": "COMPLETED"}
     call = web.searches[0]
     assert (call["text"], call["tags"], call["license"], call["sort"]) == ("dogs", "dog,park", "1,2", "date-posted-desc")
     assert {"license", "date_taken", "owner_name", "tags", "url_b", "url_z"} <= set(call["extras"].split(","))

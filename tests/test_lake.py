@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -121,3 +122,16 @@ def test_commit_records_keep_metadata_and_dropped_runs_vanish(settings):
     assert table.committed_runs() == {second}
     assert sorted(table.read().column("uri").to_pylist()) == [f"/img/{i}.jpg" for i in (10, 11, 12)]
     assert _plain_uris(lake) == [f"/img/{i}.jpg" for i in (10, 11, 12)]
+
+
+def test_a_commit_is_idempotent_and_rows_from_before_reasons_read_without_one(settings):
+    lake = Lake.open(settings)
+    lake.check()
+    table = lake.table("manifest")
+    before = replace(table, schema=pa.schema([field for field in MANIFEST if field.name != "reason"]))
+    run_id = new_run_id()
+    record = before.commit(run_id, [_part(before, run_id, _rows(run_id, 2).select(before.schema.names))])
+
+    assert table.commit(run_id, []) == record  # a retried commit finds the run committed and changes nothing
+    assert table.read(["uri", "reason"]).to_pylist() == [{"uri": "/img/0.jpg", "reason": None},
+                                                         {"uri": "/img/1.jpg", "reason": None}]

@@ -9,6 +9,7 @@ import pytest
 
 from cbir.errors import UsageError
 from models import store
+from models.card import EncoderInfo, ModelCard
 from models.neighbours import PROJECTED_DIM, Memory, consensus
 
 
@@ -93,7 +94,8 @@ def test_a_tampered_memory_in_the_lake_is_one_line_naming_the_version(tmp_path):
     version = "20260101T000000Z-0123abcd"
     folder = tmp_path / "lake" / "models" / "captioner" / version
     folder.mkdir(parents=True)
-    info = {"version": version, "encoder": {"feature_dim": 32}}
+    info = ModelCard(version=version, encoder=EncoderInfo(name="vgg16", weights="random", key="vgg16-random",
+                                                          feature_dim=32))
     assert store.load_memory(lake, info) is None  # a version saved before memories existed
     (folder / "memory.npz").write_bytes(b"\x93NUMPY not an archive")
     with pytest.raises(UsageError, match=f"captioner {version}: memory.npz is not a neighbour memory"):

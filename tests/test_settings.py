@@ -61,6 +61,12 @@ def test_lists_from_set_and_environment():
         (["ingest.formats=JPEG,HEIC"], {}, "unknown format HEIC"),
         (["s3.endpoint_url=minio:9000"], {}, "bad setting s3.endpoint_url='minio:9000' (from --set): must look like http(s)://host[:port]"),
         (["lake"], {}, "--set needs KEY=VALUE, got 'lake'"),
+        (["crawl.schedule=0 3 * *"], {}, "bad setting crawl.schedule='0 3 * *' (from --set): must be a cron expression "
+                                         "of 5 fields"),
+        ([], {"CBIR_INDEX__SCHEDULE": "61 * * * *"}, "bad setting index.schedule='61 * * * *' (from environment "
+                                                     "variable CBIR_INDEX__SCHEDULE): not a valid cron expression: a "
+                                                     "value is out of range"),
+        (["crawl.schedule=*/0 * * * *"], {}, "crawl.schedule='*/0 * * * *' (from --set): not a valid cron expression"),
     ],
 )
 def test_bad_settings_name_the_key_the_value_and_where_it_came_from(overrides, environ, message):

@@ -45,6 +45,7 @@ from jobs.embed import encode_chunks, encoder_config
 from jobs.query import bleu_params
 from models import store
 from models.captioner import Decoding
+from models.card import ModelCard
 from models.tokenizer import Tokenizer
 from models.training import Split, fit
 
@@ -92,7 +93,7 @@ def build_lake(tmp: Path) -> dict:
                        batch_size=16, learning_rate=0.01, patience=40, seed=0)
     card = {"encoder": {"name": config.name, "weights": "random", "key": config.key, "feature_dim": config.dim},
             "sizes": {"vocabulary": len(tokenizer), "max_length": 12}}
-    version = store.save(lake, captioner, card)
+    version = store.save(lake, captioner, ModelCard.model_validate(card))
     decoded = captioner.decode(chunk.vectors, Decoding.from_settings(settings.captioner))
     for i, ((caption, _), *_) in zip(ids, decoded):
         images[i]["caption"] = caption

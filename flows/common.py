@@ -1,0 +1,62 @@
+"""What every flow does around its job: settings, the checked lake, Spark with progress, stage tasks, the commit.
+
+A flow's stages are Prefect tasks (`stage`), so a run's timeline shows where the time went and
+which stage failed. Stages pass Spark sessions, lakes and staged runs, which Prefect can neither
+hash nor store: stage tasks have no cache policy, and their results stay in memory. Large inputs (a
+source's entries, a data set's rows) are passed in `quote()`, so Prefect does not walk every item.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Callable, Iterator
+
+from prefect import task
+from prefect.cache_policies import NONE
+from pyspark.sql import SparkSession
+
+from cbir.lake import Lake
+from cbir.settings import Settings, load_settings
+from flows.reporting import Progress
+from jobs.lakeio import StagedRun, commit_or_abort
+from jobs.spark import spark_session
+
+# @stage(name=...) or stage(job_function, name=...): a task whose inputs are not hashed and whose result is not stored.
+stage = partial(task, cache_policy=NONE, persist_result=False)
+
+
+def open_lake(settings: Settings | None) -> tuple[Settings, Lake]:
+    """The settings (loaded from the environment when not given) and their lake, checked."""
+    settings = settings or load_settings()
+    lake = Lake.open(settings)
+    lake.check()
+    return settings, lake
+
+
+@contextmanager
+def spark_job(settings: Settings, kind: str, description: str) -> Iterator[tuple[SparkSession, Progress]]:
+    """A Spark session and the `<kind>-progress` artifact, finished when the block ends well."""
+    progress = Progress(f"{kind}-progress", description)
+    with spark_session(settings) as spark:
+        yield spark, progress
+    progress.finish()
+
+
+@stage(name="commit", retries=2, retry_delay_seconds=5)
+def _commit(staged: StagedRun) -> None:
+    """Publish a staged run; a retry is safe, a commit being idempotent."""
+    staged.commit()
+
+
+def stage_and_commit(settings: Settings, kind: str, description: str,
+                     write: Callable[..., StagedRun] | None) -> StagedRun | None:
+    """The job's Spark stage, `write(spark, progress=...)` (None: nothing to do), then the commit of what it
+    staged, in the retrying task; if that fails for good, the staging is dropped."""
+    staged = None
+    with spark_job(settings, kind, description) as (spark, progress):
+        if write is not None:
+            staged = write(spark, progress=progress)
+    if staged is not None:
+        commit_or_abort(staged, _commit)
+    return staged
