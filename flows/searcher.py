@@ -38,7 +38,7 @@ from cbir.references import (
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
 from cbir.text import too_many_words, words
-from jobs.embed import encode_chunks, encoder_config
+from jobs.encoding import encode_chunks, encoder_config
 from jobs.gallery import thumbnail, thumbnail_jpeg
 from jobs.query import bleu_params
 from models import store

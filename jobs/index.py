@@ -27,13 +27,14 @@ from cbir.images import ImageRejected
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
-from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_config
+from jobs.embed import IMAGES_PER_TASK
+from jobs.encoding import EncoderConfig, encode_chunks, encoder_config, load_captioner
 from jobs.lakeio import read_table, write_tables
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
 from models import store
 from models.captioner import Decoding
-from models.encoders import configure_tensorflow, encoder_key, labeler
+from models.encoders import encoder_key, labeler
 from models.labels import Labeler
 
 CAPTIONS_PER_TASK = 4096  # captioning cached features is quick
@@ -61,11 +62,7 @@ class IndexContext:
                    datetime.now(timezone.utc))
 
     def captioner(self):
-        key = (self.lake.uri, self.version)
-        if key not in _CAPTIONERS:
-            configure_tensorflow(self.encoder.threads)  # before TensorFlow's first use in this worker
-            _CAPTIONERS[key] = store.load(self.lake, self.version, encoder=self.encoder.key)[0]
-        return _CAPTIONERS[key]
+        return load_captioner(self.lake, self.version, self.encoder)
 
     def labeler(self) -> Labeler:
         """The encoder's classifier, once per worker (the encoder itself is cached by load_encoder)."""
@@ -93,7 +90,6 @@ class IndexContext:
         return pa.RecordBatch.from_pylist(out, schema=CAPTIONS)
 
 
-_CAPTIONERS: dict = {}
 _LABELERS: dict = {}
 
 

@@ -38,18 +38,12 @@ from cbir.references import (
 from cbir.schemas import CAPTIONS, ERRORS, RESULTS, subschema
 from cbir.settings import Settings
 from cbir.text import too_many_words, words
-from jobs.embed import (
-    EncoderConfig,
-    encode_chunks,
-    encoder_config,
-    identify,
-    read_features,
-)
+from jobs.embed import identify
+from jobs.encoding import EncoderConfig, encode_chunks, encoder_config, read_features
 from jobs.index import IndexContext
-from jobs.ingest import read_bytes
 from jobs.lakeio import read_table, write_run
 from jobs.progress import Report, tracked
-from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
+from jobs.reader import read_bytes, read_rows, resolve_source, resolve_uri, text_value
 from models import store
 
 CAPTIONS_PER_TASK = 500_000  # a task indexes its share once and answers every query: few, large shares

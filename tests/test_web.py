@@ -41,7 +41,7 @@ from cbir.schemas import CAPTIONS, MANIFEST
 from cbir.text import words
 from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
 from flows.web import create_app
-from jobs.embed import encode_chunks, encoder_config
+from jobs.encoding import encode_chunks, encoder_config
 from jobs.query import bleu_params
 from models import store
 from models.captioner import Decoding
