@@ -166,7 +166,9 @@ def query(args, settings: Settings) -> None:
 
 
 def search(args, settings: Settings) -> None:
-    from flows.query import search_flow
+    """One query, answered by the searcher in this process: no Spark session, no flow run."""
+    from flows.reporting import render_table
+    from jobs.searcher import search_one
 
     if (args.text is None) == (args.image is None):
         raise UsageError("search needs a text or --image PATH (one of them)")
@@ -175,8 +177,14 @@ def search(args, settings: Settings) -> None:
     if long := too_many_words(args.text, settings.query.max_words):
         raise UsageError(f"the query is too long: {long}")
     image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
-    Lake.open(settings).check()
-    run_flow(search_flow, text=args.text, image=image, k=args.k, settings=settings)
+    lake = Lake.open(settings)
+    lake.check()
+    caption, hits = search_one(lake, settings, args.k or settings.query.k, text=args.text, image=image)
+    if caption is not None:
+        print(f"caption of the query image: {caption}")
+    rows = [{"rank": h["rank"], "score": round(h["score"], 4), "matched": f"{h['matched_kind']}: {h['matched_text']}",
+             "caption": h["caption"], "uri": h["uri"]} for h in hits]
+    print(render_table(f"top {len(rows)} for \u201c{args.text or caption}\u201d", rows) if rows else "no results")
 
 
 def evaluate(args, settings: Settings) -> None:

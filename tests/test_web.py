@@ -42,7 +42,7 @@ from cbir.text import words
 from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
 from flows.web import create_app
 from jobs.encoding import encode_chunks, encoder_config
-from jobs.query import bleu_params
+from jobs.searcher import bleu_params
 from models import store
 from models.captioner import Decoding
 from models.tokenizer import Tokenizer
