@@ -205,7 +205,7 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
     from jobs.search import search
     from jobs.searcher import bleu_params, search_one
     from models import store
-    from flows.searcher import Searcher
+    from web.searcher import Searcher
 
     settings, _, _ = shapes_lake
     lake = Lake.open(settings)
@@ -234,9 +234,9 @@ def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):
     # A Prefect API that does not answer: a flow run would fail.
     environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))},
                "PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    check = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+    check = ("import sys; from cli.main import main; code = main(sys.argv[1:]); "
              "assert 'pyspark' not in sys.modules, 'pyspark was imported'; "
-             "import flows.web, jobs.searcher; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
+             "import web.app, jobs.searcher; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
              "sys.exit(code)")
     common = [f"--set=lake={settings.lake}", f"--set=state_dir={settings.state_dir}", "--set=encoder.weights=random"]
     for query in (["a red circle", "-k", "2"], ["--image", f"{tmp}/new/0001.png", "-k", "2"]):

@@ -227,7 +227,7 @@ def test_the_gallery_escapes_every_text(local_settings):
 def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(spark, prefect_server, tmp_path,
                                                                           monkeypatch, capsys):
     from conftest import flow_runs
-    from flows.cli import main
+    from cli.main import main
 
     captions_parquet(tmp_path / "captions.parquet", [["a", "cat", "on", "a", "mat"], ["a", "dog", "on", "a", "log"]])
     with open(tmp_path / "q.jsonl", "w") as handle:

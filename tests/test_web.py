@@ -40,7 +40,7 @@ from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS, MANIFEST
 from cbir.text import words
 from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
-from flows.web import create_app
+from web.app import create_app
 from jobs.encoding import encode_chunks, encoder_config
 from jobs.searcher import bleu_params
 from models import store
