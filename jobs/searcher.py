@@ -91,6 +91,8 @@ def with_sources(lake: Lake, table: pa.Table, kinds: Iterable[str], extra: tuple
 def _first_values(table: pa.Table, columns: list[str]) -> pa.Table:
     """One row per image_id: each column's first value that is not null (in the table's order)."""
     ids = pc.unique(table.column("image_id").combine_chunks())
+    if len(ids) == table.num_rows:  # one row per image already
+        return table.select(["image_id", *columns])
     rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
     out = {"image_id": ids}
     for name in columns:

@@ -1,8 +1,9 @@
 """What cbir web searches: the lake's captions as one BLEU index, rebuilt when a newer index run is
 committed, and the captioner that describes uploaded images, loaded once.
 
-The index is built at start-up from the committed captions of the captioner version in use (the
-rows `cbir query` searches), joined with the manifest for each image's stored format. Requests
+The index is built at start-up from the committed captions of the captioner version in use, joined
+with the manifest for each image's stored format, by jobs/searcher.py: the search `cbir search` and
+each Spark task of `cbir query` run too. Requests
 look at the commit records at most every `web.reload_s`; when they changed, a background thread
 builds the new index and swaps it in whole, so a search never waits for a rebuild and never sees
 half of one. Refusals (bad input, nothing found) are `Refused`: an HTTP status, a reason slug and
