@@ -184,7 +184,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         if any(work.iterdir()):
             sys.exit(f"--work {work} is not empty")
-        from flows.cli import prepare_environment
+        from cli.main import prepare_environment
 
         base = load_settings("offline", overrides=[f"state_dir={work / 'state'}", f"lake={work / 'lake'}"], environ={})
         prepare_environment(base)  # Prefect's and Keras' state in the work folder, before they are imported

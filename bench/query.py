@@ -10,7 +10,7 @@
    for every query (BleuIndex.search_many: all cores), with time per stage and peak memory; the same
    queries on one thread are timed apart. Its pairs/s (images x queries / seconds) is
    engine_pairs_per_s: pruning decides most pairs without scoring them.
-3. The same queries through the Spark job (jobs.query.search over a captions table with those
+3. The same queries through the Spark job (jobs.search.search over a captions table with those
    references), local[*].
 
     .venv/bin/python -m bench.query [--captions N] [--queries Q]
@@ -194,7 +194,10 @@ def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
     import pyarrow.parquet as pq
 
     from cbir.settings import load_settings
-    from jobs import query
+    from jobs.captions import table_captions
+    from jobs.queries import Query
+    from jobs.search import search
+    from jobs.searcher import bleu_params
     from jobs.spark import build_session
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,10 +205,10 @@ def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
         pq.write_table(table, f"{tmp}/captions.parquet", row_group_size=100_000)
         settings = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state"], environ={})
         spark = build_session(settings)
-        asked = [query.Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
+        asked = [Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
         started = time.perf_counter()
-        frame, count = query.table_captions(spark, f"{tmp}/captions.parquet", settings)
-        rows = query.search(spark, frame, count, asked, query.bleu_params(settings), KINDS).collect()
+        captions = table_captions(spark, f"{tmp}/captions.parquet", settings)
+        rows = search(spark, captions, asked, bleu_params(settings), KINDS).collect()
         seconds = time.perf_counter() - started
         spark.stop()
     got: dict[str, list] = {}

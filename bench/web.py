@@ -45,7 +45,7 @@ from cbir.references import build_index, reference_texts
 from cbir.schemas import CAPTIONS
 from cbir.settings import load_settings
 from cbir.text import words
-from jobs.query import bleu_params
+from jobs.searcher import bleu_params
 
 VERSION = "20260101T000000Z-0000beec"  # a version name as the lake checks it: a run id
 WARM_UP = 20  # queries before timing: the first one may compile the engine's kernels

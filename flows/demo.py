@@ -29,7 +29,7 @@ from flows.ingest import ingest_flow
 from flows.query import query_flow
 from flows.reporting import publish_summary
 from flows.train import train_flow
-from jobs.query import indexed_captions
+from jobs.searcher import captions_of
 from jobs.spark import spark_session
 from models import store
 from models.encoders import encoder_key
@@ -124,7 +124,7 @@ def example_captions(lake: Lake, version: str, rows: list[dict]) -> list[dict]:
     examples = [photos[name] for name in EXAMPLE_PHOTOS if name in photos]
     examples += list(emoji.values())[:EXAMPLE_EMOJI_GROUPS]
     ids = [image_id(Path(row["uri"]).read_bytes()) for row in examples]  # the lake's id: the bytes' sha256
-    generated = indexed_captions(lake, version, ids)
+    generated = captions_of(lake, version, ids)
     return [{"image": row["title"], "group": row["category"], "human caption": row["caption"],
              "generated caption": generated.get(id_, "(not captioned)")} for row, id_ in zip(examples, ids)]
 

@@ -1,18 +1,34 @@
-"""Query flows: a batch query file (results, errors and a gallery in the lake) and one interactive search."""
+"""Query flow: a batch query file -> results, errors and a gallery in the lake.
+
+Each stage of the job (read the query file, caption image queries, search, commit the results,
+commit the errors) and the gallery is a Prefect task, so the run's timeline shows where time went
+and what failed. Only the commits retry: jobs.query.commit does nothing once a run is committed.
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.utilities.annotations import quote
 
 from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
-from flows.reporting import Progress, publish_summary, render_table
+from flows.reporting import Progress, publish_summary
 from jobs import gallery, query
 from jobs.spark import spark_session
 
 TOP_PER_QUERY = 3  # results per query in the Prefect table artifact
 ARTIFACT_ROWS = 300
+RETRIES = {"commit the results": 2, "commit the errors": 2}
+
+
+def as_task(name: str, function, *args):
+    """Run a stage as a Prefect task. Its arguments (a Spark session, a lake) are passed as they are:
+    never hashed, copied or stored (quote), and its result is kept in memory only."""
+    stage = task(function, name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=5, cache_policy=NONE,
+                 persist_result=False)
+    return stage(*(quote(arg) for arg in args))
 
 
 @flow(name="query", log_prints=True)
@@ -23,12 +39,11 @@ def query_flow(query_file: str, captions: str | None = None, settings: Settings 
     lake.check()
     progress = Progress("query-progress", f"query {query_file}")
     with spark_session(settings) as spark:
-        summary = query.run(spark, lake, settings, query_file, captions_table=captions, progress=progress)
+        summary = query.run(spark, lake, settings, query_file, captions_table=captions, progress=progress,
+                            stage=as_task)
     progress.finish()
     results = lake.query_tables(summary.run_id)[0].read().to_pylist()
-    page = gallery.render(lake, settings, f"cbir query run {summary.run_id}", results, summary.answered_queries,
-                          summary.error_rows, settings.query.gallery_queries)
-    gallery_uri = gallery.write(lake, summary.run_id, page)
+    gallery_uri = as_task("gallery", write_gallery, lake, settings, summary, results)
 
     publish_summary("query-summary", f"query {query_file} (run {summary.run_id})", summary.rows())
     top = [{k: row[k] for k in ("query_id", "rank", "score", "caption", "image_id")}
@@ -43,19 +58,8 @@ def query_flow(query_file: str, captions: str | None = None, settings: Settings 
     return {**summary.as_dict(), "gallery": gallery_uri}
 
 
-@flow(name="search", log_prints=True)
-def search_flow(text: str | None = None, image: str | None = None, k: int | None = None,
-                settings: Settings | None = None) -> list[dict]:
-    """One query, by text or by example image, printed as a table."""
-    settings = settings or load_settings()
-    lake = Lake.open(settings)
-    lake.check()
-    one = query.Query("search", k or settings.query.k, text=text, image=image)
-    with spark_session(settings) as spark:
-        asked, hits = query.search_one(spark, lake, settings, one)
-    if asked.caption is not None:
-        print(f"caption of the query image: {asked.caption}")
-    rows = [{"rank": h["rank"], "score": round(h["score"], 4), "matched": f"{h['matched_kind']}: {h['matched_text']}",
-             "caption": h["caption"], "uri": h["uri"]} for h in hits]
-    print(render_table(f"top {len(rows)} for \u201c{asked.text or asked.caption}\u201d", rows) if rows else "no results")
-    return hits
+def write_gallery(lake: Lake, settings: Settings, summary: query.QuerySummary, results: list[dict]) -> str:
+    """The run's gallery page, written beside its results; returns its URI."""
+    page = gallery.render(lake, settings, f"cbir query run {summary.run_id}", results, summary.answered_queries,
+                          summary.error_rows, settings.query.gallery_queries)
+    return gallery.write(lake, summary.run_id, page)

@@ -1,73 +1,30 @@
 """Embed: images -> encoder features, computed in Spark tasks and cached per encoder in the lake.
 
 identify() reads and checks each uri and names its bytes (sha256); embed() encodes the images
-the encoder's table lacks and commits them as one run; read_features() brings the vectors of
-chosen images to the driver. Vectors are written by the tasks themselves, never via Spark rows.
-encode_chunks() is the task-side loop that the index job shares.
+the encoder's table lacks and commits them as one run. Vectors are written by the tasks
+themselves, never via Spark rows. The encoding itself, without Spark, is jobs/encoding.py.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.images import Failure, ImageRejected, Limits
+from cbir.images import Failure, Limits
 from cbir.lake import Lake, Table, new_run_id
-from cbir.settings import S3, Settings
-from jobs.ingest import PROBED, probe_partition, read_bytes
+from cbir.settings import Settings
+from jobs.encoding import EncoderConfig, encode_chunks
+from jobs.ingest import PROBED, probe_partition
 from jobs.lakeio import commit_or_abort, stage
 from jobs.progress import Report, tracked
-from jobs.reader import ENTRY_DDL, Entry
+from jobs.reader import ENTRY_DDL, Entry, read_bytes
 from jobs.spark import default_partitions
-from models.encoders import (configure_tensorflow, encoder_key, feature_dim, image_size, load_encoder, pixels,
-                             resolve_precision)
 
 IMAGES_PER_TASK = 256  # encoding is slow: small tasks spread the work and show progress
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """What a task needs to rebuild the encoder and store its output."""
-
-    name: str
-    weights: str
-    precision: str
-    key: str
-    dim: int
-    dtype: str
-    batch_size: int
-    threads: int
-    max_bytes: int
-    s3: S3
-
-    def table(self, lake: Lake) -> Table:
-        return lake.features_table(self.key, self.dim, self.dtype)
-
-    def load(self):
-        configure_tensorflow(self.threads)
-        return load_encoder(self.name, self.weights, self.precision)
-
-
-def encoder_config(settings: Settings, parallel_tasks: int) -> EncoderConfig:
-    """The encoder settings for tasks; on a local master, TensorFlow threads x parallel tasks = cores."""
-    encoder = settings.encoder
-    threads = encoder.threads
-    if not threads:
-        local = settings.spark.master.startswith("local")
-        threads = max(1, (os.cpu_count() or 1) // parallel_tasks) if local else 1
-    return EncoderConfig(encoder.name, encoder.weights, resolve_precision(encoder.precision),
-                         encoder_key(encoder.name, encoder.weights), feature_dim(encoder.name), encoder.dtype,
-                         encoder.batch_size, threads, settings.ingest.max_bytes, settings.s3)
 
 
 def identify(spark: SparkSession, settings: Settings, uris: list[str]) -> dict[str, tuple[str | None, str | None]]:
@@ -101,65 +58,7 @@ def cached_ids(table: Table) -> set[str]:
     return set(table.read(["image_id"]).column("image_id").to_pylist())
 
 
-def read_features(lake: Lake, config: EncoderConfig, image_ids: list[str]) -> dict[str, np.ndarray]:
-    """The cached vectors of these images, as float32 (images without features are left out)."""
-    wanted = pa.array(sorted(set(image_ids)), pa.string())
-    data = config.table(lake).dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted))
-    vectors = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    matrix = vectors.reshape(-1, config.dim).astype(np.float32)
-    found: dict[str, np.ndarray] = {}
-    for image_id, row in zip(data.column("image_id").to_pylist(), matrix):
-        found.setdefault(image_id, row)
-    return found
-
-
 # Executor side.
-@dataclass
-class Chunk:
-    """Up to batch_size rows after encoding: vectors as stored (rounded to the storage type), failures, timings."""
-
-    rows: list[dict]
-    vectors: np.ndarray
-    failed: list[tuple[dict, Failure]] = field(default_factory=list)
-    seconds: Counter = field(default_factory=Counter)
-
-    def features_batch(self, config: EncoderConfig, run_id: str) -> pa.RecordBatch:
-        stored = pa.array(self.vectors.astype(config.dtype).ravel())
-        return pa.RecordBatch.from_pydict({
-            "image_id": [row["image_id"] for row in self.rows],
-            "vector": pa.FixedSizeListArray.from_arrays(stored, config.dim),
-            "run_id": [run_id] * len(self.rows),
-        })
-
-
-def encode_chunks(config: EncoderConfig, rows: Iterable[dict], read: Callable[[dict], bytes]) -> Iterator[Chunk]:
-    """Rows -> chunks of config.batch_size encoded together. A row that cannot be read or decoded is
-    a failure with its reason; the others go on. Seconds are kept for read, decode and encode."""
-    encoder = config.load()
-    rows = iter(rows)
-    while batch := [row for _, row in zip(range(config.batch_size), rows)]:
-        chunk, images, clock = Chunk([], np.zeros((0, config.dim), np.float32)), [], time.perf_counter()
-        for row in batch:
-            try:
-                data = read(row)
-                chunk.seconds["read"] += time.perf_counter() - clock
-                clock = time.perf_counter()
-                images.append(pixels(data, image_size(config.name)))
-                chunk.rows.append(row)
-            except ImageRejected as exc:
-                chunk.failed.append((row, exc.failure))
-            except Exception as exc:  # Pillow raises many kinds for a damaged file
-                chunk.failed.append((row, Failure.of("decode-failed",
-                                                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])))
-            chunk.seconds["decode"] += time.perf_counter() - clock
-            clock = time.perf_counter()
-        if images:
-            # Rounded to the storage type, so captions from fresh and from cached features agree.
-            chunk.vectors = encoder.encode(np.stack(images)).astype(config.dtype).astype(np.float32)
-        chunk.seconds["encode"] += time.perf_counter() - clock
-        yield chunk
-
-
 def _embed_partition(config: EncoderConfig, run_id: str, batches: Iterator[pa.RecordBatch]):
     filesystems: dict = {}
     rows = (row for batch in batches for row in batch.to_pylist())

@@ -21,8 +21,11 @@ from cbir.lake import Lake
 from cbir.references import GENERATED, reference_texts
 from cbir.settings import Settings
 from cbir.text import words
-from jobs.query import Query, bleu_params, lake_captions, search
+from jobs.captions import lake_captions
+from jobs.queries import Query
 from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
+from jobs.search import search
+from jobs.searcher import bleu_params, version_captions
 from models import store
 
 RECALL_AT = (1, 5, 10)
@@ -97,7 +100,7 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     kinds = tuple(kind for kind in settings.bleu.references if kind in GENERATED)
     if not kinds:
         raise UsageError("cbir eval measures what cbir generated: bleu.references names neither caption nor label")
-    captions, n_captions = lake_captions(spark, lake, settings, card["version"], kinds)
+    captions = lake_captions(spark, lake, card["version"])
     params = bleu_params(settings)
 
     category = {row["image_id"]: row["category"] for row in rows if row["category"]}
@@ -105,7 +108,7 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out).
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
     images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
-    found = _ranked(search(spark, captions, n_captions, [q for q in texts + images if q.words], params, kinds))
+    found = _ranked(search(spark, captions, [q for q in texts + images if q.words], params, kinds))
     ranks = [next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
              for q, row in zip(texts, rows)]
     reachable = sum(1 for q, row in zip(texts, rows) if vocabulary.get(row["image_id"], set()) & set(q.words))
@@ -130,9 +133,7 @@ def _generated(lake: Lake, version: str, image_ids: list[str],
                kinds: tuple[str, ...]) -> tuple[dict[str, str], dict[str, set[str]]]:
     """For these images, in one read of the captions table: image_id -> its caption from this captioner
     version, and image_id -> every word of its references of these kinds."""
-    wanted = pa.array(sorted(set(image_ids)), pa.string())
-    table = lake.table("captions").dataset().to_table(columns=["image_id", "caption", "references"], filter=(
-        ds.field("image_id").isin(wanted) & (ds.field("model_version") == version) & (ds.field("status") == "ok")))
+    table = version_captions(lake, version, kinds, image_ids)
     ids, references = table.column("image_id").to_pylist(), reference_texts(table, kinds)
     captions = dict(zip(ids, table.column("caption").to_pylist()))
     vocabulary = {image_id: {word for _, text in references.of(row) for word in words(text)}

@@ -27,14 +27,15 @@ from cbir.images import Failure, ImageRejected
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
-from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_config
+from jobs.embed import IMAGES_PER_TASK
+from jobs.encoding import EncoderConfig, encode_chunks, encoder_config, load_captioner, load_memory
 from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
 from jobs.stats import ImagesSummary, TaskStats
 from models import store
 from models.captioner import Decoding
-from models.encoders import configure_tensorflow, encoder_key, labeler
+from models.encoders import encoder_key, labeler
 from models.labels import Labeler
 from models.neighbours import Memory
 
@@ -65,19 +66,11 @@ class IndexContext:
                    datetime.now(timezone.utc))
 
     def captioner(self):
-        key = (self.lake.uri, self.version)
-        if key not in _CAPTIONERS:
-            configure_tensorflow(self.encoder.threads)  # before TensorFlow's first use in this worker
-            _CAPTIONERS[key] = store.load(self.lake, self.version, encoder=self.encoder.key)
-        return _CAPTIONERS[key][0]
+        return load_captioner(self.lake, self.version, self.encoder)
 
     def memory(self) -> Memory | None:
-        """The captioner's memory, once per worker; None when neighbours are off or the version has none."""
-        key = (self.lake.uri, self.version)
-        if key not in _MEMORIES:
-            self.captioner()
-            _MEMORIES[key] = store.load_memory(self.lake, _CAPTIONERS[key][1])
-        return _MEMORIES[key] if self.neighbours else None
+        """The captioner's memory; None when neighbours are off or the version has none."""
+        return load_memory(self.lake, self.version, self.encoder) if self.neighbours else None
 
     def labeler(self) -> Labeler:
         """The encoder's classifier, once per worker (the encoder itself is cached by load_encoder)."""
@@ -111,8 +104,6 @@ def _references(kind: str, scored: list[tuple[str, float]]) -> list[dict]:
     return [dict(kind=kind, rank=rank, text=text, score=score) for rank, (text, score) in enumerate(scored, start=1)]
 
 
-_CAPTIONERS: dict = {}  # (lake, version) -> (captioner, card)
-_MEMORIES: dict = {}
 _LABELERS: dict = {}
 
 

@@ -21,15 +21,14 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir import uris
 from cbir.images import ImageRejected, Limits, inspect_image, shrink
-from cbir.lake import Lake, Table, new_run_id, open_filesystem
+from cbir.lake import Lake, Table, new_run_id
 from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
 from jobs.download import Downloader
 from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
-from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_entries
+from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_bytes, read_entries
 from jobs.spark import default_partitions
 from jobs.stats import ImagesSummary, TaskStats
 
@@ -220,24 +219,3 @@ def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: d
         lake.put_image(info.image_id, info.format, data)
     return {**row, "image_id": info.image_id, "format": info.format, "width": info.width,
             "height": info.height, "status": "ok", "error": None, "reason": None}
-
-
-def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
-    """At most max_bytes + 1 bytes of the item (enough to know it is too large)."""
-    if uri.startswith(("http://", "https://")):
-        if "web" not in filesystems:
-            raise ImageRejected("unsupported-uri", "web addresses are fetched with `cbir crawl urls`")
-        return filesystems["web"].fetch(uri)
-    scheme = "s3" if uris.is_s3(uri) else "local"
-    if scheme not in filesystems:  # one filesystem per task, shared by its threads
-        filesystems[scheme] = open_filesystem(uri, s3)[0]
-    fs = filesystems[scheme]
-    path = uri.removeprefix(uris.S3)
-    try:
-        with fs.open_input_stream(path) as stream:
-            data = stream.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise ImageRejected("not-found", "no such file") from None
-    except OSError as exc:
-        raise ImageRejected("unreadable", str(exc).splitlines()[0][:300]) from None
-    return data

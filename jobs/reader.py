@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from cbir import uris
 from cbir.errors import UsageError
+from cbir.images import ImageRejected
 from cbir.lake import open_filesystem
-from cbir.settings import Settings
+from cbir.settings import S3, Settings
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 COMPRESSIONS = (".gz", ".bz2", ".zst")
@@ -265,3 +266,24 @@ def _columns(source: Source, what: str) -> list[str]:
             return next(csv.reader([header]), [])
     except Exception as exc:
         raise UsageError(f"{what} {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
+
+
+def read_bytes(uri: str, s3: S3, filesystems: dict, max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes of the item (enough to know it is too large)."""
+    if uri.startswith(("http://", "https://")):
+        if "web" not in filesystems:
+            raise ImageRejected("unsupported-uri", "web addresses are fetched with `cbir crawl urls`")
+        return filesystems["web"].fetch(uri)
+    scheme = "s3" if uris.is_s3(uri) else "local"
+    if scheme not in filesystems:  # one filesystem per task, shared by its threads
+        filesystems[scheme] = open_filesystem(uri, s3)[0]
+    fs = filesystems[scheme]
+    path = uri.removeprefix(uris.S3)
+    try:
+        with fs.open_input_stream(path) as stream:
+            data = stream.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageRejected("not-found", "no such file") from None
+    except OSError as exc:
+        raise ImageRejected("unreadable", str(exc).splitlines()[0][:300]) from None
+    return data

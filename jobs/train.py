@@ -20,7 +20,8 @@ from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.settings import Settings
 from jobs.datasets import Dataset
-from jobs.embed import EncoderConfig, embed, encoder_config, identify, read_features
+from jobs.embed import embed, identify
+from jobs.encoding import EncoderConfig, encoder_config, read_features
 from jobs.progress import Report
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding

@@ -16,7 +16,7 @@ from cbir.lake import Lake
 from conftest import COLOURS, SHAPES, image_bytes, make_settings, shapes_dataset
 from jobs import train
 from jobs.datasets import read_dataset
-from jobs.embed import encoder_config, read_features
+from jobs.encoding import encoder_config, read_features
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding, build_model, repeats, top_k
 from models.card import ModelCard

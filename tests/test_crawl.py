@@ -181,7 +181,7 @@ def test_a_bad_key_stops_the_crawl_with_one_line(web, tmp_path, cli_environment)
     environment = {**cli_environment, "CBIR_FLICKR__API_KEY": "wrong-key-31337", "CBIR_FLICKR__API_SECRET": "shh-31337",
                    "CBIR_FLICKR__REST_URL": f"{web.base}/services/rest/", "CBIR_STATE_DIR": str(tmp_path / "state"),
                    "CBIR_LAKE": str(tmp_path / "lake")}
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "crawl", "flickr", "--text", "dogs", "--max", "5"],
+    result = subprocess.run([sys.executable, "-m", "cli", "crawl", "flickr", "--text", "dogs", "--max", "5"],
                             capture_output=True, text=True, env=environment, cwd=Path(__file__).resolve().parents[1],
                             timeout=300)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from cbir.lake import Lake
 from conftest import image_bytes, make_settings, task_runs
@@ -106,7 +106,8 @@ def shapes_lake(spark, tmp_path_factory):
 
 
 def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, shapes_lake):
-    from flows.query import query_flow, search_flow
+    from flows.query import query_flow
+    from jobs.searcher import search_one
 
     settings, tmp, _ = shapes_lake
     # picture: an indexed image (its caption is reused); unseen: one the lake does not have (captioned now).
@@ -144,8 +145,14 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     assert by_key["query-gallery"].data.endswith(f"{summary['run_id']}/gallery.html)")
     table = by_key["query-results"].data
     assert len(json.loads(table) if isinstance(table, str) else table) == 8  # the top 3 (or k) of each query
+    # The timeline: each stage is a task run of the flow run.
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            state.state_details.flow_run_id])))
+    assert {run.name.rsplit("-", 1)[0] for run in tasks if run.state.is_completed()} == {
+        "read the query file", "caption image queries", "search", "commit the results", "commit the errors", "gallery"}
 
-    hits = search_flow(text="a red circle", k=2, settings=settings)
+    _, hits = search_one(Lake.open(settings), settings, 2, text="a red circle")
     assert [h["rank"] for h in hits] == [1, 2]
     assert hits[0]["score"] == max(r["score"] for r in rows if r["query_id"] == "red")
 
@@ -180,13 +187,64 @@ def test_eval_flow_measures_recall_and_map(prefect_server, spark, shapes_lake):
     # The eval ingested eval.csv, so each image's manifest has the very caption asked ("given"), which would
     # answer every query by itself; eval searches only what cbir generated. Searching with it: all first.
     from cbir.references import KINDS
-    from jobs import query
+    from jobs.captions import lake_captions
+    from jobs.queries import Query
+    from jobs.search import search
+    from jobs.searcher import bleu_params
     from models import store
 
     lake = Lake.open(settings)
-    asked = [query.Query(f"t{i}", 1, text=row["caption"]) for i, row in enumerate(rows[::5])]
+    asked = [Query(f"t{i}", 1, text=row["caption"]) for i, row in enumerate(rows[::5])]
     assert {row["caption"] for row in lake.table("manifest").read().to_pylist()} >= {q.text for q in asked}
-    with_given = query.lake_captions(spark, lake, settings, store.card(lake)["version"], KINDS)
-    found = query.search(spark, *with_given, asked, query.bleu_params(settings), KINDS).collect()
+    with_given = lake_captions(spark, lake, store.card(lake)["version"])
+    found = search(spark, with_given, asked, bleu_params(settings), KINDS).collect()
     assert all(hit["score"] == 1.0 for hit in found) and len(found) == 24
     assert metrics["r_at_1"] < 0.9
+
+
+def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake):
+    """One searcher: the query job's Spark tasks, cbir search and cbir web rank alike and say why alike."""
+    from jobs.captions import lake_captions
+    from jobs.queries import Query
+    from jobs.search import search
+    from jobs.searcher import bleu_params, search_one
+    from models import store
+    from web.searcher import Searcher
+
+    settings, _, _ = shapes_lake
+    lake = Lake.open(settings)
+    asked = [Query(f"q{i}", 6, text=text) for i, text in enumerate(
+        ["a red circle", "a blue square on a black background", "yellow triangle", "green"])]
+    captions = lake_captions(spark, lake, store.card(lake)["version"])
+    kinds = tuple(settings.bleu.references)
+    rows = search(spark, captions, asked, bleu_params(settings), kinds, partitions=3).collect()
+    web = Searcher(settings, lake)
+    for q in asked:
+        job = [(r["image_id"], r["score"], r["matched_kind"], r["matched_text"])
+               for r in sorted((r for r in rows if r["query_id"] == q.query_id), key=lambda r: r["rank"])]
+        page = [(r.image_id, r.score, r.matched_kind, r.matched_text) for r in web.search_text(q.text, q.k).results]
+        one = [(h["image_id"], h["score"], h["matched_kind"], h["matched_text"])
+               for h in search_one(lake, settings, q.k, text=q.text)[1]]
+        assert job and job == page == one, q.text
+
+
+def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):
+    """cbir search (by text and by an indexed image) and the web app import no pyspark, and start no flow."""
+    import os
+    import subprocess
+    import sys
+
+    settings, tmp, _ = shapes_lake
+    # A Prefect API that does not answer: a flow run would fail.
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))},
+               "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    check = ("import sys; from cli.main import main; code = main(sys.argv[1:]); "
+             "assert 'pyspark' not in sys.modules, 'pyspark was imported'; "
+             "import web.app, jobs.searcher; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
+             "sys.exit(code)")
+    common = [f"--set=lake={settings.lake}", f"--set=state_dir={settings.state_dir}", "--set=encoder.weights=random"]
+    for query in (["a red circle", "-k", "2"], ["--image", f"{tmp}/new/0001.png", "-k", "2"]):
+        result = subprocess.run([sys.executable, "-c", check, *common, "search", *query], capture_output=True,
+                                text=True, timeout=300, env=environ)
+        assert result.returncode == 0, result.stderr
+        assert "top 2 for" in result.stdout and "Traceback" not in result.stderr

@@ -8,10 +8,10 @@ from fastapi.testclient import TestClient
 
 from cbir.lake import Lake
 from conftest import make_settings
-from flows import cli
+from cli import main as cli
 from flows.reporting import render_table
-from flows.web import create_app
-from jobs.query import read_queries
+from web.app import create_app
+from jobs.queries import read_queries
 
 LONG = " ".join(f"word{i}" for i in range(101))  # query.max_words is 100
 

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import make_settings
-from flows.cli import ui_environment
+from cli.main import ui_environment
 
 
 def call(url: str, method: str = "GET", origin: str | None = None, body: dict | None = None, headers: dict = {}):
@@ -39,7 +39,7 @@ def prefect_ui(tmp_path_factory):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     environ.update(PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    **ui_environment(settings, "127.0.0.1", port))
-    server = subprocess.Popen([sys.executable, "-m", "flows.ui_server", "server", "start", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "cli.ui_server", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while not (_up(port) and call(f"{base}/api/health")[0] == 200):

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from cbir.lake import Lake
 from conftest import make_settings
-from flows.web import create_app
+from web.app import create_app
 
 
 def one_colour_png(width: int, height: int) -> bytes:
@@ -55,7 +55,7 @@ SERVER = """
 import sys
 import uvicorn
 from cbir.settings import load_settings
-from flows.web import create_app
+from web.app import create_app
 settings = load_settings(overrides=sys.argv[1:], environ={})
 uvicorn.run(create_app(settings, warm_up=False), host="127.0.0.1", port=int(sys.argv[-1].split("=")[1]),
             log_level="warning")
@@ -195,7 +195,7 @@ def test_answers_carry_no_server_paths(tmp_path):
 
 
 def test_a_failing_index_rebuild_backs_off(tmp_path):
-    from flows.searcher import Searcher
+    from web.searcher import Searcher
 
     settings, _ = indexed_lake(tmp_path)
     searcher = Searcher(settings)

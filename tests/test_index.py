@@ -21,7 +21,7 @@ from cbir.lake import Lake
 from conftest import make_settings, shapes_dataset
 from jobs import index, ingest, train
 from jobs.datasets import read_dataset
-from jobs.embed import encoder_config, read_features
+from jobs.encoding import encoder_config, read_features
 from jobs.reader import resolve_source
 from models import store
 from models.captioner import Decoding

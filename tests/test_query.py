@@ -23,6 +23,10 @@ from cbir.lake import Lake
 from cbir.text import words, words_array
 from conftest import make_settings
 from jobs import gallery, query
+from jobs.captions import table_captions
+from jobs.queries import Query, read_queries
+from jobs.search import search
+from jobs.searcher import bleu_params
 
 WORDS = ["a", "dog", "runs", "on", "the", "grass", "red", "ball", "two", "in"]  # small: overlaps are common
 WEIGHTS = [(0.25, 0.25, 0.25, 0.25), (0.5, 0.5), (0.4, 0.3, 0.2, 0.1), (1.0,), (0.1, 0.2, 0.3, 0.2, 0.2)]
@@ -150,11 +154,11 @@ def test_the_spark_job_equals_the_engine(spark, tmp_path):
     captions = zipf_corpus(2000, seed=4)
     ids = captions_parquet(tmp_path / "captions.parquet", captions)
     settings = make_settings(tmp_path)
-    frame, count = query.table_captions(spark, str(tmp_path / "captions.parquet"), settings)
-    asked = [query.Query(f"q{i}", k=7, text=" ".join(q)) for i, q in enumerate(zipf_corpus(15, 5) + zipf_corpus(5, 6, True))]
-    params = query.bleu_params(settings)
+    table = table_captions(spark, str(tmp_path / "captions.parquet"), settings)
+    asked = [Query(f"q{i}", k=7, text=" ".join(q)) for i, q in enumerate(zipf_corpus(15, 5) + zipf_corpus(5, 6, True))]
+    params = bleu_params(settings)
 
-    rows = query.search(spark, frame, count, asked, params, ("caption",), partitions=3).collect()
+    rows = search(spark, table, asked, params, ("caption",), partitions=3).collect()
 
     index = BleuIndex.from_texts(ids, [[c] for c in captions])
     for q in asked:
@@ -193,7 +197,7 @@ def test_bad_query_rows_land_in_the_errors_table(spark, tmp_path):
     assert sorted((r["query_id"], r["rank"]) for r in rows) == [("good", 1), ("narrow", 1)]
     good = [r for r in rows if r["query_id"] == "good" and r["rank"] == 1][0]
     assert good["caption"] == "a red ball on the grass" and good["uri"] == "/nowhere/000000.jpg"
-    assert good["score"] == nltk_score([captions[0]], ["a", "red", "ball"], query.bleu_params(settings))
+    assert good["score"] == nltk_score([captions[0]], ["a", "red", "ball"], bleu_params(settings))
     assert (summary.queries, summary.answered, summary.results) == (11, 2, 2)
 
 
@@ -202,17 +206,17 @@ def test_an_unreadable_query_file_is_one_clear_error(tmp_path, local_settings):
 
     (tmp_path / "q.csv").write_text("id,text\n1,a dog\n")
     with pytest.raises(UsageError, match="query file .* has no 'query_id' column"):
-        query.read_queries(str(tmp_path / "q.csv"), local_settings)
+        read_queries(str(tmp_path / "q.csv"), local_settings)
     (tmp_path / "q.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(UsageError, match="q.parquet cannot be read"):
-        query.read_queries(str(tmp_path / "q.parquet"), local_settings)
+        read_queries(str(tmp_path / "q.parquet"), local_settings)
 
 
 def test_the_gallery_escapes_every_text(local_settings):
     lake = Lake.open(local_settings)
     lake.check()
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-    asked = [query.Query(evil, 3, text=f"dogs {evil}")]
+    asked = [Query(evil, 3, text=f"dogs {evil}")]
     rows = [{"query_id": evil, "rank": 1, "image_id": "ab" * 32, "uri": "/x.jpg", "caption": evil, "score": 0.5,
              "query_caption": None, "visual_similarity": None, "blended_score": None}]
     page = gallery.render(lake, local_settings, f"run {evil}", rows, asked, [(evil, f"bad-row: {evil}")], 10)
@@ -223,7 +227,7 @@ def test_the_gallery_escapes_every_text(local_settings):
 def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(spark, prefect_server, tmp_path,
                                                                           monkeypatch, capsys):
     from conftest import flow_runs
-    from flows.cli import main
+    from cli.main import main
 
     captions_parquet(tmp_path / "captions.parquet", [["a", "cat", "on", "a", "mat"], ["a", "dog", "on", "a", "log"]])
     with open(tmp_path / "q.jsonl", "w") as handle:

@@ -94,7 +94,7 @@ def test_the_offline_profile_uses_the_packaged_encoder_and_local_stays_vgg16():
 ])
 def test_the_demo_runs_on_the_offline_profile_unless_told_otherwise(argv, encoder, tmp_path, monkeypatch):
     import flows.demo
-    from flows import cli
+    from cli import main as cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CBIR_PROFILE", raising=False)

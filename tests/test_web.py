@@ -40,9 +40,9 @@ from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS, MANIFEST
 from cbir.text import words
 from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
-from flows.web import create_app
-from jobs.embed import encode_chunks, encoder_config
-from jobs.query import bleu_params
+from web.app import create_app
+from jobs.encoding import encode_chunks, encoder_config
+from jobs.searcher import bleu_params
 from models import store
 from models.captioner import Decoding
 from models.card import ModelCard

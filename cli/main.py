@@ -166,7 +166,9 @@ def query(args, settings: Settings) -> None:
 
 
 def search(args, settings: Settings) -> None:
-    from flows.query import search_flow
+    """One query, answered by the searcher in this process: no Spark session, no flow run."""
+    from flows.reporting import render_table
+    from jobs.searcher import search_one
 
     if (args.text is None) == (args.image is None):
         raise UsageError("search needs a text or --image PATH (one of them)")
@@ -175,8 +177,14 @@ def search(args, settings: Settings) -> None:
     if long := too_many_words(args.text, settings.query.max_words):
         raise UsageError(f"the query is too long: {long}")
     image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
-    Lake.open(settings).check()
-    run_flow(search_flow, text=args.text, image=image, k=args.k, settings=settings)
+    lake = Lake.open(settings)
+    lake.check()
+    caption, hits = search_one(lake, settings, args.k or settings.query.k, text=args.text, image=image)
+    if caption is not None:
+        print(f"caption of the query image: {caption}")
+    rows = [{"rank": h["rank"], "score": round(h["score"], 4), "matched": f"{h['matched_kind']}: {h['matched_text']}",
+             "caption": h["caption"], "uri": h["uri"]} for h in hits]
+    print(render_table(f"top {len(rows)} for \u201c{args.text or caption}\u201d", rows) if rows else "no results")
 
 
 def evaluate(args, settings: Settings) -> None:
@@ -204,7 +212,7 @@ def ui(args, settings: Settings) -> int:
     print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}).", file=sys.stderr)
     print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
           file=sys.stderr)
-    command = [sys.executable, "-m", "flows.ui_server", "server", "start", "--host", args.host,
+    command = [sys.executable, "-m", "cli.ui_server", "server", "start", "--host", args.host,
                "--port", str(args.port)]
     server = subprocess.Popen(command, env={**os.environ, **ui_environment(settings, args.host, args.port)})
     # Stopping cbir ui stops the server too (Ctrl-C reaches both; a kill reaches only this process).
@@ -227,7 +235,7 @@ def ui_environment(settings: Settings, host: str, port: int) -> dict[str, str]:
         origins.append(f"http://{'localhost' if browser_host == '127.0.0.1' else '127.0.0.1'}:{port}")
     hosts = {"127.0.0.1", "localhost", browser_host, *settings.ui.trusted_hosts}
     return {"PREFECT_UI_API_URL": f"http://{browser_host}:{port}/api",
-            "_CBIR_UI_HOSTS": ",".join(sorted(hosts)),  # flows/ui_server.py: the Host names served
+            "_CBIR_UI_HOSTS": ",".join(sorted(hosts)),  # cli/ui_server.py: the Host names served
             "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(origins),
             "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": str(settings.ui.csrf).lower(),
             "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true"}
@@ -271,7 +279,7 @@ def export_settings(args, settings: Settings) -> None:
 
 
 def web(args, settings: Settings) -> None:
-    from flows.web import serve
+    from web.app import serve
 
     port = settings.web.port if args.port is None else args.port
     if not 1 <= port <= 65535:

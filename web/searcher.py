@@ -1,8 +1,9 @@
 """What cbir web searches: the lake's captions as one BLEU index, rebuilt when a newer index run is
 committed, and the captioner that describes uploaded images, loaded once.
 
-The index is built at start-up from the committed captions of the captioner version in use (the
-rows `cbir query` searches), joined with the manifest for each image's stored format. Requests
+The index is built at start-up from the committed captions of the captioner version in use, joined
+with the manifest for each image's stored format, by jobs/searcher.py: the search `cbir search` and
+each Spark task of `cbir query` run too. Requests
 look at the commit records at most every `web.reload_s`; when they changed, a background thread
 builds the new index and swaps it in whole, so a search never waits for a rebuild and never sees
 half of one. Refusals (bad input, nothing found) are `Refused`: an HTTP status, a reason slug and
@@ -21,28 +22,16 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from cbir.engine import BleuIndex
 from cbir.errors import UsageError
 from cbir.images import ImageRejected, Limits, inspect_image
 from cbir.lake import Lake
-from cbir.references import (
-    SOURCE,
-    SOURCE_COLUMNS,
-    References,
-    build_index,
-    reference_texts,
-)
-from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
 from cbir.text import too_many_words, words
-from jobs.embed import encode_chunks, encoder_config
 from jobs.gallery import thumbnail, thumbnail_jpeg
-from jobs.query import bleu_params
+from jobs.searcher import ImageCaptioner, Index, bleu_params, version_captions
 from models import store
-from models.captioner import Decoding
 
 log = logging.getLogger("cbir.web")
 
@@ -81,20 +70,17 @@ class Marker:
 @dataclass
 class Snapshot:
     marker: Marker
-    index: BleuIndex | None
-    table: pa.Table  # image_id, uri, caption, format: row i of row_of
-    references: References | None  # of row i
-    row_of: dict[str, int]
+    index: Index  # of image_id, uri, caption, format
     loaded_at: datetime
     seconds: float
     sources: tuple[pa.Table, np.ndarray] | None = None  # manifest rows of the indexed images, by image_id
 
     def __len__(self) -> int:
-        return len(self.row_of)
+        return len(self.index)
 
     def row(self, image_id: str) -> dict | None:
-        at = self.row_of.get(image_id)
-        return None if at is None else {name: self.table.column(name)[at].as_py() for name in self.table.column_names}
+        at, table = self.index.row_of.get(image_id), self.index.table
+        return None if at is None else {name: table.column(name)[at].as_py() for name in table.column_names}
 
 
 @dataclass
@@ -134,7 +120,7 @@ class Searcher:
         # stays within web.decodes x web.max_upload_pixels x 4 bytes however many requests come at
         # once (few threads also means few malloc arenas keeping freed pixels).
         self._decoder = ThreadPoolExecutor(settings.web.decodes, thread_name_prefix="cbir-decode")
-        self._captioner: tuple[str, object, object] | None = None  # (version, captioner, encoder config)
+        self._captioner: ImageCaptioner | None = None
         self.captioner_state = "not loaded"
         self.snapshot = self._build(self.marker())
         self._checked = time.monotonic()
@@ -153,16 +139,13 @@ class Searcher:
 
     def _build(self, marker: Marker) -> Snapshot:
         started = time.perf_counter()
-        table = self._captions(marker.version)
-        ids = table.column("image_id").to_pylist()
-        row_of = dict(zip(ids, range(len(ids))))
-        references = reference_texts(table, self.settings.bleu.references) if ids else None
-        index = build_index(ids, references, self.params.max_order) if ids else None
-        table = table.select(["image_id", "uri", "caption", "format"])
-        sources = self._sources(table.column("image_id"))
+        kinds = self.settings.bleu.references
+        index = Index.build(version_captions(self.lake, marker.version, kinds, extra=("format",)), kinds,
+                            self.params.max_order)
+        sources = self._sources(index.table.column("image_id"))
         seconds = time.perf_counter() - started
-        log.info("index of %d images (captioner %s) built in %.1f s", len(ids), marker.version, seconds)
-        return Snapshot(marker, index, table, references, row_of, datetime.now(timezone.utc), seconds, sources)
+        log.info("index of %d images (captioner %s) built in %.1f s", len(index), marker.version, seconds)
+        return Snapshot(marker, index, datetime.now(timezone.utc), seconds, sources)
 
     def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:
         """The manifest rows of the indexed images, sorted by image_id, with the ids as fixed-width bytes to
@@ -170,26 +153,6 @@ class Searcher:
         wanted = ds.field("image_id").isin(indexed.combine_chunks())
         rows = self.lake.table("manifest").dataset().to_table(columns=DETAIL_COLUMNS, filter=wanted).sort_by("image_id")
         return rows, rows.column("image_id").to_numpy(zero_copy_only=False).astype("S64")
-
-    def _captions(self, version: str | None) -> pa.Table:
-        """The version's ok captions and references, one row per image, with its stored format and the
-        source texts of the reference kinds that count (from the manifest)."""
-        source_columns = {kind: SOURCE_COLUMNS[kind] for kind in SOURCE if kind in self.settings.bleu.references}
-        captions = subschema(CAPTIONS, ["image_id", "uri", "caption", "references"]).empty_table() if version is None \
-            else self.lake.table("captions").dataset().to_table(
-                columns=["image_id", "uri", "caption", "references"],
-                filter=(ds.field("model_version") == version) & (ds.field("status") == "ok")
-                & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
-        captions = _first_per_image(captions)
-        manifest = _first_per_image(self.lake.table("manifest").dataset().to_table(
-            columns=["image_id", "format", *dict.fromkeys(source_columns.values())],
-            filter=(ds.field("status") != "failed") & ds.field("image_id").is_valid()))
-        # Arrow joins no list columns: find each image's manifest row, then take its columns.
-        at = pc.index_in(captions.column("image_id"), value_set=manifest.column("image_id").combine_chunks())
-        captions = captions.append_column("format", manifest.column("format").take(at))
-        for kind, column in source_columns.items():
-            captions = captions.append_column(kind, manifest.column(column).take(at))
-        return captions.combine_chunks()
 
     def maybe_reload(self) -> None:
         """At most every web.reload_s: look at the commit records, in the background; rebuild if they changed."""
@@ -221,7 +184,7 @@ class Searcher:
             snapshot = self._build(marker)
             self.snapshot = snapshot  # one assignment: searches see the old index or the new one
             self.thumbnail.cache_clear()
-        if self._captioner is not None and self._captioner[0] != marker.version and marker.version is not None:
+        if self._captioner is not None and self._captioner.version != marker.version and marker.version is not None:
             self.warm_up(wait=True)
         return True
 
@@ -248,21 +211,15 @@ class Searcher:
         return answer
 
     def _answer(self, snapshot: Snapshot, query: list[str], k: int, caption: str | None = None) -> Answer:
-        if snapshot.index is None:
+        if not snapshot.index:
             raise Refused(404, "empty-index", "Nothing is indexed yet: run `cbir index`; this page picks up the "
                                               "new index by itself.")
-        if not any(word in snapshot.index.vocabulary for word in query):
+        if not snapshot.index.knows_any(query):
             said = f"the caption \u201c{caption}\u201d" if caption is not None else "the query"
             raise Refused(404, "no-match", f"No indexed caption has any word of {said}.")
         started = time.perf_counter()
         hits = snapshot.index.search(query, k, self.params)
-        captions, uris = snapshot.table.column("caption"), snapshot.table.column("uri")
-        rows = [snapshot.row_of[hit.image_id] for hit in hits]
-        results = []
-        for rank, (hit, at, matched) in enumerate(zip(hits, rows, snapshot.references.matched(query, rows, self.params)),
-                                                  start=1):
-            kind, text = matched or (None, None)
-            results.append(Result(rank, hit.image_id, hit.score, captions[at].as_py(), uris[at].as_py(), kind, text))
+        results = [Result(rank, **hit) for rank, hit in enumerate(hits, start=1)]
         took = (time.perf_counter() - started) * 1000
         return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
 
@@ -285,22 +242,22 @@ class Searcher:
             self.captioner_state = "unavailable: no captioner in the lake yet"
             raise Refused(503, "no-captioner", "Searching by image needs a captioner: train one with `cbir train`.")
         with self._captioner_lock:
-            if self._captioner is not None and self._captioner[0] == version:
-                return self._captioner[1:]
+            if self._captioner is not None and self._captioner.version == version:
+                return self._captioner
             self.captioner_state = f"loading {version}"
             try:
-                config = encoder_config(self.settings, 1)  # the whole machine: one upload at a time
-                store.check_encoder(store.card(self.lake, version), config.key)  # before loading anything big
-                config.load()  # TensorFlow's threads are set before its first use
-                captioner, _ = store.load(self.lake, version, encoder=config.key)
+                captioner = ImageCaptioner.from_settings(self.lake, version, self.settings)  # one upload at a time
+                # Before loading anything big.
+                store.check_encoder(store.card(self.lake, version), captioner.encoder.key)
+                captioner.load()
             except UsageError as exc:
                 log.warning("the captioner cannot be loaded: %s", exc)
                 reason = str(exc).replace(f" {self.lake.uri}", "")  # clients are not told where the lake is
                 self.captioner_state = f"unavailable: {reason}"
                 raise Refused(503, "no-captioner", f"Searching by image is unavailable: {reason}") from None
-            self._captioner = (version, captioner, config)
+            self._captioner = captioner
             self.captioner_state = f"loaded {version}"
-            return captioner, config
+            return captioner
 
     def check_upload(self, data: bytes) -> None:
         """The checks ingest makes (format, pixels before decoding, a full decode), with the upload size limit."""
@@ -319,12 +276,12 @@ class Searcher:
         """The caption of an uploaded image, as the index job would write it: the same encoder,
         preprocessing, rounding of the features and decoding."""
         self.check_upload(data)
-        captioner, config = self._load_captioner(version or self.snapshot.marker.version)
+        captioner = self._load_captioner(version or self.snapshot.marker.version)
         with self._decode_lock:
-            chunk = self.decode(lambda: next(encode_chunks(config, [{"image_id": "upload"}], lambda row: data)))
-            if chunk.failed:
-                raise Refused(400, "unreadable-image", f"The image cannot be read: {chunk.failed[0][1]}")
-            (caption, _), *_ = captioner.decode(chunk.vectors, Decoding.from_settings(self.settings.captioner))[0]
+            _, caption, _, reason = self.decode(
+                lambda: next(captioner.caption([{"image_id": "upload"}], lambda row: data)))
+        if reason:
+            raise Refused(400, "unreadable-image", f"The image cannot be read: {reason}")
         return caption
 
     # Stored images.
@@ -392,12 +349,3 @@ class Searcher:
         return {"captions": len(snapshot), "model_version": snapshot.marker.version,
                 "index_runs": sorted(snapshot.marker.captions), "loaded_at": snapshot.loaded_at.isoformat(),
                 "load_seconds": round(snapshot.seconds, 3), "captioner": self.captioner_state}
-
-
-def _first_per_image(table: pa.Table) -> pa.Table:
-    """One row per image_id (the first), should a version have captioned an image twice."""
-    if pc.count_distinct(table.column("image_id")).as_py() == table.num_rows:
-        return table
-    numbered = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    first = numbered.group_by("image_id", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
-    return table.take(pc.sort_indices(first))

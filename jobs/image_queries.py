@@ -1,0 +1,82 @@
+"""Image queries: each image of a query file is named by its bytes (Spark tasks); an image the captioner
+in use indexed keeps its stored caption and features, the others are captioned in Spark tasks, in
+batches, by the searcher's ImageCaptioner (as the index job would caption them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Iterator
+
+import pyarrow as pa
+from pyspark.sql import SparkSession
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from cbir.lake import Lake
+from cbir.settings import Settings
+from jobs.embed import identify
+from jobs.queries import Query
+from jobs.searcher import ImageCaptioner, indexed, read_image
+from models import store
+
+CAPTIONED = pa.schema([("query_id", pa.string()), ("caption", pa.string()), ("vector", pa.list_(pa.float32())),
+                       ("error", pa.string())])
+NO_CAPTIONER = "no-captioner: image queries need a captioner in the lake: train one with `cbir train`"
+
+
+def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, queries: list[Query],
+                          card: dict | None) -> tuple[list[Query], list[tuple[str, str]]]:
+    """The queries that can be searched (text, or images with their caption and features filled in), and
+    (query_id, reason) for the image queries that failed."""
+    images = [q for q in queries if q.image]
+    if not images:
+        return queries, []
+    if card is None:
+        return [q for q in queries if not q.image], [(q.query_id, NO_CAPTIONER) for q in images]
+    captioner = ImageCaptioner.from_settings(lake, card["version"], settings, spark.sparkContext.defaultParallelism)
+    store.check_encoder(card, captioner.encoder.key)
+    ids = identify(spark, settings, sorted({q.image for q in images}))
+    known = indexed(lake, captioner.encoder, card["version"], [image_id for image_id, _ in ids.values() if image_id])
+    found, errors, todo = {}, [], []
+    for q in images:
+        image_id, error = ids[q.image]
+        if error:
+            errors.append((q.query_id, error))
+        elif image_id in known:
+            found[q.query_id] = known[image_id]
+        else:
+            todo.append(q)
+    if todo:  # else no model to load
+        captioned, failed = _caption(spark, captioner, settings, todo)
+        found.update(captioned)
+        errors += failed
+    dropped = {query_id for query_id, _ in errors}
+    return [dataclasses.replace(q, caption=found[q.query_id][0], vector=found[q.query_id][1]) if q.image else q
+            for q in queries if q.query_id not in dropped], errors
+
+
+def _caption(spark: SparkSession, captioner: ImageCaptioner, settings: Settings,
+             todo: list[Query]) -> tuple[dict[str, tuple[str, list[float]]], list[tuple[str, str]]]:
+    """Caption these image queries in Spark tasks: query_id -> (caption, features), and the failures."""
+    rows = spark.createDataFrame([(q.query_id, q.image) for q in todo], "query_id string, uri string")
+    rows = rows.repartition(min(len(todo), spark.sparkContext.defaultParallelism))
+    found, errors = {}, []
+    captioned = rows.mapInArrow(partial(_caption_partition, captioner, settings), from_arrow_schema(CAPTIONED))
+    for row in captioned.collect():
+        if row.error:
+            errors.append((row.query_id, row.error))
+        else:
+            found[row.query_id] = (row.caption, list(row.vector))
+    return found, errors
+
+
+def _caption_partition(captioner: ImageCaptioner, settings: Settings, batches: Iterator[pa.RecordBatch]):
+    filesystems: dict = {}
+
+    def read(row: dict) -> bytes:  # the same checks as ingest: size, format, pixels, full decode
+        return read_image(row["uri"], settings, filesystems)[1]
+
+    rows = (row for batch in batches for row in batch.to_pylist())
+    out = [{"query_id": row["query_id"], "caption": caption, "vector": None if vector is None else vector.tolist(),
+            "error": error} for row, caption, vector, error in captioner.caption(rows, read)]
+    yield pa.RecordBatch.from_pylist(out, schema=CAPTIONED)

@@ -1,0 +1,84 @@
+"""Queries: a query file (CSV, JSONL or Parquet of query_id, text or image, optional k) -> the queries, and
+an error row (query_id, reason) for each bad row; a file that cannot be read at all is a UsageError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cbir.errors import UsageError
+from cbir.settings import Settings
+from cbir.text import too_many_words, words
+from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
+
+
+@dataclass
+class Query:
+    query_id: str
+    k: int
+    text: str | None = None
+    image: str | None = None
+    caption: str | None = None  # generated for an image query
+    vector: list[float] | None = None  # the image query's features, for hybrid ranking
+
+    @property
+    def words(self) -> list[str]:
+        return words(self.text if self.text is not None else self.caption)
+
+
+def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[str, str]]]:
+    """Queries and (query_id, reason) errors; a file that cannot be read at all is a UsageError."""
+    source = resolve_source(uri, settings, columns=("query_id",), what="query file")
+    if source.kind not in ("csv", "jsonl", "parquet"):
+        raise UsageError(f"query file {uri}: expected CSV, JSONL or Parquet with query_id and text or image")
+    queries, errors, seen = [], [], set()
+    try:
+        rows = list(read_rows(source))
+    except Exception as exc:  # noqa: BLE001 - any parser's failure is the file's
+        raise UsageError(f"query file {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    for number, row in enumerate(rows, start=1):
+        if row is None:
+            continue
+        if not isinstance(row, dict):
+            errors.append((f"#row={number}", f"bad-row: {row}" if isinstance(row, Exception) else "bad-row: not an object"))
+            continue
+        query_id = text_value(row.get("query_id"))
+        if query_id is None:
+            errors.append((f"#row={number}", "bad-row: no query_id"))
+            continue
+        if query_id in seen:
+            errors.append((query_id, f"duplicate-id: query_id {query_id} is used by an earlier row"))
+            continue
+        seen.add(query_id)
+        query, error = _query(source, query_id, row, settings.query.k)
+        if query and (long := too_many_words(query.text, settings.query.max_words)):
+            query, error = None, f"too-long: {long}"
+        if error:
+            errors.append((query_id, error))
+        else:
+            queries.append(query)
+    return queries, errors
+
+
+def _query(source, query_id: str, row: dict, default_k: int) -> tuple[Query | None, str | None]:
+    text, image = text_value(row.get("text")), text_value(row.get("image"))
+    k = row.get("k")
+    if k is None or (isinstance(k, float) and k != k) or k == "":
+        k = default_k
+    try:
+        k = int(str(k).strip())
+        if not 1 <= k <= 1000:
+            raise ValueError
+    except (TypeError, ValueError):
+        return None, f"bad-k: k must be a whole number from 1 to 1000, got {row.get('k')!r}"
+    if text and image:
+        return None, "bad-row: give text or image, not both"
+    if image:
+        try:
+            return Query(query_id, k, image=resolve_uri(source, image)), None
+        except ValueError as exc:
+            return None, f"unsupported-uri: {exc}"
+    if text is None:
+        return None, "bad-row: no text and no image"
+    if not words(text):
+        return None, "empty-text: the text has no words"
+    return Query(query_id, k, text=text), None

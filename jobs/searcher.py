@@ -1,0 +1,230 @@
+"""Searcher: search without Spark. The captions and references of a captioner version, read once; the
+BLEU index over them; a query's exact top k with why each image matched; an image query captioned
+as the index job captions; BLEU blended with visual similarity.
+
+cbir web and cbir search use it in their own process; each Spark task of the query job uses it over
+its share of the captions, so every way of searching ranks alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from cbir.bleu import BleuParams
+from cbir.engine import BleuIndex
+from cbir.errors import UsageError
+from cbir.images import ImageRejected, Limits, inspect_image
+from cbir.lake import Lake
+from cbir.references import SOURCE, SOURCE_COLUMNS, References, build_index, reference_texts
+from cbir.schemas import CAPTIONS, subschema
+from cbir.settings import Settings
+from cbir.text import too_many_words, words
+from jobs.encoding import EncoderConfig, encode_chunks, encoder_config, load_captioner, read_features
+from jobs.reader import read_bytes
+from models import store
+from models.captioner import Decoding
+
+CAPTION_COLUMNS = ["image_id", "uri", "caption", "references"]
+HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("image_id", pa.string()), ("uri", pa.string()),
+                        ("caption", pa.string()), ("score", pa.float64()), ("matched_kind", pa.string()),
+                        ("matched_text", pa.string())])
+
+
+def bleu_params(settings: Settings) -> BleuParams:
+    return BleuParams(tuple(settings.bleu.weights), settings.bleu.smoothing, settings.bleu.auto_reweigh)
+
+
+# The captions searched.
+def version_captions(lake: Lake, version: str | None, kinds: Iterable[str], image_ids: Iterable[str] | None = None,
+                     extra: tuple[str, ...] = ()) -> pa.Table:
+    """The version's ok captions (image_id, uri, caption, references), one row per image, with the source
+    texts of the chosen reference kinds and the manifest columns in `extra` (see with_sources)."""
+    if version is None:  # no captioner yet: nothing is indexed
+        return with_sources(lake, subschema(CAPTIONS, CAPTION_COLUMNS).empty_table(), kinds, extra)
+    wanted = ((ds.field("model_version") == version) & (ds.field("status") == "ok")
+              & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
+    if image_ids is not None:
+        wanted &= ds.field("image_id").isin(pa.array(sorted(set(image_ids)), pa.string()))
+    table = lake.table("captions").dataset().to_table(columns=CAPTION_COLUMNS, filter=wanted)
+    return with_sources(lake, first_per_image(table), kinds, extra)
+
+
+def captions_of(lake: Lake, version: str, image_ids: Iterable[str]) -> dict[str, str]:
+    """image_id -> the caption this captioner version gave it (images it did not caption are left out)."""
+    table = version_captions(lake, version, (), image_ids)
+    return dict(zip(table.column("image_id").to_pylist(), table.column("caption").to_pylist()))
+
+
+def first_per_image(table: pa.Table) -> pa.Table:
+    """One row per image_id (the first), should a version have captioned an image twice."""
+    if pc.count_distinct(table.column("image_id")).as_py() == table.num_rows:
+        return table
+    numbered = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    first = numbered.group_by("image_id", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
+    return table.take(pc.sort_indices(first))
+
+
+def with_sources(lake: Lake, table: pa.Table, kinds: Iterable[str], extra: tuple[str, ...] = ()) -> pa.Table:
+    """`table` with a column per source kind of `kinds` (title, description, tags, given) and per manifest column
+    of `extra`: for each image, the first value that its manifest rows that did not fail have (an image
+    ingested twice, once with a title and once without, keeps the title)."""
+    sources = {kind: SOURCE_COLUMNS[kind] for kind in SOURCE if kind in kinds}
+    columns = list(dict.fromkeys([*extra, *sources.values()]))
+    if not columns:
+        return table
+    ids = table.column("image_id").combine_chunks()
+    manifest = lake.table("manifest").dataset().to_table(columns=["image_id", *columns], filter=(
+        (ds.field("status") != "failed") & ds.field("image_id").isin(ids)))
+    firsts = _first_values(manifest, columns)
+    at = pc.index_in(ids, value_set=firsts.column("image_id").combine_chunks())
+    for name, column in [*((name, name) for name in extra), *sources.items()]:
+        table = table.append_column(name, firsts.column(column).take(at))
+    return table.combine_chunks()
+
+
+def _first_values(table: pa.Table, columns: list[str]) -> pa.Table:
+    """One row per image_id: each column's first value that is not null (in the table's order)."""
+    ids = pc.unique(table.column("image_id").combine_chunks())
+    if len(ids) == table.num_rows:  # one row per image already
+        return table.select(["image_id", *columns])
+    rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    out = {"image_id": ids}
+    for name in columns:
+        valid = table.column(name).is_valid()
+        firsts = pa.table({"image_id": table.column("image_id").filter(valid), "row": rows.filter(valid)}).group_by(
+            "image_id", use_threads=False).aggregate([("row", "min")])
+        at = firsts.column("row_min").take(pc.index_in(ids, value_set=firsts.column("image_id").combine_chunks()))
+        out[name] = table.column(name).take(at)
+    return pa.table(out)
+
+
+# The index.
+@dataclass(frozen=True)
+class Index:
+    """The BLEU index of a table of captions (row i is image i) and what its hits show."""
+
+    table: pa.Table  # image_id, uri, caption (and any extra manifest column), without the reference texts
+    references: References | None
+    engine: BleuIndex | None
+    row_of: dict[str, int]
+
+    @classmethod
+    def build(cls, table: pa.Table, kinds: Iterable[str], max_order: int) -> "Index":
+        """`table` as version_captions returns it (any captions table with image_id, uri and caption will do)."""
+        shown = table.select([name for name in table.column_names if name not in ("references", *SOURCE)])
+        ids = table.column("image_id").to_pylist()
+        if not ids:
+            return cls(shown, None, None, {})
+        references = reference_texts(table, tuple(kinds))
+        return cls(shown, references, build_index(ids, references, max_order), dict(zip(ids, range(len(ids)))))
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def knows_any(self, query: list[str]) -> bool:
+        return self.engine is not None and any(word in self.engine.vocabulary for word in query)
+
+    def search(self, query: list[str], k: int, params: BleuParams) -> list[dict]:
+        """The exact top k, best first: image_id, uri, caption, score, matched_kind and matched_text of each."""
+        hits = self.engine.search(query, k, params) if self.engine is not None else []
+        if not hits:
+            return []
+        rows = [self.row_of[hit.image_id] for hit in hits]
+        shown = self.table.select(["uri", "caption"]).take(pa.array(rows, pa.int64())).to_pylist()
+        matched = self.references.matched(query, rows, params)
+        return [dict(image_id=hit.image_id, uri=row["uri"], caption=row["caption"], score=hit.score,
+                     matched_kind=why[0] if why else None, matched_text=why[1] if why else None)
+                for hit, row, why in zip(hits, shown, matched)]
+
+
+# Image queries.
+@dataclass(frozen=True)
+class ImageCaptioner:
+    """Captions images as the index job does: the same encoder, preprocessing, rounding of the features and
+    decoding; the captioner is loaded once per process."""
+
+    lake: Lake
+    version: str
+    encoder: EncoderConfig
+    decoding: Decoding
+
+    @classmethod
+    def from_settings(cls, lake: Lake, version: str, settings: Settings, parallel_tasks: int = 1) -> "ImageCaptioner":
+        return cls(lake, version, encoder_config(settings, parallel_tasks), Decoding.from_settings(settings.captioner))
+
+    def load(self) -> None:
+        """Load the encoder and the captioner now (TensorFlow's threads are set before its first use)."""
+        self.encoder.load()
+        load_captioner(self.lake, self.version, self.encoder)
+
+    def caption(self, rows: Iterable[dict], read: Callable[[dict], bytes]) -> Iterator[tuple]:
+        """(row, caption, features, None) for each image read and encoded, (row, None, None, reason) for the others."""
+        captioner = load_captioner(self.lake, self.version, self.encoder)
+        for chunk in encode_chunks(self.encoder, rows, read):
+            decoded = captioner.decode(chunk.vectors, self.decoding) if chunk.rows else []
+            for row, best, vector in zip(chunk.rows, decoded, chunk.vectors):
+                yield row, best[0][0], vector, None
+            for row, reason in chunk.failed:
+                yield row, None, None, reason
+
+
+def indexed(lake: Lake, config: EncoderConfig, version: str,
+            image_ids: list[str]) -> dict[str, tuple[str, list[float]]]:
+    """image_id -> (caption, features) of the images this captioner version captioned."""
+    captions, vectors = captions_of(lake, version, image_ids), read_features(lake, config, image_ids)
+    return {image_id: (caption, vectors[image_id].tolist()) for image_id, caption in captions.items()
+            if image_id in vectors}
+
+
+def read_image(uri: str, settings: Settings, filesystems: dict | None = None) -> tuple[str, bytes]:
+    """(image_id, bytes) of an image query, after the checks ingest makes; ImageRejected says why not."""
+    limits = Limits.from_settings(settings.ingest)
+    data = read_bytes(uri, settings.s3, {} if filesystems is None else filesystems, limits.max_bytes)
+    return inspect_image(data, limits).image_id, data
+
+
+def caption_image(lake: Lake, settings: Settings, card: dict, uri: str) -> str:
+    """The caption of an example image: its stored one when this captioner indexed it, else made now."""
+    captioner = ImageCaptioner.from_settings(lake, card["version"], settings)
+    store.check_encoder(card, captioner.encoder.key)
+    try:
+        image_id, data = read_image(uri, settings)
+    except ImageRejected as exc:
+        raise UsageError(f"{uri}: {exc}") from None
+    known = captions_of(lake, card["version"], [image_id])
+    if image_id in known:
+        return known[image_id]
+    (_, caption, _, reason), = captioner.caption([{"image_id": image_id}], lambda row: data)
+    if reason:
+        raise UsageError(f"{uri}: {reason}")
+    return caption
+
+
+# Visual similarity.
+def blend(bleu: np.ndarray, images: np.ndarray, queries: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine of each image's features with its query's, BLEU blended with it): row i is one hit."""
+    norms = np.linalg.norm(images, axis=1) * np.linalg.norm(queries, axis=1)
+    cosine = np.where(norms > 0, (images * queries).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
+    return cosine, (1 - weight) * bleu + weight * cosine
+
+
+# One query, in this process (cbir search).
+def search_one(lake: Lake, settings: Settings, k: int, text: str | None = None,
+               image: str | None = None) -> tuple[str | None, list[dict]]:
+    """One query by text or by example image: (the image's caption, or None; its top k, each with its rank)."""
+    card = store.card(lake, settings.captioner.version)
+    caption = caption_image(lake, settings, card, image) if image is not None else None
+    query = words(text if text is not None else caption)
+    if not query:
+        raise UsageError("the query has no words")
+    if long := too_many_words(text, settings.query.max_words):
+        raise UsageError(f"the query is too long: {long}")
+    kinds, params = tuple(settings.bleu.references), bleu_params(settings)
+    index = Index.build(version_captions(lake, card["version"], kinds), kinds, params.max_order)
+    return caption, [dict(rank=rank, **hit) for rank, hit in enumerate(index.search(query, k, params), start=1)]

@@ -1,0 +1,1 @@
+"""cbir web: the search page and its JSON API (web.app builds the FastAPI application)."""

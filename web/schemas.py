@@ -1,0 +1,86 @@
+"""What the JSON API answers and asks: response models and parameters (module level: FastAPI resolves the
+annotations by name)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import File, Form, Query, UploadFile
+from pydantic import BaseModel, Field
+
+MAX_QUERY = 1000  # characters
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="what was wrong, in a sentence")
+    reason: str = Field(description="a short slug: empty-query, no-match, too-large, not-an-image, unknown-image, ...")
+
+
+class ResultOut(BaseModel):
+    rank: int = Field(description="1 is best; ties by image_id")
+    image_id: str = Field(description="sha256 of the image bytes")
+    score: float = Field(description="BLEU of the query against the image's texts (nltk sentence_bleu)")
+    caption: str = Field(description="the image's indexed caption")
+    matched_kind: str | None = Field(description="which of its texts matched the query best: caption, label, title, "
+                                                 "description, tags or given")
+    matched_text: str | None = Field(description="that text")
+    uri: str | None = Field(description="where the image came from (a web address; of a server file, its name)")
+    image_url: str = Field(description="the stored image")
+    thumbnail_url: str = Field(description="a JPEG of at most 240 x 240 pixels")
+    page_url: str = Field(description="the image's page, with its source metadata")
+
+
+class SearchOut(BaseModel):
+    query: str | None = Field(description="the text asked; null for an image")
+    caption: str | None = Field(description="the caption generated for the uploaded image; null for text")
+    words: list[str] = Field(description="the words searched for")
+    k: int
+    count: int = Field(description="results returned (at most k; images that score 0 are not results)")
+    took_ms: float = Field(description="time in the index")
+    caption_ms: float | None = Field(None, description="time to caption the uploaded image")
+    model_version: str | None = Field(description="the captioner version whose captions were searched")
+    captions: int = Field(description="captions in the index")
+    results: list[ResultOut]
+
+
+class ImageOut(BaseModel):
+    image_id: str
+    caption: str
+    uri: str | None
+    format: str | None
+    width: int | None
+    height: int | None
+    bytes: int | None
+    title: str | None
+    tags: list[str]
+    license: str | None = Field(description="the source's license id")
+    license_name: str | None = Field(description="the license's name, where the source is known (Flickr)")
+    owner: str | None
+    source_id: str | None
+    taken_at: str | None
+    page_url: str | None = Field(description="the photo's page at its source (http or https only)")
+    source: str | None = Field(description="what was ingested: a folder, a prefix or a manifest file (its name)")
+    ingested_at: str | None
+    also_at: list[str] = Field(description="other uris with the same bytes")
+    model_version: str | None
+
+
+class StatusOut(BaseModel):
+    captions: int = Field(description="captions in the index")
+    model_version: str | None = Field(description="the captioner version whose captions are indexed")
+    index_runs: list[str] = Field(description="the committed index runs the index was built from")
+    loaded_at: str
+    load_seconds: float
+    captioner: str = Field(description="the captioner for uploads: not loaded, loading V, loaded V, unavailable: why")
+
+
+# Parameters (module level: FastAPI resolves the annotations by name).
+Q = Annotated[str, Query(max_length=MAX_QUERY, description="words that describe a picture")]
+OPTIONAL_Q = Annotated[str | None, Query(max_length=MAX_QUERY, description="words that describe a picture")]
+K = Annotated[int | None, Query(ge=1, le=1000, description="how many results (default: the setting query.k)")]
+FORM_K = Annotated[int | None, Form(ge=1, le=1000, description="how many results (default: the setting query.k)")]
+UPLOAD = Annotated[UploadFile, File(description="a JPEG, PNG, GIF, WebP, BMP or TIFF image")]
+OPTIONAL_UPLOAD = Annotated[UploadFile | None, File(description="the image")]
+ERRORS = {status: {"model": ErrorOut} for status in (400, 404, 413, 415, 422)}
+UPLOAD_ERRORS = {**ERRORS, 503: {"model": ErrorOut, "description": "no captioner to describe images with"}}
+IMAGE_RESPONSES = {200: {"content": {"image/*": {}}, "description": "the image bytes"}, 404: {"model": ErrorOut}}
