@@ -76,7 +76,8 @@ RESULTS = pa.schema(
 ERRORS = pa.schema(
     [
         _field("query_id", pa.string(), "the query's id, or '#row=N' when the row has none"),
-        _field("reason", pa.string(), "why it was not answered: '<reason>: <detail>'"),
+        _field("error", pa.string(), "why it was not answered: '<reason>: <detail>'"),
+        _field("reason", pa.string(), "the error's reason alone"),
         _field("run_id", pa.string(), "the query run"),
     ]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import unicodedata
@@ -81,3 +82,21 @@ def _split(texts: pa.StringArray) -> pa.ListArray:
         values = values.take(pa.array(take, pa.int64()))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # plain rows' tokens are in row order
     return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def render_table(title: str, rows: list[dict]) -> str:
+    """Rows as a terminal table under a title, every value made printable (text from the web included)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table()
+    for column in rows[0] if rows else []:
+        table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
+    for row in rows:
+        table.add_row(*(escape(printable(str(value))) for value in row.values()))
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=False)
+    console.print(escape(printable(title)))
+    console.print(table)
+    return out.getvalue()

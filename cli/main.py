@@ -20,7 +20,7 @@ from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
 from cbir.text import printable, too_many_words
-from cbir.settings import Settings, load_settings, override_variables
+from cbir.settings import MAX_K, Settings, load_settings, override_variables
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
 
@@ -167,13 +167,13 @@ def query(args, settings: Settings) -> None:
 
 def search(args, settings: Settings) -> None:
     """One query, answered by the searcher in this process: no Spark session, no flow run."""
-    from flows.reporting import render_table
+    from cbir.text import render_table
     from jobs.searcher import search_one
 
     if (args.text is None) == (args.image is None):
         raise UsageError("search needs a text or --image PATH (one of them)")
-    if args.k is not None and not 1 <= args.k <= 1000:
-        raise UsageError(f"-k must be from 1 to 1000, got {args.k}")
+    if args.k is not None and not 1 <= args.k <= MAX_K:
+        raise UsageError(f"-k must be from 1 to {MAX_K}, got {args.k}")
     if long := too_many_words(args.text, settings.query.max_words):
         raise UsageError(f"the query is too long: {long}")
     image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)

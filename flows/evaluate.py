@@ -9,7 +9,7 @@ from cbir.settings import Settings
 from flows.common import open_lake, stage
 from flows.index import index_flow
 from flows.ingest import ingest_flow
-from flows.reporting import publish_summary
+from flows.reporting import publish
 from jobs import evaluate
 from jobs.spark import spark_session
 
@@ -28,5 +28,4 @@ def eval_flow(table: str, prepare: bool = True, settings: Settings | None = None
         index_flow(settings=settings)
     with spark_session(settings) as spark:
         summary = measure(spark, lake, settings, quote(rows))
-    publish_summary("eval-summary", f"retrieval quality on {table}", summary.rows())
-    return summary.contract()
+    return publish("eval", f"retrieval quality on {table}", summary)

@@ -7,45 +7,50 @@ and what failed. Only the commits retry: jobs.query.commit does nothing once a r
 
 from __future__ import annotations
 
-from prefect import flow, task
+from typing import Annotated
+
+from prefect import flow
 from prefect.artifacts import create_link_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 from prefect.utilities.annotations import quote
+from pydantic import Field
 
 from cbir.lake import Lake
-from cbir.settings import Settings, load_settings
-from flows.reporting import Progress, publish_summary
+from cbir.settings import MAX_K, Settings
+from flows.common import open_lake, spark_job, stage
+from flows.reporting import publish
 from jobs import gallery, query
-from jobs.spark import spark_session
 
 TOP_PER_QUERY = 3  # results per query in the Prefect table artifact
 ARTIFACT_ROWS = 300
-RETRIES = {"commit the results": 2, "commit the errors": 2}
 
 
 def as_task(name: str, function, *args):
-    """Run a stage as a Prefect task. Its arguments (a Spark session, a lake) are passed as they are:
-    never hashed, copied or stored (quote), and its result is kept in memory only."""
-    stage = task(function, name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=5, cache_policy=NONE,
-                 persist_result=False)
-    return stage(*(quote(arg) for arg in args))
+    """Run a stage as a Prefect task (quoted arguments: a Spark session, a lake, rows); commits retry."""
+    retries = 2 if name.startswith("commit") else 0
+    return stage(function, name=name, retries=retries, retry_delay_seconds=5)(*(quote(arg) for arg in args))
 
 
 @flow(name="query", log_prints=True)
-def query_flow(query_file: str, captions: str | None = None, settings: Settings | None = None) -> dict:
-    """Answer every query of QUERY_FILE with its exact BLEU top k; write results, errors and a gallery."""
-    settings = settings or load_settings()
-    lake = Lake.open(settings)
-    lake.check()
-    progress = Progress("query-progress", f"query {query_file}")
-    with spark_session(settings) as spark:
+def query_flow(query_file: str, k: Annotated[int, Field(ge=1, le=MAX_K)] | None = None,
+               captions: str | None = None, settings: Settings | None = None) -> dict:
+    """Answer every query of a query file with its exact BLEU top k; write results, errors and a gallery.
+
+    Args:
+        query_file: CSV, JSONL or Parquet with query_id and text or image (and optional k): a path on the machine
+            that runs the flow, or an s3:// URI
+        k: results per query for the rows without a k of their own (default: the query.k setting)
+        captions: search this Parquet dataset (image_id, caption[, uri]) instead of the lake's captions
+    """
+    settings, lake = open_lake(settings)
+    if k is not None:
+        settings = settings.model_copy(update={"query": settings.query.model_copy(update={"k": k})})
+    with spark_job(settings, "query", f"query {query_file}") as (spark, progress):
         summary = query.run(spark, lake, settings, query_file, captions_table=captions, progress=progress,
                             stage=as_task)
-    progress.finish()
     results = lake.query_tables(summary.run_id)[0].read().to_pylist()
     gallery_uri = as_task("gallery", write_gallery, lake, settings, summary, results)
 
-    publish_summary("query-summary", f"query {query_file} (run {summary.run_id})", summary.rows())
+    publish("query", f"query {query_file} (run {summary.run_id})", summary)
     top = [{k: row[k] for k in ("query_id", "rank", "score", "caption", "image_id")}
            for row in sorted(results, key=lambda r: (r["query_id"], r["rank"])) if row["rank"] <= TOP_PER_QUERY]
     if top:

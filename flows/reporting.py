@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import time
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from cbir.text import printable
+from cbir.text import render_table
 from jobs.stats import RunSummary
 
 
@@ -39,19 +34,6 @@ class Progress:
         update_progress_artifact(self.artifact, 100.0)
         if self.announce and self.shown_tenth < 10:
             print(f"{self.description}: 100%")
-
-
-def render_table(title: str, rows: list[dict]) -> str:
-    table = Table()
-    for column in rows[0] if rows else []:
-        table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
-    for row in rows:
-        table.add_row(*(escape(printable(str(value))) for value in row.values()))
-    out = io.StringIO()
-    console = Console(file=out, width=100, force_terminal=False)
-    console.print(escape(printable(title)))
-    console.print(table)
-    return out.getvalue()
 
 
 def publish_summary(key: str, title: str, rows: list[dict]) -> None:

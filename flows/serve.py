@@ -4,20 +4,14 @@
 - `index/scheduled-index`: caption what is new, on the cron of index.schedule;
 - `query/on-demand`: a batch query file, run from the Prefect UI's form (or the API).
 
-The crawl and index deployments are the pipeline's own flow objects, so their runs sit beside the
-command's. No setting, and no secret, is ever a deployment parameter: the flows' `settings`
+The deployments are the pipeline's own flow objects, so their runs sit beside the commands'. No setting, and no secret, is ever a deployment parameter: the flows' `settings`
 parameter is left out of the form, and every served run loads its settings from the environment
 of the process that serves it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from prefect import flow
-from pydantic import Field
-
-from cbir.settings import MAX_K, Settings, load_settings
+from cbir.settings import Settings
 from flows.crawl import crawl_flickr_flow
 from flows.index import index_flow
 from flows.query import query_flow
@@ -48,8 +42,8 @@ def scheduled_index(settings: Settings):
 
 
 def on_demand_query():
-    return query.to_deployment(name="on-demand", tags=["cbir"],
-                               description="answer a batch query file: results table, gallery and artifacts")
+    return _without_settings(query_flow.to_deployment(
+        name="on-demand", tags=["cbir"], description="answer a batch query file: results table, gallery and artifacts"))
 
 
 def _without_settings(deployment):
@@ -58,22 +52,3 @@ def _without_settings(deployment):
     schema.properties.pop("settings", None)
     schema.definitions = {}  # only the settings' sections were defined there
     return deployment
-
-
-# The query flow takes no `k` (results per query) yet; until it does, this keeps the form's k. TODO(issue 16):
-# deploy query_flow itself, with _without_settings, once it takes k.
-@flow(name="query", log_prints=True)
-def query(query_file: str, k: Annotated[int, Field(ge=1, le=MAX_K)] | None = None,
-          captions: str | None = None) -> dict:
-    """Answer every query of a query file with its exact BLEU top k; write results, errors and a gallery.
-
-    Args:
-        query_file: CSV, JSONL or Parquet with query_id and text or image (and optional k): a path on the machine
-            that serves this deployment, or an s3:// URI
-        k: results per query for the rows without a k of their own (default: the query.k setting)
-        captions: search this Parquet dataset (image_id, caption[, uri]) instead of the lake's captions
-    """
-    settings = load_settings()
-    if k is not None:
-        settings = settings.model_copy(update={"query": settings.query.model_copy(update={"k": k})})
-    return query_flow.fn(query_file, captions, settings)

@@ -47,8 +47,8 @@ class EvalSummary:
         return [{"what": key, "value": round(value, 4) if isinstance(value, float) else value}
                 for key, value in asdict(self).items()]
 
-    def contract(self) -> dict:
-        """The metrics `cbir eval --json` prints: the contract's keys first, then the others."""
+    def as_dict(self) -> dict:
+        """The metrics `cbir eval --json` prints and the flow returns: its contract's keys."""
         keys = ("r_at_1", "r_at_5", "r_at_10", "map_at_10", "queries", "image_r_at_10", "reachable")
         return {key: getattr(self, key) for key in keys}
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from cbir.images import Failure
 from cbir.lake import Lake
 from cbir.settings import Settings
 from jobs.embed import identify
@@ -20,12 +21,12 @@ from jobs.searcher import ImageCaptioner, indexed, read_image
 from models import store
 
 CAPTIONED = pa.schema([("query_id", pa.string()), ("caption", pa.string()), ("vector", pa.list_(pa.float32())),
-                       ("error", pa.string())])
-NO_CAPTIONER = "no-captioner: image queries need a captioner in the lake: train one with `cbir train`"
+                       ("error", pa.string()), ("reason", pa.string())])
+NO_CAPTIONER = Failure.of("no-captioner", "image queries need a captioner in the lake: train one with `cbir train`")
 
 
 def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, queries: list[Query],
-                          card: dict | None) -> tuple[list[Query], list[tuple[str, str]]]:
+                          card: dict | None) -> tuple[list[Query], list[tuple[str, Failure]]]:
     """The queries that can be searched (text, or images with their caption and features filled in), and
     (query_id, reason) for the image queries that failed."""
     images = [q for q in queries if q.image]
@@ -56,7 +57,7 @@ def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, q
 
 
 def _caption(spark: SparkSession, captioner: ImageCaptioner, settings: Settings,
-             todo: list[Query]) -> tuple[dict[str, tuple[str, list[float]]], list[tuple[str, str]]]:
+             todo: list[Query]) -> tuple[dict[str, tuple[str, list[float]]], list[tuple[str, Failure]]]:
     """Caption these image queries in Spark tasks: query_id -> (caption, features), and the failures."""
     rows = spark.createDataFrame([(q.query_id, q.image) for q in todo], "query_id string, uri string")
     rows = rows.repartition(min(len(todo), spark.sparkContext.defaultParallelism))
@@ -64,7 +65,7 @@ def _caption(spark: SparkSession, captioner: ImageCaptioner, settings: Settings,
     captioned = rows.mapInArrow(partial(_caption_partition, captioner, settings), from_arrow_schema(CAPTIONED))
     for row in captioned.collect():
         if row.error:
-            errors.append((row.query_id, row.error))
+            errors.append((row.query_id, Failure(row.error, row.reason)))
         else:
             found[row.query_id] = (row.caption, list(row.vector))
     return found, errors
@@ -78,5 +79,5 @@ def _caption_partition(captioner: ImageCaptioner, settings: Settings, batches: I
 
     rows = (row for batch in batches for row in batch.to_pylist())
     out = [{"query_id": row["query_id"], "caption": caption, "vector": None if vector is None else vector.tolist(),
-            "error": error} for row, caption, vector, error in captioner.caption(rows, read)]
+            "error": error, "reason": error and error.reason} for row, caption, vector, error in captioner.caption(rows, read)]
     yield pa.RecordBatch.from_pylist(out, schema=CAPTIONED)

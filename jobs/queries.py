@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cbir.errors import UsageError
-from cbir.settings import Settings
+from cbir.images import Failure
+from cbir.settings import MAX_K, Settings
 from cbir.text import too_many_words, words
 from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 
@@ -39,19 +40,19 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
         if row is None:
             continue
         if not isinstance(row, dict):
-            errors.append((f"#row={number}", f"bad-row: {row}" if isinstance(row, Exception) else "bad-row: not an object"))
+            errors.append((f"#row={number}", Failure.of("bad-row", str(row) if isinstance(row, Exception) else "not an object")))
             continue
         query_id = text_value(row.get("query_id"))
         if query_id is None:
-            errors.append((f"#row={number}", "bad-row: no query_id"))
+            errors.append((f"#row={number}", Failure.of("bad-row", "no query_id")))
             continue
         if query_id in seen:
-            errors.append((query_id, f"duplicate-id: query_id {query_id} is used by an earlier row"))
+            errors.append((query_id, Failure.of("duplicate-id", f"query_id {query_id} is used by an earlier row")))
             continue
         seen.add(query_id)
         query, error = _query(source, query_id, row, settings.query.k)
         if query and (long := too_many_words(query.text, settings.query.max_words)):
-            query, error = None, f"too-long: {long}"
+            query, error = None, Failure.of("too-long", long)
         if error:
             errors.append((query_id, error))
         else:
@@ -59,26 +60,26 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
     return queries, errors
 
 
-def _query(source, query_id: str, row: dict, default_k: int) -> tuple[Query | None, str | None]:
+def _query(source, query_id: str, row: dict, default_k: int) -> tuple[Query | None, Failure | None]:
     text, image = text_value(row.get("text")), text_value(row.get("image"))
     k = row.get("k")
     if k is None or (isinstance(k, float) and k != k) or k == "":
         k = default_k
     try:
         k = int(str(k).strip())
-        if not 1 <= k <= 1000:
+        if not 1 <= k <= MAX_K:
             raise ValueError
     except (TypeError, ValueError):
-        return None, f"bad-k: k must be a whole number from 1 to 1000, got {row.get('k')!r}"
+        return None, Failure.of("bad-k", f"k must be a whole number from 1 to {MAX_K}, got {row.get('k')!r}")
     if text and image:
-        return None, "bad-row: give text or image, not both"
+        return None, Failure.of("bad-row", "give text or image, not both")
     if image:
         try:
             return Query(query_id, k, image=resolve_uri(source, image)), None
         except ValueError as exc:
-            return None, f"unsupported-uri: {exc}"
+            return None, Failure.of("unsupported-uri", str(exc))
     if text is None:
-        return None, "bad-row: no text and no image"
+        return None, Failure.of("bad-row", "no text and no image")
     if not words(text):
-        return None, "empty-text: the text has no words"
+        return None, Failure.of("empty-text", "the text has no words")
     return Query(query_id, k, text=text), None

@@ -19,6 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cbir.errors import UsageError
+from cbir.images import Failure
 from cbir.lake import Lake, Table, new_run_id
 from cbir.schemas import ERRORS, RESULTS
 from cbir.settings import Settings
@@ -83,18 +84,18 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
 
         clock = time.monotonic()
         parts, counts = stage("search", search_and_write, spark, lake, settings, queries, card, captions_table, run_id)
-        stage("commit the results", commit, results, run_id, parts)
+        stage("commit the results", results.commit, run_id, parts)  # a retry is safe: commits are idempotent
         stages["search"] = time.monotonic() - clock
 
     answered = set(counts) - {"seconds:write"}
-    errors += [(q.query_id, "no-match: no word of the query is in any indexed text")
+    errors += [(q.query_id, Failure.of("no-match", "no word of the query is in any indexed text"))
                for q in queries if q.query_id not in answered]
     stage("commit the errors", write_errors, errors_table, errors, run_id)
     summary.answered = len(answered)
     summary.answered_queries = [q for q in queries if q.query_id in answered]
     summary.error_rows = errors
     summary.results = sum(n for key, n in counts.items() if key in answered)
-    summary.errors = dict(Counter(reason.split(":")[0] for _, reason in errors))
+    summary.errors = dict(Counter(error.reason for _, error in errors))
     summary.stages = dict(stages)
     return summary
 
@@ -123,18 +124,12 @@ def search_and_write(spark: SparkSession, lake: Lake, settings: Settings, querie
                      count=lambda batch: Counter(batch.column("query_id").to_pylist()))
 
 
-def commit(table: Table, run_id: str, parts: list[tuple[str, int]]) -> None:
-    """Publish a run's parts. Safe to retry: once the run is committed, a retry does nothing."""
-    if run_id not in table.committed_runs():
-        table.commit(run_id, parts)
-
-
-def write_errors(table: Table, errors: list[tuple[str, str]], run_id: str) -> None:
+def write_errors(table: Table, errors: list[tuple[str, Failure]], run_id: str) -> None:
     """Write and commit the error rows. Safe to retry: an unfinished try's part is left out of the commit."""
     writer = table.part_writer(run_id)
-    writer.write(pa.RecordBatch.from_pylist([{"query_id": q, "reason": r, "run_id": run_id} for q, r in errors],
-                                            schema=ERRORS))
-    commit(table, run_id, [writer.close()])
+    rows = [{"query_id": q, "error": error, "reason": error.reason, "run_id": run_id} for q, error in errors]
+    writer.write(pa.RecordBatch.from_pylist(rows, schema=ERRORS))
+    table.commit(run_id, [writer.close()])
 
 
 def _card(lake: Lake, settings: Settings) -> dict | None:

@@ -134,7 +134,7 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     assert all(r["blended_score"] is not None for r in rows if r["query_id"] in ("picture", "unseen"))
     assert all(r["visual_similarity"] is None for r in rows if r["query_id"] == "red")
     assert all(r["query_caption"] for r in rows if r["query_id"] == "unseen")
-    assert [(r["query_id"], r["reason"].split(":")[0]) for r in errors.read().to_pylist()] == [
+    assert [(r["query_id"], r["reason"]) for r in errors.read().to_pylist()] == [
         ("broken", "not-found")]
     page = Path(summary["gallery"]).read_text()
     assert page.count("<figure>") == 9 and "data:image/jpeg;base64," in page

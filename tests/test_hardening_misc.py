@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from cbir.lake import Lake
 from conftest import make_settings
 from cli import main as cli
-from flows.reporting import render_table
+from cbir.text import render_table
 from web.app import create_app
 from jobs.queries import read_queries
 

@@ -189,7 +189,8 @@ def test_bad_query_rows_land_in_the_errors_table(spark, tmp_path):
                         captions_table=str(tmp_path / "captions.parquet"))
 
     results, errors = Lake.open(settings).query_tables(summary.run_id)
-    reasons = {row["query_id"]: row["reason"].split(":")[0] for row in errors.read().to_pylist()}
+    reasons = {row["query_id"]: row["reason"] for row in errors.read().to_pylist()}
+    assert all(row["error"].startswith(row["reason"] + ": ") for row in errors.read().to_pylist())
     # The lake has no captioner: the text rows are answered from the table, the image row is an error.
     assert reasons == {"#row=3": "bad-row", "nothing": "bad-row", "both": "bad-row", "badk": "bad-k", "bigk": "bad-k",
                        "empty": "empty-text", "unknown": "no-match", "good": "duplicate-id", "picture": "no-captioner"}

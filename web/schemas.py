@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import File, Form, Query, UploadFile
 from pydantic import BaseModel, Field
 
+from cbir.settings import MAX_K
+
 MAX_QUERY = 1000  # characters
 
 
@@ -77,8 +79,8 @@ class StatusOut(BaseModel):
 # Parameters (module level: FastAPI resolves the annotations by name).
 Q = Annotated[str, Query(max_length=MAX_QUERY, description="words that describe a picture")]
 OPTIONAL_Q = Annotated[str | None, Query(max_length=MAX_QUERY, description="words that describe a picture")]
-K = Annotated[int | None, Query(ge=1, le=1000, description="how many results (default: the setting query.k)")]
-FORM_K = Annotated[int | None, Form(ge=1, le=1000, description="how many results (default: the setting query.k)")]
+K = Annotated[int | None, Query(ge=1, le=MAX_K, description="how many results (default: the setting query.k)")]
+FORM_K = Annotated[int | None, Form(ge=1, le=MAX_K, description="how many results (default: the setting query.k)")]
 UPLOAD = Annotated[UploadFile, File(description="a JPEG, PNG, GIF, WebP, BMP or TIFF image")]
 OPTIONAL_UPLOAD = Annotated[UploadFile | None, File(description="the image")]
 ERRORS = {status: {"model": ErrorOut} for status in (400, 404, 413, 415, 422)}
