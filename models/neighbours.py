@@ -15,12 +15,9 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
-from cbir.bleu import BleuParams
-from cbir.engine import BleuIndex
 from cbir.text import words
 
 PROJECTED_DIM = 256
@@ -80,19 +77,6 @@ class Memory:
                     found.append((str(self.texts[i]), float(row[i])))
             out.append(found)
         return out
-
-    @cached_property
-    def _texts_index(self) -> BleuIndex:
-        return BleuIndex.from_captions([str(i) for i in range(len(self))], self.texts.tolist())
-
-    def prototypes(self, queries: list[list[str]], m: int, params: BleuParams) -> np.ndarray:
-        """For each text query, what its images look like: the mean of the remembered images whose texts
-        match it best (m of them, weighted by their BLEU), unit length; a zero row when none matches."""
-        out = np.zeros((len(queries), self.vectors.shape[1]), np.float32)
-        for row, hits in enumerate(self._texts_index.search_many(queries, m, params) if len(self) else []):
-            for hit in hits:
-                out[row] += hit.score * self.vectors[int(hit.image_id)].astype(np.float32)
-        return np.where(np.abs(out).sum(axis=1, keepdims=True) > 0, _unit(out), 0.0).astype(np.float32)
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()

@@ -37,17 +37,6 @@ def test_the_nearest_texts_come_from_the_image_s_own_cluster_nearest_first(dim):
     assert [found[0][0] for found in memory.nearest(features[[7, 125]], k=1)] == ["cat 7", "boat 25"]
 
 
-def test_a_text_query_s_prototype_looks_like_the_images_its_words_name():
-    from cbir.bleu import BleuParams
-
-    features, texts, centres = clusters(64)
-    memory = Memory.build(features, texts, limit=1000)
-    prototypes = memory.prototypes([["boat"], ["a", "tree"], ["submarine"]], 3, BleuParams())
-    similarity = prototypes @ memory.project(centres).T
-    assert similarity[0].argmax() == 1 and similarity[1].argmax() == 2 and similarity[0, 1] > 0.8
-    assert not prototypes[2].any()  # no remembered text has the word: no picture of it
-
-
 def test_a_text_given_by_a_nearer_image_is_not_repeated():
     features = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], np.float32)
     memory = Memory.build(features, ["A red kite", "a red  kite", "a boat"], limit=10)
