@@ -20,11 +20,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from models.captioner import GREEDY, Captioner, Decoding, build_model  # noqa: E402
-from models.encoders import VGG16  # noqa: E402
-from models.tokenizer import SPECIALS, Tokenizer  # noqa: E402
+from models.captioner import GREEDY, Captioner, Decoding, build_model
+from models.encoders import VGG16
+from models.tokenizer import SPECIALS, Tokenizer
 
 VOCABULARY, MAX_LENGTH, FEATURES, UNITS = 5000, 20, 4096, 256
 
@@ -73,29 +73,40 @@ def main() -> None:
     for batch, images in ((1, 8), (16, 32), (64, 64)):
         pixels = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
         encoder.encode(pixels)  # warm up this batch shape
-        seconds, _ = timed(lambda: [encoder.encode(pixels) for _ in range(images // batch)])
+        seconds, _ = timed(lambda pixels=pixels, n=images // batch: [encoder.encode(pixels) for _ in range(n)])
         encoder_rates[str(batch)] = round(images / seconds, 2)
 
-    rates = {"per_word_loop": loop_n / loop_s, "batched_greedy": len(features) / greedy_s,
-             "batched_beam": len(features) / beam_s}
+    rates = {
+        "per_word_loop": loop_n / loop_s,
+        "batched_greedy": len(features) / greedy_s,
+        "batched_beam": len(features) / beam_s,
+    }
     print(f"{'decoder':<34}{'images':>8}{'seconds':>10}{'images/s':>11}")
-    for name, n, seconds in (("per-word predict loop (baseline)", loop_n, loop_s),
-                             ("batched greedy, batch 64", len(features), greedy_s),
-                             ("batched beam width 3, 3 best, no repeats", len(features), beam_s)):
+    for name, n, seconds in (
+        ("per-word predict loop (baseline)", loop_n, loop_s),
+        ("batched greedy, batch 64", len(features), greedy_s),
+        ("batched beam width 3, 3 best, no repeats", len(features), beam_s),
+    ):
         print(f"{name:<34}{n:>8}{seconds:>10.2f}{n / seconds:>11.1f}")
-    print(f"batched greedy is {rates['batched_greedy'] / rates['per_word_loop']:.0f}x the loop; "
-          f"captions identical to the loop's: {same}")
+    print(
+        f"batched greedy is {rates['batched_greedy'] / rates['per_word_loop']:.0f}x the loop; "
+        f"captions identical to the loop's: {same}"
+    )
     print(f"{'VGG16 fc2 encoder, batch':<34}" + "".join(f"{b:>8}" for b in encoder_rates))
     print(f"{'images/s':<34}" + "".join(f"{r:>8}" for r in encoder_rates.values()))
     print(f"({os.cpu_count()} cores; vocabulary {VOCABULARY}, {UNITS} units, {MAX_LENGTH} words)")
-    print(json.dumps({
-        "batched_greedy_img_s": round(rates["batched_greedy"], 1),
-        "batched_beam_img_s": round(rates["batched_beam"], 1),
-        "per_word_loop_img_s": round(rates["per_word_loop"], 2),
-        "greedy_speedup": round(rates["batched_greedy"] / rates["per_word_loop"], 1),
-        "loop_and_greedy_captions_equal": same,
-        "encoder_img_s": encoder_rates,
-    }))
+    print(
+        json.dumps(
+            {
+                "batched_greedy_img_s": round(rates["batched_greedy"], 1),
+                "batched_beam_img_s": round(rates["batched_beam"], 1),
+                "per_word_loop_img_s": round(rates["per_word_loop"], 2),
+                "greedy_speedup": round(rates["batched_greedy"] / rates["per_word_loop"], 1),
+                "loop_and_greedy_captions_equal": same,
+                "encoder_img_s": encoder_rates,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

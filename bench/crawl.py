@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 HOSTS = 100
 LATENCY_S, FAILURE_RATE = 0.05, 0.01
 WARM_UP, WARM_UP_FIRST = 200, 10_000_000
@@ -41,7 +40,7 @@ WARM_UP, WARM_UP_FIRST = 200, 10_000_000
 def jpegs(count: int = 64) -> list[bytes]:
     rng = np.random.default_rng(0)
     out = []
-    for i in range(count):
+    for _ in range(count):
         pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(32, 0).repeat(32, 1)  # 256x256 blocks
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
@@ -66,7 +65,14 @@ def serve(port_out) -> None:
                 body, status = b"try again", 500
             else:
                 comment = f"image {n}".encode()
-                body, status = images[n % 64][:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + images[n % 64][2:], 200
+                body, status = (
+                    images[n % 64][:2]
+                    + b"\xff\xfe"
+                    + (len(comment) + 2).to_bytes(2, "big")
+                    + comment
+                    + images[n % 64][2:],
+                    200,
+                )
             self.send_response(status)
             self.send_header("Content-Type", "image/jpeg" if status == 200 else "text/plain")
             self.send_header("Content-Length", str(len(body)))
@@ -121,7 +127,11 @@ def crawl_once(port: int, count: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "urls.txt"
         listing.write_text("".join(url(port, n) + "\n" for n in range(count)))
-        child = subprocess.Popen([sys.executable, __file__, "--child", str(listing), tmp, str(port), *overrides], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--child", str(listing), tmp, str(port), *overrides],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         peak = {"total": 0.0}
         while child.poll() is None:
             parts = tree_rss_mb(child.pid)
@@ -136,15 +146,26 @@ def child(listing: str, tmp: str, port: str, *overrides: str) -> None:
     from cbir.settings import load_settings
     from jobs.spark import build_session
 
-    settings = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state", "crawl.allow_hosts=127.0.0.0/8", *overrides],
-                             environ={})
+    settings = load_settings(
+        overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state", "crawl.allow_hosts=127.0.0.0/8", *overrides],
+        environ={},
+    )
     spark = build_session(settings)
     warm_up = Path(tmp) / "warm-up.txt"  # starts the JVM's and Python workers' first jobs, timed apart
     warm_up.write_text("".join(url(int(port), WARM_UP_FIRST + n) + "\n" for n in range(WARM_UP)))
     cold = crawl(spark, settings, str(warm_up))
     summary = crawl(spark, settings, listing)
-    print(json.dumps({"downloaded": summary.ingested, "failed": summary.failed, "seconds": summary.seconds,
-                      "img_s": summary.images_per_s, "warm_up_s": cold.seconds}))
+    print(
+        json.dumps(
+            {
+                "downloaded": summary.ingested,
+                "failed": summary.failed,
+                "seconds": summary.seconds,
+                "img_s": summary.images_per_s,
+                "warm_up_s": cold.seconds,
+            }
+        )
+    )
 
 
 def crawl(spark, settings, listing: str):
@@ -199,18 +220,35 @@ def main() -> None:
         host.terminate()
 
     print(f"image host: {LATENCY_S * 1000:.0f} ms a request, {FAILURE_RATE:.0%} fail (500), {HOSTS} host names")
-    print(f"each crawl process first crawls {WARM_UP} other URLs to start Spark's workers: "
-          f"{small['warm_up_s']:.1f} s and {large['warm_up_s']:.1f} s, not counted below")
+    print(
+        f"each crawl process first crawls {WARM_UP} other URLs to start Spark's workers: "
+        f"{small['warm_up_s']:.1f} s and {large['warm_up_s']:.1f} s, not counted below"
+    )
     print(f"{'run':<42}{'images/s':>10}{'peak RSS MB':>13}{'failed':>8}")
     print(f"{f'baseline: one at a time ({args.baseline} URLs)':<42}{base:>10.1f}{'':>13}{'':>8}")
     for name, run in ((f"cbir crawl, {args.small:,} URLs", small), (f"cbir crawl, {args.large:,} URLs", large)):
         print(f"{name:<42}{run['img_s']:>10.1f}{run['peak_rss_mb']:>13}{sum(run['failed'].values()):>8}")
-        print(f"{'  at the peak, MB':<42}" + ", ".join(f"{k} {v}" for k, v in run["peak_parts"].items() if k != "total"))
-    print(f"speedup over the baseline ({args.small:,} URLs): {small['img_s'] / base:.1f}x; "
-          f"memory {large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for {args.large // args.small}x the URLs")
-    print(json.dumps({"img_s": round(small["img_s"], 1), "peak_rss_mb_5k": small["peak_rss_mb"],
-                      "peak_rss_mb_50k": large["peak_rss_mb"], "img_s_50k": round(large["img_s"], 1),
-                      "baseline_img_s": round(base, 1), "warm_up_s": round(small["warm_up_s"], 1), "failed_5k": small["failed"], "failed_50k": large["failed"]}))
+        print(
+            f"{'  at the peak, MB':<42}" + ", ".join(f"{k} {v}" for k, v in run["peak_parts"].items() if k != "total")
+        )
+    print(
+        f"speedup over the baseline ({args.small:,} URLs): {small['img_s'] / base:.1f}x; "
+        f"memory {large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for {args.large // args.small}x the URLs"
+    )
+    print(
+        json.dumps(
+            {
+                "img_s": round(small["img_s"], 1),
+                "peak_rss_mb_5k": small["peak_rss_mb"],
+                "peak_rss_mb_50k": large["peak_rss_mb"],
+                "img_s_50k": round(large["img_s"], 1),
+                "baseline_img_s": round(base, 1),
+                "warm_up_s": round(small["warm_up_s"], 1),
+                "failed_5k": small["failed"],
+                "failed_50k": large["failed"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from cbir.lake import Lake  # noqa: E402
-from cbir.settings import load_settings  # noqa: E402
-from models.encoders import VGG16, bfloat16_supported, pixels  # noqa: E402
+from cbir.lake import Lake
+from cbir.settings import load_settings
+from models.encoders import VGG16, bfloat16_supported, pixels
 
 
 def make_photos(folder: Path, count: int, first: int = 0) -> None:
@@ -93,7 +93,7 @@ def encoder_alone(images: np.ndarray, precision: str, batch: int) -> tuple[float
     encoder = VGG16("random", precision)
     encoder.encode(images[:batch])  # trace once
     started = time.perf_counter()
-    features = np.concatenate([encoder.encode(images[i:i + batch]) for i in range(0, len(images), batch)])
+    features = np.concatenate([encoder.encode(images[i : i + batch]) for i in range(0, len(images), batch)])
     return len(images) / (time.perf_counter() - started), features
 
 
@@ -129,8 +129,13 @@ def main() -> None:
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        overrides = [f"lake={tmp}/lake", f"state_dir={tmp}/state", "encoder.weights=random",
-                     "captioner.min_word_count=1", "train.epochs=1"]
+        overrides = [
+            f"lake={tmp}/lake",
+            f"state_dir={tmp}/state",
+            "encoder.weights=random",
+            "captioner.min_word_count=1",
+            "train.epochs=1",
+        ]
         settings = load_settings(overrides=overrides, environ={})
         make_photos(tmp / "photos", n)
         make_photos(tmp / "warmup", 16, first=10**6)
@@ -141,8 +146,10 @@ def main() -> None:
         with open(tmp / "captions.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["uri", "caption"])
-            writer.writerows((tmp / "warmup" / name, f"a photo number {i % 7}")
-                             for i, name in enumerate(sorted(os.listdir(tmp / "warmup"))))
+            writer.writerows(
+                (tmp / "warmup" / name, f"a photo number {i % 7}")
+                for i, name in enumerate(sorted(os.listdir(tmp / "warmup")))
+            )
         command = [str(Path(sys.executable).parent / "cbir"), "train", str(tmp / "captions.csv")]
         for item in overrides:
             command += ["--set", item]
@@ -162,8 +169,9 @@ def main() -> None:
 
         # (a) the encoder alone on the same images, decoded beforehand; bfloat16 against float32.
         precision = VGG16("random", settings.encoder.precision).precision
-        decoded = np.stack([pixels((tmp / "photos" / name).read_bytes(), (224, 224))
-                            for name in sorted(os.listdir(tmp / "photos"))])
+        decoded = np.stack(
+            [pixels((tmp / "photos" / name).read_bytes(), (224, 224)) for name in sorted(os.listdir(tmp / "photos"))]
+        )
         encoder_img_s, _ = encoder_alone(decoded, precision, settings.encoder.batch_size)
         sample = decoded[: min(n, 64)]
         fp32_img_s, fp32 = encoder_alone(sample, "float32", settings.encoder.batch_size)
@@ -178,30 +186,40 @@ def main() -> None:
 
     job_img_s = job.indexed / job.seconds
     print(f"{'run':<46}{'images':>8}{'images/s':>10}")
-    for name, count, rate in ((f"(a) encoder alone, {precision}, batch {settings.encoder.batch_size}", n, encoder_img_s),
-                              ("(b) index job, warm workers", job.indexed, job_img_s),
-                              ("    index job, cold workers (16 images)", warm.indexed, warm.indexed / warm.seconds),
-                              ("(c) seed loop: one image, one predict a word", loop_n, seed_img_s)):
+    for name, count, rate in (
+        (f"(a) encoder alone, {precision}, batch {settings.encoder.batch_size}", n, encoder_img_s),
+        ("(b) index job, warm workers", job.indexed, job_img_s),
+        ("    index job, cold workers (16 images)", warm.indexed, warm.indexed / warm.seconds),
+        ("(c) seed loop: one image, one predict a word", loop_n, seed_img_s),
+    ):
         print(f"{name:<46}{count:>8}{rate:>10.2f}")
-    print(f"(b)/(a) = {job_img_s / encoder_img_s:.0%} (target >= 85%); (b)/(c) = {job_img_s / seed_img_s:.1f}x "
-          f"(target >= 5x); peak memory {memory.peak / 2**30:.2f} GB (target < 6)")
+    print(
+        f"(b)/(a) = {job_img_s / encoder_img_s:.0%} (target >= 85%); (b)/(c) = {job_img_s / seed_img_s:.1f}x "
+        f"(target >= 5x); peak memory {memory.peak / 2**30:.2f} GB (target < 6)"
+    )
     print("index task seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in job.stages.items()))
-    print(f"bfloat16 encoder: {bf16_img_s:.1f} images/s against float32 {fp32_img_s:.1f} "
-          f"({bf16_img_s / fp32_img_s:.2f}x), min cosine {cosine.min():.6f}; native bfloat16 here: "
-          f"{bfloat16_supported()}; encoder.precision=auto uses {precision}")
-    print(json.dumps({
-        "encoder_img_s": round(encoder_img_s, 2),
-        "job_img_s": round(job_img_s, 2),
-        "seed_loop_img_s": round(seed_img_s, 2),
-        "job_vs_encoder": round(job_img_s / encoder_img_s, 3),
-        "job_vs_seed_loop": round(job_img_s / seed_img_s, 1),
-        "peak_rss_gb": round(memory.peak / 2**30, 2),
-        "bf16_speedup": round(bf16_img_s / fp32_img_s, 2),
-        "bf16_min_cosine": round(float(cosine.min()), 6),
-        "precision": precision,
-        "images": n,
-        "cores": os.cpu_count(),
-    }))
+    print(
+        f"bfloat16 encoder: {bf16_img_s:.1f} images/s against float32 {fp32_img_s:.1f} "
+        f"({bf16_img_s / fp32_img_s:.2f}x), min cosine {cosine.min():.6f}; native bfloat16 here: "
+        f"{bfloat16_supported()}; encoder.precision=auto uses {precision}"
+    )
+    print(
+        json.dumps(
+            {
+                "encoder_img_s": round(encoder_img_s, 2),
+                "job_img_s": round(job_img_s, 2),
+                "seed_loop_img_s": round(seed_img_s, 2),
+                "job_vs_encoder": round(job_img_s / encoder_img_s, 3),
+                "job_vs_seed_loop": round(job_img_s / seed_img_s, 1),
+                "peak_rss_gb": round(memory.peak / 2**30, 2),
+                "bf16_speedup": round(bf16_img_s / fp32_img_s, 2),
+                "bf16_min_cosine": round(float(cosine.min()), 6),
+                "precision": precision,
+                "images": n,
+                "cores": os.cpu_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

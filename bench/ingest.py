@@ -27,10 +27,9 @@ import boto3
 import numpy as np
 from PIL import Image
 
-
-from cbir.images import Limits, inspect_image  # noqa: E402
-from cbir.lake import Lake  # noqa: E402
-from cbir.settings import load_settings  # noqa: E402
+from cbir.images import Limits, inspect_image
+from cbir.lake import Lake
+from cbir.settings import load_settings
 
 
 def make_jpegs(folder: Path, count: int, first: int = 0) -> int:
@@ -73,14 +72,17 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
             boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
             return server, endpoint
-        except Exception:
+        except Exception:  # noqa: BLE001 - the server is still starting
             time.sleep(0.2)
     raise RuntimeError("moto server did not start")
 
@@ -105,7 +107,9 @@ def main() -> None:
         local = settings(f"{tmp}/lake-local")
         s3 = settings("s3://bench/lake", f"s3.endpoint_url={endpoint}", "s3.region=us-east-1")
         base_s = baseline(folder, settings(f"{tmp}/lake-baseline"))
-        base_s3_s = baseline(folder, settings("s3://bench/baseline", f"s3.endpoint_url={endpoint}", "s3.region=us-east-1"))
+        base_s3_s = baseline(
+            folder, settings("s3://bench/baseline", f"s3.endpoint_url={endpoint}", "s3.region=us-east-1")
+        )
         started = time.perf_counter()
         spark = build_session(local)
         session_s = time.perf_counter() - started
@@ -128,13 +132,17 @@ def main() -> None:
         "warmup_s": round(warmup_s, 1),
     }
     print(f"{'run':<34}{'images':>8}{'seconds':>10}{'images/s':>10}")
-    for name, seconds, count in (("baseline: one process -> local", base_s, n),
-                                 ("cbir ingest -> local lake", local_s, local_n),
-                                 ("baseline: one process -> moto S3", base_s3_s, n),
-                                 ("cbir ingest -> moto S3 lake", s3_s, s3_n)):
+    for name, seconds, count in (
+        ("baseline: one process -> local", base_s, n),
+        ("cbir ingest -> local lake", local_s, local_n),
+        ("baseline: one process -> moto S3", base_s3_s, n),
+        ("cbir ingest -> moto S3 lake", s3_s, s3_n),
+    ):
         print(f"{name:<34}{count:>8}{seconds:>10.1f}{count / seconds:>10.1f}")
-    print(f"not counted: Spark session start {session_s:.1f} s, warm-up ingest of 16 images {warmup_s:.1f} s; "
-          f"{n} JPEGs of {results['mean_kb']} kB mean; {results['cores']} cores")
+    print(
+        f"not counted: Spark session start {session_s:.1f} s, warm-up ingest of 16 images {warmup_s:.1f} s; "
+        f"{n} JPEGs of {results['mean_kb']} kB mean; {results['cores']} cores"
+    )
     print(json.dumps(results))
 
 

@@ -44,15 +44,36 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cbir.lake import Lake  # noqa: E402
-from cbir.samples import sample_corpus, write_jsonl  # noqa: E402
-from cbir.settings import load_settings  # noqa: E402
+from cbir.lake import Lake
+from cbir.samples import sample_corpus, write_jsonl
+from cbir.settings import load_settings
 
-BASELINE = ["captioner.decode=greedy", "captioner.no_repeat_ngram=0", "captioner.captions_per_image=1",
-            "captioner.labels_per_image=0", "captioner.neighbours=0", "bleu.references=caption", "train.monitor=loss",
-            "captioner.min_word_count=2", "captioner.dropout=0.5", "train.label_smoothing=0"]
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "degenerate", "distinct_per_100", "r_at_1", "r_at_5", "r_at_10",
-           "map_at_10", "image_r_at_10", "reachable")
+BASELINE = [
+    "captioner.decode=greedy",
+    "captioner.no_repeat_ngram=0",
+    "captioner.captions_per_image=1",
+    "captioner.labels_per_image=0",
+    "captioner.neighbours=0",
+    "bleu.references=caption",
+    "train.monitor=loss",
+    "captioner.min_word_count=2",
+    "captioner.dropout=0.5",
+    "train.label_smoothing=0",
+]
+METRICS = (
+    "bleu1",
+    "bleu2",
+    "bleu3",
+    "bleu4",
+    "degenerate",
+    "distinct_per_100",
+    "r_at_1",
+    "r_at_5",
+    "r_at_10",
+    "map_at_10",
+    "image_r_at_10",
+    "reachable",
+)
 TEST_FRACTION, DEV_FRACTION, SEED = 0.2, 0.1, 0
 QUICK_EMOJI = 72  # 8 of each emoji group (5 flags)
 
@@ -106,14 +127,24 @@ def measure(lake: Lake, settings, train: Path, heldout: Path, rows: list[dict], 
         retrieval = eval_flow(table=str(heldout), settings=settings)
         evaluated = time.monotonic()
     captions = lake.table("captions").read(["uri", "caption", "model_version", "status"]).to_pylist()
-    generated = {row["uri"]: row["caption"] for row in captions
-                 if row["model_version"] == card["version"] and row["status"] == "ok"}
+    generated = {
+        row["uri"]: row["caption"]
+        for row in captions
+        if row["model_version"] == card["version"] and row["status"] == "ok"
+    }
     found = [row for row in rows if row["uri"] in generated]
     said = [generated[row["uri"]] for row in found]
-    return {**corpus_bleu([human_texts(row) for row in found], said), **caption_stats(said), **retrieval,
-            "captioned": len(found), "epochs": card["training"]["epochs_run"],
-            "vocabulary": card["sizes"]["vocabulary"], "train_s": trained - started, "eval_s": evaluated - trained,
-            "examples": [(row["caption"], generated[row["uri"]]) for row in found[:: max(1, len(found) // 12)][:12]]}
+    return {
+        **corpus_bleu([human_texts(row) for row in found], said),
+        **caption_stats(said),
+        **retrieval,
+        "captioned": len(found),
+        "epochs": card["training"]["epochs_run"],
+        "vocabulary": card["sizes"]["vocabulary"],
+        "train_s": trained - started,
+        "eval_s": evaluated - trained,
+        "examples": [(row["caption"], generated[row["uri"]]) for row in found[:: max(1, len(found) // 12)][:12]],
+    }
 
 
 def training_rows(rows: list[dict], texts: str) -> list[dict]:
@@ -128,8 +159,9 @@ def training_rows(rows: list[dict], texts: str) -> list[dict]:
     return out
 
 
-def run_corpus(name: str, recipes: dict[str, list[str]], work: Path, budget: list[str], quick: bool,
-               texts: str) -> dict:
+def run_corpus(
+    name: str, recipes: dict[str, list[str]], work: Path, budget: list[str], quick: bool, texts: str
+) -> dict:
     rows = corpus_rows(name, quick)
     folder = work / name
     folder.mkdir()
@@ -138,12 +170,18 @@ def run_corpus(name: str, recipes: dict[str, list[str]], work: Path, budget: lis
     test = [row for row in rows if row["split"] == "test"]
     heldout = write_jsonl([{k: row[k] for k in keep} for row in test], folder / "heldout.jsonl")
     counts = {split: sum(1 for row in rows if row["split"] == split) for split in ("train", "dev", "test")}
-    print(f"{name}: {len(rows)} images in {len({row['category'] for row in rows})} categories; train "
-          f"{counts['train']}, dev {counts['dev']}, held out {counts['test']} (log: {folder / 'flows.log'})", flush=True)
+    print(
+        f"{name}: {len(rows)} images in {len({row['category'] for row in rows})} categories; train "
+        f"{counts['train']}, dev {counts['dev']}, held out {counts['test']} (log: {folder / 'flows.log'})",
+        flush=True,
+    )
     results = {}
     for recipe, overrides in recipes.items():
-        settings = load_settings("offline", overrides=[f"lake={folder / 'lake'}", f"state_dir={work / 'state'}",
-                                                       *budget, *overrides], environ={})
+        settings = load_settings(
+            "offline",
+            overrides=[f"lake={folder / 'lake'}", f"state_dir={work / 'state'}", *budget, *overrides],
+            environ={},
+        )
         print(f"  {recipe}: training and evaluating ...", flush=True)
         results[recipe] = measure(Lake.open(settings), settings, train, heldout, test, folder / "flows.log")
     return results
@@ -153,8 +191,13 @@ def print_table(name: str, results: dict[str, dict]) -> None:
     print(f"\n{name}\n{'metric':<20}" + "".join(f"{recipe:>14}" for recipe in results))
     for metric in (*METRICS, "queries", "captioned", "vocabulary", "epochs", "train_s", "eval_s"):
         cells = [results[recipe][metric] for recipe in results]
-        print(f"{metric:<20}" + "".join(f"{v:>14.1f}" if metric.endswith("_s") else f"{v:>14.4f}"
-                                        if isinstance(v, float) else f"{v:>14}" for v in cells))
+        print(
+            f"{metric:<20}"
+            + "".join(
+                f"{v:>14.1f}" if metric.endswith("_s") else f"{v:>14.4f}" if isinstance(v, float) else f"{v:>14}"
+                for v in cells
+            )
+        )
     for recipe, result in results.items():
         print(f"{recipe}: human caption -> generated caption")
         for human, generated in result["examples"]:
@@ -164,14 +207,27 @@ def print_table(name: str, results: dict[str, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", choices=("openclipart", "samples", "both"), default="both")
-    parser.add_argument("--quick", action="store_true", help=f"a quarter of OpenClipart, the photos and "
-                        f"{QUICK_EMOJI} emoji: a smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a quarter of OpenClipart, the photos and {QUICK_EMOJI} emoji: a smoke run",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="most epochs of each training (default 30)")
-    parser.add_argument("--recipe", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                        help="another recipe: a name and settings over the defaults")
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "KEY=VALUE"),
+        help="another recipe: a name and settings over the defaults",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline recipe")
-    parser.add_argument("--train-texts", choices=("caption", "all"), default="caption",
-                        help="train on each image's caption only, or on its description and tags too")
+    parser.add_argument(
+        "--train-texts",
+        choices=("caption", "all"),
+        default="caption",
+        help="train on each image's caption only, or on its description and tags too",
+    )
     parser.add_argument("--work", metavar="DIR", help="keep the lakes and logs here (default: a temporary folder)")
     args = parser.parse_args()
     recipes = {} if args.no_baseline else {"baseline": BASELINE}
@@ -198,8 +254,17 @@ def main() -> None:
                 print_table(name, results[name])
         finally:
             spark.stop()
-    print(json.dumps({name: {recipe: {metric: round(result[metric], 4) for metric in METRICS}
-                             for recipe, result in by_recipe.items()} for name, by_recipe in results.items()}))
+    print(
+        json.dumps(
+            {
+                name: {
+                    recipe: {metric: round(result[metric], 4) for metric in METRICS}
+                    for recipe, result in by_recipe.items()
+                }
+                for name, by_recipe in results.items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

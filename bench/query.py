@@ -6,9 +6,9 @@
    20,000 words): three captions of 8 to 15 words (the 2nd and 3rd differ from the first in two
    words, as a beam's n best do), two labels of 1 to 3 words, five neighbours' titles and a title of
    2 to 5 words and a line of 3 to 5 tags: 12 texts an image. Queries are drawn the same way, a
-   quarter of them one to three words: index build (cbir.references, as cbir web and the query job build it) and exact top-10
-   for every query (BleuIndex.search_many: all cores), with time per stage and peak memory; the same
-   queries on one thread are timed apart. Its pairs/s (images x queries / seconds) is
+   quarter of them one to three words: index build (cbir.references, as cbir web and the query job
+   build it) and exact top-10 for every query (BleuIndex.search_many: all cores), with time per
+   stage and peak memory; the same queries on one thread are timed apart. Its pairs/s (images x queries / seconds) is
    engine_pairs_per_s: pruning decides most pairs without scoring them.
 3. The same queries through the Spark job (jobs.search.search over a captions table with those
    references), local[*].
@@ -50,15 +50,23 @@ def corpus(n: int, vocabulary: int, seed: int, short_share: float = 0.0) -> list
     words = rng.choice(vocabulary, size=int(lengths.sum()), p=p)
     out, at = [], 0
     for length in lengths:
-        out.append([f"w{w}" for w in words[at:at + length]])
+        out.append([f"w{w}" for w in words[at : at + length]])
         at += length
     return out
 
 
-REFERENCES = (("caption", 8, 16), ("caption", 0, 0), ("caption", 0, 0), ("label", 1, 4), ("label", 1, 4),
-              *[("neighbour", 2, 6)] * 5, ("title", 2, 6), ("tags", 3, 6))
+REFERENCES = (
+    ("caption", 8, 16),
+    ("caption", 0, 0),
+    ("caption", 0, 0),
+    ("label", 1, 4),
+    ("label", 1, 4),
+    *[("neighbour", 2, 6)] * 5,
+    ("title", 2, 6),
+    ("tags", 3, 6),
+)
 # (kind, fewest words, most + 1); (0, 0): a variant of the caption. Ranks count within a kind.
-RANKS = [[kind for kind, _, _ in REFERENCES][:i + 1].count(kind) for i, (kind, _, _) in enumerate(REFERENCES)]
+RANKS = [[kind for kind, _, _ in REFERENCES][: i + 1].count(kind) for i, (kind, _, _) in enumerate(REFERENCES)]
 
 
 def images_with_references(n: int, vocabulary: int, seed: int) -> pa.Table:
@@ -88,10 +96,8 @@ def images_with_references(n: int, vocabulary: int, seed: int) -> pa.Table:
     text = pa.concat_arrays(texts).take(order)
     kind = pa.array(np.repeat(np.array(kinds, object)[None, :], n, axis=0).ravel(), pa.string())
     rank = pa.array(np.tile(RANKS, n), pa.int32())
-    structs = pa.StructArray.from_arrays([kind, rank, text, pa.nulls(len(text), pa.float64())],
-                                         fields=list(REFERENCE))
-    references = pa.ListArray.from_arrays(pa.array(np.arange(0, n * per_image + 1, per_image, dtype=np.int32)),
-                                          structs)
+    structs = pa.StructArray.from_arrays([kind, rank, text, pa.nulls(len(text), pa.float64())], fields=list(REFERENCE))
+    references = pa.ListArray.from_arrays(pa.array(np.arange(0, n * per_image + 1, per_image, dtype=np.int32)), structs)
     return pa.table({"image_id": [f"{i:08d}" for i in range(n)], "caption": texts[0], "references": references})
 
 
@@ -102,8 +108,9 @@ def nltk_pairs(queries, captions, params: BleuParams) -> tuple[float, list[list[
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scores = [[sentence_bleu([c], q, params.weights, smoothing, params.auto_reweigh) for c in captions]
-                  for q in queries]
+        scores = [
+            [sentence_bleu([c], q, params.weights, smoothing, params.auto_reweigh) for c in captions] for q in queries
+        ]
     return len(queries) * len(captions) / (time.perf_counter() - started), scores
 
 
@@ -162,29 +169,37 @@ def main() -> None:
     if spark_s is not None:
         print(f"{'Spark job, local[*], same captions and queries':<52}{spark_s:>10.2f}")
         print(f"Spark job's results equal the engine's: {spark_same}")
-    print(f"pairs/s: nltk loop {nltk_rate:,.0f}; engine scoring every pair {engine_rate:,.0f} "
-          f"({engine_rate / nltk_rate:,.0f}x); engine exact top-10 at scale {top10_rate:,.0f} "
-          f"({top10_rate / nltk_rate:,.0f}x); largest score difference from nltk: {max_diff}")
-    print(f"index {index_gb:.2f} GB in arrays; process peak {peak_gb:.2f} GB; {answered:,} queries had hits; "
-          f"{os.cpu_count()} cores")
-    print(json.dumps({
-        "engine_pairs_per_s": round(top10_rate),
-        "engine_all_pairs_per_s": round(engine_rate),
-        "nltk_pairs_per_s": round(nltk_rate),
-        "speedup": round(top10_rate / nltk_rate),
-        "max_abs_diff": max_diff,
-        "big_captions": len(big),
-        "big_texts": len(big_references.texts),
-        "big_queries": len(queries),
-        "big_build_s": round(t2 - t1, 2),
-        "big_queries_s": round(t3 - t2, 2),
-        "big_queries_one_thread_s": round(one_thread_s, 2),
-        "big_run_s": round(t3 - t1, 2),
-        "big_spark_run_s": round(spark_s, 2) if spark_s is not None else None,
-        "spark_equals_engine": spark_same,
-        "big_peak_rss_gb": round(peak_gb, 2),
-        "big_index_gb": round(index_gb, 2),
-    }))
+    print(
+        f"pairs/s: nltk loop {nltk_rate:,.0f}; engine scoring every pair {engine_rate:,.0f} "
+        f"({engine_rate / nltk_rate:,.0f}x); engine exact top-10 at scale {top10_rate:,.0f} "
+        f"({top10_rate / nltk_rate:,.0f}x); largest score difference from nltk: {max_diff}"
+    )
+    print(
+        f"index {index_gb:.2f} GB in arrays; process peak {peak_gb:.2f} GB; {answered:,} queries had hits; "
+        f"{os.cpu_count()} cores"
+    )
+    print(
+        json.dumps(
+            {
+                "engine_pairs_per_s": round(top10_rate),
+                "engine_all_pairs_per_s": round(engine_rate),
+                "nltk_pairs_per_s": round(nltk_rate),
+                "speedup": round(top10_rate / nltk_rate),
+                "max_abs_diff": max_diff,
+                "big_captions": len(big),
+                "big_texts": len(big_references.texts),
+                "big_queries": len(queries),
+                "big_build_s": round(t2 - t1, 2),
+                "big_queries_s": round(t3 - t2, 2),
+                "big_queries_one_thread_s": round(one_thread_s, 2),
+                "big_run_s": round(t3 - t1, 2),
+                "big_spark_run_s": round(spark_s, 2) if spark_s is not None else None,
+                "spark_equals_engine": spark_same,
+                "big_peak_rss_gb": round(peak_gb, 2),
+                "big_index_gb": round(index_gb, 2),
+            }
+        )
+    )
 
 
 def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:

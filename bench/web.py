@@ -66,11 +66,23 @@ def write_lake(root: Path, n: int) -> pa.Table:
     at = pa.scalar(0, pa.timestamp("us", tz="UTC"))
     for start in range(0, n, 250_000):
         rows = min(250_000, n - start)
-        writer.write(pa.RecordBatch.from_pydict({
-            "image_id": ids[start:start + rows], "uri": [None] * rows, "caption": captions.slice(start, rows),
-            "logprob": [0.0] * rows, "references": references.slice(start, rows),
-            "model_version": [VERSION] * rows, "status": ["ok"] * rows,
-            "error": [None] * rows, "indexed_at": pa.repeat(at, rows), "run_id": [run_id] * rows}, schema=CAPTIONS))
+        writer.write(
+            pa.RecordBatch.from_pydict(
+                {
+                    "image_id": ids[start : start + rows],
+                    "uri": [None] * rows,
+                    "caption": captions.slice(start, rows),
+                    "logprob": [0.0] * rows,
+                    "references": references.slice(start, rows),
+                    "model_version": [VERSION] * rows,
+                    "status": ["ok"] * rows,
+                    "error": [None] * rows,
+                    "indexed_at": pa.repeat(at, rows),
+                    "run_id": [run_id] * rows,
+                },
+                schema=CAPTIONS,
+            )
+        )
     table.commit(run_id, [writer.close()], model_version=VERSION)
     put_bytes(lake.fs, lake.path("models", "captioner", "current"), VERSION.encode(), overwrite=True)
     return images
@@ -93,8 +105,12 @@ def serve_and_query(root: Path, texts: list[str], page_sample: int) -> dict:
     cbir = str(Path(sys.executable).parent / "cbir")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CBIR_")}
     started = time.perf_counter()
-    server = subprocess.Popen([cbir, "web", "--set", f"lake={root}/lake", "--set", f"state_dir={root}/state",
-                               "--set", f"web.port={port}"], env=environ, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [cbir, "web", "--set", f"lake={root}/lake", "--set", f"state_dir={root}/state", "--set", f"web.port={port}"],
+        env=environ,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while True:
             if server.poll() is not None:
@@ -134,8 +150,15 @@ def serve_and_query(root: Path, texts: list[str], page_sample: int) -> dict:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return dict(load_s=load_s, client_ms=client_ms, server_ms=server_ms, page_ms=page_ms, no_match=no_match,
-                rss_gb=int(rss) / 2**20, captions=captions)
+    return dict(
+        load_s=load_s,
+        client_ms=client_ms,
+        server_ms=server_ms,
+        page_ms=page_ms,
+        no_match=no_match,
+        rss_gb=int(rss) / 2**20,
+        captions=captions,
+    )
 
 
 def main() -> None:
@@ -170,32 +193,42 @@ def main() -> None:
         del index
         gc.collect()
 
-    rows = [("engine: BleuIndex.search in this process", percentiles(engine_ms)),
-            ("engine inside the server (the answer's took_ms)", percentiles(served["server_ms"] or [0.0])),
-            ("GET /api/search over HTTP, keep-alive", percentiles(served["client_ms"])),
-            (f"GET /?q= the page ({len(served['page_ms'])} of the queries)", percentiles(served["page_ms"]))]
-    print(f"{args.captions:,} captions, {len(texts):,} text queries (k=10; {served['no_match']} had no known word), "
-          f"{os.cpu_count()} cores")
+    rows = [
+        ("engine: BleuIndex.search in this process", percentiles(engine_ms)),
+        ("engine inside the server (the answer's took_ms)", percentiles(served["server_ms"] or [0.0])),
+        ("GET /api/search over HTTP, keep-alive", percentiles(served["client_ms"])),
+        (f"GET /?q= the page ({len(served['page_ms'])} of the queries)", percentiles(served["page_ms"])),
+    ]
+    print(
+        f"{args.captions:,} captions, {len(texts):,} text queries (k=10; {served['no_match']} had no known word), "
+        f"{os.cpu_count()} cores"
+    )
     print(f"{'':<52}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
     for label, (p50, p95, top) in rows:
         print(f"{label:<52}{p50:>9.2f}{p95:>9.2f}{top:>9.2f}")
-    print(f"write the captions run (not counted): {write_s:.1f} s; cbir web start to first answer: "
-          f"{served['load_s']:.1f} s; server memory {served['rss_gb']:.2f} GB; in-process index build {build_s:.1f} s")
+    print(
+        f"write the captions run (not counted): {write_s:.1f} s; cbir web start to first answer: "
+        f"{served['load_s']:.1f} s; server memory {served['rss_gb']:.2f} GB; in-process index build {build_s:.1f} s"
+    )
     engine, text, page = percentiles(engine_ms), percentiles(served["client_ms"]), percentiles(served["page_ms"])
-    print(json.dumps({
-        "captions": args.captions,
-        "text_p50_ms": round(text[0], 3),
-        "text_p95_ms": round(text[1], 3),
-        "engine_p50_ms": round(engine[0], 3),
-        "engine_p95_ms": round(engine[1], 3),
-        "server_engine_p50_ms": round(percentiles(served["server_ms"] or [0.0])[0], 3),
-        "page_p50_ms": round(page[0], 3),
-        "page_p95_ms": round(page[1], 3),
-        "load_s": round(served["load_s"], 2),
-        "server_rss_gb": round(served["rss_gb"], 2),
-        "queries": len(texts),
-        "no_match": served["no_match"],
-    }))
+    print(
+        json.dumps(
+            {
+                "captions": args.captions,
+                "text_p50_ms": round(text[0], 3),
+                "text_p95_ms": round(text[1], 3),
+                "engine_p50_ms": round(engine[0], 3),
+                "engine_p95_ms": round(engine[1], 3),
+                "server_engine_p50_ms": round(percentiles(served["server_ms"] or [0.0])[0], 3),
+                "page_p50_ms": round(page[0], 3),
+                "page_p95_ms": round(page[1], 3),
+                "load_s": round(served["load_s"], 2),
+                "server_rss_gb": round(served["rss_gb"], 2),
+                "queries": len(texts),
+                "no_match": served["no_match"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -88,10 +88,10 @@ def matches(query: list[str], references: list[list[str]], max_order: int) -> tu
 
     out = []
     for n in range(1, max_order + 1):
-        wanted = Counter(tuple(query[i:i + n]) for i in range(len(query) - n + 1))
+        wanted = Counter(tuple(query[i : i + n]) for i in range(len(query) - n + 1))
         best: dict = {}
         for reference in references:
-            have = Counter(tuple(reference[i:i + n]) for i in range(len(reference) - n + 1))
+            have = Counter(tuple(reference[i : i + n]) for i in range(len(reference) - n + 1))
             for gram in wanted:
                 best[gram] = max(best.get(gram, 0), have[gram])
         out.append(sum(min(count, best[gram]) for gram, count in wanted.items()))

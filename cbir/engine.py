@@ -56,20 +56,21 @@ class BleuIndex:
     """An immutable index over images' texts: each image has one or more texts, each a list of words."""
 
     @classmethod
-    def from_captions(cls, image_ids: list[str], captions, max_order: int = 4) -> "BleuIndex":
+    def from_captions(cls, image_ids: list[str], captions, max_order: int = 4) -> BleuIndex:
         """One caption string per image, split into words as the captioner's tokenizer does."""
         return cls(image_ids, words_array(captions), None, max_order)
 
     @classmethod
-    def from_texts(cls, image_ids: list[str], texts: list[list[list[str]]], max_order: int = 4) -> "BleuIndex":
+    def from_texts(cls, image_ids: list[str], texts: list[list[list[str]]], max_order: int = 4) -> BleuIndex:
         """Word lists: texts[i] are image i's texts (none counts as one empty text)."""
         if len(image_ids) != len(texts):
             raise ValueError("one list of texts per image")
         refs = pa.array([ref for image_refs in texts for ref in (image_refs or [[]])], pa.list_(pa.string()))
         return cls(image_ids, refs, np.array([max(len(image_refs), 1) for image_refs in texts], np.int64), max_order)
 
-    def __init__(self, image_ids: list[str], refs: pa.ListArray, refs_per_image: np.ndarray | None = None,
-                 max_order: int = 4):
+    def __init__(
+        self, image_ids: list[str], refs: pa.ListArray, refs_per_image: np.ndarray | None = None, max_order: int = 4
+    ):
         """refs: word lists grouped by image, in image_ids order; refs_per_image: how many each (default 1)."""
         refs_per_image = np.ones(len(image_ids), np.int64) if refs_per_image is None else refs_per_image
         if len(refs_per_image) != len(image_ids) or refs_per_image.sum() != len(refs):
@@ -116,17 +117,32 @@ class BleuIndex:
 
         # The orders are independent from here: their kernels release the GIL and run side by side.
         with ThreadPoolExecutor(min(max_order, os.cpu_count() or 1)) as pool:  # longest first
-            orders = list(pool.map(_Order.build, range(max_order, 0, -1), by_order[::-1], repeat(ref_offsets),
-                                   repeat(ref_image), repeat(self.base)))[::-1]
+            orders = list(
+                pool.map(
+                    _Order.build,
+                    range(max_order, 0, -1),
+                    by_order[::-1],
+                    repeat(ref_offsets),
+                    repeat(ref_image),
+                    repeat(self.base),
+                )
+            )[::-1]
         del by_order
         # Gram ids are global: order n's ids follow order n-1's, so an id tells its order.
         self.codes = np.concatenate([o.codes for o in orders])
         self.code_offsets = np.cumsum([0] + [len(o.codes) for o in orders])
         entries = np.cumsum([0] + [len(o.image) for o in orders])
-        self.post_offsets = np.concatenate([o.post_offsets[:-1] + at for o, at in zip(orders, entries)] + [entries[-1:]])
+        self.post_offsets = np.concatenate(
+            [o.post_offsets[:-1] + at for o, at in zip(orders, entries)] + [entries[-1:]]
+        )
         self.post_images = np.concatenate([o.post_images for o in orders])
-        self.fwd_gids, fwd_offsets = _forward(tuple(o.image for o in orders), tuple(o.gid for o in orders),
-                                              tuple(o.count for o in orders), self.code_offsets, n_images)
+        self.fwd_gids, fwd_offsets = _forward(
+            tuple(o.image for o in orders),
+            tuple(o.gid for o in orders),
+            tuple(o.count for o in orders),
+            self.code_offsets,
+            n_images,
+        )
         del orders
         # What a candidate needs, side by side: where its grams start, id_rank, shortest text length,
         # where its text lengths start; the next row closes its ranges (row n_images the last ones).
@@ -150,8 +166,9 @@ class BleuIndex:
         arrays = (self.post_offsets, self.post_images, self.fwd_gids, self.meta, self.ref_lens, self.codes)
         return sum(a.nbytes for a in arrays)
 
-    def search_many(self, queries: list[list[str]], k: int, params: BleuParams,
-                    threads: int | None = None) -> list[list[Hit]]:
+    def search_many(
+        self, queries: list[list[str]], k: int, params: BleuParams, threads: int | None = None
+    ) -> list[list[Hit]]:
         """search() for each query, on every core: the kernel releases the GIL."""
         with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
             return list(pool.map(lambda query: self.search(query, k, params), queries))
@@ -171,9 +188,22 @@ class BleuIndex:
         dens = np.array(denominators(c, params.max_order), np.int64)
         keep = orders <= params.max_order
         mark = self._scratch()
-        images, nums, refs = _search(gids[keep], counts[keep], orders[keep], dens, weights,
-                                     SMOOTHING_CODES[params.smoothing], c, k, self.post_offsets, self.post_images,
-                                     self.fwd_gids, self.meta, self.ref_lens, mark)
+        images, nums, refs = _search(
+            gids[keep],
+            counts[keep],
+            orders[keep],
+            dens,
+            weights,
+            SMOOTHING_CODES[params.smoothing],
+            c,
+            k,
+            self.post_offsets,
+            self.post_images,
+            self.fwd_gids,
+            self.meta,
+            self.ref_lens,
+            mark,
+        )
         self._spare.put(mark)  # all zero again (not returned when the search raised)
         exact: dict[tuple, float] = {}
         scored = []
@@ -189,6 +219,7 @@ class BleuIndex:
 
 class _Order(NamedTuple):
     """One order's n-grams: distinct codes (sorted; gram id = position), each image's grams, postings."""
+
     codes: np.ndarray
     image: np.ndarray  # (image, gid, count): every image's distinct grams, grouped by image, ids ascending
     gid: np.ndarray
@@ -197,7 +228,7 @@ class _Order(NamedTuple):
     post_images: np.ndarray
 
     @classmethod
-    def build(cls, n: int, position_codes, ref_offsets, ref_image, base: int) -> "_Order":
+    def build(cls, n: int, position_codes, ref_offsets, ref_image, base: int) -> _Order:
         image, code, count = _image_grams(position_codes, ref_offsets, ref_image)
         # Single words are vocabulary ids already, 0..V-1 and all used: no renumbering needed.
         codes, gid = (np.arange(base), code) if n == 1 else _dense_sorted(code)
@@ -233,7 +264,7 @@ def _dense_sorted(codes):
             m += 1
             distinct[m] = keys[i]
         inverse[positions[i]] = m
-    return distinct[:m + 1], inverse
+    return distinct[: m + 1], inverse
 
 
 def _weights(params: BleuParams, query_length: int) -> tuple[float, ...]:
@@ -358,7 +389,7 @@ def _forward(images, gids, counts, gid_offsets, n_images):
                 out[fill[image[e]]] = gid[e] + gid_offsets[n]
                 fill[image[e]] += 1
     for i in range(n_images):
-        grams = out[offsets[i]:offsets[i + 1]]
+        grams = out[offsets[i] : offsets[i + 1]]
         for j in range(1, len(grams)):
             if grams[j] < grams[j - 1]:
                 grams.sort()
@@ -433,7 +464,7 @@ def _query_grams(ids, codes, code_offsets, renumbered, base):
                     found[i] = at
                     out[n_out] = at
                     n_out += 1
-        found[m - n + 1:] = -1
+        found[m - n + 1 :] = -1
     grams = np.sort(out[:n_out])
     gids, counts = np.empty(n_out, np.int64), np.empty(n_out, np.int64)
     n_gids = 0
@@ -448,8 +479,9 @@ def _query_grams(ids, codes, code_offsets, renumbered, base):
 
 
 @njit(cache=True, nogil=True)
-def _search(gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets, post_images,
-            fwd_gids, meta, ref_lens, seen):
+def _search(
+    gids, qcounts, orders, dens, weights, smoothing, c, k, post_offsets, post_images, fwd_gids, meta, ref_lens, seen
+):
     """The candidates for the exact top k: the k best by approximate score (ties: lower id_rank)
     plus any image whose approximate score is too close to theirs to order without exact arithmetic.
     gids ascend. `seen` is scratch space of one flag per image, all 0, and left all 0."""
@@ -613,20 +645,31 @@ def _penalised_length(meta, ref_lens, image, c):
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Start loading array.flat[index] into the caches; no effect on results."""
+
     def codegen(context, builder, signature, args):
         array_type = signature.args[0]
         array = context.make_array(array_type)(context, builder, args[0])
         address = builder.gep(array.data, [args[1]])
         bytes_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [bytes_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+            builder.module, ir.FunctionType(ir.VoidType(), [bytes_pointer, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
         builder.call(prefetch, [builder.bitcast(address, bytes_pointer), i32(0), i32(3), i32(1)])  # read, keep, data
         return context.get_dummy_value()
+
     return types.void(array, index), codegen
 
 
-@jitclass([("scores", float64[:]), ("ranks", int64[:]), ("images", int64[:]), ("nums", int64[:, :]),
-           ("refs", int64[:]), ("size", int64)])
+@jitclass(
+    [
+        ("scores", float64[:]),
+        ("ranks", int64[:]),
+        ("images", int64[:]),
+        ("nums", int64[:, :]),
+        ("refs", int64[:]),
+        ("size", int64),
+    ]
+)
 class _Heap:
     """The k best (score, id_rank) so far; the root is the worst: lowest score, then highest id_rank.
 

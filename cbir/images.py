@@ -90,7 +90,7 @@ def inspect_image(data: bytes, limits: Limits) -> ImageInfo:
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{pixels.group(1)} pixels" if pixels else "the image"
         raise ImageRejected("too-many-pixels", f"{size} is over ingest.max_pixels={limits.max_pixels}") from None
-    except Exception as exc:  # Pillow raises many types for damaged headers
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged headers
         raise ImageRejected("corrupt", first_line(exc)) from None
     with image:
         if image.format not in limits.formats:
@@ -102,7 +102,7 @@ def inspect_image(data: bytes, limits: Limits) -> ImageInfo:
             raise ImageRejected("corrupt", f"{width}x{height} image")
         try:
             image.load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - and as many for damaged pixel data
             message = first_line(exc)
             reason = "truncated" if "truncated" in message or "end of file" in message.lower() else "corrupt"
             raise ImageRejected(reason, message) from None

@@ -28,11 +28,11 @@ import re
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Iterable
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -63,7 +63,7 @@ def checked_run_id(value, what: str = "run id") -> str:
 
 def new_run_id() -> str:
     """Sortable by time, unique across machines, never parsed as a number."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 def open_filesystem(uri: str, s3: S3) -> tuple[pafs.FileSystem, str]:
@@ -131,7 +131,7 @@ class Lake:
     root: str
 
     @classmethod
-    def open(cls, settings: Settings) -> "Lake":
+    def open(cls, settings: Settings) -> Lake:
         fs, root = open_filesystem(settings.lake, settings.s3)
         return cls(settings.lake, fs, root)
 
@@ -153,19 +153,21 @@ class Lake:
     def uri_of(self, path: str) -> str:
         return path if is_local(self.fs) else f"s3://{path}"
 
-    def table(self, name: str) -> "Table":
+    def table(self, name: str) -> Table:
         return Table(name, self.fs, self.path(name), SCHEMAS[name])
 
-    def features_table(self, encoder_key: str, dim: int, dtype: str) -> "Table":
+    def features_table(self, encoder_key: str, dim: int, dtype: str) -> Table:
         """Features are cached per encoder (and storage type): features/<encoder key>-<dtype>/."""
         name = f"{encoder_key}-{dtype}"
         return Table(f"features/{name}", self.fs, self.path("features", name), features_schema(dim, dtype))
 
-    def query_tables(self, run_id: str) -> tuple["Table", "Table"]:
+    def query_tables(self, run_id: str) -> tuple[Table, Table]:
         """A query run's results and errors: queries/<run_id>/{results,errors}/."""
         folder = self.path("queries", checked_run_id(run_id))
-        return (Table("results", self.fs, f"{folder}/results", RESULTS),
-                Table("errors", self.fs, f"{folder}/errors", ERRORS))
+        return (
+            Table("results", self.fs, f"{folder}/results", RESULTS),
+            Table("errors", self.fs, f"{folder}/errors", ERRORS),
+        )
 
     def table_uris(self) -> dict[str, str]:
         return {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}
@@ -199,7 +201,7 @@ class Table:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
         files = []
         for info in infos:
-            run_dir, _, name = info.path[len(self.path) + 1:].partition("/")
+            run_dir, _, name = info.path[len(self.path) + 1 :].partition("/")
             if info.is_file and name.endswith(".parquet") and run_dir.removeprefix("run=") in committed:
                 files.append(info.path)
         return sorted(files)
@@ -215,8 +217,7 @@ class Table:
     def staging(self, run_id: str) -> str:
         return f"{self.path}/_staging/{checked_run_id(run_id)}"
 
-
-    def part_writer(self, run_id: str, tag: str = "") -> "PartWriter":
+    def part_writer(self, run_id: str, tag: str = "") -> PartWriter:
         """A writer for one part file of a run (used in executors); the file appears on the first rows."""
         return PartWriter(self, checked_run_id(run_id), f"part-{tag}{uuid.uuid4().hex[:12]}.parquet")
 
@@ -235,7 +236,7 @@ class Table:
             return None
         record = {
             "run_id": run_id,
-            "committed_at": datetime.now(timezone.utc).isoformat(),
+            "committed_at": datetime.now(UTC).isoformat(),
             "files": [name for name, _ in parts],
             "rows": sum(rows for _, rows in parts),
             **meta,
@@ -278,8 +279,12 @@ class Table:
         for info in self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)):
             run_id = info.base_name.removeprefix("run=")
             ready = f"{info.path}/{READY}"  # renamed into place, record not yet written
-            if (info.base_name.startswith("run=") and RUN_ID.fullmatch(run_id) and run_id not in committed
-                    and self.fs.get_file_info(ready).is_file):
+            if (
+                info.base_name.startswith("run=")
+                and RUN_ID.fullmatch(run_id)
+                and run_id not in committed
+                and self.fs.get_file_info(ready).is_file
+            ):
                 self._publish(self._read_json(ready))
 
     def _publish(self, record: dict) -> None:
@@ -300,6 +305,7 @@ class Table:
             self.fs.move(staging, run_dir)  # one rename: the whole run appears at once
             fsync_dir(self.path)
         elif staged:
+
             def copy(name: str) -> None:
                 if self.fs.get_file_info(f"{run_dir}/{name}").type == pafs.FileType.NotFound:
                     self.fs.copy_file(f"{staging}/{name}", f"{run_dir}/{name}")
@@ -336,7 +342,7 @@ def heartbeat(tables: Iterable[Table], run_id: str, every_s: float = HEARTBEAT_S
                 if is_local(table.fs):
                     table.fs.create_dir(staging, recursive=True)
                 with table.fs.open_output_stream(f"{staging}/{HEARTBEAT}") as out:
-                    out.write(datetime.now(timezone.utc).isoformat().encode())
+                    out.write(datetime.now(UTC).isoformat().encode())
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
     thread.start()
@@ -361,8 +367,9 @@ class PartWriter:
             staging = self.table.staging(self.run_id)
             if is_local(self.table.fs):
                 self.table.fs.create_dir(staging, recursive=True)
-            self._writer = pq.ParquetWriter(f"{staging}/{self.name}", self.table.schema, filesystem=self.table.fs,
-                                            compression="zstd")
+            self._writer = pq.ParquetWriter(
+                f"{staging}/{self.name}", self.table.schema, filesystem=self.table.fs, compression="zstd"
+            )
         self._writer.write_batch(batch.select(self.table.schema.names).cast(self.table.schema))
         self.rows += batch.num_rows
 

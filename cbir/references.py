@@ -46,13 +46,17 @@ class References:
     def of(self, row: int) -> list[tuple[str, str]]:
         """(kind, text) of one image's references, in order."""
         at, n = int(self.starts[row]), int(self.counts[row])
-        return list(zip(self.kinds[at:at + n].to_pylist(), self.texts[at:at + n].to_pylist()))
+        return list(zip(self.kinds[at : at + n].to_pylist(), self.texts[at : at + n].to_pylist()))
 
     def matched(self, query: list[str], rows: list[int], params: BleuParams) -> list[tuple[str, str] | None]:
         """Why each of these images (rows) matched the query: its (kind, text) that shares the most words with
         it, among equals the one that alone scores best, then the first; None when none shares a word."""
         counts = self.counts[rows]
-        at = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(self.starts[rows], counts)
+        at = (
+            np.arange(counts.sum())
+            - np.repeat(np.cumsum(counts) - counts, counts)
+            + np.repeat(self.starts[rows], counts)
+        )
         at = pa.array(at, pa.int64())
         taken = self.texts.take(at)
         texts, kinds = taken.to_pylist(), self.kinds.take(at).to_pylist()
@@ -63,8 +67,9 @@ class References:
             most = max(shared, default=0)
             tied = [first + i for i, count in enumerate(shared) if count == most] if most else []
             if len(tied) > 1:  # few: the texts that share as many words; BLEU decides between them
-                scores = [score(matches(query, [split[i]], params.max_order), len(query), len(split[i]), params)
-                          for i in tied]
+                scores = [
+                    score(matches(query, [split[i]], params.max_order), len(query), len(split[i]), params) for i in tied
+                ]
                 tied = [tied[scores.index(max(scores))]]
             out.append((kinds[tied[0]], texts[tied[0]]) if tied else None)
             first += n
@@ -89,8 +94,13 @@ def reference_texts(table: pa.Table, kinds: tuple[str, ...] | list[str] = KINDS)
         pieces.append((rows, flat.field("kind"), flat.field("text")))
     if "caption" in kinds and missing.any():
         rows = np.flatnonzero(missing)
-        pieces.append((rows, pa.array(["caption"] * len(rows), pa.string()),
-                       table.column("caption").combine_chunks().take(pa.array(rows))))
+        pieces.append(
+            (
+                rows,
+                pa.array(["caption"] * len(rows), pa.string()),
+                table.column("caption").combine_chunks().take(pa.array(rows)),
+            )
+        )
     for kind in SOURCE:
         if kind in kinds and kind in table.column_names:
             column = table.column(kind).combine_chunks()
@@ -102,8 +112,10 @@ def reference_texts(table: pa.Table, kinds: tuple[str, ...] | list[str] = KINDS)
         rows = np.concatenate([p[0] for p in pieces])
         kind = pa.concat_arrays([p[1].cast(pa.string()) for p in pieces])
         text = pa.concat_arrays([p[2].cast(pa.string()) for p in pieces])
-        keep = pc.and_(pc.is_in(kind, value_set=pa.array(list(kinds), pa.string())),
-                       pc.greater(pc.utf8_length(pc.fill_null(text, "")), 0)).to_numpy(zero_copy_only=False)
+        keep = pc.and_(
+            pc.is_in(kind, value_set=pa.array(list(kinds), pa.string())),
+            pc.greater(pc.utf8_length(pc.fill_null(text, "")), 0),
+        ).to_numpy(zero_copy_only=False)
         rows, kind, text = rows[keep], kind.filter(pa.array(keep)), text.filter(pa.array(keep))
     else:
         rows, kind, text = np.zeros(0, np.int64), pa.array([], pa.string()), pa.array([], pa.string())

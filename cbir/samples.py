@@ -47,8 +47,13 @@ def skimage_photos() -> list[dict]:
         for file in re.findall(r"""['"]data/([^'"]+)['"]""", source):
             path = folder / file
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and str(path) not in rows:
-                rows[str(path)] = {"uri": str(path), "title": name, "caption": caption, "tags": ["skimage"],
-                                   "category": PHOTO_CATEGORY}
+                rows[str(path)] = {
+                    "uri": str(path),
+                    "title": name,
+                    "caption": caption,
+                    "tags": ["skimage"],
+                    "category": PHOTO_CATEGORY,
+                }
     return list(rows.values())
 
 
@@ -76,12 +81,18 @@ def emoji_images(limit: int | None = None) -> list[dict]:
         if not path.is_file():
             continue
         subgroup = entry.get("subcategory") or ""
-        row = {"uri": str(path), "title": (entry.get("short_name") or "").replace("_", " "), "caption": caption,
-               "tags": ["emoji", group] + ([subgroup] if subgroup else []), "category": group}
+        row = {
+            "uri": str(path),
+            "title": (entry.get("short_name") or "").replace("_", " "),
+            "caption": caption,
+            "tags": ["emoji", group] + ([subgroup] if subgroup else []),
+            "category": group,
+        }
         key = hashlib.sha256(f"{points[0]:x}".encode()).hexdigest()
         groups.setdefault(group, []).append((key, row))
-    ordered = [[row for _, row in sorted(members, key=lambda member: member[0])]
-               for _, members in sorted(groups.items())]
+    ordered = [
+        [row for _, row in sorted(members, key=lambda member: member[0])] for _, members in sorted(groups.items())
+    ]
     rows = [row for turn in zip_longest(*ordered) for row in turn if row is not None]
     return rows if limit is None else rows[: max(0, limit)]
 

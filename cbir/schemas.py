@@ -44,8 +44,9 @@ CAPTIONS = pa.schema(
         _field("uri", pa.string(), "where the image came from (its first uri in the manifest)"),
         _field("caption", pa.string(), "the generated caption, without startseq/endseq; null when failed"),
         _field("logprob", pa.float64(), "the caption's log-probability under the model"),
-        _field("references", REFERENCES,
-               "the image's generated texts: kind (caption, label, neighbour), rank, text, score"),
+        _field(
+            "references", REFERENCES, "the image's generated texts: kind (caption, label, neighbour), rank, text, score"
+        ),
         _field("model_version", pa.string(), "the captioner version that wrote it"),
         _field("status", pa.string(), "ok or failed"),
         _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
@@ -63,8 +64,11 @@ RESULTS = pa.schema(
         _field("uri", pa.string(), "where the image came from"),
         _field("caption", pa.string(), "the image's indexed caption"),
         _field("score", pa.float64(), "BLEU of the query against the image's texts (nltk sentence_bleu)"),
-        _field("matched_kind", pa.string(),
-               "the kind of the text that matched the query best: caption, label, title, description, tags or given"),
+        _field(
+            "matched_kind",
+            pa.string(),
+            "the kind of the text that matched the query best: caption, label, title, description, tags or given",
+        ),
         _field("matched_text", pa.string(), "that text"),
         _field("query_caption", pa.string(), "the caption generated for an image query; null for text"),
         _field("visual_similarity", pa.float64(), "cosine of the image features (hybrid image queries only)"),
@@ -93,8 +97,10 @@ def subschema(schema: pa.Schema, names: list[str]) -> pa.Schema:
 def features_schema(dim: int, dtype: str) -> pa.Schema:
     """One table per encoder: its vectors have a fixed length that pyarrow, DuckDB and Spark read as arrays."""
     value = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
-    return pa.schema([
-        _field("image_id", pa.string(), "sha256 of the image bytes"),
-        _field("vector", pa.list_(value, dim), "the encoder's features"),
-        _field("run_id", pa.string(), "the run that computed them"),
-    ])
+    return pa.schema(
+        [
+            _field("image_id", pa.string(), "sha256 of the image bytes"),
+            _field("vector", pa.list_(value, dim), "the encoder's features"),
+            _field("run_id", pa.string(), "the run that computed them"),
+        ]
+    )

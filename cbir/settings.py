@@ -10,10 +10,11 @@ import ipaddress
 import os
 import re
 import typing
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from croniter import CroniterError, croniter
@@ -106,8 +107,11 @@ class Flickr(Section):
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
     rest_url: str = Field("https://api.flickr.com/services/rest/", pattern=r"^https?://\S+$")
-    sizes: list[str] = Field(["b", "c", "z", "o"], description="photo sizes to store, first available wins "
-                             "(Flickr's size letters: b 1024 px, c 800, z 640, o original, ...)")
+    sizes: list[str] = Field(
+        ["b", "c", "z", "o"],
+        description="photo sizes to store, first available wins "
+        "(Flickr's size letters: b 1024 px, c 800, z 640, o original, ...)",
+    )
     per_page: int = Field(250, ge=1, le=500)
     calls_per_hour: int = Field(3000, ge=1, le=3600, description="API calls; Flickr allows 3,600 an hour per key")
     rate_limit_wait_s: float = Field(60.0, ge=0, description="pause after Flickr says too many calls, then resume")
@@ -129,12 +133,20 @@ class Crawl(Section):
     """Downloading from the web: polite, bounded and refusing private addresses unless allowed."""
 
     allow_hosts: list[str] = Field([], description="hosts or CIDRs exempt from the private-address guard")
-    user_agent: str = Field("cbir/0.1 (caption-based image search crawler)", pattern=r"(?i)^cbir\b[^\r\n]*$",
-                            description="names cbir first, so sites can address it in robots rules")
-    contact_url: str | None = Field(None, pattern=r"^(https?://|mailto:)\S+$",
-                                    description="where site owners reach the operator; sent in the User-Agent")
-    opt_out_tokens: list[str] = Field(["noai", "noimageai", "noindex", "noimageindex"],
-                                      description="X-Robots-Tag directives that keep an image out; empty: none")
+    user_agent: str = Field(
+        "cbir/0.1 (caption-based image search crawler)",
+        pattern=r"(?i)^cbir\b[^\r\n]*$",
+        description="names cbir first, so sites can address it in robots rules",
+    )
+    contact_url: str | None = Field(
+        None,
+        pattern=r"^(https?://|mailto:)\S+$",
+        description="where site owners reach the operator; sent in the User-Agent",
+    )
+    opt_out_tokens: list[str] = Field(
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that keep an image out; empty: none",
+    )
     timeout_s: float = Field(15.0, gt=0, description="per request: connect, and between bytes read")
     deadline_s: float = Field(60.0, gt=0, description="per URL: redirects, retries, waits and the body together")
     retries: int = Field(3, ge=0, le=10, description="on timeouts, connection errors, 5xx and 429")
@@ -199,13 +211,17 @@ def _cron_expression(value: str) -> str:
 
 class Encoder(Section):
     name: str = "vgg16"
-    weights: str = Field("imagenet", description="imagenet (VGG16: Keras download; EfficientNet-Lite0: its pip "
-                         "package), random (tests only) or a weights file")
+    weights: str = Field(
+        "imagenet",
+        description="imagenet (VGG16: Keras download; EfficientNet-Lite0: its pip "
+        "package), random (tests only) or a weights file",
+    )
     batch_size: int = Field(16, ge=1, le=4096)
     threads: int = Field(0, ge=0, description="TensorFlow threads per Spark task; 0: cores / parallel tasks")
     dtype: Literal["float16", "float32"] = Field("float16", description="how feature vectors are stored")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="encoder arithmetic; auto: bfloat16 where the CPU has it (AMX or AVX512-BF16)")
+        "auto", description="encoder arithmetic; auto: bfloat16 where the CPU has it (AMX or AVX512-BF16)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -216,8 +232,11 @@ class Encoder(Section):
 
 
 class Captioner(Section):
-    version: str = Field("current", pattern=r"^(current|\d{8}T\d{6}Z-[0-9a-f]{8})$",
-                         description="current, or a version: the run id that cbir train printed")
+    version: str = Field(
+        "current",
+        pattern=r"^(current|\d{8}T\d{6}Z-[0-9a-f]{8})$",
+        description="current, or a version: the run id that cbir train printed",
+    )
     embedding_dim: int = Field(256, ge=1)
     units: int = Field(256, ge=1)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
@@ -225,9 +244,12 @@ class Captioner(Section):
     max_length: int = Field(40, ge=3, le=200, description="tokens per caption, markers included")
     decode: Literal["greedy", "beam"] = "beam"
     beam_width: int = Field(3, ge=1, le=50)
-    captions_per_image: int = Field(3, ge=1, le=50, description="distinct captions kept per image, at most (greedy: one)")
-    no_repeat_ngram: int = Field(1, ge=0, le=10, description="0: off; 1: no word twice; n: no word right after "
-                                 "itself, no n-gram twice")
+    captions_per_image: int = Field(
+        3, ge=1, le=50, description="distinct captions kept per image, at most (greedy: one)"
+    )
+    no_repeat_ngram: int = Field(
+        1, ge=0, le=10, description="0: off; 1: no word twice; n: no word right after itself, no n-gram twice"
+    )
     length_penalty: float = Field(0.5, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
     labels_per_image: int = Field(3, ge=0, le=20, description="the encoder's ImageNet labels kept per image")
     label_threshold: float = Field(0.2, ge=0, le=1, description="the least probability a kept label has")
@@ -240,8 +262,9 @@ class Train(Section):
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     patience: int = Field(3, ge=1, description="epochs without a better dev score before stopping")
-    monitor: Literal["bleu", "loss"] = Field("loss", description="what early stopping watches on the dev split: "
-                                             "BLEU of its decoded captions, or the loss")
+    monitor: Literal["bleu", "loss"] = Field(
+        "loss", description="what early stopping watches on the dev split: BLEU of its decoded captions, or the loss"
+    )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="share of each target spread over the vocabulary")
     dev_fraction: float = Field(0.1, ge=0, lt=0.5, description="for data sets without splits")
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
@@ -254,9 +277,12 @@ class Bleu(Section):
     weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
     smoothing: Literal["method0", "method1", "method2", "method3"] = "method1"
     auto_reweigh: bool = True
-    references: list[str] = Field(list(REFERENCE_KINDS), description="the kinds of an image's texts that count: "
-                                  "caption, label, neighbour (generated), title, description, tags, given "
-                                  "(from its source)")
+    references: list[str] = Field(
+        list(REFERENCE_KINDS),
+        description="the kinds of an image's texts that count: "
+        "caption, label, neighbour (generated), title, description, tags, given "
+        "(from its source)",
+    )
 
     @field_validator("references", mode="before")
     @classmethod
@@ -287,8 +313,13 @@ class Query(Section):
     visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
     hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
-    max_words: int = Field(100, ge=1, le=10_000, description="longer text queries are refused (query files, "
-                           "cbir search, cbir web): one row must not take minutes of engine time")
+    max_words: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="longer text queries are refused (query files, "
+        "cbir search, cbir web): one row must not take minutes of engine time",
+    )
 
 
 class Web(Section):
@@ -297,11 +328,15 @@ class Web(Section):
     host: str = Field("127.0.0.1", min_length=1, description="the address to listen on")
     port: int = Field(8080, ge=1, le=65535)
     max_upload_bytes: int = Field(10 * 2**20, gt=0, description="larger uploads are refused (HTTP 413)")
-    max_upload_pixels: int = Field(16_777_216, gt=0, description="larger uploads are refused (HTTP 413) before "
-                                   "decoding; each decode takes up to 4 bytes a pixel")
+    max_upload_pixels: int = Field(
+        16_777_216,
+        gt=0,
+        description="larger uploads are refused (HTTP 413) before decoding; each decode takes up to 4 bytes a pixel",
+    )
     decodes: int = Field(2, ge=1, le=64, description="images decoded at once (uploads and thumbnails)")
-    trusted_hosts: list[str] = Field([], description="Host header names served besides 127.0.0.1, localhost "
-                                     "and web.host (a reverse proxy's name)")
+    trusted_hosts: list[str] = Field(
+        [], description="Host header names served besides 127.0.0.1, localhost and web.host (a reverse proxy's name)"
+    )
     reload_s: float = Field(5.0, ge=0, description="look for a newer index run at most this often; 0: never")
 
     _host_list = field_validator("trusted_hosts", mode="before")(_split)
@@ -367,8 +402,9 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, *reversed(_LAYERS.get()))  # the first wins
 
 
@@ -451,7 +487,7 @@ def _env_layers(environ: Mapping[str, str]) -> list[Layer]:
     Only variables that name a setting or a section are read: CBIR_HOME and the like belong to others."""
     layers = []
     for name, value in sorted(environ.items()):
-        path = name[len(ENV_PREFIX):].lower().split("__")
+        path = name[len(ENV_PREFIX) :].lower().split("__")
         if name.startswith(ENV_PREFIX) and name not in ENV_CONTROL and path[0] in Settings.model_fields:
             origin = f"environment variable {name}"
             layer: dict[str, Any] = {}
@@ -492,7 +528,7 @@ def _split_key(key: str) -> list[str]:
             return parts
         annotation = field.annotation
         if getattr(annotation, "__origin__", None) is dict:
-            return parts[: i + 1] + [".".join(parts[i + 1:])] if i + 1 < len(parts) else parts
+            return parts[: i + 1] + [".".join(parts[i + 1 :])] if i + 1 < len(parts) else parts
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return parts
 
@@ -505,14 +541,17 @@ def _assign(layer: dict[str, Any], path: list[str], raw: str, origin: str) -> No
         raise UsageError(f"{key} is a section (from {origin}): set its keys, e.g. {key}.KEY=VALUE")
     for i in range(1, len(path)):
         above = _annotation(path[:i])
-        if above is not None and typing.get_origin(above) is not dict and not (
-                isinstance(above, type) and issubclass(above, BaseModel)):
+        if (
+            above is not None
+            and typing.get_origin(above) is not dict
+            and not (isinstance(above, type) and issubclass(above, BaseModel))
+        ):
             raise UsageError(f"unknown setting '{key}' (from {origin}): {'.'.join(path[:i])} has no keys")
     node = layer
     for i, part in enumerate(path[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UsageError(f"{key} (from {origin}) is inside {'.'.join(path[:i + 1])}, which has a value of its own")
+            raise UsageError(f"{key} (from {origin}) is inside {'.'.join(path[: i + 1])}, which has a value of its own")
     # Strings stay strings (pydantic coerces "4" or "true" per field); for list and map settings
     # only, YAML flow syntax makes lists and maps (never for strings: a secret may start with "[").
     if typing.get_origin(annotation) in (list, tuple, dict) and raw.strip()[:1] in ("[", "{"):
@@ -538,8 +577,9 @@ def _annotation(path: list[str]) -> Any:
 
 def _origin(loc: tuple[str, ...], layers: list[Layer]) -> str:
     """The layer that gave the value at loc: the last to set it, or else the last to set the nearest key above it."""
-    return next((layer.origin for i in range(len(loc), 0, -1) for layer in reversed(layers) if layer.holds(loc[:i])),
-                "defaults")
+    return next(
+        (layer.origin for i in range(len(loc), 0, -1) for layer in reversed(layers) if layer.holds(loc[:i])), "defaults"
+    )
 
 
 def _describe(error: dict, layers: list[Layer]) -> str:

@@ -47,6 +47,6 @@ def _forward(read: int, original: int, drop: Callable[[bytes], bool]) -> None:
 def _write(fd: int, data: bytes) -> None:
     try:
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     except OSError:  # stderr is gone (a closed pipe): keep reading, so that no writer ever blocks on a full pipe
         pass

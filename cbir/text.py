@@ -45,7 +45,9 @@ def highlight(text: str, query: list[str]) -> list[tuple[str, bool]]:
     people which words of a result matched. Joining the pieces gives the text back."""
     wanted = set(query)
     pieces = re.split(r"(\w+)", text or "")
-    return [(piece, bool(piece) and (found := words(piece)) != [] and set(found) <= wanted) for piece in pieces if piece]
+    return [
+        (piece, bool(piece) and (found := words(piece)) != [] and set(found) <= wanted) for piece in pieces if piece
+    ]
 
 
 # Plain ASCII without control characters (tab, newline and carriage return allowed) is split by

@@ -19,8 +19,8 @@ from pathlib import Path
 from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
-from cbir.text import printable, too_many_words
 from cbir.settings import MAX_K, Settings, load_settings, override_variables
+from cbir.text import printable, too_many_words
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cbir: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a failed run: Prefect has logged the details
+    except Exception as exc:  # noqa: BLE001 - a failed run: one line here, Prefect has logged the details
         return _fail(exc, 1, f"{type(exc).__name__}: ")
 
 
@@ -76,8 +76,11 @@ def run_flow(flow, **parameters):
     def drop_temporary_server(record: logging.LogRecord) -> bool:
         # Prefect's "Starting temporary server on http://127.0.0.1:PORT / See https://..." and "Stopping ...":
         # the port is gone when the command ends, and `cbir ui` serves the runs it recorded.
-        return not (record.name == "prefect" and record.levelno == logging.INFO
-                    and record.getMessage().startswith(("Starting temporary server", "Stopping temporary server")))
+        return not (
+            record.name == "prefect"
+            and record.levelno == logging.INFO
+            and record.getMessage().startswith(("Starting temporary server", "Stopping temporary server"))
+        )
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(drop_traceback)
@@ -135,8 +138,17 @@ def crawl(args, settings: Settings) -> None:
 def _search(args):
     from jobs.flickr import Search
 
-    return Search(args.text, args.tags, args.tag_mode, args.license, args.min_taken, args.max_taken,
-                  args.bbox, args.sort, args.max)
+    return Search(
+        args.text,
+        args.tags,
+        args.tag_mode,
+        args.license,
+        args.min_taken,
+        args.max_taken,
+        args.bbox,
+        args.sort,
+        args.max,
+    )
 
 
 def train(args, settings: Settings) -> None:
@@ -182,8 +194,16 @@ def search(args, settings: Settings) -> None:
     caption, hits = search_one(lake, settings, args.k or settings.query.k, text=args.text, image=image)
     if caption is not None:
         print(f"caption of the query image: {caption}")
-    rows = [{"rank": h["rank"], "score": round(h["score"], 4), "matched": f"{h['matched_kind']}: {h['matched_text']}",
-             "caption": h["caption"], "uri": h["uri"]} for h in hits]
+    rows = [
+        {
+            "rank": h["rank"],
+            "score": round(h["score"], 4),
+            "matched": f"{h['matched_kind']}: {h['matched_text']}",
+            "caption": h["caption"],
+            "uri": h["uri"],
+        }
+        for h in hits
+    ]
     print(render_table(f"top {len(rows)} for \u201c{args.text or caption}\u201d", rows) if rows else "no results")
 
 
@@ -210,10 +230,11 @@ def demo(args, settings: Settings) -> None:
 def ui(args, settings: Settings) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}).", file=sys.stderr)
-    print(f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
-          file=sys.stderr)
-    command = [sys.executable, "-m", "cli.ui_server", "server", "start", "--host", args.host,
-               "--port", str(args.port)]
+    print(
+        f"Runs of cbir commands from this folder appear there; from elsewhere, export PREFECT_API_URL={url}/api",
+        file=sys.stderr,
+    )
+    command = [sys.executable, "-m", "cli.ui_server", "server", "start", "--host", args.host, "--port", str(args.port)]
     server = subprocess.Popen(command, env={**os.environ, **ui_environment(settings, args.host, args.port)})
     # Stopping cbir ui stops the server too (Ctrl-C reaches both; a kill reaches only this process).
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
@@ -234,11 +255,13 @@ def ui_environment(settings: Settings, host: str, port: int) -> dict[str, str]:
     if browser_host in ("127.0.0.1", "localhost"):
         origins.append(f"http://{'localhost' if browser_host == '127.0.0.1' else '127.0.0.1'}:{port}")
     hosts = {"127.0.0.1", "localhost", browser_host, *settings.ui.trusted_hosts}
-    return {"PREFECT_UI_API_URL": f"http://{browser_host}:{port}/api",
-            "_CBIR_UI_HOSTS": ",".join(sorted(hosts)),  # cli/ui_server.py: the Host names served
-            "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(origins),
-            "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": str(settings.ui.csrf).lower(),
-            "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true"}
+    return {
+        "PREFECT_UI_API_URL": f"http://{browser_host}:{port}/api",
+        "_CBIR_UI_HOSTS": ",".join(sorted(hosts)),  # cli/ui_server.py: the Host names served
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(origins),
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": str(settings.ui.csrf).lower(),
+        "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true",
+    }
 
 
 def serve(args, settings: Settings) -> None:
@@ -254,8 +277,9 @@ def serve(args, settings: Settings) -> None:
         with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=10) as response:
             response.read()
     except (OSError, ValueError):
-        raise UsageError(f"no Prefect server answers at {api}: start `cbir ui` first, or export PREFECT_API_URL") \
-            from None
+        raise UsageError(
+            f"no Prefect server answers at {api}: start `cbir ui` first, or export PREFECT_API_URL"
+        ) from None
     os.environ["PREFECT_API_URL"] = api
     export_settings(args, settings)
     from prefect import serve as serve_deployments
@@ -263,9 +287,12 @@ def serve(args, settings: Settings) -> None:
     from flows.serve import deployments
 
     served = deployments(settings, search)
-    print(f"serving on {api}: crawl-flickr/scheduled-crawl ({settings.crawl.schedule}"
-          f"{'' if search else ', paused until it has a search'}), index/scheduled-index ({settings.index.schedule}), "
-          "query/on-demand; stop with Ctrl-C", file=sys.stderr)
+    print(
+        f"serving on {api}: crawl-flickr/scheduled-crawl ({settings.crawl.schedule}"
+        f"{'' if search else ', paused until it has a search'}), index/scheduled-index ({settings.index.schedule}), "
+        "query/on-demand; stop with Ctrl-C",
+        file=sys.stderr,
+    )
     serve_deployments(*served)
 
 
@@ -289,7 +316,9 @@ def web(args, settings: Settings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbir", description="Caption-based reverse image search, as a batch pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="cbir", description="Caption-based reverse image search, as a batch pipeline."
+    )
     _add_common(parser, after_verb=False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -329,10 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("eval", evaluate, "measure retrieval: recall@1/5/10 (text to image) and mAP@10 (image to image)")
     sub.add_argument("table", help="CSV, JSONL or Parquet with uri, caption and optional category")
     sub.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
-    sub = verb("demo", demo, "the whole pipeline on the sample corpus that pip installed: ingest, train, index, "
-               "query, eval (profile: offline)")
-    sub.add_argument("--emoji", type=int, default=DEMO_EMOJI, metavar="N",
-                     help=f"emoji in the corpus, besides the photos (default {DEMO_EMOJI})")
+    sub = verb(
+        "demo",
+        demo,
+        "the whole pipeline on the sample corpus that pip installed: ingest, train, index, "
+        "query, eval (profile: offline)",
+    )
+    sub.add_argument(
+        "--emoji",
+        type=int,
+        default=DEMO_EMOJI,
+        metavar="N",
+        help=f"emoji in the corpus, besides the photos (default {DEMO_EMOJI})",
+    )
     sub.set_defaults(default_profile="offline")
     sub = verb("ui", ui, "start the Prefect server and UI, its database in the state folder")
     sub.add_argument("--host", default="127.0.0.1")
@@ -362,8 +400,14 @@ def _add_common(parser: argparse.ArgumentParser, after_verb: bool) -> None:
     default = argparse.SUPPRESS if after_verb else None
     parser.add_argument("--conf", metavar="FILE", default=default, help="a YAML settings file over the profile")
     parser.add_argument("--profile", metavar="NAME", default=default, help="local (default), s3, cluster or offline")
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", dest="set_after" if after_verb else "set",
-                        default=argparse.SUPPRESS if after_verb else [], help="override one setting")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        dest="set_after" if after_verb else "set",
+        default=argparse.SUPPRESS if after_verb else [],
+        help="override one setting",
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ source's entries, a data set's rows) are passed in `quote()`, so Prefect does no
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable, Iterator
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -49,8 +49,9 @@ def _commit(staged: StagedRun) -> None:
     staged.commit()
 
 
-def stage_and_commit(settings: Settings, kind: str, description: str,
-                     write: Callable[..., StagedRun] | None) -> StagedRun | None:
+def stage_and_commit(
+    settings: Settings, kind: str, description: str, write: Callable[..., StagedRun] | None
+) -> StagedRun | None:
     """The job's Spark stage, `write(spark, progress=...)` (None: nothing to do), then the commit of what it
     staged, in the retrying task; if that fails for good, the staging is dropped."""
     staged = None

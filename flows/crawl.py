@@ -28,16 +28,25 @@ def _unavailable(task, task_run, state) -> bool:
 
 
 # Reading a page changes nothing: after the client's own quick retries, the page is asked again later.
-flickr_page = stage(flickr.call_page, name="flickr page", retries=2, retry_delay_seconds=[10, 60],
-                    retry_condition_fn=_unavailable)
+flickr_page = stage(
+    flickr.call_page, name="flickr page", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_unavailable
+)
 
 
 @flow(name="crawl-flickr", log_prints=True)
-def crawl_flickr_flow(text: str | None = None, tags: str | None = None, tag_mode: Literal["any", "all"] = "any",
-                      license: str | None = None, min_taken: datetime.date | None = None,
-                      max_taken: datetime.date | None = None, bbox: str | None = None, sort: Sort = "relevance",
-                      max_photos: Annotated[int, Field(ge=1, le=flickr.MAX_PHOTOS)] = 100, retry_failed: bool = False,
-                      settings: Settings | None = None) -> dict:
+def crawl_flickr_flow(
+    text: str | None = None,
+    tags: str | None = None,
+    tag_mode: Literal["any", "all"] = "any",
+    license: str | None = None,
+    min_taken: datetime.date | None = None,
+    max_taken: datetime.date | None = None,
+    bbox: str | None = None,
+    sort: Sort = "relevance",
+    max_photos: Annotated[int, Field(ge=1, le=flickr.MAX_PHOTOS)] = 100,
+    retry_failed: bool = False,
+    settings: Settings | None = None,
+) -> dict:
     """Search Flickr (photos.search) and download the photos the manifest does not have yet.
 
     Args:
@@ -54,8 +63,17 @@ def crawl_flickr_flow(text: str | None = None, tags: str | None = None, tag_mode
         settings: none in a deployment: a served run loads them where it runs
     """
     settings = settings or load_settings()
-    query = flickr.Search(text, tags, tag_mode, license, min_taken and min_taken.isoformat(),
-                          max_taken and max_taken.isoformat(), bbox, sort, max_photos)
+    query = flickr.Search(
+        text,
+        tags,
+        tag_mode,
+        license,
+        min_taken and min_taken.isoformat(),
+        max_taken and max_taken.isoformat(),
+        bbox,
+        sort,
+        max_photos,
+    )
     entries = list(flickr.search(settings.flickr, query, settings.crawl.retries, call=flickr_page))
     print(f"Flickr found {len(entries)} photos for {query.describe()}")
     return store_images("crawl", Listing(query.describe(), entries), settings, retry_failed)

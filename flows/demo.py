@@ -60,8 +60,10 @@ def demo_flow(emoji: int = DEMO_EMOJI, settings: Settings | None = None) -> dict
     manifest = write_jsonl(rows, samples / f"corpus-{digest}.jsonl")
     queries = write_jsonl(demo_queries(rows), samples / f"queries-{digest}.jsonl")
     photos = sum(1 for row in rows if row["category"] == PHOTO_CATEGORY)
-    print(f"sample corpus: {photos} photos and {len(rows) - photos} emoji ({manifest}); "
-          f"encoder {settings.encoder.name} ({settings.encoder.weights})")
+    print(
+        f"sample corpus: {photos} photos and {len(rows) - photos} emoji ({manifest}); "
+        f"encoder {settings.encoder.name} ({settings.encoder.weights})"
+    )
     lake = Lake.open(settings)  # each step's flow checks it
     steps: list[dict] = []
 
@@ -73,30 +75,48 @@ def demo_flow(emoji: int = DEMO_EMOJI, settings: Settings | None = None) -> dict
         return result
 
     with spark_session(settings):  # one Spark session for every step
-        ingested = step("ingest", "store the corpus's images in the lake", lambda: ingest_flow(str(manifest),
-                                                                                                settings=settings))
+        ingested = step(
+            "ingest", "store the corpus's images in the lake", lambda: ingest_flow(str(manifest), settings=settings)
+        )
         if _trained_on(lake, str(manifest), encoder_key(settings.encoder.name, settings.encoder.weights)):
             step("train", "skipped: the current captioner was trained on this corpus with this encoder", lambda: None)
         else:
             step("train", "train a captioner on the corpus", lambda: train_flow(str(manifest), settings=settings))
         indexed = step("index", "caption every image not captioned yet", lambda: index_flow(settings=settings))
         answered = step("query", f"answer {queries.name}", lambda: query_flow(str(queries), settings=settings))
-        metrics = step("eval", "recall@1/5/10 and mAP@10 on the corpus", lambda: eval_flow(str(manifest), prepare=False,
-                                                                                           settings=settings))
+        metrics = step(
+            "eval",
+            "recall@1/5/10 and mAP@10 on the corpus",
+            lambda: eval_flow(str(manifest), prepare=False, settings=settings),
+        )
     gallery = answered["gallery"]
-    create_link_artifact(link=uris.link(gallery), link_text="gallery",
-                         key="demo-gallery", description="The demo's query results as a gallery")
+    create_link_artifact(
+        link=uris.link(gallery),
+        link_text="gallery",
+        key="demo-gallery",
+        description="The demo's query results as a gallery",
+    )
     publish_summary("demo-summary", "cbir demo", steps)
     version = store.resolve(lake, settings.captioner.version)
     publish_summary("demo-captions", f"example captions (captioner {version})", example_captions(lake, version, rows))
     profile = "" if settings.profile == "local" else f" --profile {settings.profile}"
-    print(f"images: {ingested['ingested']} ingested now, {indexed['indexed']} captioned now; "
-          f"queries: {answered['queries']} asked, run {answered['run_uri']}")
-    print(f"retrieval on the corpus ({metrics['queries']} captions asked): recall@1 {metrics['r_at_1']:.3f}, "
-          f"recall@5 {metrics['r_at_5']:.3f}, recall@10 {metrics['r_at_10']:.3f}, mAP@10 {metrics['map_at_10']:.3f}")
+    print(
+        f"images: {ingested['ingested']} ingested now, {indexed['indexed']} captioned now; "
+        f"queries: {answered['queries']} asked, run {answered['run_uri']}"
+    )
+    print(
+        f"retrieval on the corpus ({metrics['queries']} captions asked): recall@1 {metrics['r_at_1']:.3f}, "
+        f"recall@5 {metrics['r_at_5']:.3f}, recall@10 {metrics['r_at_10']:.3f}, mAP@10 {metrics['map_at_10']:.3f}"
+    )
     print(f"lake: {settings.lake}\ngallery: {gallery}\nsearch it: cbir{profile} search 'dog face'")
-    return {"ingest": ingested, "index": indexed, "query": answered, "eval": metrics, "gallery": gallery,
-            "steps": steps}
+    return {
+        "ingest": ingested,
+        "index": indexed,
+        "query": answered,
+        "eval": metrics,
+        "gallery": gallery,
+        "steps": steps,
+    }
 
 
 def demo_queries(rows: list[dict]) -> list[dict]:
@@ -125,8 +145,15 @@ def example_captions(lake: Lake, version: str, rows: list[dict]) -> list[dict]:
     examples += list(emoji.values())[:EXAMPLE_EMOJI_GROUPS]
     ids = [image_id(Path(row["uri"]).read_bytes()) for row in examples]  # the lake's id: the bytes' sha256
     generated = captions_of(lake, version, ids)
-    return [{"image": row["title"], "group": row["category"], "human caption": row["caption"],
-             "generated caption": generated.get(id_, "(not captioned)")} for row, id_ in zip(examples, ids)]
+    return [
+        {
+            "image": row["title"],
+            "group": row["category"],
+            "human caption": row["caption"],
+            "generated caption": generated.get(id_, "(not captioned)"),
+        }
+        for row, id_ in zip(examples, ids)
+    ]
 
 
 def _trained_on(lake: Lake, dataset: str, encoder: str) -> bool:

@@ -31,8 +31,12 @@ def as_task(name: str, function, *args):
 
 
 @flow(name="query", log_prints=True)
-def query_flow(query_file: str, k: Annotated[int, Field(ge=1, le=MAX_K)] | None = None,
-               captions: str | None = None, settings: Settings | None = None) -> dict:
+def query_flow(
+    query_file: str,
+    k: Annotated[int, Field(ge=1, le=MAX_K)] | None = None,
+    captions: str | None = None,
+    settings: Settings | None = None,
+) -> dict:
     """Answer every query of a query file with its exact BLEU top k; write results, errors and a gallery.
 
     Args:
@@ -45,26 +49,41 @@ def query_flow(query_file: str, k: Annotated[int, Field(ge=1, le=MAX_K)] | None 
     if k is not None:
         settings = settings.model_copy(update={"query": settings.query.model_copy(update={"k": k})})
     with spark_job(settings, "query", f"query {query_file}") as (spark, progress):
-        summary = query.run(spark, lake, settings, query_file, captions_table=captions, progress=progress,
-                            stage=as_task)
+        summary = query.run(
+            spark, lake, settings, query_file, captions_table=captions, progress=progress, stage=as_task
+        )
     results = lake.query_tables(summary.run_id)[0].read().to_pylist()
     gallery_uri = as_task("gallery", write_gallery, lake, settings, summary, results)
 
     publish("query", f"query {query_file} (run {summary.run_id})", summary)
-    top = [{k: row[k] for k in ("query_id", "rank", "score", "caption", "image_id")}
-           for row in sorted(results, key=lambda r: (r["query_id"], r["rank"])) if row["rank"] <= TOP_PER_QUERY]
+    top = [
+        {k: row[k] for k in ("query_id", "rank", "score", "caption", "image_id")}
+        for row in sorted(results, key=lambda r: (r["query_id"], r["rank"]))
+        if row["rank"] <= TOP_PER_QUERY
+    ]
     if top:
-        create_table_artifact(table=top[:ARTIFACT_ROWS], key="query-results",
-                              description=f"Top {TOP_PER_QUERY} results per query of run {summary.run_id}")
+        create_table_artifact(
+            table=top[:ARTIFACT_ROWS],
+            key="query-results",
+            description=f"Top {TOP_PER_QUERY} results per query of run {summary.run_id}",
+        )
     link = gallery_uri if gallery_uri.startswith("s3://") else f"file://{gallery_uri}"
-    create_link_artifact(link=link, link_text="gallery", key="query-gallery",
-                         description=f"Gallery of query run {summary.run_id}")
+    create_link_artifact(
+        link=link, link_text="gallery", key="query-gallery", description=f"Gallery of query run {summary.run_id}"
+    )
     print(f"gallery: {gallery_uri}")
     return {**summary.as_dict(), "gallery": gallery_uri}
 
 
 def write_gallery(lake: Lake, settings: Settings, summary: query.QuerySummary, results: list[dict]) -> str:
     """The run's gallery page, written beside its results; returns its URI."""
-    page = gallery.render(lake, settings, f"cbir query run {summary.run_id}", results, summary.answered_queries,
-                          summary.error_rows, settings.query.gallery_queries)
+    page = gallery.render(
+        lake,
+        settings,
+        f"cbir query run {summary.run_id}",
+        results,
+        summary.answered_queries,
+        summary.error_rows,
+        settings.query.gallery_queries,
+    )
     return gallery.write(lake, summary.run_id, page)

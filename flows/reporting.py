@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
 from cbir.text import render_table
 from jobs.stats import RunSummary
 
@@ -12,8 +13,9 @@ from jobs.stats import RunSummary
 class Progress:
     """A Prefect progress artifact plus a terminal line at every tenth, fed (done, total) steps."""
 
-    def __init__(self, key: str, description: str, unit: str = "Spark tasks", announce: bool = True,
-                 min_interval_s: float = 2.0):
+    def __init__(
+        self, key: str, description: str, unit: str = "Spark tasks", announce: bool = True, min_interval_s: float = 2.0
+    ):
         self.description, self.unit, self.announce = description, unit, announce
         self.artifact = create_progress_artifact(progress=0.0, key=key, description=description)
         self.min_interval_s = min_interval_s

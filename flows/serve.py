@@ -4,8 +4,9 @@
 - `index/scheduled-index`: caption what is new, on the cron of index.schedule;
 - `query/on-demand`: a batch query file, run from the Prefect UI's form (or the API).
 
-The deployments are the pipeline's own flow objects, so their runs sit beside the commands'. No setting, and no secret, is ever a deployment parameter: the flows' `settings`
-parameter is left out of the form, and every served run loads its settings from the environment
+The deployments are the pipeline's own flow objects, so their runs sit beside the commands'. No
+setting, and no secret, is ever a deployment parameter: the flows' `settings` parameter is left out
+of the form, and every served run loads its settings from the environment
 of the process that serves it.
 """
 
@@ -28,22 +29,42 @@ def scheduled_crawl(settings: Settings, search: Search | None):
     if search is not None:
         search.check()
     parameters = {k: v for k, v in vars(search).items() if v is not None} if search else {}
-    description = f"crawl {search.describe()}" if search else \
-        "paused: no search yet (cbir serve --text/--tags/--bbox, or a custom run with one)"
-    return _without_settings(crawl_flickr_flow.to_deployment(
-        name="scheduled-crawl", cron=settings.crawl.schedule, paused=search is None, parameters=parameters,
-        description=description, tags=["cbir"]))
+    description = (
+        f"crawl {search.describe()}"
+        if search
+        else "paused: no search yet (cbir serve --text/--tags/--bbox, or a custom run with one)"
+    )
+    return _without_settings(
+        crawl_flickr_flow.to_deployment(
+            name="scheduled-crawl",
+            cron=settings.crawl.schedule,
+            paused=search is None,
+            parameters=parameters,
+            description=description,
+            tags=["cbir"],
+        )
+    )
 
 
 def scheduled_index(settings: Settings):
-    return _without_settings(index_flow.to_deployment(
-        name="scheduled-index", cron=settings.index.schedule, tags=["cbir"],
-        description="caption the images that are new since the last index run"))
+    return _without_settings(
+        index_flow.to_deployment(
+            name="scheduled-index",
+            cron=settings.index.schedule,
+            tags=["cbir"],
+            description="caption the images that are new since the last index run",
+        )
+    )
 
 
 def on_demand_query():
-    return _without_settings(query_flow.to_deployment(
-        name="on-demand", tags=["cbir"], description="answer a batch query file: results table, gallery and artifacts"))
+    return _without_settings(
+        query_flow.to_deployment(
+            name="on-demand",
+            tags=["cbir"],
+            description="answer a batch query file: results table, gallery and artifacts",
+        )
+    )
 
 
 def _without_settings(deployment):

@@ -30,7 +30,9 @@ def train_flow(dataset: str, images: str | None = None, settings: Settings | Non
         print(f"epoch {epoch}/{settings.train.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 
     data = read_dataset(dataset, settings, images)
-    print(f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else ""))
+    print(
+        f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else "")
+    )
     with spark_job(settings, "train-features", "features") as (spark, progress):
         computed = features(spark, lake, settings, quote(data), progress)
         fitted = fit(settings, quote(computed), on_epoch)
@@ -52,8 +54,9 @@ def summary_rows(card: ModelCard) -> list[dict]:
         {"what": "epochs (best)", "value": f"{card.training.epochs_run} ({card.training.best_epoch})"},
     ]
     decoding = metrics.decoding
-    configured = f"{decoding.get('method')}" + (f" (width {decoding.get('beam_width')})"
-                                                if decoding.get("method") == "beam" else "")
+    configured = f"{decoding.get('method')}" + (
+        f" (width {decoding.get('beam_width')})" if decoding.get("method") == "beam" else ""
+    )
     for scores, label in ((metrics.greedy, "plain greedy"), (metrics.configured, configured)):
         if scores is not None:
             bleu = " ".join(f"{scores[f'bleu{n}']:.3f}" for n in range(1, 5))

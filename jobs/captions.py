@@ -36,8 +36,12 @@ class Captions:
 def lake_captions(spark: SparkSession, lake: Lake, version: str) -> Captions:
     """The version's ok captions, as jobs.searcher.version_captions reads them, spread over the executors."""
     captions = read_table(spark, lake.table("captions"), [*CAPTION_COLUMNS, "model_version", "status"])
-    captions = captions.where((F.col("model_version") == version) & (F.col("status") == "ok")
-                              & F.col("caption").isNotNull() & F.col("image_id").isNotNull())
+    captions = captions.where(
+        (F.col("model_version") == version)
+        & (F.col("status") == "ok")
+        & F.col("caption").isNotNull()
+        & F.col("image_id").isNotNull()
+    )
     count = sum(r["rows"] for r in lake.table("captions").commits() if r.get("model_version") == version)
     return Captions(captions.select(*CAPTION_COLUMNS), count, lake)
 
@@ -83,5 +87,11 @@ def _read_row_groups(fs, columns: list[str], schema: pa.Schema, batches):
         for path, groups in zip(batch.column("path").to_pylist(), batch.column("row_groups").to_pylist()):
             for part in pq.ParquetFile(path, filesystem=fs).iter_batches(row_groups=groups, columns=columns):
                 data = {name: part.column(name) for name in columns}
-                yield pa.RecordBatch.from_pydict({field.name: data[field.name].cast(field.type) if field.name in data
-                                                  else pa.nulls(part.num_rows, field.type) for field in schema})
+                yield pa.RecordBatch.from_pydict(
+                    {
+                        field.name: data[field.name].cast(field.type)
+                        if field.name in data
+                        else pa.nulls(part.num_rows, field.type)
+                        for field in schema
+                    }
+                )

@@ -17,8 +17,9 @@ import io
 import json
 import posixpath
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -53,8 +54,10 @@ def read_dataset(uri: str, settings: Settings, images: str | None = None) -> Dat
     elif source.kind in ("csv", "jsonl", "parquet"):
         dataset = _table(source)
     else:
-        raise UsageError(f"data set {uri}: expected a Flickr8k folder, a COCO captions JSON or a CSV/JSONL/Parquet "
-                         "table of uri and caption")
+        raise UsageError(
+            f"data set {uri}: expected a Flickr8k folder, a COCO captions JSON or a CSV/JSONL/Parquet "
+            "table of uri and caption"
+        )
     _assign_splits(dataset, settings.train.dev_fraction, settings.train.test_fraction)
     return dataset
 
@@ -104,8 +107,11 @@ def _table(source: Source) -> Dataset:
 
 def _flickr8k(source: Source) -> Dataset:
     fs, folder = source.fs, source.path
-    names = {info.base_name: info.path for info in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-             if info.is_file}
+    names = {
+        info.base_name: info.path
+        for info in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        if info.is_file
+    }
     if "Flickr8k.token.txt" in names:
         pairs = []
         for line in _lines(fs, names["Flickr8k.token.txt"]):
@@ -124,8 +130,13 @@ def _flickr8k(source: Source) -> Dataset:
             splits[image.strip()] = split
     image_folder = _image_folder(source, [image for image, _ in pairs if image])
     dataset = Dataset(source.uri, "flickr8k", [])
-    return _caption_rows(dataset, ((source.uri_of(f"{image_folder}/{image}") if image else None, caption,
-                                   splits.get(image, "")) for image, caption in pairs))
+    return _caption_rows(
+        dataset,
+        (
+            (source.uri_of(f"{image_folder}/{image}") if image else None, caption, splits.get(image, ""))
+            for image, caption in pairs
+        ),
+    )
 
 
 def _image_folder(source: Source, images: list[str]) -> str:
@@ -153,9 +164,13 @@ def _coco(source: Source, images: str | None) -> Dataset:
     files = {image["id"]: image["file_name"] for image in data.get("images", []) if "id" in image}
     folder = _coco_images(source, images)
     dataset = Dataset(source.uri, "coco", [])
-    return _caption_rows(dataset, (
-        (f"{folder}/{files[a['image_id']]}" if a.get("image_id") in files else None, a.get("caption"), "")
-        for a in data.get("annotations", [])))
+    return _caption_rows(
+        dataset,
+        (
+            (f"{folder}/{files[a['image_id']]}" if a.get("image_id") in files else None, a.get("caption"), "")
+            for a in data.get("annotations", [])
+        ),
+    )
 
 
 def _coco_images(source: Source, images: str | None) -> str:

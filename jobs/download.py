@@ -17,15 +17,16 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError as Urllib3Error, LocationParseError
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from cbir.images import ImageRejected, first_line
@@ -84,8 +85,10 @@ def checked_address(host: str, port: int, allow_hosts: list[str], resolve: Resol
 
 
 def _refuse(host: str, address) -> str:
-    raise ImageRejected("refused-address", f"{host} resolves to {address}, a private, loopback, link-local, "
-                                           "reserved or IPv4-translating address")
+    raise ImageRejected(
+        "refused-address",
+        f"{host} resolves to {address}, a private, loopback, link-local, reserved or IPv4-translating address",
+    )
 
 
 def refused_reason(host: str, port: int, allow_hosts: list[str], resolve: Resolver | None = None) -> str | None:
@@ -111,7 +114,8 @@ class PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
             "http": _pinned_pool(HTTPConnectionPool, HTTPConnection, self.address, self.in_use),
-            "https": _pinned_pool(HTTPSConnectionPool, HTTPSConnection, self.address, self.in_use)}
+            "https": _pinned_pool(HTTPSConnectionPool, HTTPSConnection, self.address, self.in_use),
+        }
 
 
 def _pinned_pool(pool: type, connection: type, address: Callable[[str, int], str], in_use: threading.local) -> type:
@@ -154,7 +158,8 @@ class Downloader:
         # One lookup per host and task, not per request (a task lasts seconds to minutes); the
         # connections dial this same checked answer.
         self.address = lru_cache(maxsize=4096)(
-            lambda host, port: checked_address(host, port, crawl.allow_hosts, resolve))
+            lambda host, port: checked_address(host, port, crawl.allow_hosts, resolve)
+        )
         self.session = requests.Session()
         self.session.trust_env = False  # no proxies or .netrc from the environment: the guard checks the real host
         self.session.headers["User-Agent"] = crawl.agent
@@ -176,8 +181,9 @@ class Downloader:
                 continue
             with response:
                 if response.status_code != 200:
-                    raise ImageRejected(f"http-{response.status_code}",
-                                        f"{response.reason or 'error'} from {_host(url)}")
+                    raise ImageRejected(
+                        f"http-{response.status_code}", f"{response.reason or 'error'} from {_host(url)}"
+                    )
                 if self.crawl.opt_out_tokens and (said := opted_out(response.raw.headers, self.crawl.opt_out_tokens)):
                     raise ImageRejected("opted-out", f"{_host(url)} says X-Robots-Tag: {said[:100]}")
                 return self._body(response, url, deadline)
@@ -235,8 +241,9 @@ class Downloader:
         wait = retry_after if retry_after is not None else random.uniform(0, self.crawl.backoff_s * 2**attempt)
         wait = min(wait, self.crawl.max_wait_s)
         if wait >= self._left(deadline, host):  # no point waiting past the deadline
-            raise ImageRejected("timeout", f"{host} asks to wait {wait:.0f} s, "
-                                           f"past crawl.deadline_s={self.crawl.deadline_s:g}")
+            raise ImageRejected(
+                "timeout", f"{host} asks to wait {wait:.0f} s, past crawl.deadline_s={self.crawl.deadline_s:g}"
+            )
         time.sleep(wait)
 
     def _body(self, response: requests.Response, url: str, deadline: float) -> bytes:
@@ -258,8 +265,9 @@ class Downloader:
                 data += chunk
         except (requests.RequestException, OSError, Urllib3Error) as exc:
             if time.monotonic() >= deadline:
-                raise ImageRejected("timeout",
-                                    f"{_host(url)} took over crawl.deadline_s={self.crawl.deadline_s:g} s") from None
+                raise ImageRejected(
+                    "timeout", f"{_host(url)} took over crawl.deadline_s={self.crawl.deadline_s:g} s"
+                ) from None
             reason = "timeout" if "timed out" in str(exc) else "truncated"
             raise ImageRejected(reason, f"{_host(url)} stopped sending: {first_line(exc)}") from None
         return bytes(data[: self.max_bytes + 1])
@@ -288,4 +296,3 @@ def _retry_after(value: str | None) -> float | None:
 
 def _host(url: str) -> str:
     return urlsplit(url).hostname or url[:100]
-

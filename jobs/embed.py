@@ -7,8 +7,8 @@ themselves, never via Spark rows. The encoding itself, without Spark, is jobs/en
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import pyarrow as pa
 from pyspark.sql import SparkSession
@@ -38,8 +38,9 @@ def identify(spark: SparkSession, settings: Settings, uris: list[str]) -> dict[s
     return {row.uri: (row.image_id, row.error and Failure(row.error, row.reason)) for row in rows}
 
 
-def embed(spark: SparkSession, lake: Lake, config: EncoderConfig, images: dict[str, str],
-          progress: Report | None = None) -> int:
+def embed(
+    spark: SparkSession, lake: Lake, config: EncoderConfig, images: dict[str, str], progress: Report | None = None
+) -> int:
     """Encode {image_id: uri} for ids the features table lacks; returns how many were computed."""
     table = config.table(lake)
     todo = sorted(set(images) - cached_ids(table))
@@ -62,6 +63,8 @@ def cached_ids(table: Table) -> set[str]:
 def _embed_partition(config: EncoderConfig, run_id: str, batches: Iterator[pa.RecordBatch]):
     filesystems: dict = {}
     rows = (row for batch in batches for row in batch.to_pylist())
-    for chunk in encode_chunks(config, rows, lambda row: read_bytes(row["uri"], config.s3, filesystems, config.max_bytes)):
+    for chunk in encode_chunks(
+        config, rows, lambda row: read_bytes(row["uri"], config.s3, filesystems, config.max_bytes)
+    ):
         if chunk.rows:
             yield "features", chunk.features_batch(config, run_id)

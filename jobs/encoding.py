@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +19,16 @@ from cbir.images import Failure, ImageRejected
 from cbir.lake import Lake, Table
 from cbir.settings import S3, Settings
 from models import store
+from models.encoders import (
+    configure_tensorflow,
+    encoder_key,
+    feature_dim,
+    image_size,
+    load_encoder,
+    pixels,
+    resolve_precision,
+)
 from models.neighbours import Memory
-from models.encoders import (configure_tensorflow, encoder_key, feature_dim, image_size, load_encoder, pixels,
-                             resolve_precision)
 
 _CAPTIONERS: dict = {}  # (lake uri, version) -> (captioner, card), once per process (a Spark worker, cbir web)
 _MEMORIES: dict = {}  # (lake uri, version) -> its memory
@@ -57,15 +64,26 @@ def encoder_config(settings: Settings, parallel_tasks: int) -> EncoderConfig:
     if not threads:
         local = settings.spark.master.startswith("local")
         threads = max(1, (os.cpu_count() or 1) // parallel_tasks) if local else 1
-    return EncoderConfig(encoder.name, encoder.weights, resolve_precision(encoder.precision),
-                         encoder_key(encoder.name, encoder.weights), feature_dim(encoder.name), encoder.dtype,
-                         encoder.batch_size, threads, settings.ingest.max_bytes, settings.s3)
+    return EncoderConfig(
+        encoder.name,
+        encoder.weights,
+        resolve_precision(encoder.precision),
+        encoder_key(encoder.name, encoder.weights),
+        feature_dim(encoder.name),
+        encoder.dtype,
+        encoder.batch_size,
+        threads,
+        settings.ingest.max_bytes,
+        settings.s3,
+    )
 
 
 def read_features(lake: Lake, config: EncoderConfig, image_ids: list[str]) -> dict[str, np.ndarray]:
     """The cached vectors of these images, as float32 (images without features are left out)."""
     wanted = pa.array(sorted(set(image_ids)), pa.string())
-    data = config.table(lake).dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted))
+    data = (
+        config.table(lake).dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted))
+    )
     vectors = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     matrix = vectors.reshape(-1, config.dim).astype(np.float32)
     found: dict[str, np.ndarray] = {}
@@ -85,11 +103,13 @@ class Chunk:
 
     def features_batch(self, config: EncoderConfig, run_id: str) -> pa.RecordBatch:
         stored = pa.array(self.vectors.astype(config.dtype).ravel())
-        return pa.RecordBatch.from_pydict({
-            "image_id": [row["image_id"] for row in self.rows],
-            "vector": pa.FixedSizeListArray.from_arrays(stored, config.dim),
-            "run_id": [run_id] * len(self.rows),
-        })
+        return pa.RecordBatch.from_pydict(
+            {
+                "image_id": [row["image_id"] for row in self.rows],
+                "vector": pa.FixedSizeListArray.from_arrays(stored, config.dim),
+                "run_id": [run_id] * len(self.rows),
+            }
+        )
 
 
 def encode_chunks(config: EncoderConfig, rows: Iterable[dict], read: Callable[[dict], bytes]) -> Iterator[Chunk]:
@@ -108,9 +128,10 @@ def encode_chunks(config: EncoderConfig, rows: Iterable[dict], read: Callable[[d
                 chunk.rows.append(row)
             except ImageRejected as exc:
                 chunk.failed.append((row, exc.failure))
-            except Exception as exc:  # Pillow raises many kinds for a damaged file
-                chunk.failed.append((row, Failure.of("decode-failed",
-                                                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])))
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
+                chunk.failed.append(
+                    (row, Failure.of("decode-failed", (str(exc).splitlines() or [type(exc).__name__])[0][:200]))
+                )
             chunk.seconds["decode"] += time.perf_counter() - clock
             clock = time.perf_counter()
         if images:
@@ -118,8 +139,6 @@ def encode_chunks(config: EncoderConfig, rows: Iterable[dict], read: Callable[[d
             chunk.vectors = encoder.encode(np.stack(images)).astype(config.dtype).astype(np.float32)
         chunk.seconds["encode"] += time.perf_counter() - clock
         yield chunk
-
-
 
 
 def load_captioner(lake: Lake, version: str, config: EncoderConfig):

@@ -44,8 +44,10 @@ class EvalSummary:
     seconds: float
 
     def rows(self) -> list[dict]:
-        return [{"what": key, "value": round(value, 4) if isinstance(value, float) else value}
-                for key, value in asdict(self).items()]
+        return [
+            {"what": key, "value": round(value, 4) if isinstance(value, float) else value}
+            for key, value in asdict(self).items()
+        ]
 
     def as_dict(self) -> dict:
         """The metrics `cbir eval --json` prints and the flow returns: its contract's keys."""
@@ -60,8 +62,13 @@ def read_table_rows(uri: str, settings: Settings) -> list[dict]:
     for row in read_rows(source):
         if isinstance(row, dict) and text_value(row.get("uri")) and text_value(row.get("caption")):
             try:
-                rows.append({"uri": resolve_uri(source, text_value(row["uri"])), "caption": text_value(row["caption"]),
-                             "category": text_value(row.get("category"))})
+                rows.append(
+                    {
+                        "uri": resolve_uri(source, text_value(row["uri"])),
+                        "caption": text_value(row["caption"]),
+                        "category": text_value(row.get("category")),
+                    }
+                )
             except ValueError:
                 continue
     if not rows:
@@ -89,8 +96,12 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     started = time.monotonic()
     card = store.card(lake, settings.captioner.version)
     uris = pa.array(sorted({row["uri"] for row in table_rows}), pa.string())
-    manifest = lake.table("manifest").dataset().to_table(
-        columns=["uri", "image_id", "status"], filter=ds.field("uri").isin(uris)).to_pylist()
+    manifest = (
+        lake.table("manifest")
+        .dataset()
+        .to_table(columns=["uri", "image_id", "status"], filter=ds.field("uri").isin(uris))
+        .to_pylist()
+    )
     image_of = {r["uri"]: r["image_id"] for r in manifest if r["status"] in ("ok", "duplicate")}
     rows = [dict(row, image_id=image_of[row["uri"]]) for row in table_rows if row["uri"] in image_of]
     if not rows:
@@ -109,8 +120,10 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
     images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
     found = _ranked(search(spark, captions, [q for q in texts + images if q.words], params, kinds))
-    ranks = [next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
-             for q, row in zip(texts, rows)]
+    ranks = [
+        next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
+        for q, row in zip(texts, rows)
+    ]
     reachable = sum(1 for q, row in zip(texts, rows) if vocabulary.get(row["image_id"], set()) & set(q.words))
 
     precisions, image_hits = [], []
@@ -122,22 +135,29 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
             precisions.append(average_precision_at(relevant, total))
             image_hits.append(any(relevant))
     return EvalSummary(
-        r_at_1=recall_at(ranks, 1), r_at_5=recall_at(ranks, 5), r_at_10=recall_at(ranks, 10),
+        r_at_1=recall_at(ranks, 1),
+        r_at_5=recall_at(ranks, 5),
+        r_at_10=recall_at(ranks, 10),
         map_at_10=sum(precisions) / len(precisions) if precisions else 0.0,
-        image_r_at_10=sum(image_hits) / len(image_hits) if image_hits else 0.0, queries=len(ranks),
-        image_queries=len(precisions), reachable=reachable / len(ranks) if ranks else 0.0,
-        seconds=round(time.monotonic() - started, 1))
+        image_r_at_10=sum(image_hits) / len(image_hits) if image_hits else 0.0,
+        queries=len(ranks),
+        image_queries=len(precisions),
+        reachable=reachable / len(ranks) if ranks else 0.0,
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
-def _generated(lake: Lake, version: str, image_ids: list[str],
-               kinds: tuple[str, ...]) -> tuple[dict[str, str], dict[str, set[str]]]:
+def _generated(
+    lake: Lake, version: str, image_ids: list[str], kinds: tuple[str, ...]
+) -> tuple[dict[str, str], dict[str, set[str]]]:
     """For these images, in one read of the captions table: image_id -> its caption from this captioner
     version, and image_id -> every word of its references of these kinds."""
     table = version_captions(lake, version, kinds, image_ids)
     ids, references = table.column("image_id").to_pylist(), reference_texts(table, kinds)
     captions = dict(zip(ids, table.column("caption").to_pylist()))
-    vocabulary = {image_id: {word for _, text in references.of(row) for word in words(text)}
-                  for row, image_id in enumerate(ids)}
+    vocabulary = {
+        image_id: {word for _, text in references.of(row) for word in words(text)} for row, image_id in enumerate(ids)
+    }
     return captions, vocabulary
 
 

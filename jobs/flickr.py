@@ -8,12 +8,12 @@ travel in the OAuth-signed request; they are never logged or returned.
 
 from __future__ import annotations
 
-import logging
 import datetime
+import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
 
 import flickrapi
 import requests
@@ -28,8 +28,15 @@ logging.getLogger("flickrapi").setLevel(logging.WARNING)  # its INFO and DEBUG l
 KEY_ERRORS = {"96", "97", "98", "100"}  # signature, missing or invalid key
 RETRY_ERRORS = {"105", "106"}  # service unavailable, write operation failed
 MAX_PHOTOS = 100_000  # per search, a deployment's form says so too
-SORTS = ("relevance", "date-posted-desc", "date-posted-asc", "date-taken-desc", "date-taken-asc",
-         "interestingness-desc", "interestingness-asc")
+SORTS = (
+    "relevance",
+    "date-posted-desc",
+    "date-posted-asc",
+    "date-taken-desc",
+    "date-taken-asc",
+    "interestingness-desc",
+    "interestingness-asc",
+)
 
 
 class FlickrUnavailable(CbirError):
@@ -67,11 +74,22 @@ class Search:
 
     def arguments(self, sizes: list[str]) -> dict:
         extras = ["description", "license", "date_taken", "owner_name", "tags", *(f"url_{size}" for size in sizes)]
-        return {k: v for k, v in {
-            "text": self.text, "tags": self.tags, "tag_mode": self.tag_mode, "license": self.license,
-            "min_taken_date": self.min_taken, "max_taken_date": self.max_taken, "bbox": self.bbox,
-            "sort": self.sort, "media": "photos", "extras": ",".join(extras),
-        }.items() if v}
+        return {
+            k: v
+            for k, v in {
+                "text": self.text,
+                "tags": self.tags,
+                "tag_mode": self.tag_mode,
+                "license": self.license,
+                "min_taken_date": self.min_taken,
+                "max_taken_date": self.max_taken,
+                "bbox": self.bbox,
+                "sort": self.sort,
+                "media": "photos",
+                "extras": ",".join(extras),
+            }.items()
+            if v
+        }
 
     def describe(self) -> str:
         shown = {k: v for k, v in asdict(self).items() if v and k != "max_photos"}
@@ -80,10 +98,18 @@ class Search:
 
 def client(config: Flickr) -> flickrapi.FlickrAPI:
     if config.api_key is None or config.api_secret is None:
-        raise UsageError("crawl flickr needs flickr.api_key and flickr.api_secret "
-                         "(set CBIR_FLICKR__API_KEY and CBIR_FLICKR__API_SECRET)")
-    api = flickrapi.FlickrAPI(config.api_key.get_secret_value(), config.api_secret.get_secret_value(),
-                              format="parsed-json", store_token=False, cache=False, timeout=config.timeout_s)
+        raise UsageError(
+            "crawl flickr needs flickr.api_key and flickr.api_secret "
+            "(set CBIR_FLICKR__API_KEY and CBIR_FLICKR__API_SECRET)"
+        )
+    api = flickrapi.FlickrAPI(
+        config.api_key.get_secret_value(),
+        config.api_secret.get_secret_value(),
+        format="parsed-json",
+        store_token=False,
+        cache=False,
+        timeout=config.timeout_s,
+    )
     api.REST_URL = config.rest_url  # per instance: tests and proxies point it elsewhere
     return api
 
@@ -117,11 +143,14 @@ def entry(photo: dict, sizes: list[str]) -> Entry:
     page_url = f"https://www.flickr.com/photos/{owner}/{photo['id']}"
     url = next((photo[f"url_{size}"] for size in sizes if photo.get(f"url_{size}")), None)
     meta = dict(
-        title=photo.get("title") or None, tags=photo.get("tags", "").split() or None,
+        title=photo.get("title") or None,
+        tags=photo.get("tags", "").split() or None,
         description=_content(photo.get("description")),
-        source_id=f"flickr:{photo['id']}", owner=photo.get("ownername") or owner or None,
+        source_id=f"flickr:{photo['id']}",
+        owner=photo.get("ownername") or owner or None,
         license=str(photo["license"]) if photo.get("license") is not None else None,
-        taken_at=photo.get("datetaken") or None, page_url=page_url,
+        taken_at=photo.get("datetaken") or None,
+        page_url=page_url,
     )
     if url is None:
         return Entry.failed(page_url, "no-size", f"none of flickr.sizes={','.join(sizes)} is offered", **meta)
@@ -139,12 +168,16 @@ def call_page(api: flickrapi.FlickrAPI, config: Flickr, pace: Pacer, retries: in
             code, message = str(exc.code) if exc.code is not None else None, str(exc)
             if "Status code 429" in message and waits < config.rate_limit_waits:
                 waits += 1
-                print(f"Flickr says too many calls: waiting {config.rate_limit_wait_s:.0f} s, then resuming "
-                      f"(page {arguments['page']})")
+                print(
+                    f"Flickr says too many calls: waiting {config.rate_limit_wait_s:.0f} s, then resuming "
+                    f"(page {arguments['page']})"
+                )
                 time.sleep(config.rate_limit_wait_s)
                 continue
             if code in KEY_ERRORS:
-                raise UsageError(f"Flickr refused the API key (flickr.api_key, flickr.api_secret): {_message(exc)}") from None
+                raise UsageError(
+                    f"Flickr refused the API key (flickr.api_key, flickr.api_secret): {_message(exc)}"
+                ) from None
             if code is not None and code not in RETRY_ERRORS:
                 raise UsageError(f"Flickr refused the search: {_message(exc)}") from None
             problem = _message(exc)
@@ -152,7 +185,9 @@ def call_page(api: flickrapi.FlickrAPI, config: Flickr, pace: Pacer, retries: in
             problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         failures += 1
         if failures > retries:
-            raise FlickrUnavailable(f"Flickr did not answer page {arguments['page']} after {retries} retries: {problem}")
+            raise FlickrUnavailable(
+                f"Flickr did not answer page {arguments['page']} after {retries} retries: {problem}"
+            )
         time.sleep(random.uniform(0, 2**failures))
 
 

@@ -64,13 +64,24 @@ def _image_paths(lake: Lake, image_ids: set[str]) -> dict[str, str]:
     if not image_ids:
         return {}
     wanted = pa.array(sorted(image_ids), pa.string())
-    rows = lake.table("manifest").dataset().to_table(
-        columns=["image_id", "format"], filter=ds.field("image_id").isin(wanted)).to_pylist()
+    rows = (
+        lake.table("manifest")
+        .dataset()
+        .to_table(columns=["image_id", "format"], filter=ds.field("image_id").isin(wanted))
+        .to_pylist()
+    )
     return {r["image_id"]: lake.image_path(r["image_id"], r["format"]) for r in rows if r["format"]}
 
 
-def render(lake: Lake, settings: Settings, title: str, results: list[dict], queries: list, errors: list[tuple[str, str]],
-           limit: int) -> str:
+def render(
+    lake: Lake,
+    settings: Settings,
+    title: str,
+    results: list[dict],
+    queries: list,
+    errors: list[tuple[str, str]],
+    limit: int,
+) -> str:
     """The page: `results` are rows of the results table; `queries` the answered Query objects."""
     shown = queries[:limit]
     by_query: dict[str, list[dict]] = {}
@@ -78,8 +89,14 @@ def render(lake: Lake, settings: Settings, title: str, results: list[dict], quer
         by_query.setdefault(row["query_id"], []).append(row)
     stored = _image_paths(lake, {r["image_id"] for q in shown for r in by_query.get(q.query_id, [])})
     sources = {q.query_id: q.image for q in shown if q.image}
-    sources.update({r["image_id"]: r["uri"] for q in shown for r in by_query.get(q.query_id, [])
-                    if r["image_id"] not in stored and r["uri"]})
+    sources.update(
+        {
+            r["image_id"]: r["uri"]
+            for q in shown
+            for r in by_query.get(q.query_id, [])
+            if r["image_id"] not in stored and r["uri"]
+        }
+    )
     thumbs = _thumbnails(lake, settings, stored, sources)
 
     body = []
@@ -87,22 +104,28 @@ def render(lake: Lake, settings: Settings, title: str, results: list[dict], quer
         said = query.text if query.text is not None else query.caption
         picture = f'<img src="{thumbs[query.query_id]}" alt="">' if query.query_id in thumbs else ""
         kind = "image, captioned" if query.image else "text"
-        body.append(f'<section><h2 class="query">{picture}{html.escape(query.query_id)} ({kind}): '
-                    f'&ldquo;{html.escape(said or "")}&rdquo;</h2><div class="grid">')
+        body.append(
+            f'<section><h2 class="query">{picture}{html.escape(query.query_id)} ({kind}): '
+            f'&ldquo;{html.escape(said or "")}&rdquo;</h2><div class="grid">'
+        )
         for row in by_query.get(query.query_id, []):
             image = thumbs.get(row["image_id"], "")
-            scores = f'BLEU {row["score"]:.4f}'
+            scores = f"BLEU {row['score']:.4f}"
             if row.get("blended_score") is not None:
-                scores += f' &middot; visual {row["visual_similarity"]:.3f} &middot; blended {row["blended_score"]:.4f}'
+                scores += f" &middot; visual {row['visual_similarity']:.3f} &middot; blended {row['blended_score']:.4f}"
             matched = ""
             if row.get("matched_text"):
-                marked = "".join(f"<mark>{html.escape(piece)}</mark>" if hit else html.escape(piece)
-                                 for piece, hit in highlight(row["matched_text"], words(said)))
+                marked = "".join(
+                    f"<mark>{html.escape(piece)}</mark>" if hit else html.escape(piece)
+                    for piece, hit in highlight(row["matched_text"], words(said))
+                )
                 matched = f'<span class="matched">{html.escape(row["matched_kind"] or "")}: {marked}</span><br>'
-            body.append(f'<figure><img src="{image}" alt="{html.escape(row["caption"] or "")}">'
-                        f'<figcaption>{row["rank"]}. {html.escape(row["caption"] or "")}<br>{matched}'
-                        f'<span class="score">{scores}</span><br><small>{html.escape(row["image_id"][:12])}</small>'
-                        f'</figcaption></figure>')
+            body.append(
+                f'<figure><img src="{image}" alt="{html.escape(row["caption"] or "")}">'
+                f"<figcaption>{row['rank']}. {html.escape(row['caption'] or '')}<br>{matched}"
+                f'<span class="score">{scores}</span><br><small>{html.escape(row["image_id"][:12])}</small>'
+                f"</figcaption></figure>"
+            )
         if not by_query.get(query.query_id):
             body.append("<p>No results.</p>")
         body.append("</div></section>")

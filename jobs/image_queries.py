@@ -5,8 +5,8 @@ batches, by the searcher's ImageCaptioner (as the index job would caption them).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import pyarrow as pa
 from pyspark.sql import SparkSession
@@ -20,13 +20,21 @@ from jobs.queries import Query
 from jobs.searcher import ImageCaptioner, indexed, read_image
 from models import store
 
-CAPTIONED = pa.schema([("query_id", pa.string()), ("caption", pa.string()), ("vector", pa.list_(pa.float32())),
-                       ("error", pa.string()), ("reason", pa.string())])
+CAPTIONED = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("caption", pa.string()),
+        ("vector", pa.list_(pa.float32())),
+        ("error", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
 NO_CAPTIONER = Failure.of("no-captioner", "image queries need a captioner in the lake: train one with `cbir train`")
 
 
-def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, queries: list[Query],
-                          card: dict | None) -> tuple[list[Query], list[tuple[str, Failure]]]:
+def caption_image_queries(
+    spark: SparkSession, lake: Lake, settings: Settings, queries: list[Query], card: dict | None
+) -> tuple[list[Query], list[tuple[str, Failure]]]:
     """The queries that can be searched (text, or images with their caption and features filled in), and
     (query_id, reason) for the image queries that failed."""
     images = [q for q in queries if q.image]
@@ -52,12 +60,16 @@ def caption_image_queries(spark: SparkSession, lake: Lake, settings: Settings, q
         found.update(captioned)
         errors += failed
     dropped = {query_id for query_id, _ in errors}
-    return [dataclasses.replace(q, caption=found[q.query_id][0], vector=found[q.query_id][1]) if q.image else q
-            for q in queries if q.query_id not in dropped], errors
+    return [
+        dataclasses.replace(q, caption=found[q.query_id][0], vector=found[q.query_id][1]) if q.image else q
+        for q in queries
+        if q.query_id not in dropped
+    ], errors
 
 
-def _caption(spark: SparkSession, captioner: ImageCaptioner, settings: Settings,
-             todo: list[Query]) -> tuple[dict[str, tuple[str, list[float]]], list[tuple[str, Failure]]]:
+def _caption(
+    spark: SparkSession, captioner: ImageCaptioner, settings: Settings, todo: list[Query]
+) -> tuple[dict[str, tuple[str, list[float]]], list[tuple[str, Failure]]]:
     """Caption these image queries in Spark tasks: query_id -> (caption, features), and the failures."""
     rows = spark.createDataFrame([(q.query_id, q.image) for q in todo], "query_id string, uri string")
     rows = rows.repartition(min(len(todo), spark.sparkContext.defaultParallelism))
@@ -78,6 +90,14 @@ def _caption_partition(captioner: ImageCaptioner, settings: Settings, batches: I
         return read_image(row["uri"], settings, filesystems)[1]
 
     rows = (row for batch in batches for row in batch.to_pylist())
-    out = [{"query_id": row["query_id"], "caption": caption, "vector": None if vector is None else vector.tolist(),
-            "error": error, "reason": error and error.reason} for row, caption, vector, error in captioner.caption(rows, read)]
+    out = [
+        {
+            "query_id": row["query_id"],
+            "caption": caption,
+            "vector": None if vector is None else vector.tolist(),
+            "error": error,
+            "reason": error and error.reason,
+        }
+        for row, caption, vector, error in captioner.caption(rows, read)
+    ]
     yield pa.RecordBatch.from_pylist(out, schema=CAPTIONED)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -58,12 +58,21 @@ class IndexContext:
     indexed_at: datetime
 
     @classmethod
-    def from_settings(cls, lake: Lake, version: str, encoder: EncoderConfig, settings: Settings,
-                      run_id: str) -> "IndexContext":
+    def from_settings(
+        cls, lake: Lake, version: str, encoder: EncoderConfig, settings: Settings, run_id: str
+    ) -> IndexContext:
         c = settings.captioner
-        return cls(lake, version, encoder, Decoding.from_settings(c), c.labels_per_image, c.label_threshold,
-                   c.neighbours, run_id,
-                   datetime.now(timezone.utc))
+        return cls(
+            lake,
+            version,
+            encoder,
+            Decoding.from_settings(c),
+            c.labels_per_image,
+            c.label_threshold,
+            c.neighbours,
+            run_id,
+            datetime.now(UTC),
+        )
 
     def captioner(self):
         return load_captioner(self.lake, self.version, self.encoder)
@@ -82,19 +91,44 @@ class IndexContext:
         """Each image's references: its n best distinct captions, its ImageNet labels, then the texts of
         its nearest training images."""
         captions = self.captioner().decode(vectors, self.decoding) if len(vectors) else []
-        labels = self.labeler().labels(vectors, self.labels, self.label_threshold) if self.labels else [[]] * len(vectors)
+        labels = (
+            self.labeler().labels(vectors, self.labels, self.label_threshold) if self.labels else [[]] * len(vectors)
+        )
         memory = self.memory()
         near = memory.nearest(vectors, self.neighbours) if memory is not None else [[]] * len(vectors)
-        return [_references("caption", best) + _references("label", names) + _references("neighbour", texts)
-                for best, names, texts in zip(captions, labels, near)]
+        return [
+            _references("caption", best) + _references("label", names) + _references("neighbour", texts)
+            for best, names, texts in zip(captions, labels, near)
+        ]
 
-    def captions_batch(self, rows: list[dict], vectors: np.ndarray,
-                       failed: list[tuple[dict, Failure]]) -> pa.RecordBatch:
-        out = [dict(image_id=row["image_id"], uri=row["uri"], caption=refs[0]["text"], logprob=refs[0]["score"],
-                    references=refs, status="ok", error=None, reason=None)
-               for row, refs in zip(rows, self.describe(vectors))]
-        out += [dict(image_id=row["image_id"], uri=row["uri"], caption=None, logprob=None, status="failed",
-                     error=str(error), reason=error.reason) for row, error in failed]
+    def captions_batch(
+        self, rows: list[dict], vectors: np.ndarray, failed: list[tuple[dict, Failure]]
+    ) -> pa.RecordBatch:
+        out = [
+            dict(
+                image_id=row["image_id"],
+                uri=row["uri"],
+                caption=refs[0]["text"],
+                logprob=refs[0]["score"],
+                references=refs,
+                status="ok",
+                error=None,
+                reason=None,
+            )
+            for row, refs in zip(rows, self.describe(vectors))
+        ]
+        out += [
+            dict(
+                image_id=row["image_id"],
+                uri=row["uri"],
+                caption=None,
+                logprob=None,
+                status="failed",
+                error=str(error),
+                reason=error.reason,
+            )
+            for row, error in failed
+        ]
         for row in out:
             row.update(model_version=self.version, indexed_at=self.indexed_at, run_id=self.run_id)
         return pa.RecordBatch.from_pylist(out, schema=CAPTIONS)
@@ -159,8 +193,14 @@ def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table]:
     return summary, todo
 
 
-def caption(spark: SparkSession, lake: Lake, settings: Settings, summary: IndexSummary, todo: pa.Table,
-            progress: Report | None = None) -> StagedRun:
+def caption(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    summary: IndexSummary,
+    todo: pa.Table,
+    progress: Report | None = None,
+) -> StagedRun:
     """Encode and caption the pending images in Spark tasks; features and captions are staged, to commit."""
     config = encoder_config(settings, spark.sparkContext.defaultParallelism)
     context = IndexContext.from_settings(lake, summary.version, config, settings, summary.run_id)
@@ -171,8 +211,11 @@ def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
     """The summary, completed from the run's stats (None: nothing was pending)."""
     if staged:
         stats = staged.stats
-        summary.indexed, summary.encoded, summary.reused = stats.status["ok"], stats.counts["encoded"], \
-            stats.counts["reused"]
+        summary.indexed, summary.encoded, summary.reused = (
+            stats.status["ok"],
+            stats.counts["encoded"],
+            stats.counts["reused"],
+        )
         summary.failed = dict(stats.failed)
         summary.stages = {name: stats.seconds[name] for name in STAGES}
     summary.stop()
@@ -183,10 +226,13 @@ def pending(lake: Lake, version: str) -> pa.Table:
     """(image_id, uri, format) of the stored images this version has not captioned, found in the driver:
     a rerun with nothing new starts no Spark job."""
     manifest = lake.table("manifest").read(["image_id", "uri", "format", "status"])
-    images = manifest.filter(pc.field("status") == "ok").group_by("image_id").aggregate(
-        [("uri", "min"), ("format", "min")]).rename_columns(["image_id", "uri", "format"])
-    done = lake.table("captions").dataset().to_table(columns=["image_id"],
-                                                     filter=ds.field("model_version") == version)
+    images = (
+        manifest.filter(pc.field("status") == "ok")
+        .group_by("image_id")
+        .aggregate([("uri", "min"), ("format", "min")])
+        .rename_columns(["image_id", "uri", "format"])
+    )
+    done = lake.table("captions").dataset().to_table(columns=["image_id"], filter=ds.field("model_version") == version)
     todo = images.filter(pc.invert(pc.is_in(images["image_id"], value_set=done["image_id"])))
     return todo.sort_by("image_id")
 
@@ -196,18 +242,27 @@ def _index(spark, context: IndexContext, todo, pending: int, partitions: int, pr
     lake, config, run_id = context.lake, context.encoder, context.run_id
     features, captions = config.table(lake), lake.table("captions")
     columns = ["image_id", "uri", "format", "vector"]
-    to_encode = (todo.join(read_table(spark, features, ["image_id"]), "image_id", "left_anti")
-                 .withColumn("vector", F.lit(None).cast("array<float>"))
-                 .repartition(default_partitions(spark, pending, partitions, IMAGES_PER_TASK)))
+    to_encode = (
+        todo.join(read_table(spark, features, ["image_id"]), "image_id", "left_anti")
+        .withColumn("vector", F.lit(None).cast("array<float>"))
+        .repartition(default_partitions(spark, pending, partitions, IMAGES_PER_TASK))
+    )
     # The pending images are broadcast to the tasks reading cached vectors; the repartition keeps
     # captioning out of the reading stage, so each task runs one Python worker, which loads the models.
-    to_caption = (read_table(spark, features, ["image_id", "vector"])
-                  .join(F.broadcast(todo.select("image_id", "uri", "format")), "image_id")
-                  .repartition(default_partitions(spark, pending, partitions, CAPTIONS_PER_TASK)))
+    to_caption = (
+        read_table(spark, features, ["image_id", "vector"])
+        .join(F.broadcast(todo.select("image_id", "uri", "format")), "image_id")
+        .repartition(default_partitions(spark, pending, partitions, CAPTIONS_PER_TASK))
+    )
     work = to_encode.select(columns).unionByName(to_caption.select(columns))
     with tracked(spark, f"index with captioner {context.version}", progress):
-        return stage(work, {"features": features, "captions": captions}, run_id, partial(index_partition, context),
-                     captions={"model_version": context.version})
+        return stage(
+            work,
+            {"features": features, "captions": captions},
+            run_id,
+            partial(index_partition, context),
+            captions={"model_version": context.version},
+        )
 
 
 def drop_version(lake: Lake, version: str) -> tuple[int, int]:
@@ -266,5 +321,9 @@ def caption_cached(context: IndexContext, batch: pa.RecordBatch):
 
 
 def _tally(rows: list, failed: list[tuple[dict, Failure]], seconds: Counter, **counts: int) -> TaskStats:
-    return TaskStats(status=Counter(ok=len(rows)), failed=Counter(error.reason for _, error in failed),
-                     seconds=seconds, counts=Counter(counts))
+    return TaskStats(
+        status=Counter(ok=len(rows)),
+        failed=Counter(error.reason for _, error in failed),
+        seconds=seconds,
+        counts=Counter(counts),
+    )

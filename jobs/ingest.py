@@ -8,11 +8,11 @@ parts -> commit. Every item gets a row: ok, duplicate or failed with its reason.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,9 +32,31 @@ from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_bytes, read_entr
 from jobs.spark import default_partitions
 from jobs.stats import ImagesSummary, TaskStats
 
-PROBED = pa.schema([MANIFEST.field(name) for name in (
-    "uri", "caption", "title", "description", "tags", "source_id", "owner", "license", "taken_at", "page_url",
-    "image_id", "format", "width", "height", "bytes", "status", "error", "reason")])
+PROBED = pa.schema(
+    [
+        MANIFEST.field(name)
+        for name in (
+            "uri",
+            "caption",
+            "title",
+            "description",
+            "tags",
+            "source_id",
+            "owner",
+            "license",
+            "taken_at",
+            "page_url",
+            "image_id",
+            "format",
+            "width",
+            "height",
+            "bytes",
+            "status",
+            "error",
+            "reason",
+        )
+    ]
+)
 
 
 @dataclass
@@ -101,8 +123,15 @@ def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tu
     return summary, _not_in_manifest(list(unique.values()), lake.table("manifest"), retry_failed)
 
 
-def store(spark: SparkSession, lake: Lake, settings: Settings, source: Source | Listing, entries: list[Entry],
-          run_id: str, progress: Report | None = None) -> StagedRun:
+def store(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    source: Source | Listing,
+    entries: list[Entry],
+    run_id: str,
+    progress: Report | None = None,
+) -> StagedRun:
     """Probe and store the entries in Spark tasks; their manifest rows are staged, to commit."""
     web = isinstance(source, Listing)
     table = lake.table("manifest")
@@ -111,7 +140,7 @@ def store(spark: SparkSession, lake: Lake, settings: Settings, source: Source | 
     rows = rows.select(
         *PROBED.names,
         F.lit(source.uri).alias("source"),
-        F.lit(datetime.now(timezone.utc)).alias("ingested_at"),
+        F.lit(datetime.now(UTC)).alias("ingested_at"),
         F.lit(run_id).alias("run_id"),
     )
     with tracked(spark, f"ingest {source.uri}", progress):
@@ -137,19 +166,28 @@ def _not_in_manifest(entries: list[Entry], table: Table, retry_failed: bool) -> 
         known = known.filter(pc.field("status") != "failed")
     seen = pc.or_(
         pc.is_in(pa.array([e.uri for e in entries], pa.string()), value_set=known["uri"], skip_nulls=True),
-        pc.is_in(pa.array([e.source_id for e in entries], pa.string()), value_set=known["source_id"], skip_nulls=True))
+        pc.is_in(pa.array([e.source_id for e in entries], pa.string()), value_set=known["source_id"], skip_nulls=True),
+    )
     return [entry for entry, old in zip(entries, seen.to_pylist()) if not old]
 
 
-def _probed_rows(spark, entries: list[Entry], known: DataFrame, lake: Lake, settings: Settings,
-                 crawl: Crawl | None) -> DataFrame:
+def _probed_rows(
+    spark, entries: list[Entry], known: DataFrame, lake: Lake, settings: Settings, crawl: Crawl | None
+) -> DataFrame:
     """The entries probed (read, checked, stored) in tasks, with duplicates of stored images marked."""
     new = spark.createDataFrame(entries, ENTRY_DDL)
     partitions = default_partitions(spark, len(entries), settings.spark.partitions)
     limits = Limits.from_settings(settings.ingest)
     if crawl:
-        probe = partial(probe_partition, lake, limits, settings.s3, crawl.concurrency, crawl=crawl,
-                        parallel_tasks=spark.sparkContext.defaultParallelism)
+        probe = partial(
+            probe_partition,
+            lake,
+            limits,
+            settings.s3,
+            crawl.concurrency,
+            crawl=crawl,
+            parallel_tasks=spark.sparkContext.defaultParallelism,
+        )
     else:
         probe = partial(probe_partition, lake, limits, settings.s3, settings.ingest.threads)
     probed = new.repartition(partitions).mapInArrow(probe, from_arrow_schema(PROBED))
@@ -184,8 +222,15 @@ def _count_statuses(batch: pa.RecordBatch) -> TaskStats:
 
 
 # Executor side.
-def probe_partition(lake: Lake | None, limits: Limits, s3: S3, threads: int, batches: Iterator[pa.RecordBatch],
-                    crawl: Crawl | None = None, parallel_tasks: int = 1):
+def probe_partition(
+    lake: Lake | None,
+    limits: Limits,
+    s3: S3,
+    threads: int,
+    batches: Iterator[pa.RecordBatch],
+    crawl: Crawl | None = None,
+    parallel_tasks: int = 1,
+):
     """Check (and, given a lake, store) each entry of the partition; threads overlap the reads.
 
     With crawl settings, http(s) entries are downloaded (one Downloader per task) and stored
@@ -217,5 +262,13 @@ def probe(lake: Lake | None, limits: Limits, s3: S3, filesystems: dict, entry: d
         return {**row, "status": "failed", "error": str(exc), "reason": exc.reason}
     if lake is not None:
         lake.put_image(info.image_id, info.format, data)
-    return {**row, "image_id": info.image_id, "format": info.format, "width": info.width,
-            "height": info.height, "status": "ok", "error": None, "reason": None}
+    return {
+        **row,
+        "image_id": info.image_id,
+        "format": info.format,
+        "width": info.width,
+        "height": info.height,
+        "status": "ok",
+        "error": None,
+        "reason": None,
+    }

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
 
 import pyarrow as pa
 from pyspark import TaskContext
@@ -90,8 +90,9 @@ def commit_or_abort(staged: StagedRun, commit: Callable[[StagedRun], None] = Sta
         raise
 
 
-def write_tables(df: DataFrame, tables: dict[str, Table], run_id: str,
-                 produce: Produce) -> tuple[dict[str, list[tuple[str, int]]], TaskStats]:
+def write_tables(
+    df: DataFrame, tables: dict[str, Table], run_id: str, produce: Produce
+) -> tuple[dict[str, list[tuple[str, int]]], TaskStats]:
     """Each partition writes at most one part per table into the run's staging folders.
 
     `produce` runs in the task: it turns the partition's rows into (table name, batch) pairs
@@ -110,9 +111,11 @@ def write_tables(df: DataFrame, tables: dict[str, Table], run_id: str,
     return parts, stats
 
 
-def write_run(df: DataFrame, table: Table, run_id: str,
-              count: Callable[[pa.RecordBatch], Counter] | None = None) -> tuple[list[tuple[str, int]], Counter]:
+def write_run(
+    df: DataFrame, table: Table, run_id: str, count: Callable[[pa.RecordBatch], Counter] | None = None
+) -> tuple[list[tuple[str, int]], Counter]:
     """The rows of df as one run of one table; `count` tallies each batch by key (e.g. rows per query id)."""
+
     def produce(batches: Iterator[pa.RecordBatch]):
         for batch in batches:
             yield table.name, batch

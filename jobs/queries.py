@@ -40,7 +40,9 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
         if row is None:
             continue
         if not isinstance(row, dict):
-            errors.append((f"#row={number}", Failure.of("bad-row", str(row) if isinstance(row, Exception) else "not an object")))
+            errors.append(
+                (f"#row={number}", Failure.of("bad-row", str(row) if isinstance(row, Exception) else "not an object"))
+            )
             continue
         query_id = text_value(row.get("query_id"))
         if query_id is None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
@@ -57,15 +57,26 @@ class QuerySummary:
         return {key: value for key, value in self.__dict__.items() if key not in ("answered_queries", "error_rows")}
 
     def rows(self) -> list[dict]:
-        rows = [{"what": "queries", "count": self.queries}, {"what": "answered", "count": self.answered},
-                {"what": "results", "count": self.results}]
+        rows = [
+            {"what": "queries", "count": self.queries},
+            {"what": "answered", "count": self.answered},
+            {"what": "results", "count": self.results},
+        ]
         rows += [{"what": f"error: {reason}", "count": n} for reason, n in sorted(self.errors.items())]
         rows += [{"what": f"seconds: {stage}", "count": round(s, 2)} for stage, s in self.stages.items()]
         return rows
 
 
-def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *, captions_table: str | None = None,
-        progress: Report | None = None, stage: Stage = run_stage) -> QuerySummary:
+def run(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    query_file: str,
+    *,
+    captions_table: str | None = None,
+    progress: Report | None = None,
+    stage: Stage = run_stage,
+) -> QuerySummary:
     """Answer a query file; the results and errors are committed in queries/<run_id>/."""
     clock = time.monotonic()
     run_id = new_run_id()
@@ -88,8 +99,11 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
         stages["search"] = time.monotonic() - clock
 
     answered = set(counts) - {"seconds:write"}
-    errors += [(q.query_id, Failure.of("no-match", "no word of the query is in any indexed text"))
-               for q in queries if q.query_id not in answered]
+    errors += [
+        (q.query_id, Failure.of("no-match", "no word of the query is in any indexed text"))
+        for q in queries
+        if q.query_id not in answered
+    ]
     stage("commit the errors", write_errors, errors_table, errors, run_id)
     summary.answered = len(answered)
     summary.answered_queries = [q for q in queries if q.query_id in answered]
@@ -100,8 +114,15 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
     return summary
 
 
-def search_and_write(spark: SparkSession, lake: Lake, settings: Settings, queries: list[Query], card: dict | None,
-                     captions_table: str | None, run_id: str) -> tuple[list[tuple[str, int]], Counter]:
+def search_and_write(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    queries: list[Query],
+    card: dict | None,
+    captions_table: str | None,
+    run_id: str,
+) -> tuple[list[tuple[str, int]], Counter]:
     """Search the captions (a table's, or the lake's of the card's version), blend hybrid image queries, and
     write the results' parts: (the parts to commit, results per query_id)."""
     if captions_table:
@@ -110,18 +131,35 @@ def search_and_write(spark: SparkSession, lake: Lake, settings: Settings, querie
         captions = lake_captions(spark, lake, card["version"])
     hybrid = settings.query.hybrid and captions_table is None
     pool = {q.query_id: q.k * settings.query.hybrid_pool for q in queries if hybrid and q.vector is not None}
-    ranked = search(spark, captions, queries, bleu_params(settings), tuple(settings.bleu.references),
-                    settings.spark.partitions, pool) if queries else spark.createDataFrame([], HIT_DDL + ", rank int")
+    ranked = (
+        search(
+            spark,
+            captions,
+            queries,
+            bleu_params(settings),
+            tuple(settings.bleu.references),
+            settings.spark.partitions,
+            pool,
+        )
+        if queries
+        else spark.createDataFrame([], HIT_DDL + ", rank int")
+    )
     rows = _with_query_columns(spark, ranked, queries, run_id)
     if pool:
-        features = read_table(spark, encoder_config(settings, spark.sparkContext.defaultParallelism).table(lake),
-                              ["image_id", "vector"])
+        features = read_table(
+            spark, encoder_config(settings, spark.sparkContext.defaultParallelism).table(lake), ["image_id", "vector"]
+        )
         blended = blend_visual(spark, ranked, features, queries, settings.query.visual_weight)
         blended = _with_query_columns(spark, blended, queries, run_id)
-        rows = rows.where(~F.col("query_id").isin(list(pool))).unionByName(blended.where(
-            F.col("rank") <= F.col("k_wanted")), allowMissingColumns=True)
-    return write_run(rows.select(*RESULTS.names), lake.query_tables(run_id)[0], run_id,
-                     count=lambda batch: Counter(batch.column("query_id").to_pylist()))
+        rows = rows.where(~F.col("query_id").isin(list(pool))).unionByName(
+            blended.where(F.col("rank") <= F.col("k_wanted")), allowMissingColumns=True
+        )
+    return write_run(
+        rows.select(*RESULTS.names),
+        lake.query_tables(run_id)[0],
+        run_id,
+        count=lambda batch: Counter(batch.column("query_id").to_pylist()),
+    )
 
 
 def write_errors(table: Table, errors: list[tuple[str, Failure]], run_id: str) -> None:
@@ -142,8 +180,9 @@ def _card(lake: Lake, settings: Settings) -> dict | None:
 
 def _with_query_columns(spark, ranked: DataFrame, queries: list[Query], run_id: str) -> DataFrame:
     """Add the query's generated caption, its k, the run id, and empty hybrid columns where none."""
-    info = spark.createDataFrame([(q.query_id, q.caption, q.k) for q in queries],
-                                 "query_id string, query_caption string, k_wanted int")
+    info = spark.createDataFrame(
+        [(q.query_id, q.caption, q.k) for q in queries], "query_id string, query_caption string, k_wanted int"
+    )
     out = ranked.join(F.broadcast(info), "query_id").withColumn("run_id", F.lit(run_id))
     for name in ("visual_similarity", "blended_score"):
         if name not in out.columns:

@@ -13,8 +13,9 @@ import io
 import itertools
 import json
 import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -25,7 +26,14 @@ from cbir.images import ImageRejected
 from cbir.lake import open_filesystem
 from cbir.settings import S3, Settings
 
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+MANIFEST_FORMATS = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "txt",
+}
 COMPRESSIONS = (".gz", ".bz2", ".zst")
 
 
@@ -48,8 +56,10 @@ class Entry(NamedTuple):
         return cls(uri, error=f"{reason}: {detail}", reason=reason, **meta)
 
 
-ENTRY_DDL = ("uri string, caption string, title string, tags array<string>, error string, source_id string, "
-             "owner string, license string, taken_at string, page_url string, description string, reason string")
+ENTRY_DDL = (
+    "uri string, caption string, title string, tags array<string>, error string, source_id string, "
+    "owner string, license string, taken_at string, page_url string, description string, reason string"
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,7 @@ def read_entries(source: Source) -> Iterator[Entry]:
 def _folder_entries(source: Source) -> Iterator[Entry]:
     selector = pafs.FileSelector(source.path, recursive=True)
     for info in sorted(source.fs.get_file_info(selector), key=lambda i: i.path):
-        relative = info.path[len(source.path):].strip("/")
+        relative = info.path[len(source.path) :].strip("/")
         hidden = any(part.startswith(".") for part in relative.split("/"))
         if info.type == pafs.FileType.File and not hidden:
             yield Entry(source.uri_of(info.path))
@@ -168,8 +178,12 @@ def _entry(source: Source, number: int, row: Any, web: bool = False) -> Entry:
     uri = row.get("uri") or (row.get("url") if web else None)
     if not isinstance(uri, str) or not uri.strip():
         return Entry.failed(row_uri, "bad-row", "no uri")
-    meta = dict(caption=text_value(row.get("caption")), title=text_value(row.get("title")), tags=_tags(row.get("tags")),
-                description=text_value(row.get("description")))
+    meta = dict(
+        caption=text_value(row.get("caption")),
+        title=text_value(row.get("title")),
+        tags=_tags(row.get("tags")),
+        description=text_value(row.get("description")),
+    )
     try:
         return Entry(web_uri(uri) if web else resolve_uri(source, uri), **meta)
     except ValueError as exc:
@@ -220,7 +234,6 @@ def resolve_uri(source: Source, uri: str) -> str:
     return source.uri_of(posixpath.normpath(posixpath.join(posixpath.dirname(source.path), uri)))
 
 
-
 def text_value(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and value != value):
         return None
@@ -264,7 +277,7 @@ def _columns(source: Source, what: str) -> list[str]:
         with source.fs.open_input_stream(source.path) as raw:
             header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="").readline()
             return next(csv.reader([header]), [])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any parser's failure is the file's
         raise UsageError(f"{what} {source.uri} cannot be read: {str(exc).splitlines()[0]}") from None
 
 

@@ -5,8 +5,8 @@ features re-ranks a wider pool."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -20,18 +20,28 @@ from jobs.queries import Query
 from jobs.searcher import HIT_SCHEMA, Index, blend, first_per_image, with_sources
 
 CAPTIONS_PER_TASK = 500_000  # a task indexes its share once and answers every query: few, large shares
-HIT_DDL = ("query_id string, image_id string, uri string, caption string, score double, matched_kind string, "
-           "matched_text string")
+HIT_DDL = (
+    "query_id string, image_id string, uri string, caption string, score double, matched_kind string, "
+    "matched_text string"
+)
 
 
-def search(spark: SparkSession, captions: Captions, queries: list[Query], params: BleuParams,
-           kinds: tuple[str, ...], partitions: int = 0, pool: dict[str, int] | None = None) -> DataFrame:
+def search(
+    spark: SparkSession,
+    captions: Captions,
+    queries: list[Query],
+    params: BleuParams,
+    kinds: tuple[str, ...],
+    partitions: int = 0,
+    pool: dict[str, int] | None = None,
+) -> DataFrame:
     """Each query's exact top k (or pool[query_id], when wider) over the images' references of these kinds,
     as (query_id, rank, image_id, uri, caption, score, matched_kind, matched_text)."""
     wanted = [(q.query_id, q.words, max(q.k, (pool or {}).get(q.query_id, 0))) for q in queries]
     tasks = partitions or max(spark.sparkContext.defaultParallelism, -(-captions.rows // CAPTIONS_PER_TASK))
-    search_share = partial(_search_partition, spark.sparkContext.broadcast(wanted), params, tuple(kinds),
-                           captions.sources)
+    search_share = partial(
+        _search_partition, spark.sparkContext.broadcast(wanted), params, tuple(kinds), captions.sources
+    )
     hits = captions.frame.repartition(tasks, "image_id").mapInArrow(search_share, HIT_DDL)
     limits = spark.createDataFrame([(query_id, k) for query_id, _, k in wanted], "query_id string, k int")
     order = Window.partitionBy("query_id").orderBy(F.col("score").desc(), F.col("image_id").asc())
@@ -39,27 +49,33 @@ def search(spark: SparkSession, captions: Captions, queries: list[Query], params
     return ranked.where(F.col("rank") <= F.col("k")).drop("k")
 
 
-def _search_partition(wanted, params: BleuParams, kinds: tuple[str, ...], sources: Lake | None,
-                      batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _search_partition(
+    wanted, params: BleuParams, kinds: tuple[str, ...], sources: Lake | None, batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
     batches = list(batches)
     table = pa.Table.from_batches(batches) if batches else None  # a share may be empty: the rows go by image_id
     if table is None or not table.num_rows:
         return
     table = first_per_image(table)  # all of an image's rows are in this task
     index = Index.build(table if sources is None else with_sources(sources, table, kinds), kinds, params.max_order)
-    out = [dict(query_id=query_id, **hit) for query_id, query_words, k in wanted.value
-           for hit in index.search(query_words, k, params)]
+    out = [
+        dict(query_id=query_id, **hit)
+        for query_id, query_words, k in wanted.value
+        for hit in index.search(query_words, k, params)
+    ]
     yield pa.RecordBatch.from_pylist(out, schema=HIT_SCHEMA)
 
 
-def blend_visual(spark: SparkSession, ranked: DataFrame, features: DataFrame, queries: list[Query],
-                 weight: float) -> DataFrame:
+def blend_visual(
+    spark: SparkSession, ranked: DataFrame, features: DataFrame, queries: list[Query], weight: float
+) -> DataFrame:
     """Hybrid ranking for image queries: cosine of features, blended with BLEU, re-ranked."""
     vectors = {q.query_id: q.vector for q in queries if q.vector is not None}
     pool = ranked.where(F.col("query_id").isin(list(vectors)))
     scored = features.join(F.broadcast(pool), "image_id").mapInArrow(
         partial(_cosines, spark.sparkContext.broadcast(vectors), weight),
-        HIT_DDL + ", visual_similarity double, blended_score double")
+        HIT_DDL + ", visual_similarity double, blended_score double",
+    )
     order = Window.partitionBy("query_id").orderBy(F.col("blended_score").desc(), F.col("image_id").asc())
     return scored.withColumn("rank", F.row_number().over(order))
 
@@ -72,6 +88,10 @@ def _cosines(vectors, weight: float, batches):
         images = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
         queries = np.array([vectors.value[q] for q in batch.column("query_id").to_pylist()], np.float64)
         cosine, blended = blend(batch.column("score").to_numpy(), images, queries, weight)
-        yield pa.RecordBatch.from_pydict({
-            **{name: batch.column(name) for name in HIT_SCHEMA.names},
-            "visual_similarity": cosine, "blended_score": blended})
+        yield pa.RecordBatch.from_pydict(
+            {
+                **{name: batch.column(name) for name in HIT_SCHEMA.names},
+                "visual_similarity": cosine,
+                "blended_score": blended,
+            }
+        )

@@ -8,8 +8,8 @@ its share of the captions, so every way of searching ranks alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +31,17 @@ from models import store
 from models.captioner import Decoding
 
 CAPTION_COLUMNS = ["image_id", "uri", "caption", "references"]
-HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("image_id", pa.string()), ("uri", pa.string()),
-                        ("caption", pa.string()), ("score", pa.float64()), ("matched_kind", pa.string()),
-                        ("matched_text", pa.string())])
+HIT_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float64()),
+        ("matched_kind", pa.string()),
+        ("matched_text", pa.string()),
+    ]
+)
 
 
 def bleu_params(settings: Settings) -> BleuParams:
@@ -41,14 +49,23 @@ def bleu_params(settings: Settings) -> BleuParams:
 
 
 # The captions searched.
-def version_captions(lake: Lake, version: str | None, kinds: Iterable[str], image_ids: Iterable[str] | None = None,
-                     extra: tuple[str, ...] = ()) -> pa.Table:
+def version_captions(
+    lake: Lake,
+    version: str | None,
+    kinds: Iterable[str],
+    image_ids: Iterable[str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> pa.Table:
     """The version's ok captions (image_id, uri, caption, references), one row per image, with the source
     texts of the chosen reference kinds and the manifest columns in `extra` (see with_sources)."""
     if version is None:  # no captioner yet: nothing is indexed
         return with_sources(lake, subschema(CAPTIONS, CAPTION_COLUMNS).empty_table(), kinds, extra)
-    wanted = ((ds.field("model_version") == version) & (ds.field("status") == "ok")
-              & ds.field("caption").is_valid() & ds.field("image_id").is_valid())
+    wanted = (
+        (ds.field("model_version") == version)
+        & (ds.field("status") == "ok")
+        & ds.field("caption").is_valid()
+        & ds.field("image_id").is_valid()
+    )
     if image_ids is not None:
         wanted &= ds.field("image_id").isin(pa.array(sorted(set(image_ids)), pa.string()))
     table = lake.table("captions").dataset().to_table(columns=CAPTION_COLUMNS, filter=wanted)
@@ -79,8 +96,13 @@ def with_sources(lake: Lake, table: pa.Table, kinds: Iterable[str], extra: tuple
     if not columns:
         return table
     ids = table.column("image_id").combine_chunks()
-    manifest = lake.table("manifest").dataset().to_table(columns=["image_id", *columns], filter=(
-        (ds.field("status") != "failed") & ds.field("image_id").isin(ids)))
+    manifest = (
+        lake.table("manifest")
+        .dataset()
+        .to_table(
+            columns=["image_id", *columns], filter=((ds.field("status") != "failed") & ds.field("image_id").isin(ids))
+        )
+    )
     firsts = _first_values(manifest, columns)
     at = pc.index_in(ids, value_set=firsts.column("image_id").combine_chunks())
     for name, column in [*((name, name) for name in extra), *sources.items()]:
@@ -97,8 +119,11 @@ def _first_values(table: pa.Table, columns: list[str]) -> pa.Table:
     out = {"image_id": ids}
     for name in columns:
         valid = table.column(name).is_valid()
-        firsts = pa.table({"image_id": table.column("image_id").filter(valid), "row": rows.filter(valid)}).group_by(
-            "image_id", use_threads=False).aggregate([("row", "min")])
+        firsts = (
+            pa.table({"image_id": table.column("image_id").filter(valid), "row": rows.filter(valid)})
+            .group_by("image_id", use_threads=False)
+            .aggregate([("row", "min")])
+        )
         at = firsts.column("row_min").take(pc.index_in(ids, value_set=firsts.column("image_id").combine_chunks()))
         out[name] = table.column(name).take(at)
     return pa.table(out)
@@ -115,7 +140,7 @@ class Index:
     row_of: dict[str, int]
 
     @classmethod
-    def build(cls, table: pa.Table, kinds: Iterable[str], max_order: int) -> "Index":
+    def build(cls, table: pa.Table, kinds: Iterable[str], max_order: int) -> Index:
         """`table` as version_captions returns it (any captions table with image_id, uri and caption will do)."""
         shown = table.select([name for name in table.column_names if name not in ("references", *SOURCE)])
         ids = table.column("image_id").to_pylist()
@@ -138,9 +163,17 @@ class Index:
         rows = [self.row_of[hit.image_id] for hit in hits]
         shown = self.table.select(["uri", "caption"]).take(pa.array(rows, pa.int64())).to_pylist()
         matched = self.references.matched(query, rows, params)
-        return [dict(image_id=hit.image_id, uri=row["uri"], caption=row["caption"], score=hit.score,
-                     matched_kind=why[0] if why else None, matched_text=why[1] if why else None)
-                for hit, row, why in zip(hits, shown, matched)]
+        return [
+            dict(
+                image_id=hit.image_id,
+                uri=row["uri"],
+                caption=row["caption"],
+                score=hit.score,
+                matched_kind=why[0] if why else None,
+                matched_text=why[1] if why else None,
+            )
+            for hit, row, why in zip(hits, shown, matched)
+        ]
 
 
 # Image queries.
@@ -155,7 +188,7 @@ class ImageCaptioner:
     decoding: Decoding
 
     @classmethod
-    def from_settings(cls, lake: Lake, version: str, settings: Settings, parallel_tasks: int = 1) -> "ImageCaptioner":
+    def from_settings(cls, lake: Lake, version: str, settings: Settings, parallel_tasks: int = 1) -> ImageCaptioner:
         return cls(lake, version, encoder_config(settings, parallel_tasks), Decoding.from_settings(settings.captioner))
 
     def load(self) -> None:
@@ -174,12 +207,14 @@ class ImageCaptioner:
                 yield row, None, None, reason
 
 
-def indexed(lake: Lake, config: EncoderConfig, version: str,
-            image_ids: list[str]) -> dict[str, tuple[str, list[float]]]:
+def indexed(
+    lake: Lake, config: EncoderConfig, version: str, image_ids: list[str]
+) -> dict[str, tuple[str, list[float]]]:
     """image_id -> (caption, features) of the images this captioner version captioned."""
     captions, vectors = captions_of(lake, version, image_ids), read_features(lake, config, image_ids)
-    return {image_id: (caption, vectors[image_id].tolist()) for image_id, caption in captions.items()
-            if image_id in vectors}
+    return {
+        image_id: (caption, vectors[image_id].tolist()) for image_id, caption in captions.items() if image_id in vectors
+    }
 
 
 def read_image(uri: str, settings: Settings, filesystems: dict | None = None) -> tuple[str, bytes]:
@@ -200,7 +235,7 @@ def caption_image(lake: Lake, settings: Settings, card: dict, uri: str) -> str:
     known = captions_of(lake, card["version"], [image_id])
     if image_id in known:
         return known[image_id]
-    (_, caption, _, reason), = captioner.caption([{"image_id": image_id}], lambda row: data)
+    ((_, caption, _, reason),) = captioner.caption([{"image_id": image_id}], lambda row: data)
     if reason:
         raise UsageError(f"{uri}: {reason}")
     return caption
@@ -215,8 +250,9 @@ def blend(bleu: np.ndarray, images: np.ndarray, queries: np.ndarray, weight: flo
 
 
 # One query, in this process (cbir search).
-def search_one(lake: Lake, settings: Settings, k: int, text: str | None = None,
-               image: str | None = None) -> tuple[str | None, list[dict]]:
+def search_one(
+    lake: Lake, settings: Settings, k: int, text: str | None = None, image: str | None = None
+) -> tuple[str | None, list[dict]]:
     """One query by text or by example image: (the image's caption, or None; its top k, each with its rank)."""
     card = store.card(lake, settings.captioner.version)
     caption = caption_image(lake, settings, card, image) if image is not None else None

@@ -9,9 +9,9 @@ from __future__ import annotations
 import platform
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import numpy as np
 from pyspark.sql import SparkSession
@@ -69,8 +69,9 @@ def run(
     return save(lake, settings, dataset, computed, fit_captioner(settings, computed, on_epoch))
 
 
-def features(spark: SparkSession, lake: Lake, settings: Settings, dataset: Dataset,
-             progress: Report | None = None) -> Features:
+def features(
+    spark: SparkSession, lake: Lake, settings: Settings, dataset: Dataset, progress: Report | None = None
+) -> Features:
     """The data set's good images encoded in Spark tasks (cached per encoder), split into train/dev/test."""
     started = time.monotonic()
     config = encoder_config(settings, spark.sparkContext.defaultParallelism)
@@ -91,17 +92,32 @@ def fit_captioner(settings: Settings, data: Features, on_epoch: EpochReport | No
     max_length = min(c.max_length, longest)
     decoding = Decoding.from_settings(c)
     captioner, history = fit(
-        splits["train"], splits["dev"], tokenizer, max_length=max_length, embedding_dim=c.embedding_dim,
-        units=c.units, dropout=c.dropout, epochs=t.epochs, batch_size=t.batch_size,
-        learning_rate=t.learning_rate, patience=t.patience, seed=t.seed, monitor=t.monitor,
-        label_smoothing=t.label_smoothing, decoding=decoding, on_epoch=on_epoch)
+        splits["train"],
+        splits["dev"],
+        tokenizer,
+        max_length=max_length,
+        embedding_dim=c.embedding_dim,
+        units=c.units,
+        dropout=c.dropout,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        patience=t.patience,
+        seed=t.seed,
+        monitor=t.monitor,
+        label_smoothing=t.label_smoothing,
+        decoding=decoding,
+        on_epoch=on_epoch,
+    )
     test = splits["test"]
     references = split_references(test) if test.captions else []
     # Plain greedy decoding beside the configured one, so a card shows what the decoding settings add.
-    metrics = (evaluate(captioner, test.features, references, {"greedy": GREEDY, "configured": decoding})
-               if references else {})
-    return Fitted(captioner, history, max_length,
-                  {"test_images": len(references), "decoding": asdict(decoding), **metrics})
+    metrics = (
+        evaluate(captioner, test.features, references, {"greedy": GREEDY, "configured": decoding}) if references else {}
+    )
+    return Fitted(
+        captioner, history, max_length, {"test_images": len(references), "decoding": asdict(decoding), **metrics}
+    )
 
 
 def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitted: Fitted) -> ModelCard:
@@ -109,20 +125,43 @@ def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitte
     c, t, config, splits, history = settings.captioner, settings.train, data.config, data.splits, fitted.history
     memory = _memory(splits, settings)
     card = ModelCard(
-        created_at=datetime.now(timezone.utc).isoformat(),
-        dataset=DatasetInfo(uri=dataset.uri, kind=dataset.kind,
-                            captions={name: len(split) for name, split in splits.items()},
-                            images={name: len(split.features) for name, split in splits.items()},
-                            skipped=dict(dataset.skipped)),
-        encoder=EncoderInfo(name=config.name, weights=weights_label(config.weights),
-                            weights_source=weights_source(config.name, config.weights), key=config.key,
-                            feature_dim=config.dim, features_computed=data.computed),
-        sizes=Sizes(vocabulary=len(fitted.captioner.tokenizer), max_length=fitted.max_length,
-                    embedding_dim=c.embedding_dim, units=c.units, dropout=c.dropout, min_word_count=c.min_word_count,
-                    memory_images=len(memory), memory_dim=memory.vectors.shape[1]),
-        training=Training(epochs_run=len(history), best_epoch=_best_epoch(history), history=history,
-                          batch_size=t.batch_size, learning_rate=t.learning_rate, seed=t.seed, monitor=t.monitor,
-                          label_smoothing=t.label_smoothing, seconds=round(time.monotonic() - data.started, 1)),
+        created_at=datetime.now(UTC).isoformat(),
+        dataset=DatasetInfo(
+            uri=dataset.uri,
+            kind=dataset.kind,
+            captions={name: len(split) for name, split in splits.items()},
+            images={name: len(split.features) for name, split in splits.items()},
+            skipped=dict(dataset.skipped),
+        ),
+        encoder=EncoderInfo(
+            name=config.name,
+            weights=weights_label(config.weights),
+            weights_source=weights_source(config.name, config.weights),
+            key=config.key,
+            feature_dim=config.dim,
+            features_computed=data.computed,
+        ),
+        sizes=Sizes(
+            vocabulary=len(fitted.captioner.tokenizer),
+            max_length=fitted.max_length,
+            embedding_dim=c.embedding_dim,
+            units=c.units,
+            dropout=c.dropout,
+            min_word_count=c.min_word_count,
+            memory_images=len(memory),
+            memory_dim=memory.vectors.shape[1],
+        ),
+        training=Training(
+            epochs_run=len(history),
+            best_epoch=_best_epoch(history),
+            history=history,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            seed=t.seed,
+            monitor=t.monitor,
+            label_smoothing=t.label_smoothing,
+            seconds=round(time.monotonic() - data.started, 1),
+        ),
         metrics=Metrics(**fitted.metrics),
         software=_versions(),
     )
@@ -146,8 +185,11 @@ def _identify(spark: SparkSession, settings: Settings, dataset: Dataset) -> dict
 
 def _splits(dataset: Dataset, image_of: dict[str, str], features: dict[str, np.ndarray]) -> dict[str, Split]:
     """Rows -> one Split each for train/dev/test: unique images' features and an index per caption."""
-    grouped: dict[str, dict[str, list[str]]] = {"train": defaultdict(list), "dev": defaultdict(list),
-                                                  "test": defaultdict(list)}
+    grouped: dict[str, dict[str, list[str]]] = {
+        "train": defaultdict(list),
+        "dev": defaultdict(list),
+        "test": defaultdict(list),
+    }
     for row in dataset.rows:
         image_id = image_of[row.uri]
         if image_id in features:
@@ -197,5 +239,3 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return {"python": platform.python_version(), **found}
-
-

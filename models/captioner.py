@@ -29,9 +29,14 @@ class Decoding:
     length_penalty: float = 0.0  # beam: the beams are ranked by log-probability / length ** this
 
     @classmethod
-    def from_settings(cls, captioner) -> "Decoding":
-        return cls(captioner.decode, captioner.beam_width, captioner.captions_per_image, captioner.no_repeat_ngram,
-                   captioner.length_penalty)
+    def from_settings(cls, captioner) -> Decoding:
+        return cls(
+            captioner.decode,
+            captioner.beam_width,
+            captioner.captions_per_image,
+            captioner.no_repeat_ngram,
+            captioner.length_penalty,
+        )
 
     def __post_init__(self):
         if self.method not in ("greedy", "beam"):
@@ -70,7 +75,9 @@ class Captioner:
         from keras import layers
 
         if model.output_shape[-1] != len(tokenizer):
-            raise ValueError(f"the model predicts {model.output_shape[-1]} words but the tokenizer has {len(tokenizer)}")
+            raise ValueError(
+                f"the model predicts {model.output_shape[-1]} words but the tokenizer has {len(tokenizer)}"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.feature_dim = model.input_shape[0][-1]
         self.max_length = model.input_shape[1][-1]
@@ -87,6 +94,7 @@ class Captioner:
         # Words a caption never contains: padding, unknown, and a second start.
         banned = np.zeros(len(tokenizer), np.float32)
         banned[[tokenizer.pad, tokenizer.unk, tokenizer.start]] = -np.inf
+
         def step(token, h, c, image):
             logits, h, c = step_model([token, h, c, image], training=False)
             return tf.nn.log_softmax(logits + banned), h, c
@@ -100,8 +108,9 @@ class Captioner:
     def _image(self, features: np.ndarray) -> np.ndarray:
         return self._image_fn(features).numpy()
 
-    def _step(self, last: np.ndarray, h: np.ndarray, c: np.ndarray, image: np.ndarray, history: np.ndarray,
-              no_repeat: int):
+    def _step(
+        self, last: np.ndarray, h: np.ndarray, c: np.ndarray, image: np.ndarray, history: np.ndarray, no_repeat: int
+    ):
         """One word for every row: (log-probabilities over the vocabulary, new h, new c).
 
         The first word is never the end (a little-trained model often ends at once), and with
@@ -113,8 +122,9 @@ class Captioner:
             log_probs[repeats(history, no_repeat)] = -np.inf
         return log_probs, h, c
 
-    def decode(self, features: np.ndarray, decoding: Decoding = GREEDY,
-               batch_size: int = 64) -> list[list[tuple[str, float]]]:
+    def decode(
+        self, features: np.ndarray, decoding: Decoding = GREEDY, batch_size: int = 64
+    ) -> list[list[tuple[str, float]]]:
         """Features (n, feature_dim) -> for each image its decoding.captions best distinct captions,
         [(caption, log-probability)], best first; batch_size images per model call."""
         features = np.asarray(features, dtype=np.float32)
@@ -122,7 +132,7 @@ class Captioner:
             raise ValueError(f"features must be (n, {self.feature_dim}), got {features.shape}")
         results: list[list[tuple[str, float]]] = []
         for start in range(0, len(features), batch_size):
-            batch = features[start:start + batch_size]
+            batch = features[start : start + batch_size]
             if decoding.method == "beam":
                 results += self._beam(batch, decoding)
             else:
@@ -170,7 +180,7 @@ class Captioner:
             # Beams compete by log-probability over length ** length_penalty (0: none), so a caption
             # that ends early does not push out longer ones only for having fewer words to pay for.
             grown = np.broadcast_to(np.where(done, lengths, t + 1)[:, :, None], candidates.shape).reshape(n, -1)
-            ranked = candidates.reshape(n, -1) / grown ** decoding.length_penalty
+            ranked = candidates.reshape(n, -1) / grown**decoding.length_penalty
             flat = top_k(ranked, width)
             beam, word = flat // vocab, flat % vocab
             scores = np.take_along_axis(candidates.reshape(n, -1), flat, axis=1)
@@ -202,7 +212,7 @@ def repeats(history: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         return np.repeat(np.arange(rows), t), history.ravel()
     blocked_rows, blocked_words = [np.arange(rows)], [history[:, -1]]
     if n >= 2 and t >= n:
-        tail = history[:, t - n + 1:]  # the n-1 words the next word would extend
+        tail = history[:, t - n + 1 :]  # the n-1 words the next word would extend
         windows = np.lib.stride_tricks.sliding_window_view(history[:, :-1], n - 1, axis=1)  # (rows, t-n+1, n-1)
         row, at = np.nonzero((windows == tail[:, None, :]).all(axis=2))
         blocked_rows.append(row)

@@ -37,10 +37,14 @@ DROPOUT = 0.2
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
 CONVERSION = "v1"  # part of the cache file's name: bump it when the conversion changes
 # Keras' EfficientNet initializers: random weights (tests) keep activations at a usable scale.
-CONV_INITIALIZER = {"class_name": "VarianceScaling", "config": {
-    "scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"}}
-DENSE_INITIALIZER = {"class_name": "VarianceScaling", "config": {
-    "scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"}}
+CONV_INITIALIZER = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"},
+}
+DENSE_INITIALIZER = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"},
+}
 
 
 def same_padding(size: tuple[int, int], kernel: int, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -74,19 +78,27 @@ def mb_conv_block(x, filters_in: int, filters_out: int, kernel: int, stride: int
     inputs = x
     filters = filters_in * expand_ratio
     if expand_ratio != 1:
-        x = layers.Conv2D(filters, 1, padding="same", use_bias=False,
-                          kernel_initializer=CONV_INITIALIZER, name=name + "expand_conv")(x)
+        x = layers.Conv2D(
+            filters, 1, padding="same", use_bias=False, kernel_initializer=CONV_INITIALIZER, name=name + "expand_conv"
+        )(x)
         x = _batch_norm(name + "expand_bn")(x)
         x = layers.ReLU(6.0, name=name + "expand_activation")(x)
 
     x = _padded(x, kernel, stride, name + "dw")
-    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=False,
-                               depthwise_initializer=CONV_INITIALIZER, name=name + "dwconv")(x)
+    x = layers.DepthwiseConv2D(
+        kernel,
+        strides=stride,
+        padding="valid",
+        use_bias=False,
+        depthwise_initializer=CONV_INITIALIZER,
+        name=name + "dwconv",
+    )(x)
     x = _batch_norm(name + "bn")(x)
     x = layers.ReLU(6.0, name=name + "activation")(x)
 
-    x = layers.Conv2D(filters_out, 1, padding="same", use_bias=False,
-                      kernel_initializer=CONV_INITIALIZER, name=name + "project_conv")(x)
+    x = layers.Conv2D(
+        filters_out, 1, padding="same", use_bias=False, kernel_initializer=CONV_INITIALIZER, name=name + "project_conv"
+    )(x)
     x = _batch_norm(name + "project_bn")(x)
     if stride == 1 and filters_in == filters_out:
         x = layers.Add(name=name + "add")([x, inputs])
@@ -112,25 +124,41 @@ def EfficientNetLite0(classes: int = 1000, name: str = "efficientnet_lite0"):
 
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="input")
     x = _padded(inputs, 3, 2, "stem_")
-    x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="valid", use_bias=False,
-                      kernel_initializer=CONV_INITIALIZER, name="stem_conv")(x)
+    x = layers.Conv2D(
+        STEM_FILTERS,
+        3,
+        strides=2,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=CONV_INITIALIZER,
+        name="stem_conv",
+    )(x)
     x = _batch_norm("stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_activation")(x)
 
     for stage, (repeats, kernel, stride, expand_ratio, filters_in, filters_out) in enumerate(BLOCKS, start=1):
         for i in range(repeats):  # the first block of a stage changes the size and the filters
-            x = mb_conv_block(x, filters_in if i == 0 else filters_out, filters_out, kernel,
-                              stride if i == 0 else 1, expand_ratio, block_name(stage, i))
+            x = mb_conv_block(
+                x,
+                filters_in if i == 0 else filters_out,
+                filters_out,
+                kernel,
+                stride if i == 0 else 1,
+                expand_ratio,
+                block_name(stage, i),
+            )
 
-    x = layers.Conv2D(TOP_FILTERS, 1, padding="same", use_bias=False,
-                      kernel_initializer=CONV_INITIALIZER, name="top_conv")(x)
+    x = layers.Conv2D(
+        TOP_FILTERS, 1, padding="same", use_bias=False, kernel_initializer=CONV_INITIALIZER, name="top_conv"
+    )(x)
     x = _batch_norm("top_bn")(x)
     x = layers.ReLU(6.0, name="top_activation")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(DROPOUT, name="top_dropout")(x)
     # Probabilities in float32 even when the layers before compute in bfloat16.
-    outputs = layers.Dense(classes, activation="softmax", dtype="float32",
-                           kernel_initializer=DENSE_INITIALIZER, name="predictions")(x)
+    outputs = layers.Dense(
+        classes, activation="softmax", dtype="float32", kernel_initializer=DENSE_INITIALIZER, name="predictions"
+    )(x)
     return keras.Model(inputs, outputs, name=name)
 
 

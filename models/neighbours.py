@@ -39,7 +39,7 @@ class Memory:
         return len(self.mean)
 
     @classmethod
-    def build(cls, features: np.ndarray, texts: list[str], limit: int, seed: int = 0) -> "Memory":
+    def build(cls, features: np.ndarray, texts: list[str], limit: int, seed: int = 0) -> Memory:
         """Remember at most `limit` images (a seeded sample when there are more)."""
         features = np.asarray(features, np.float32)
         rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ class Memory:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, feature_dim: int) -> "Memory":
+    def from_bytes(cls, data: bytes, feature_dim: int) -> Memory:
         """Read a saved memory; ValueError says what is wrong with a file that is not one for these features."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as saved:
@@ -92,9 +92,15 @@ class Memory:
         except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"not a neighbour memory ({exc})") from None
         d = basis.shape[1] if basis.ndim == 2 else -1
-        if (mean.shape != (feature_dim,) or basis.shape != (feature_dim, d) or vectors.ndim != 2
-                or vectors.shape[1] != d or texts.shape != (len(vectors),) or texts.dtype.kind != "U"
-                or not all(a.dtype.kind == "f" for a in (mean, basis, vectors))):
+        if (
+            mean.shape != (feature_dim,)
+            or basis.shape != (feature_dim, d)
+            or vectors.ndim != 2
+            or vectors.shape[1] != d
+            or texts.shape != (len(vectors),)
+            or texts.dtype.kind != "U"
+            or not all(a.dtype.kind == "f" for a in (mean, basis, vectors))
+        ):
             raise ValueError(f"its arrays do not fit {feature_dim} features per image")
         return cls(mean.astype(np.float32), basis.astype(np.float32), vectors.astype(np.float16), texts)
 

@@ -21,9 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-          "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-          "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_ELEMENTS = 2**28  # all tensors together (1 GiB of float32); EfficientNet-Lite0 has 4.7 million
 MAX_BYTES = 2**30  # all storages together
@@ -60,8 +68,10 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
         raise BadCheckpoint(f"a tensor of {numel} elements is over the limit of {MAX_ELEMENTS}")
     # The last element read must lie inside the storage: no bytes from outside it.
     if numel and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
-        raise BadCheckpoint(f"a tensor of size {size}, stride {stride} and offset {offset} reaches past its "
-                            f"storage of {storage.numel} elements")
+        raise BadCheckpoint(
+            f"a tensor of size {size}, stride {stride} and offset {offset} reaches past its "
+            f"storage of {storage.numel} elements"
+        )
 
     def make() -> np.ndarray:
         if storage.data is None or len(storage.data) != storage.numel:
@@ -69,8 +79,9 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
         if not numel:
             return np.zeros(size, storage.dtype.newbyteorder("="))
         itemsize = storage.dtype.itemsize
-        return np.lib.stride_tricks.as_strided(storage.data[offset:], size, tuple(s * itemsize for s in stride),
-                                               writeable=False).astype(storage.dtype.newbyteorder("="))
+        return np.lib.stride_tricks.as_strided(
+            storage.data[offset:], size, tuple(s * itemsize for s in stride), writeable=False
+        ).astype(storage.dtype.newbyteorder("="))
 
     return make
 
@@ -98,8 +109,13 @@ class _Unpickler(pickle.Unpickler):
         return _rebuild_tensor(storage, offset, size, *args)
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and pid[1] in DTYPES
-                and isinstance(pid[2], str)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] == "storage"
+            and pid[1] in DTYPES
+            and isinstance(pid[2], str)
+        ):
             raise BadCheckpoint(f"not a storage reference: {pid!r:.80}")
         _, kind, key, _location, numel = pid[:5]  # ('storage', type, key, location, numel[, view])
         if key not in self.storages:
@@ -129,8 +145,19 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         return collections.OrderedDict((name, make()) for name, make in state.items())
     except BadCheckpoint as exc:
         raise BadCheckpoint(f"{path}: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile, ValueError, TypeError,
-            KeyError, IndexError, AttributeError, MemoryError, RecursionError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        struct.error,
+        zipfile.BadZipFile,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        MemoryError,
+        RecursionError,
+    ) as exc:
         raise BadCheckpoint(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 

@@ -27,8 +27,7 @@ def _read(lake: Lake, path: str, limit: int = -1) -> bytes:
         return stream.read(limit) if limit >= 0 else stream.read()
 
 
-def save(lake: Lake, captioner: Captioner, card: ModelCard, memory: Memory | None = None,
-         promote: bool = True) -> str:
+def save(lake: Lake, captioner: Captioner, card: ModelCard, memory: Memory | None = None, promote: bool = True) -> str:
     """Write a new version, its card saying which; with promote, make it current. Returns the version."""
     version = new_run_id()
     folder = lake.path(*ROOT, version)
@@ -50,8 +49,10 @@ def resolve(lake: Lake, version: str = "current") -> str:
     id) before it names a folder."""
     if version != "current":
         if not RUN_ID.fullmatch(version):
-            raise UsageError(f"captioner version '{version[:80]}' is not in the lake {lake.uri} (versions are run ids "
-                             "like 20250101T000000Z-0123abcd)")
+            raise UsageError(
+                f"captioner version '{version[:80]}' is not in the lake {lake.uri} (versions are run ids "
+                "like 20250101T000000Z-0123abcd)"
+            )
         return version
     pointer = lake.path(*ROOT, "current")
     if lake.fs.get_file_info(pointer).type == pafs.FileType.NotFound:
@@ -67,8 +68,9 @@ def card(lake: Lake, version: str = "current") -> ModelCard:
     try:
         info = ModelCard.from_json(_read(lake, path))
     except ValueError as exc:  # pydantic's ValidationError, JSON errors included
-        raise UsageError(f"captioner version '{version}': its card is not a model card "
-                         f"({str(exc).splitlines()[0][:200]})") from None
+        raise UsageError(
+            f"captioner version '{version}': its card is not a model card ({str(exc).splitlines()[0][:200]})"
+        ) from None
     if info.version != version:
         raise UsageError(f"captioner version '{version}': its card names another version")
     return info
@@ -79,7 +81,8 @@ def check_encoder(info: ModelCard, encoder: str) -> None:
     if info.encoder.key != encoder:
         raise UsageError(
             f"captioner {info.version} was trained on {info.encoder.key} features, "
-            f"but the encoder settings give {encoder}: set encoder.name/encoder.weights to match, or train again")
+            f"but the encoder settings give {encoder}: set encoder.name/encoder.weights to match, or train again"
+        )
 
 
 def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tuple[Captioner, ModelCard]:
@@ -100,8 +103,10 @@ def load(lake: Lake, version: str = "current", encoder: str | None = None) -> tu
     except ValueError as exc:
         raise UsageError(f"captioner {info.version} is inconsistent: {exc}") from None
     if captioner.feature_dim != info.encoder.feature_dim:
-        raise UsageError(f"captioner {info.version} expects {captioner.feature_dim} features per image, "
-                         f"its card says {info.encoder.feature_dim}")
+        raise UsageError(
+            f"captioner {info.version} expects {captioner.feature_dim} features per image, "
+            f"its card says {info.encoder.feature_dim}"
+        )
     return captioner, info
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from cbir.text import END, START, words
 
@@ -21,7 +21,7 @@ class Tokenizer:
         self.pad, self.unk, self.start, self.end = range(len(SPECIALS))
 
     @classmethod
-    def fit(cls, captions: Iterable[str], min_count: int = 1) -> "Tokenizer":
+    def fit(cls, captions: Iterable[str], min_count: int = 1) -> Tokenizer:
         """Words seen at least min_count times, most frequent first (ties alphabetical, so fits are repeatable)."""
         counts = Counter(word for caption in captions for word in words(caption))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
@@ -47,5 +47,5 @@ class Tokenizer:
         return json.dumps({"vocabulary": self.vocabulary})
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str) -> Tokenizer:
         return cls(json.loads(text)["vocabulary"])

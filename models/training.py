@@ -7,8 +7,8 @@ every position, so the expanded (prefix, next word) set is never built, in memor
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -94,8 +94,9 @@ def fit(
     model = build_model(len(tokenizer), max_length, train.features.shape[1], embedding_dim, units, dropout)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=smoothed_loss(label_smoothing) if label_smoothing else
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=smoothed_loss(label_smoothing)
+        if label_smoothing
+        else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     captioner = Captioner(model, tokenizer)  # shares the model's layers: it decodes with the weights of the moment
@@ -104,8 +105,11 @@ def fit(
         references = split_references(dev)
         callbacks = [dev_bleu_stopping(captioner, dev.features, references, decoding, patience)]
     else:
-        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss" if has_dev else "loss", patience=patience,
-                                                   restore_best_weights=True)]
+        callbacks = [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss" if has_dev else "loss", patience=patience, restore_best_weights=True
+            )
+        ]
     if on_epoch:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, logs)))
     history = model.fit(
@@ -140,8 +144,9 @@ def smoothed_loss(epsilon: float):
     return loss
 
 
-def dev_bleu_stopping(captioner: Captioner, features: np.ndarray, references: list[list[str]], decoding: Decoding,
-                      patience: int):
+def dev_bleu_stopping(
+    captioner: Captioner, features: np.ndarray, references: list[list[str]], decoding: Decoding, patience: int
+):
     """A Keras callback: dev BLEU after each epoch (logged as val_bleu); stops after `patience` epochs
     without a better one and restores the best epoch's weights at the end."""
     import keras
@@ -178,8 +183,13 @@ def corpus_bleu(references: list[list[str]], hypotheses: list[str]) -> dict[str,
         return {name: float(nltk_corpus_bleu(refs, hyps, weights=w)) for name, w in BLEU_WEIGHTS.items()}
 
 
-def evaluate(captioner: Captioner, features: np.ndarray, references: list[list[str]],
-             decodings: dict[str, Decoding], batch_size: int = 64) -> dict[str, dict[str, float]]:
+def evaluate(
+    captioner: Captioner,
+    features: np.ndarray,
+    references: list[list[str]],
+    decodings: dict[str, Decoding],
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
     """For each named decoding: corpus BLEU-1..4 of the best captions, with caption_stats; one feature row
     and its reference captions per image."""
     scores = {}

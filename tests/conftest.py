@@ -24,8 +24,13 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
 
 
 def make_settings(tmp: Path, *overrides: str) -> Settings:
-    defaults = [f"lake={tmp}/lake", f"state_dir={tmp}/state", "spark.master=local[2]",
-                "ingest.max_bytes=400000", "ingest.max_pixels=1500000"]  # small limits, small test images
+    defaults = [
+        f"lake={tmp}/lake",
+        f"state_dir={tmp}/state",
+        "spark.master=local[2]",
+        "ingest.max_bytes=400000",
+        "ingest.max_pixels=1500000",
+    ]  # small limits, small test images
     return load_settings(overrides=[*defaults, *overrides], environ={})
 
 
@@ -85,8 +90,10 @@ def task_runs(flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
     return {run.name.rsplit("-", 1)[0]: run.state.type.value for run in runs}
 
 
@@ -110,8 +117,12 @@ def local_settings(tmp_path) -> Settings:
 @pytest.fixture
 def s3_settings(tmp_path, s3_endpoint, bucket) -> Settings:
     return make_settings(
-        tmp_path, f"lake=s3://{bucket}/lake", f"s3.endpoint_url={s3_endpoint}", "s3.region=us-east-1",
-        "s3.access_key=testing", "s3.secret_key=testing",
+        tmp_path,
+        f"lake=s3://{bucket}/lake",
+        f"s3.endpoint_url={s3_endpoint}",
+        "s3.region=us-east-1",
+        "s3.access_key=testing",
+        "s3.secret_key=testing",
     )
 
 
@@ -127,7 +138,7 @@ def image_bytes(seed: int, size=(64, 48), fmt="JPEG", noise=False) -> bytes:
     if noise:
         pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     else:
-        y, x = np.mgrid[0:size[1], 0:size[0]]
+        y, x = np.mgrid[0 : size[1], 0 : size[0]]
         base = rng.integers(0, 256, 3)
         pixels = ((base + np.stack([x * 3, y * 5, x + y], -1)) % 256).astype(np.uint8)
     out = io.BytesIO()
@@ -166,26 +177,39 @@ def shapes_dataset(folder: Path, count: int, seed: int = 0) -> list[dict]:
             draw.polygon([(x + size // 2, y), (x, y + size), (x + size, y + size)], fill=COLOURS[colour])
         path = folder / f"{i:04d}.png"
         image.save(path)
-        for caption in (f"a {colour} {shape} on a {background} background", f"a {colour} {shape}",
-                        f"{colour} {shape} on {background}", f"there is a {colour} {shape} on a {background} background",
-                        f"a {background} background with a {colour} {shape}"):
+        for caption in (
+            f"a {colour} {shape} on a {background} background",
+            f"a {colour} {shape}",
+            f"{colour} {shape} on {background}",
+            f"there is a {colour} {shape} on a {background} background",
+            f"a {background} background with a {colour} {shape}",
+        ):
             rows.append({"uri": str(path), "caption": caption, "split": ("test", "dev", *["train"] * 4)[i % 6]})
     return rows
 
 
 def headless_chromium(profile_folder: Path, window: str = "1280,1200"):
-    """Headless Chromium driven by the system chromedriver (Debian chromium + chromium-driver; .ci/run installs them)."""
+    """Headless Chromium driven by the system chromedriver (Debian chromium + chromium-driver: ./run test
+    installs them)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
-        pytest.fail("the browser test needs headless Chromium and its driver: apt-get install chromium "
-                    "chromium-driver (.ci/run installs them)")
+        pytest.fail(
+            "the browser test needs headless Chromium and its driver: apt-get install chromium "
+            "chromium-driver (.ci/run installs them)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     f"--window-size={window}", f"--user-data-dir={profile_folder}/chromium-{uuid.uuid4().hex[:6]}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={window}",
+        f"--user-data-dir={profile_folder}/chromium-{uuid.uuid4().hex[:6]}",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(driver_path), options=options)

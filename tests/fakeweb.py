@@ -37,9 +37,16 @@ class FakeWeb(ThreadingHTTPServer):
         pass  # a client that stops reading (the byte limit) is expected here
 
     def _photo(self, i: int) -> dict:
-        photo = {"id": str(9000 + i), "owner": f"owner{i}@N0{i}", "ownername": f"Owner <b>{i}</b>",
-                 "title": f"A <script>photo</script> number {i}", "tags": f"dog park{i}", "license": i % 3,
-                 "datetaken": f"2020-0{1 + i % 9}-01 10:00:00", "url_z": f"{self.base}/img/{100 + i}.jpg?size=z"}
+        photo = {
+            "id": str(9000 + i),
+            "owner": f"owner{i}@N0{i}",
+            "ownername": f"Owner <b>{i}</b>",
+            "title": f"A <script>photo</script> number {i}",
+            "tags": f"dog park{i}",
+            "license": i % 3,
+            "datetaken": f"2020-0{1 + i % 9}-01 10:00:00",
+            "url_z": f"{self.base}/img/{100 + i}.jpg?size=z",
+        }
         if i % 2 == 0:
             photo["url_b"] = f"{self.base}/img/{100 + i}.jpg?size=b"
         if i == 3:
@@ -66,16 +73,28 @@ class Handler(BaseHTTPRequestHandler):
         if not key or key.group(1) != GOOD_KEY:
             return self._json({"stat": "fail", "code": 100, "message": "Invalid API Key (Key has invalid format)"})
         if params.get("method") != "flickr.photos.search":
-            return self._json({"stat": "fail", "code": 112, "message": f"Method \"{params.get('method')}\" not found"})
+            return self._json({"stat": "fail", "code": 112, "message": f'Method "{params.get("method")}" not found'})
         if params.get("sort", "relevance") not in ("relevance", "date-posted-desc"):
             return self._json({"stat": "fail", "code": 3, "message": "Unknown sort order"})
         per_page = int(params.get("per_page", 100))
         wanted = {e.removeprefix("url_") for e in params.get("extras", "").split(",") if e.startswith("url_")}
-        photos = [{k: v for k, v in p.items() if not k.startswith("url_") or k[4:] in wanted}
-                  for p in self.server.photos[(page - 1) * per_page: page * per_page]]
+        photos = [
+            {k: v for k, v in p.items() if not k.startswith("url_") or k[4:] in wanted}
+            for p in self.server.photos[(page - 1) * per_page : page * per_page]
+        ]
         total = len(self.server.photos)
-        self._json({"photos": {"page": page, "pages": -(-total // per_page), "perpage": per_page,
-                               "total": total, "photo": photos}, "stat": "ok"})
+        self._json(
+            {
+                "photos": {
+                    "page": page,
+                    "pages": -(-total // per_page),
+                    "perpage": per_page,
+                    "total": total,
+                    "photo": photos,
+                },
+                "stat": "ok",
+            }
+        )
 
     def do_GET(self):
         path = urlsplit(self.path).path
@@ -132,8 +151,11 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/always-busy.jpg":
             return self._send(503, b"busy", "text/plain", {"Retry-After": "1"})
         if path == "/busy-hop.jpg":  # every hop busy once, then a redirect to the next hop
-            return (self._send(503, b"busy", "text/plain", {"Retry-After": "1"}) if hits % 2 else
-                    self._send(302, b"", "text/plain", {"Location": "/busy-hop.jpg"}))
+            return (
+                self._send(503, b"busy", "text/plain", {"Retry-After": "1"})
+                if hits % 2
+                else self._send(302, b"", "text/plain", {"Location": "/busy-hop.jpg"})
+            )
         if path.startswith("/robots/"):  # X-Robots-Tag values, one header each, from the query
             values = parse_qs(urlsplit(self.path).query).get("tag", [])
             return self._send(200, image_bytes(6), "image/jpeg", [("X-Robots-Tag", v) for v in values])
@@ -152,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers.items() if isinstance(headers, dict) else headers or []):
+        for name, value in headers.items() if isinstance(headers, dict) else headers or []:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)

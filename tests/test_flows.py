@@ -10,8 +10,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from cbir.lake import Lake
-from conftest import image_bytes, make_settings, task_runs
 from flows.ingest import ingest_flow
+
+from conftest import image_bytes, make_settings, task_runs
 
 
 def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server, spark, tmp_path):
@@ -31,7 +32,8 @@ def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server,
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
     by_key = {artifact.key: artifact for artifact in artifacts}
     table = by_key["ingest-summary"].data
     rows = json.loads(table) if isinstance(table, str) else table
@@ -50,8 +52,15 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
 
     from conftest import shapes_dataset
 
-    settings = make_settings(tmp_path, "encoder.weights=random", "captioner.units=32", "captioner.embedding_dim=16",
-                             "captioner.min_word_count=1", "train.epochs=3", "train.patience=3")
+    settings = make_settings(
+        tmp_path,
+        "encoder.weights=random",
+        "captioner.units=32",
+        "captioner.embedding_dim=16",
+        "captioner.min_word_count=1",
+        "train.epochs=3",
+        "train.patience=3",
+    )
     with open(tmp_path / "shapes.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["uri", "caption", "split"])
         writer.writeheader()
@@ -65,11 +74,15 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
     assert card["training"]["epochs_run"] == 3 and "greedy" in card["metrics"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     by_key = {artifact.key: artifact for artifact in artifacts}
     assert by_key["train-epochs-progress"].data == 100.0
-    assert task_runs(state.state_details.flow_run_id) == {"features": "COMPLETED", "fit": "COMPLETED",
-                                                          "save": "COMPLETED"}
+    assert task_runs(state.state_details.flow_run_id) == {
+        "features": "COMPLETED",
+        "fit": "COMPLETED",
+        "save": "COMPLETED",
+    }
     table = by_key["train-summary"].data
     rows = {row["what"]: row["value"] for row in (json.loads(table) if isinstance(table, str) else table)}
     assert rows["encoder"].startswith("vgg16 (random (tests only")
@@ -84,15 +97,24 @@ def shapes_lake(spark, tmp_path_factory):
     """A lake with a captioner trained on shapes and 24 more shapes ingested and indexed."""
     import csv
 
-    from conftest import shapes_dataset
     from jobs import index, ingest, train
     from jobs.datasets import read_dataset
     from jobs.reader import resolve_source
 
+    from conftest import shapes_dataset
+
     tmp = tmp_path_factory.mktemp("shapes-lake")
-    settings = make_settings(tmp, "encoder.weights=random", "captioner.units=64", "captioner.embedding_dim=32",
-                             "captioner.min_word_count=1", "captioner.dropout=0.2", "train.epochs=20",
-                             "train.batch_size=16", "train.patience=5")
+    settings = make_settings(
+        tmp,
+        "encoder.weights=random",
+        "captioner.units=64",
+        "captioner.embedding_dim=32",
+        "captioner.min_word_count=1",
+        "captioner.dropout=0.2",
+        "train.epochs=20",
+        "train.batch_size=16",
+        "train.patience=5",
+    )
     with open(tmp / "train.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["uri", "caption", "split"])
         writer.writeheader()
@@ -111,8 +133,10 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
 
     settings, tmp, _ = shapes_lake
     # picture: an indexed image (its caption is reused); unseen: one the lake does not have (captioned now).
-    (tmp / "queries.csv").write_text(f"query_id,text,image,k\nred,a red circle,,3\npicture,,{tmp}/new/0001.png,4\n"
-                                     f"unseen,,{tmp}/train/0001.png,2\nbroken,,/no/such.png,\n")
+    (tmp / "queries.csv").write_text(
+        f"query_id,text,image,k\nred,a red circle,,3\npicture,,{tmp}/new/0001.png,4\n"
+        f"unseen,,{tmp}/train/0001.png,2\nbroken,,/no/such.png,\n"
+    )
 
     hybrid = settings.model_copy(update={"query": settings.query.model_copy(update={"hybrid": True})})
     state = query_flow(str(tmp / "queries.csv"), settings=hybrid, return_state=True)
@@ -122,35 +146,50 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     results, errors = Lake.open(settings).query_tables(summary["run_id"])
     rows = results.read().to_pylist()
     assert sorted({(r["query_id"], r["rank"]) for r in rows}) == [("picture", i) for i in range(1, 5)] + [
-        ("red", i) for i in range(1, 4)] + [("unseen", 1), ("unseen", 2)]
+        ("red", i) for i in range(1, 4)
+    ] + [("unseen", 1), ("unseen", 2)]
     indexed = {r["uri"]: r["caption"] for r in Lake.open(settings).table("captions").read().to_pylist()}
     assert {r["query_caption"] for r in rows if r["query_id"] == "picture"} == {indexed[f"{tmp}/new/0001.png"]}
     # Hybrid ranking: image queries blend BLEU with the cosine of their features; the picture finds itself first.
-    picture_id = next(r["image_id"] for r in Lake.open(settings).table("manifest").read().to_pylist()
-                      if r["uri"] == f"{tmp}/new/0001.png")
+    picture_id = next(
+        r["image_id"]
+        for r in Lake.open(settings).table("manifest").read().to_pylist()
+        if r["uri"] == f"{tmp}/new/0001.png"
+    )
     first = next(r for r in rows if r["query_id"] == "picture" and r["rank"] == 1)
     assert (first["image_id"], first["score"], first["visual_similarity"], first["blended_score"]) == (
-        picture_id, 1.0, pytest.approx(1.0), pytest.approx(1.0))
+        picture_id,
+        1.0,
+        pytest.approx(1.0),
+        pytest.approx(1.0),
+    )
     assert all(r["blended_score"] is not None for r in rows if r["query_id"] in ("picture", "unseen"))
     assert all(r["visual_similarity"] is None for r in rows if r["query_id"] == "red")
     assert all(r["query_caption"] for r in rows if r["query_id"] == "unseen")
-    assert [(r["query_id"], r["reason"]) for r in errors.read().to_pylist()] == [
-        ("broken", "not-found")]
+    assert [(r["query_id"], r["reason"]) for r in errors.read().to_pylist()] == [("broken", "not-found")]
     page = Path(summary["gallery"]).read_text()
     assert page.count("<figure>") == 9 and "data:image/jpeg;base64," in page
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     by_key = {artifact.key: artifact for artifact in artifacts}
     assert by_key["query-gallery"].data.endswith(f"{summary['run_id']}/gallery.html)")
     table = by_key["query-results"].data
     assert len(json.loads(table) if isinstance(table, str) else table) == 8  # the top 3 (or k) of each query
     # The timeline: each stage is a task run of the flow run.
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
-            state.state_details.flow_run_id])))
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert {run.name.rsplit("-", 1)[0] for run in tasks if run.state.is_completed()} == {
-        "read the query file", "caption image queries", "search", "commit the results", "commit the errors", "gallery"}
+        "read the query file",
+        "caption image queries",
+        "search",
+        "commit the results",
+        "commit the errors",
+        "gallery",
+    }
 
     _, hits = search_one(Lake.open(settings), settings, 2, text="a red circle")
     assert [h["rank"] for h in hits] == [1, 2]
@@ -160,8 +199,9 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
 def test_eval_flow_measures_recall_and_map(prefect_server, spark, shapes_lake):
     import csv
 
-    from conftest import COLOURS
     from flows.evaluate import eval_flow
+
+    from conftest import COLOURS
 
     settings, tmp, rows = shapes_lake
     (tmp / "eval").mkdir()
@@ -213,18 +253,24 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
 
     settings, _, _ = shapes_lake
     lake = Lake.open(settings)
-    asked = [Query(f"q{i}", 6, text=text) for i, text in enumerate(
-        ["a red circle", "a blue square on a black background", "yellow triangle", "green"])]
+    asked = [
+        Query(f"q{i}", 6, text=text)
+        for i, text in enumerate(["a red circle", "a blue square on a black background", "yellow triangle", "green"])
+    ]
     captions = lake_captions(spark, lake, store.card(lake)["version"])
     kinds = tuple(settings.bleu.references)
     rows = search(spark, captions, asked, bleu_params(settings), kinds, partitions=3).collect()
     web = Searcher(settings, lake)
     for q in asked:
-        job = [(r["image_id"], r["score"], r["matched_kind"], r["matched_text"])
-               for r in sorted((r for r in rows if r["query_id"] == q.query_id), key=lambda r: r["rank"])]
+        job = [
+            (r["image_id"], r["score"], r["matched_kind"], r["matched_text"])
+            for r in sorted((r for r in rows if r["query_id"] == q.query_id), key=lambda r: r["rank"])
+        ]
         page = [(r.image_id, r.score, r.matched_kind, r.matched_text) for r in web.search_text(q.text, q.k).results]
-        one = [(h["image_id"], h["score"], h["matched_kind"], h["matched_text"])
-               for h in search_one(lake, settings, q.k, text=q.text)[1]]
+        one = [
+            (h["image_id"], h["score"], h["matched_kind"], h["matched_text"])
+            for h in search_one(lake, settings, q.k, text=q.text)[1]
+        ]
         assert job and job == page == one, q.text
 
 
@@ -236,15 +282,24 @@ def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):
 
     settings, tmp, _ = shapes_lake
     # A Prefect API that does not answer: a flow run would fail.
-    environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))},
-               "PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    check = ("import sys; from cli.main import main; code = main(sys.argv[1:]); "
-             "assert 'pyspark' not in sys.modules, 'pyspark was imported'; "
-             "import web.app, jobs.searcher; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
-             "sys.exit(code)")
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CBIR_", "PREFECT_"))},
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+    }
+    check = (
+        "import sys; from cli.main import main; code = main(sys.argv[1:]); "
+        "assert 'pyspark' not in sys.modules, 'pyspark was imported'; "
+        "import web.app, jobs.searcher; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
+        "sys.exit(code)"
+    )
     common = [f"--set=lake={settings.lake}", f"--set=state_dir={settings.state_dir}", "--set=encoder.weights=random"]
     for query in (["a red circle", "-k", "2"], ["--image", f"{tmp}/new/0001.png", "-k", "2"]):
-        result = subprocess.run([sys.executable, "-c", check, *common, "search", *query], capture_output=True,
-                                text=True, timeout=300, env=environ)
+        result = subprocess.run(
+            [sys.executable, "-c", check, *common, "search", *query],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environ,
+        )
         assert result.returncode == 0, result.stderr
         assert "top 2 for" in result.stdout and "Traceback" not in result.stderr

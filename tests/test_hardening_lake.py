@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
 
 import cbir.lake
-
 from cbir.errors import CbirError, UsageError
 from cbir.lake import READY, Lake, heartbeat, new_run_id, put_bytes
 from cbir.schemas import MANIFEST
-from conftest import make_settings
 from jobs import index
 from models import store
+
+from conftest import make_settings
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def lake(tmp_path):
 
 def part(table, run_id: str) -> tuple[str, int]:
     data = {name: [None] for name in MANIFEST.names}
-    data.update(uri=["/img/1.jpg"], status=["ok"], run_id=[run_id], ingested_at=[datetime.now(timezone.utc)])
+    data.update(uri=["/img/1.jpg"], status=["ok"], run_id=[run_id], ingested_at=[datetime.now(UTC)])
     writer = table.part_writer(run_id)
     writer.write(pa.RecordBatch.from_pydict(data, schema=MANIFEST))
     return writer.close()
@@ -43,12 +43,15 @@ def victim(lake) -> str:
     return f"{path}/precious.txt"
 
 
-@pytest.mark.parametrize("record", [
-    {"run_id": "../../victim", "files": []},
-    {"run_id": "../../victim", "files": ["part-x.parquet"]},
-    {"run_id": "20250101T000000Z-0123abcd", "files": ["../../../victim/precious.txt"]},
-    {"run_id": None, "files": []},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"run_id": "../../victim", "files": []},
+        {"run_id": "../../victim", "files": ["part-x.parquet"]},
+        {"run_id": "20250101T000000Z-0123abcd", "files": ["../../../victim/precious.txt"]},
+        {"run_id": None, "files": []},
+    ],
+)
 def test_a_planted_ready_record_cannot_move_or_delete_outside_its_table(lake, record):
     precious = victim(lake)
     table = lake.table("manifest")
@@ -64,8 +67,13 @@ def test_dropping_a_version_checks_the_run_ids_its_records_name(lake):
     precious = victim(lake)
     captions = lake.table("captions")
     os.makedirs(f"{captions.path}/_commits")
-    record = {"run_id": "../victim", "committed_at": "2025-01-01T00:00:00+00:00", "files": [], "rows": 1,
-              "model_version": "20250101T000000Z-0123abcd"}
+    record = {
+        "run_id": "../victim",
+        "committed_at": "2025-01-01T00:00:00+00:00",
+        "files": [],
+        "rows": 1,
+        "model_version": "20250101T000000Z-0123abcd",
+    }
     open(f"{captions.path}/_commits/20250101T000000Z-0123abcd.json", "w").write(json.dumps(record))
     with pytest.raises(CbirError, match="not a run id"):
         index.drop_version(lake, "20250101T000000Z-0123abcd")

@@ -7,11 +7,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cbir.lake import Lake
-from conftest import make_settings
-from cli import main as cli
 from cbir.text import render_table
-from web.app import create_app
+from cli import main as cli
 from jobs.queries import read_queries
+from web.app import create_app
+
+from conftest import make_settings
 
 LONG = " ".join(f"word{i}" for i in range(101))  # query.max_words is 100
 
@@ -41,8 +42,9 @@ def test_cbir_web_refuses_a_query_over_the_word_cap(tmp_path):
 
 @pytest.mark.parametrize("hostile", ["\x1b[2J", "\x1b]52;c;ZWNobw==\x07", "\x9b31m", "a\rb", "\u202eevil", "x\ny"])
 def test_printed_tables_carry_no_terminal_control_sequences(hostile):
-    text = render_table(f"top 1 for {hostile}", [{"rank": 1, "uri": f"http://example.com/{hostile}.jpg",
-                                                   "caption": hostile}])
+    text = render_table(
+        f"top 1 for {hostile}", [{"rank": 1, "uri": f"http://example.com/{hostile}.jpg", "caption": hostile}]
+    )
     assert not any(ch in text for ch in "\x1b\x07\x9b\r\u202e") and "example.com/" in text
     assert text.count("\n") == 6  # title, 3 border lines, header, one row: nothing split a line
 

@@ -70,18 +70,21 @@ def zip_pth(path: Path, tensors: dict, storages: dict[str, bytes]) -> Path:
 FOUR = np.arange(4, dtype="<f4").tobytes()
 
 
-@pytest.mark.parametrize("tensor, storages, message", [
-    ((storage("0", 4), 0, (1000,), (1,)), {"0": FOUR}, "reaches past its storage"),  # heap bytes, or a segfault
-    ((storage("0", 4), 3, (2,), (1,)), {"0": FOUR}, "reaches past its storage"),  # the offset counts too
-    ((storage("0", 4), 0, (2**20, 2**20), (0, 0)), {"0": FOUR}, "more than 268435456 elements"),  # stride 0: 4 TiB
-    ((storage("0", 4), -1, (2,), (1,)), {"0": FOUR}, "non-negative"),
-    ((storage("0", 4), 0, (2,), (-1,)), {"0": FOUR}, "non-negative"),
-    ((storage("0", 4), 0, (2, 2), (2,)), {"0": FOUR}, "2 sizes and 1 strides"),
-    ((storage("0", 4), 0, (4,), (1,)), {"0": FOUR[:8]}, "8 bytes in the archive, not 16"),  # a short entry
-    ((storage("0", 2**40), 0, (4,), (1,)), {"0": FOUR}, "more than 1073741824 bytes"),  # a huge storage
-    ((storage("../0", 4), 0, (4,), (1,)), {"0": FOUR}, "bad storage key"),
-    ((storage("1", 4), 0, (4,), (1,)), {"0": FOUR}, "not a readable PyTorch file"),  # no such entry
-])
+@pytest.mark.parametrize(
+    "tensor, storages, message",
+    [
+        ((storage("0", 4), 0, (1000,), (1,)), {"0": FOUR}, "reaches past its storage"),  # heap bytes, or a segfault
+        ((storage("0", 4), 3, (2,), (1,)), {"0": FOUR}, "reaches past its storage"),  # the offset counts too
+        ((storage("0", 4), 0, (2**20, 2**20), (0, 0)), {"0": FOUR}, "more than 268435456 elements"),  # stride 0: 4 TiB
+        ((storage("0", 4), -1, (2,), (1,)), {"0": FOUR}, "non-negative"),
+        ((storage("0", 4), 0, (2,), (-1,)), {"0": FOUR}, "non-negative"),
+        ((storage("0", 4), 0, (2, 2), (2,)), {"0": FOUR}, "2 sizes and 1 strides"),
+        ((storage("0", 4), 0, (4,), (1,)), {"0": FOUR[:8]}, "8 bytes in the archive, not 16"),  # a short entry
+        ((storage("0", 2**40), 0, (4,), (1,)), {"0": FOUR}, "more than 1073741824 bytes"),  # a huge storage
+        ((storage("../0", 4), 0, (4,), (1,)), {"0": FOUR}, "bad storage key"),
+        ((storage("1", 4), 0, (4,), (1,)), {"0": FOUR}, "not a readable PyTorch file"),  # no such entry
+    ],
+)
 def test_crafted_zip_checkpoints_are_refused(tmp_path, tensor, storages, message):
     path = zip_pth(tmp_path / "crafted.pth", {"w": tensor}, storages)
     with pytest.raises(BadCheckpoint, match=rf"^{path}: .*{message}"):
@@ -97,17 +100,25 @@ def test_a_well_formed_one_still_loads(tmp_path):
 
 
 def legacy_pth(path: Path, numel_said: int, data: bytes, declared: int = 4) -> Path:
-    parts = [pickle.dumps(LEGACY_MAGIC), pickle.dumps(1001), pickle.dumps({}),
-             _pickle({"w": _Rebuild(storage("0", declared), 0, (declared,), (1,))}), pickle.dumps(["0"])]
+    parts = [
+        pickle.dumps(LEGACY_MAGIC),
+        pickle.dumps(1001),
+        pickle.dumps({}),
+        _pickle({"w": _Rebuild(storage("0", declared), 0, (declared,), (1,))}),
+        pickle.dumps(["0"]),
+    ]
     path.write_bytes(b"".join(parts) + struct.pack("<q", numel_said) + data)
     return path
 
 
-@pytest.mark.parametrize("numel_said, data, declared, message", [
-    (4, FOUR[:4], 4, "needs 16 bytes, more than the file has left"),  # the file ends early
-    (2**40, FOUR, 4, "says 1099511627776 elements"),
-    (2**28, FOUR, 2**28, "more than the file has left"),  # counts larger than the file are refused before reading
-])
+@pytest.mark.parametrize(
+    "numel_said, data, declared, message",
+    [
+        (4, FOUR[:4], 4, "needs 16 bytes, more than the file has left"),  # the file ends early
+        (2**40, FOUR, 4, "says 1099511627776 elements"),
+        (2**28, FOUR, 2**28, "more than the file has left"),  # counts larger than the file are refused before reading
+    ],
+)
 def test_crafted_legacy_checkpoints_are_refused(tmp_path, numel_said, data, declared, message):
     path = legacy_pth(tmp_path / "legacy.pth", numel_said, data, declared)
     with pytest.raises(BadCheckpoint, match=message):
@@ -121,11 +132,11 @@ def test_every_truncation_of_a_file_is_one_clear_error(tmp_path):
     script = f"""
 import sys
 from models.pth import BadCheckpoint, load_state_dict
-whole = open({str(tmp_path / 'whole.pth')!r}, 'rb').read()
+whole = open({str(tmp_path / "whole.pth")!r}, 'rb').read()
 for end in range(len(whole)):
-    open({str(tmp_path / 'cut.pth')!r}, 'wb').write(whole[:end])
+    open({str(tmp_path / "cut.pth")!r}, 'wb').write(whole[:end])
     try:
-        load_state_dict({str(tmp_path / 'cut.pth')!r})
+        load_state_dict({str(tmp_path / "cut.pth")!r})
         sys.exit(f'{{end}} bytes loaded')
     except BadCheckpoint:
         pass

@@ -14,14 +14,24 @@ import urllib.request
 
 import pytest
 
-from conftest import make_settings
 from cli.main import ui_environment
 
+from conftest import make_settings
 
-def call(url: str, method: str = "GET", origin: str | None = None, body: dict | None = None, headers: dict = {}):
-    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                     headers={**({"Origin": origin} if origin else {}), **headers,
-                                              **({"Content-Type": "application/json"} if body is not None else {})})
+
+def call(
+    url: str, method: str = "GET", origin: str | None = None, body: dict | None = None, headers: dict | None = None
+):
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            **({"Origin": origin} if origin else {}),
+            **(headers or {}),
+            **({"Content-Type": "application/json"} if body is not None else {}),
+        },
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.headers
@@ -37,10 +47,17 @@ def prefect_ui(tmp_path_factory):
         port = sock.getsockname()[1]
     settings = make_settings(tmp, "ui.allowed_origins=https://ops.example.org", "ui.trusted_hosts=ops.example.org")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    environ.update(PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   **ui_environment(settings, "127.0.0.1", port))
-    server = subprocess.Popen([sys.executable, "-m", "cli.ui_server", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    environ.update(
+        PREFECT_HOME=str(tmp / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **ui_environment(settings, "127.0.0.1", port),
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli.ui_server", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while not (_up(port) and call(f"{base}/api/health")[0] == 200):
         assert server.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
@@ -60,9 +77,12 @@ def _up(port: int) -> bool:
 
 def test_another_origin_is_refused_and_state_changes_need_a_csrf_token(prefect_ui):
     evil = "http://evil.example"
-    status, headers = call(f"{prefect_ui}/api/deployments/filter", "OPTIONS", evil,
-                           headers={"Access-Control-Request-Method": "POST",
-                                    "Access-Control-Request-Headers": "content-type"})
+    status, headers = call(
+        f"{prefect_ui}/api/deployments/filter",
+        "OPTIONS",
+        evil,
+        headers={"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
+    )
     assert headers.get("Access-Control-Allow-Origin") is None  # the browser will not send the call
     status, headers = call(f"{prefect_ui}/api/health", origin=evil)
     assert headers.get("Access-Control-Allow-Origin") is None  # nor let the page read an answer
@@ -80,8 +100,16 @@ def test_the_uis_own_origin_and_allowed_ones_may_call(prefect_ui, origin):
     assert status == 200 and headers.get("Access-Control-Allow-Origin") == origin
 
 
-@pytest.mark.parametrize("host, served", [("127.0.0.1", True), ("localhost", True), ("ops.example.org", True),
-                                          ("evil.example", False), ("rebound.attacker.test", False)])
+@pytest.mark.parametrize(
+    "host, served",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("ops.example.org", True),
+        ("evil.example", False),
+        ("rebound.attacker.test", False),
+    ],
+)
 def test_only_known_host_names_are_served(prefect_ui, host, served):
     status, _ = call(f"{prefect_ui}/api/health", headers={"Host": host})
     assert (status == 200) == served and (served or status == 400)

@@ -12,18 +12,21 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from cbir.lake import Lake
-from conftest import make_settings
 from web.app import create_app
+
+from conftest import make_settings
 
 
 def one_colour_png(width: int, height: int) -> bytes:
     """A one-colour RGB PNG, compressed row by row: a few hundred KB that decode to width x height x 3 bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -68,8 +71,10 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def post_image(port: int, data: bytes, host: str = "127.0.0.1") -> int:
-    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b--\r\n")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b--\r\n"
+    )
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     connection.request("POST", "/api/search", body, {"Content-Type": "multipart/form-data; boundary=b", "Host": host})
     status = connection.getresponse().status
@@ -82,8 +87,13 @@ def web_process(empty_lake):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    overrides = [f"lake={empty_lake.lake}", f"state_dir={empty_lake.state_dir}", "ingest.max_pixels=89478485",
-                 "web.max_upload_bytes=10000000", f"web.port={port}"]
+    overrides = [
+        f"lake={empty_lake.lake}",
+        f"state_dir={empty_lake.state_dir}",
+        "ingest.max_pixels=89478485",
+        "web.max_upload_bytes=10000000",
+        f"web.port={port}",
+    ]
     root = str(Path(__file__).resolve().parents[1])
     process = subprocess.Popen([sys.executable, "-c", SERVER, *overrides], env={**os.environ, "PYTHONPATH": root})
     deadline = time.monotonic() + 60
@@ -115,8 +125,10 @@ def test_concurrent_bomb_uploads_decode_within_a_memory_bound(web_process):
     assert growth < 2 * 4000 * 4000 * 4 / 2**20 + 64  # two decodes and the request bodies, not 24 (nor 24 x 337 MiB)
 
 
-@pytest.mark.parametrize("host, served", [("127.0.0.1", True), ("localhost:8080", True), ("evil.example", False),
-                                          ("127.0.0.1.nip.io", False), ("", False)])
+@pytest.mark.parametrize(
+    "host, served",
+    [("127.0.0.1", True), ("localhost:8080", True), ("evil.example", False), ("127.0.0.1.nip.io", False), ("", False)],
+)
 def test_only_the_servers_own_names_are_served(empty_lake, host, served):
     with TestClient(create_app(empty_lake, warm_up=False)) as client:
         response = client.get("/api/status", headers={"Host": host})
@@ -131,29 +143,61 @@ def test_a_configured_name_is_served(empty_lake, tmp_path):
 
 # An index without Spark or a captioner: three stored images, their manifest rows and captions.
 def indexed_lake(tmp_path, *extra):
+    from datetime import datetime
+
     import pyarrow as pa
-    from datetime import datetime, timezone
 
     from cbir.images import image_id
     from cbir.lake import new_run_id, put_bytes
     from cbir.schemas import CAPTIONS, MANIFEST
+
     from conftest import image_bytes
 
     settings = make_settings(tmp_path, "web.reload_s=0.05", *extra)
     lake = Lake.open(settings)
     lake.check()
-    version, now, manifest, captions = new_run_id(), datetime.now(timezone.utc), [], []
+    version, now, manifest, captions = new_run_id(), datetime.now(UTC), [], []
     for number, caption in enumerate(["a red ball", "a dog on grass", "a red car"]):
         data = image_bytes(number)
         key = image_id(data)
         lake.put_image(key, "JPEG", data)
         uri = f"{tmp_path}/secret-folder/{number}.jpg"
-        manifest.append(dict(image_id=key, uri=uri, source=f"{tmp_path}/secret-folder", format="JPEG", width=64,
-                             height=48, bytes=len(data), status="ok", ingested_at=now, run_id=version))
-        manifest.append(dict(image_id=key, uri=f"s3://private-bucket/copy/{number}.jpg",
-                             source="s3://private-bucket/copy", status="duplicate", ingested_at=now, run_id=version))
-        captions.append(dict(image_id=key, uri=uri, caption=caption, logprob=-1.0, model_version=version, status="ok",
-                             captioned_at=now, run_id=version))
+        manifest.append(
+            dict(
+                image_id=key,
+                uri=uri,
+                source=f"{tmp_path}/secret-folder",
+                format="JPEG",
+                width=64,
+                height=48,
+                bytes=len(data),
+                status="ok",
+                ingested_at=now,
+                run_id=version,
+            )
+        )
+        manifest.append(
+            dict(
+                image_id=key,
+                uri=f"s3://private-bucket/copy/{number}.jpg",
+                source="s3://private-bucket/copy",
+                status="duplicate",
+                ingested_at=now,
+                run_id=version,
+            )
+        )
+        captions.append(
+            dict(
+                image_id=key,
+                uri=uri,
+                caption=caption,
+                logprob=-1.0,
+                model_version=version,
+                status="ok",
+                captioned_at=now,
+                run_id=version,
+            )
+        )
     for name, rows, schema in (("manifest", manifest, MANIFEST), ("captions", captions, CAPTIONS)):
         table = lake.table(name)
         writer = table.part_writer(version)
@@ -182,10 +226,14 @@ def test_image_metadata_is_served_from_the_loaded_index(tmp_path, monkeypatch):
 def test_answers_carry_no_server_paths(tmp_path):
     settings, ids = indexed_lake(tmp_path)
     with TestClient(create_app(settings, warm_up=False), base_url="http://127.0.0.1") as client:
-        answers = [client.get("/api/search", params={"q": "a red ball"}), client.get(f"/api/images/{ids[0]}"),
-                   client.get(f"/image/{ids[0]}"), client.get("/api/status"),
-                   client.post("/api/search", files={"image": ("x.jpg", b"", "image/jpeg")}),
-                   client.post("/api/search", files={"image": ("x.png", one_colour_png(32, 32), "image/png")})]
+        answers = [
+            client.get("/api/search", params={"q": "a red ball"}),
+            client.get(f"/api/images/{ids[0]}"),
+            client.get(f"/image/{ids[0]}"),
+            client.get("/api/status"),
+            client.post("/api/search", files={"image": ("x.jpg", b"", "image/jpeg")}),
+            client.post("/api/search", files={"image": ("x.png", one_colour_png(32, 32), "image/png")}),
+        ]
         info = answers[1].json()
     assert answers[-1].status_code == 503  # no card in this lake: the captioner cannot load
     for answer in answers:

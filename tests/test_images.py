@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cbir.images import ImageRejected, Limits, image_id, inspect_image
+
 from conftest import image_bytes
 
 LIMITS = Limits(max_bytes=300_000, max_pixels=1_000_000, formats=frozenset({"JPEG", "PNG", "GIF", "WEBP"}))
@@ -36,7 +38,7 @@ def test_each_bad_file_has_its_reason():
     assert reason(image_bytes(5, size=(10, 10), fmt="BMP")) == "unsupported-format"
     assert reason(png[: len(png) // 2]) == "truncated"
     idat = png.index(b"IDAT") + 8
-    assert reason(png[:idat] + b"\x00" * 64 + png[idat + 64:]) == "corrupt"
+    assert reason(png[:idat] + b"\x00" * 64 + png[idat + 64 :]) == "corrupt"
 
 
 def test_a_decompression_bomb_is_refused_before_decoding():

@@ -18,7 +18,6 @@ import pytest
 
 from cbir.errors import UsageError
 from cbir.lake import Lake
-from conftest import make_settings, shapes_dataset
 from jobs import index, ingest, train
 from jobs.datasets import read_dataset
 from jobs.encoding import encoder_config, read_features
@@ -26,8 +25,17 @@ from jobs.reader import resolve_source
 from models import store
 from models.captioner import Decoding
 
-SMALL_MODEL = ("encoder.weights=random", "captioner.units=64", "captioner.embedding_dim=32",
-               "captioner.min_word_count=1", "train.epochs=20", "train.learning_rate=0.01", "encoder.batch_size=4")
+from conftest import make_settings, shapes_dataset
+
+SMALL_MODEL = (
+    "encoder.weights=random",
+    "captioner.units=64",
+    "captioner.embedding_dim=32",
+    "captioner.min_word_count=1",
+    "train.epochs=20",
+    "train.learning_rate=0.01",
+    "encoder.batch_size=4",
+)
 
 
 def prepare(spark, settings, tmp: Path, new_images: int = 30) -> dict:
@@ -83,8 +91,15 @@ def fresh_s3(prepared_local, s3_endpoint, s3_client, bucket, tmp_path):
     for path in Path(settings.lake).rglob("*"):
         if path.is_file():
             s3_client.upload_file(str(path), bucket, f"lake/{path.relative_to(settings.lake)}")
-    settings = make_settings(tmp_path, *SMALL_MODEL, f"lake=s3://{bucket}/lake", f"s3.endpoint_url={s3_endpoint}",
-                             "s3.region=us-east-1", "s3.access_key=testing", "s3.secret_key=testing")
+    settings = make_settings(
+        tmp_path,
+        *SMALL_MODEL,
+        f"lake=s3://{bucket}/lake",
+        f"s3.endpoint_url={s3_endpoint}",
+        "s3.region=us-east-1",
+        "s3.access_key=testing",
+        "s3.secret_key=testing",
+    )
     return settings, {"lake": Lake.open(settings), "card": card}, source
 
 
@@ -210,21 +225,55 @@ def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, fresh_s3, tmp_path
         port = probe.getsockname()[1]
     spark_class = str(Path(sys.executable).parent / "spark-class")
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work")}
-    master = subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                               "--port", str(port), "--webui-port", "0"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    worker = subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
-                               "--host", "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port", "0"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    master = subprocess.Popen(
+        [
+            spark_class,
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--webui-port",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    worker = subprocess.Popen(
+        [
+            spark_class,
+            "org.apache.spark.deploy.worker.Worker",
+            f"spark://127.0.0.1:{port}",
+            "--host",
+            "127.0.0.1",
+            "--cores",
+            "2",
+            "--memory",
+            "2g",
+            "--webui-port",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         _wait_for_port(port)
-        overrides = [f"lake={settings.lake}", f"s3.endpoint_url={settings.s3.endpoint_url}", "s3.region=us-east-1",
-                     f"spark.master=spark://127.0.0.1:{port}", "spark.ui=false", *SMALL_MODEL]
+        overrides = [
+            f"lake={settings.lake}",
+            f"s3.endpoint_url={settings.s3.endpoint_url}",
+            "s3.region=us-east-1",
+            f"spark.master=spark://127.0.0.1:{port}",
+            "spark.ui=false",
+            *SMALL_MODEL,
+        ]
         command = [str(Path(sys.executable).parent / "cbir"), "index"]
         for item in overrides:
             command += ["--set", item]
-        result = subprocess.run(command, cwd=tmp_path, env=cli_environment, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(command, cwd=tmp_path, env=cli_environment, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "│ indexed" in result.stdout + result.stderr
     finally:

@@ -12,9 +12,11 @@ import pytest
 
 from cbir.errors import UsageError
 from cbir.lake import Lake, Table
-from conftest import image_bytes, make_settings
 from jobs import ingest
 from jobs.reader import resolve_source
+
+from conftest import image_bytes, make_settings
+
 
 @pytest.fixture
 def messy_folder(tmp_path) -> tuple[Path, dict[str, tuple[str, str | None]]]:
@@ -49,7 +51,7 @@ def messy_folder(tmp_path) -> tuple[Path, dict[str, tuple[str, str | None]]]:
 def _corrupt(png: bytes) -> bytes:
     """Damage the compressed pixels, keeping the header intact."""
     start = png.index(b"IDAT") + 20
-    return png[:start] + bytes(b ^ 0x5A for b in png[start:start + 40]) + png[start + 40:]
+    return png[:start] + bytes(b ^ 0x5A for b in png[start : start + 40]) + png[start + 40 :]
 
 
 def _manifest(settings) -> list[dict]:
@@ -66,8 +68,15 @@ def test_folder_ingest_records_every_item_and_stores_good_images_once(spark, set
     rows = {row["uri"]: row for row in _manifest(settings)}
     assert {uri: (row["status"], (row["error"] or "").split(":")[0] or None) for uri, row in rows.items()} == expected
     assert (summary.found, summary.ingested, summary.duplicates, summary.skipped) == (11, 3, 1, 0)
-    assert summary.failed == {"corrupt": 1, "truncated": 1, "empty": 1, "not-an-image": 1, "too-large": 1,
-                              "too-many-pixels": 1, "unsupported-format": 1}
+    assert summary.failed == {
+        "corrupt": 1,
+        "truncated": 1,
+        "empty": 1,
+        "not-an-image": 1,
+        "too-large": 1,
+        "too-many-pixels": 1,
+        "unsupported-format": 1,
+    }
     for uri, row in rows.items():
         data = Path(uri).read_bytes()
         if row["status"] in ("ok", "duplicate"):
@@ -162,7 +171,9 @@ def test_ingest_from_an_s3_prefix_and_a_manifest_with_bad_rows(spark, s3_setting
     copy = rows[f"s3://{bucket}/incoming/copy.jpg"]
     assert (copy["status"], copy["title"], copy["tags"]) == ("duplicate", "zero", ["red", "green"])
     assert (rows[f"s3://{bucket}/incoming/new.png"]["status"], rows[f"s3://{bucket}/incoming/new.png"]["tags"]) == (
-        "ok", ["x", "y"])
+        "ok",
+        ["x", "y"],
+    )
     assert rows[f"{manifest_uri}#row=3"]["error"] == "bad-row: no uri"
     assert rows["https://example.com/a.jpg"]["error"].startswith("unsupported-uri:")
     assert rows[f"s3://{bucket}/incoming/missing.jpg"]["error"] == "not-found: no such file"
@@ -179,7 +190,7 @@ def test_manifest_files_carry_captions_titles_and_tags(spark, local_settings, tm
     (folder / "manifest.csv").write_text(
         "uri,caption,title,tags\n"
         "0.jpg,two dogs playing in the water,Dogs,dog water\n"
-        f"{folder / '1.jpg'},\"a man, a plan\",,\n"
+        f'{folder / "1.jpg"},"a man, a plan",,\n'
         ",no uri,,\n"
         f"{folder},a folder is not an image,,\n"
     )
@@ -188,7 +199,11 @@ def test_manifest_files_carry_captions_titles_and_tags(spark, local_settings, tm
 
     rows = {row["uri"]: row for row in _manifest(local_settings)}
     first = rows[str(folder / "0.jpg")]
-    assert (first["caption"], first["title"], first["tags"]) == ("two dogs playing in the water", "Dogs", ["dog", "water"])
+    assert (first["caption"], first["title"], first["tags"]) == (
+        "two dogs playing in the water",
+        "Dogs",
+        ["dog", "water"],
+    )
     assert rows[str(folder / "1.jpg")]["caption"] == "a man, a plan"
     assert rows[str(folder / "1.jpg")]["title"] is None
     assert rows[f"{folder / 'manifest.csv'}#row=3"]["error"] == "bad-row: no uri"
@@ -215,7 +230,9 @@ def test_other_manifest_formats(spark, local_settings, tmp_path, kind):
     else:
         manifest = tmp_path / "m.json"
         manifest.write_text(json.dumps([{"uri": p, "caption": "one" if i == 0 else None} for i, p in enumerate(paths)]))
-    summary = ingest.run(spark, Lake.open(local_settings), local_settings, resolve_source(str(manifest), local_settings))
+    summary = ingest.run(
+        spark, Lake.open(local_settings), local_settings, resolve_source(str(manifest), local_settings)
+    )
     assert (summary.found, summary.ingested, summary.failed) == (2, 2, {})
     if kind != "txt":
         captions = {row["uri"]: row["caption"] for row in _manifest(local_settings)}
@@ -251,7 +268,8 @@ def test_plain_readers_see_the_documented_layout(spark, local_settings, messy_fo
 
 
 def test_lake_check_names_a_missing_bucket(tmp_path, s3_endpoint):
-    settings = make_settings(tmp_path, "lake=s3://no-such-bucket/x", f"s3.endpoint_url={s3_endpoint}",
-                             "s3.region=us-east-1")
+    settings = make_settings(
+        tmp_path, "lake=s3://no-such-bucket/x", f"s3.endpoint_url={s3_endpoint}", "s3.region=us-east-1"
+    )
     with pytest.raises(UsageError, match="bucket 'no-such-bucket' does not exist"):
         Lake.open(settings).check()

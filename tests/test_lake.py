@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -14,10 +14,11 @@ from cbir.schemas import MANIFEST
 
 
 def _rows(run_id: str, n: int, start: int = 0) -> pa.RecordBatch:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     data = {name: [None] * n for name in MANIFEST.names}
-    data.update(uri=[f"/img/{start + i}.jpg" for i in range(n)], status=["ok"] * n, run_id=[run_id] * n,
-                ingested_at=[now] * n)
+    data.update(
+        uri=[f"/img/{start + i}.jpg" for i in range(n)], status=["ok"] * n, run_id=[run_id] * n, ingested_at=[now] * n
+    )
     return pa.RecordBatch.from_pydict(data, schema=MANIFEST)
 
 
@@ -115,7 +116,10 @@ def test_commit_records_keep_metadata_and_dropped_runs_vanish(settings):
     first, second = new_run_id(), new_run_id()
     table.commit(first, [_part(table, first, _rows(first, 2))], model_version="v1")
     table.commit(second, [_part(table, second, _rows(second, 3, 10))], model_version="v2")
-    assert [(r["run_id"], r["model_version"], r["rows"]) for r in table.commits()] == [(first, "v1", 2), (second, "v2", 3)]
+    assert [(r["run_id"], r["model_version"], r["rows"]) for r in table.commits()] == [
+        (first, "v1", 2),
+        (second, "v2", 3),
+    ]
 
     table.drop_runs([first])
 
@@ -133,5 +137,7 @@ def test_a_commit_is_idempotent_and_rows_from_before_reasons_read_without_one(se
     record = before.commit(run_id, [_part(before, run_id, _rows(run_id, 2).select(before.schema.names))])
 
     assert table.commit(run_id, []) == record  # a retried commit finds the run committed and changes nothing
-    assert table.read(["uri", "reason"]).to_pylist() == [{"uri": "/img/0.jpg", "reason": None},
-                                                         {"uri": "/img/1.jpg", "reason": None}]
+    assert table.read(["uri", "reason"]).to_pylist() == [
+        {"uri": "/img/0.jpg", "reason": None},
+        {"uri": "/img/1.jpg", "reason": None},
+    ]

@@ -51,8 +51,9 @@ def test_a_memory_keeps_at_most_its_limit_and_none_without_neighbours():
 
 
 def test_consensus_is_the_caption_the_others_agree_with():
-    assert consensus(["a dog", "a brown dog runs on grass", "brown dog on grass", "grass"]) == \
-        "a brown dog runs on grass"
+    assert (
+        consensus(["a dog", "a brown dog runs on grass", "brown dog on grass", "grass"]) == "a brown dog runs on grass"
+    )
     assert consensus(["only one"]) == "only one"
 
 
@@ -68,14 +69,20 @@ def test_a_memory_round_trips_and_a_foreign_file_is_refused():
         Memory.from_bytes(b"PK\x03\x04 not really a zip", 32)
     # Texts as Python objects need a pickle to load: numpy refuses it, so such a file never runs code.
     pickled = io.BytesIO()
-    np.savez(pickled, mean=memory.mean, basis=memory.basis, vectors=memory.vectors,
-             texts=np.array([object()] * len(texts), dtype=object))
+    np.savez(
+        pickled,
+        mean=memory.mean,
+        basis=memory.basis,
+        vectors=memory.vectors,
+        texts=np.array([object()] * len(texts), dtype=object),
+    )
     with pytest.raises(ValueError, match="not a neighbour memory"):
         Memory.from_bytes(pickled.getvalue(), 32)
 
 
 def test_a_tampered_memory_in_the_lake_is_one_line_naming_the_version(tmp_path):
     from cbir.lake import Lake
+
     from conftest import make_settings
 
     lake = Lake.open(make_settings(tmp_path))
@@ -83,8 +90,9 @@ def test_a_tampered_memory_in_the_lake_is_one_line_naming_the_version(tmp_path):
     version = "20260101T000000Z-0123abcd"
     folder = tmp_path / "lake" / "models" / "captioner" / version
     folder.mkdir(parents=True)
-    info = ModelCard(version=version, encoder=EncoderInfo(name="vgg16", weights="random", key="vgg16-random",
-                                                          feature_dim=32))
+    info = ModelCard(
+        version=version, encoder=EncoderInfo(name="vgg16", weights="random", key="vgg16-random", feature_dim=32)
+    )
     assert store.load_memory(lake, info) is None  # a version saved before memories existed
     (folder / "memory.npz").write_bytes(b"\x93NUMPY not an archive")
     with pytest.raises(UsageError, match=f"captioner {version}: memory.npz is not a neighbour memory"):

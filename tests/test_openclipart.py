@@ -30,8 +30,9 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
 PNG = b"\x89PNG\r\n\x1a\n"  # the loader never decodes the PNG
 
 
-def add(tree: Path, rel: str, title: str = "", description: str = "", tags=(), svg: str | None = None,
-        png: bool = True) -> None:
+def add(
+    tree: Path, rel: str, title: str = "", description: str = "", tags=(), svg: str | None = None, png: bool = True
+) -> None:
     """svg/<rel>.svg (with this metadata, or the given text) and png/<rel>.png under tree."""
     svg_path, png_path = tree / "svg" / f"{rel}.svg", tree / "png" / f"{rel}.png"
     svg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +46,13 @@ def add(tree: Path, rel: str, title: str = "", description: str = "", tags=(), s
 @pytest.fixture
 def tree(tmp_path) -> Path:
     root = tmp_path / "x" / "usr" / "share" / "openclipart"
-    add(root, "science/astronomy/saturn_dan_gerhards_01", "Saturn_01", "A ringed planet, by jane@example.org",
-        ["planet", "Space", "planet", "hash", ""])
+    add(
+        root,
+        "science/astronomy/saturn_dan_gerhards_01",
+        "Saturn_01",
+        "A ringed planet, by jane@example.org",
+        ["planet", "Space", "planet", "hash", ""],
+    )
     add(root, "animals/mammals/bored_dog", "Bored-dog", "http://example.org/dog", ["dog"])
     add(root, "food/apple", "Apple", "Apple", ["fruit"])
     add(root, "food/cayenne_pepper", "CayennePepperRevisited")
@@ -59,7 +65,7 @@ def tree(tmp_path) -> Path:
     add(root, "computer/icons/gold", "gold-theme")
     add(root, "computer/icons/light", "Lemon SVG theme", "Traffic light with red light on")
     add(root, "unsorted/untitled", "", "EPS converted from http://aiga.org")
-    for i, name in enumerate(["star_5pt", "star_7pt", "star_9pt", "polygon_3", "polygon_4"]):
+    for name in ["star_5pt", "star_7pt", "star_9pt", "polygon_3", "polygon_4"]:
         add(root, f"shapes/stars/{name}", "gramastar", "", ["stars"])  # a set name, on different file names
     for i in range(1, 6):
         add(root, f"weather/lightning_jon_phillips_0{i}", "Lightning", "This is a nice detailed image of lightning.")

@@ -11,13 +11,18 @@ from jobs.stats import TaskStats
 
 
 def test_task_stats_travel_as_json_and_sum():
-    one = TaskStats(status=Counter(ok=2), failed=Counter({"not-found": 1}), seconds=Counter(write=0.5),
-                    counts=Counter(bytes=10))
+    one = TaskStats(
+        status=Counter(ok=2), failed=Counter({"not-found": 1}), seconds=Counter(write=0.5), counts=Counter(bytes=10)
+    )
     two = TaskStats.from_json(one.to_json())
     assert two == one
     two += TaskStats(failed=Counter({"not-found": 1, "too-large": 1}), seconds=Counter(read=1.0))
     assert (two.status, two.failed, two.seconds, two.counts) == (
-        {"ok": 2}, {"not-found": 2, "too-large": 1}, {"write": 0.5, "read": 1.0}, {"bytes": 10})
+        {"ok": 2},
+        {"not-found": 2, "too-large": 1},
+        {"write": 0.5, "read": 1.0},
+        {"bytes": 10},
+    )
 
 
 def test_the_pacer_spaces_starts_evenly_per_key():

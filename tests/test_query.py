@@ -12,21 +12,24 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from cbir.bleu import SMOOTHINGS, BleuParams, closest_ref_length, matches, score
 from cbir.engine import BleuIndex
+from cbir.lake import Lake
 from cbir.references import GENERATED, KINDS, build_index, reference_texts
 from cbir.schemas import REFERENCES
-from cbir.lake import Lake
 from cbir.text import words, words_array
-from conftest import make_settings
 from jobs import gallery, query
 from jobs.captions import table_captions
 from jobs.queries import Query, read_queries
 from jobs.search import search
 from jobs.searcher import bleu_params
+
+from conftest import make_settings
 
 WORDS = ["a", "dog", "runs", "on", "the", "grass", "red", "ball", "two", "in"]  # small: overlaps are common
 WEIGHTS = [(0.25, 0.25, 0.25, 0.25), (0.5, 0.5), (0.4, 0.3, 0.2, 0.1), (1.0,), (0.1, 0.2, 0.3, 0.2, 0.2)]
@@ -38,7 +41,9 @@ params = st.builds(BleuParams, st.sampled_from(WEIGHTS), st.sampled_from(SMOOTHI
 def nltk_score(references, hypothesis, p: BleuParams) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return sentence_bleu(references, hypothesis, p.weights, getattr(SmoothingFunction(), p.smoothing), p.auto_reweigh)
+        return sentence_bleu(
+            references, hypothesis, p.weights, getattr(SmoothingFunction(), p.smoothing), p.auto_reweigh
+        )
 
 
 def brute_force(ids, texts, hypothesis, k, p: BleuParams) -> list[tuple[str, float]]:
@@ -49,14 +54,19 @@ def brute_force(ids, texts, hypothesis, k, p: BleuParams) -> list[tuple[str, flo
 @hsettings(max_examples=400, deadline=None)
 @given(st.lists(sentences, min_size=1, max_size=3), queries, params)
 def test_scores_equal_nltk_bit_for_bit(references, hypothesis, p):
-    ours = score(matches(hypothesis, references, p.max_order), len(hypothesis),
-                 closest_ref_length([len(r) for r in references], len(hypothesis)), p)
+    ours = score(
+        matches(hypothesis, references, p.max_order),
+        len(hypothesis),
+        closest_ref_length([len(r) for r in references], len(hypothesis)),
+        p,
+    )
     assert ours == nltk_score(references, hypothesis, p)
 
 
 @hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.lists(st.lists(sentences, min_size=1, max_size=3), min_size=1, max_size=60), queries, params,
-       st.integers(1, 12))
+@given(
+    st.lists(st.lists(sentences, min_size=1, max_size=3), min_size=1, max_size=60), queries, params, st.integers(1, 12)
+)
 def test_engine_top_k_equals_nltk_brute_force(texts, hypothesis, p, k):
     ids = [f"img{i:03d}" for i in range(len(texts))][::-1]  # ids not in insertion order
     index = BleuIndex.from_texts(ids, texts, max_order=max(len(w) for w in WEIGHTS))
@@ -73,17 +83,37 @@ def test_every_reference_of_the_chosen_kinds_counts_as_nltk_counts_it(images, hy
     """An image's references (stored ones, and its source title, description, tags and given text) are
     nltk's references: the same texts in, the same scores and ranking out."""
     ids = [f"img{i:03d}" for i in range(len(images))]
-    stored = [[{"kind": kind, "rank": 1, "text": " ".join(text), "score": None} for kind, text in refs
-               if kind in GENERATED] for refs in images]
-    sources = {kind: [" ".join(next((t for k, t in refs if k == kind), [])) or None for refs in images]
-               for kind in ("title", "description", "given")}
-    table = pa.table({"image_id": ids, "caption": [None] * len(ids), "references": pa.array(stored, REFERENCES),
-                      **sources, "tags": [next((t for k, t in refs if k == "tags"), None) for refs in images]})
+    stored = [
+        [{"kind": kind, "rank": 1, "text": " ".join(text), "score": None} for kind, text in refs if kind in GENERATED]
+        for refs in images
+    ]
+    sources = {
+        kind: [" ".join(next((t for k, t in refs if k == kind), [])) or None for refs in images]
+        for kind in ("title", "description", "given")
+    }
+    table = pa.table(
+        {
+            "image_id": ids,
+            "caption": [None] * len(ids),
+            "references": pa.array(stored, REFERENCES),
+            **sources,
+            "tags": [next((t for k, t in refs if k == "tags"), None) for refs in images],
+        }
+    )
     index = build_index(ids, reference_texts(table, chosen), max_order=max(len(w) for w in WEIGHTS))
     # nltk: the first text of each source kind only (an image has one title), every generated one.
-    texts = [[text for i, (kind, text) in enumerate(refs) if kind in chosen and text and (
-        kind in GENERATED or kind not in [k for k, _ in refs[:i]])] or [[]] for refs in images]
-    assert [(h.image_id, h.score) for h in index.search(hypothesis, 10, p)] == brute_force(ids, texts, hypothesis, 10, p)
+    texts = [
+        [
+            text
+            for i, (kind, text) in enumerate(refs)
+            if kind in chosen and text and (kind in GENERATED or kind not in [k for k, _ in refs[:i]])
+        ]
+        or [[]]
+        for refs in images
+    ]
+    assert [(h.image_id, h.score) for h in index.search(hypothesis, 10, p)] == brute_force(
+        ids, texts, hypothesis, 10, p
+    )
 
 
 def zipf_corpus(n: int, seed: int, short: bool = False) -> list[list[str]]:
@@ -96,8 +126,19 @@ def zipf_corpus(n: int, seed: int, short: bool = False) -> list[list[str]]:
 
 
 @hsettings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.none(), st.text(), st.lists(st.sampled_from(
-    ["startseq", "endseq", "A", "dog's", "snake_case", "x\x00y", "tab\there", "Émile", "ﬁne", "", "1,5"])).map(" ".join))))
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.text(),
+            st.lists(
+                st.sampled_from(
+                    ["startseq", "endseq", "A", "dog's", "snake_case", "x\x00y", "tab\there", "Émile", "ﬁne", "", "1,5"]
+                )
+            ).map(" ".join),
+        )
+    )
+)
 def test_words_of_a_column_equal_words_of_each_text(texts):
     assert words_array(texts).to_pylist() == [words(t) for t in texts]
 
@@ -117,7 +158,7 @@ def test_a_huge_vocabulary_renumbers_long_grams_and_stays_exact():
     # 48,000 distinct words: 3-gram codes times the vocabulary would pass 2**62, so the index
     # renumbers them before building 4-grams, and queries must do the same.
     vocabulary = [f"w{i}" for i in range(48_000)]
-    captions = [vocabulary[at:at + 24] for at in range(0, len(vocabulary), 24)]
+    captions = [vocabulary[at : at + 24] for at in range(0, len(vocabulary), 24)]
     ids = [f"{i:05d}" for i in range(len(captions))][::-1]
     index = BleuIndex.from_texts(ids, [[c] for c in captions])
     assert index.renumbered.any()
@@ -145,8 +186,12 @@ def test_unknown_words_and_empty_queries_have_no_hits():
 
 def captions_parquet(path: Path, captions: list[list[str]]) -> list[str]:
     ids = [f"{i:06d}" for i in range(len(captions))]
-    pq.write_table(pa.table({"image_id": ids, "caption": [" ".join(c) for c in captions],
-                             "uri": [f"/nowhere/{i}.jpg" for i in ids]}), path)
+    pq.write_table(
+        pa.table(
+            {"image_id": ids, "caption": [" ".join(c) for c in captions], "uri": [f"/nowhere/{i}.jpg" for i in ids]}
+        ),
+        path,
+    )
     return ids
 
 
@@ -183,17 +228,32 @@ def test_bad_query_rows_land_in_the_errors_table(spark, tmp_path):
         "empty,!!! ...,,\n"
         "unknown,zebra unicorn,,\n"
         "good,again,,\n"
-        "picture,,no-such.jpg,\n")
+        "picture,,no-such.jpg,\n"
+    )
     settings = make_settings(tmp_path)
-    summary = query.run(spark, Lake.open(settings), settings, str(tmp_path / "queries.csv"),
-                        captions_table=str(tmp_path / "captions.parquet"))
+    summary = query.run(
+        spark,
+        Lake.open(settings),
+        settings,
+        str(tmp_path / "queries.csv"),
+        captions_table=str(tmp_path / "captions.parquet"),
+    )
 
     results, errors = Lake.open(settings).query_tables(summary.run_id)
     reasons = {row["query_id"]: row["reason"] for row in errors.read().to_pylist()}
     assert all(row["error"].startswith(row["reason"] + ": ") for row in errors.read().to_pylist())
     # The lake has no captioner: the text rows are answered from the table, the image row is an error.
-    assert reasons == {"#row=3": "bad-row", "nothing": "bad-row", "both": "bad-row", "badk": "bad-k", "bigk": "bad-k",
-                       "empty": "empty-text", "unknown": "no-match", "good": "duplicate-id", "picture": "no-captioner"}
+    assert reasons == {
+        "#row=3": "bad-row",
+        "nothing": "bad-row",
+        "both": "bad-row",
+        "badk": "bad-k",
+        "bigk": "bad-k",
+        "empty": "empty-text",
+        "unknown": "no-match",
+        "good": "duplicate-id",
+        "picture": "no-captioner",
+    }
     rows = results.read().to_pylist()
     assert sorted((r["query_id"], r["rank"]) for r in rows) == [("good", 1), ("narrow", 1)]
     good = [r for r in rows if r["query_id"] == "good" and r["rank"] == 1][0]
@@ -218,17 +278,30 @@ def test_the_gallery_escapes_every_text(local_settings):
     lake.check()
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
     asked = [Query(evil, 3, text=f"dogs {evil}")]
-    rows = [{"query_id": evil, "rank": 1, "image_id": "ab" * 32, "uri": "/x.jpg", "caption": evil, "score": 0.5,
-             "query_caption": None, "visual_similarity": None, "blended_score": None}]
+    rows = [
+        {
+            "query_id": evil,
+            "rank": 1,
+            "image_id": "ab" * 32,
+            "uri": "/x.jpg",
+            "caption": evil,
+            "score": 0.5,
+            "query_caption": None,
+            "visual_similarity": None,
+            "blended_score": None,
+        }
+    ]
     page = gallery.render(lake, local_settings, f"run {evil}", rows, asked, [(evil, f"bad-row: {evil}")], 10)
     assert "<script>" not in page and "onerror=alert(1)>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
 
 
-def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(spark, prefect_server, tmp_path,
-                                                                          monkeypatch, capsys):
-    from conftest import flow_runs
+def test_cbir_query_prints_its_run_folder_last_and_reports_to_the_server(
+    spark, prefect_server, tmp_path, monkeypatch, capsys
+):
     from cli.main import main
+
+    from conftest import flow_runs
 
     captions_parquet(tmp_path / "captions.parquet", [["a", "cat", "on", "a", "mat"], ["a", "dog", "on", "a", "log"]])
     with open(tmp_path / "q.jsonl", "w") as handle:

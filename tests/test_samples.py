@@ -87,11 +87,14 @@ def test_the_offline_profile_uses_the_packaged_encoder_and_local_stays_vgg16():
     assert offline.lake.endswith(".cbir/lake") and offline.lake == local.lake
 
 
-@pytest.mark.parametrize("argv, encoder", [
-    (["demo", "--emoji", "7"], "efficientnet_lite0"),  # the demo's own profile
-    (["--profile", "local", "demo", "--emoji", "7"], "vgg16"),  # unless one is chosen
-    (["demo", "--emoji", "7", "--set", "encoder.name=vgg16"], "vgg16"),
-])
+@pytest.mark.parametrize(
+    "argv, encoder",
+    [
+        (["demo", "--emoji", "7"], "efficientnet_lite0"),  # the demo's own profile
+        (["--profile", "local", "demo", "--emoji", "7"], "vgg16"),  # unless one is chosen
+        (["demo", "--emoji", "7", "--set", "encoder.name=vgg16"], "vgg16"),
+    ],
+)
 def test_the_demo_runs_on_the_offline_profile_unless_told_otherwise(argv, encoder, tmp_path, monkeypatch):
     import flows.demo
     from cli import main as cli

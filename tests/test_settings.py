@@ -54,18 +54,41 @@ def test_lists_from_set_and_environment():
         (["flickr.api_key=y", "flickr=x"], {}, "flickr is a section (from --set)"),
         (["lake.sub=x"], {}, "unknown setting 'lake.sub' (from --set): lake has no keys"),
         (["ingest.formats=[jpeg"], {}, "bad setting ingest.formats (from --set): not a valid [list] or {map}"),
-        (["spark.partitions=many"], {}, "bad setting spark.partitions='many' (from --set): Input should be a valid integer"),
-        (["spark.partitions=-1"], {}, "bad setting spark.partitions='-1' (from --set): Input should be greater than or equal to 0"),
+        (
+            ["spark.partitions=many"],
+            {},
+            "bad setting spark.partitions='many' (from --set): Input should be a valid integer",
+        ),
+        (
+            ["spark.partitions=-1"],
+            {},
+            "bad setting spark.partitions='-1' (from --set): Input should be greater than or equal to 0",
+        ),
         (["spark.master=mesos"], {}, "bad setting spark.master='mesos' (from --set): must be local"),
-        (["lake=gs://b/x"], {}, "bad setting lake='gs://b/x' (from --set): must be a local folder or an s3://bucket/prefix URI"),
+        (
+            ["lake=gs://b/x"],
+            {},
+            "bad setting lake='gs://b/x' (from --set): must be a local folder or an s3://bucket/prefix URI",
+        ),
         (["ingest.formats=JPEG,HEIC"], {}, "unknown format HEIC"),
-        (["s3.endpoint_url=minio:9000"], {}, "bad setting s3.endpoint_url='minio:9000' (from --set): must look like http(s)://host[:port]"),
+        (
+            ["s3.endpoint_url=minio:9000"],
+            {},
+            "bad setting s3.endpoint_url='minio:9000' (from --set): must look like http(s)://host[:port]",
+        ),
         (["lake"], {}, "--set needs KEY=VALUE, got 'lake'"),
-        (["crawl.schedule=0 3 * *"], {}, "bad setting crawl.schedule='0 3 * *' (from --set): must be a cron expression "
-                                         "of 5 fields"),
-        ([], {"CBIR_INDEX__SCHEDULE": "61 * * * *"}, "bad setting index.schedule='61 * * * *' (from environment "
-                                                     "variable CBIR_INDEX__SCHEDULE): not a valid cron expression: a "
-                                                     "value is out of range"),
+        (
+            ["crawl.schedule=0 3 * *"],
+            {},
+            "bad setting crawl.schedule='0 3 * *' (from --set): must be a cron expression of 5 fields",
+        ),
+        (
+            [],
+            {"CBIR_INDEX__SCHEDULE": "61 * * * *"},
+            "bad setting index.schedule='61 * * * *' (from environment "
+            "variable CBIR_INDEX__SCHEDULE): not a valid cron expression: a "
+            "value is out of range",
+        ),
         (["crawl.schedule=*/0 * * * *"], {}, "crawl.schedule='*/0 * * * *' (from --set): not a valid cron expression"),
     ],
 )

@@ -19,28 +19,30 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from PIL import Image
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from cbir.engine import BleuIndex
 from cbir.images import image_id
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS, MANIFEST
 from cbir.text import words
-from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
-from web.app import create_app
 from jobs.encoding import encode_chunks, encoder_config
 from jobs.searcher import bleu_params
 from models import store
@@ -48,10 +50,21 @@ from models.captioner import Decoding
 from models.card import ModelCard
 from models.tokenizer import Tokenizer
 from models.training import Split, fit
+from web.app import create_app
 
-SMALL = ("encoder.weights=random", "encoder.batch_size=12", "captioner.units=48", "captioner.embedding_dim=24",
-         "captioner.min_word_count=1", "web.max_upload_bytes=300000", "web.max_upload_pixels=1500000", "web.reload_s=0.2",
-         "web.trusted_hosts=testserver")  # TestClient's name
+from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
+
+SMALL = (
+    "encoder.weights=random",
+    "encoder.batch_size=12",
+    "captioner.units=48",
+    "captioner.embedding_dim=24",
+    "captioner.min_word_count=1",
+    "web.max_upload_bytes=300000",
+    "web.max_upload_pixels=1500000",
+    "web.reload_s=0.2",
+    "web.trusted_hosts=testserver",
+)  # TestClient's name
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
 CBIR = str(Path(sys.executable).parent / "cbir")
 XSS = "<script>alert('x')</script>"
@@ -66,7 +79,7 @@ def build_lake(tmp: Path) -> dict:
     captions_of: dict[str, list[str]] = {}
     for row in rows:
         captions_of.setdefault(row["uri"], []).append(row["caption"])
-    run_id, now = new_run_id(), datetime.now(timezone.utc)
+    run_id, now = new_run_id(), datetime.now(UTC)
     images, manifest = {}, []
     for number, (uri, captions) in enumerate(sorted(captions_of.items())):
         data = Path(uri).read_bytes()
@@ -75,12 +88,26 @@ def build_lake(tmp: Path) -> dict:
         images[key] = {"uri": uri, "data": data, "captions": captions}
         colour, shape = captions[1].split()[1:3]
         images[key].update(title=XSS if number == 0 else f"A {colour} {shape}", tags=[colour, shape])
-        manifest.append(dict(
-            image_id=key, source=str(tmp / "shapes"), uri=uri, format="PNG", width=96, height=96, bytes=len(data),
-            status="ok", title=images[key]["title"], tags=images[key]["tags"],
-            source_id=f"flickr:{1000 + number}", owner="Ada <b>Lovelace</b>", license="4",
-            page_url="javascript:alert(1)" if number == 0 else f"https://www.flickr.com/photos/ada/{1000 + number}",
-            ingested_at=now, run_id=run_id))
+        manifest.append(
+            dict(
+                image_id=key,
+                source=str(tmp / "shapes"),
+                uri=uri,
+                format="PNG",
+                width=96,
+                height=96,
+                bytes=len(data),
+                status="ok",
+                title=images[key]["title"],
+                tags=images[key]["tags"],
+                source_id=f"flickr:{1000 + number}",
+                owner="Ada <b>Lovelace</b>",
+                license="4",
+                page_url="javascript:alert(1)" if number == 0 else f"https://www.flickr.com/photos/ada/{1000 + number}",
+                ingested_at=now,
+                run_id=run_id,
+            )
+        )
     write_run(lake, "manifest", manifest, MANIFEST)
 
     ids = sorted(images)
@@ -89,18 +116,49 @@ def build_lake(tmp: Path) -> dict:
     texts = [caption for i in ids for caption in images[i]["captions"]]
     tokenizer = Tokenizer.fit(texts)
     split = Split(chunk.vectors, np.repeat(np.arange(len(ids)), 5).astype(np.int32), texts)
-    captioner, _ = fit(split, None, tokenizer, max_length=12, embedding_dim=24, units=48, dropout=0.0, epochs=40,
-                       batch_size=16, learning_rate=0.01, patience=40, seed=0)
-    card = {"encoder": {"name": config.name, "weights": "random", "key": config.key, "feature_dim": config.dim},
-            "sizes": {"vocabulary": len(tokenizer), "max_length": 12}}
+    captioner, _ = fit(
+        split,
+        None,
+        tokenizer,
+        max_length=12,
+        embedding_dim=24,
+        units=48,
+        dropout=0.0,
+        epochs=40,
+        batch_size=16,
+        learning_rate=0.01,
+        patience=40,
+        seed=0,
+    )
+    card = {
+        "encoder": {"name": config.name, "weights": "random", "key": config.key, "feature_dim": config.dim},
+        "sizes": {"vocabulary": len(tokenizer), "max_length": 12},
+    }
     version = store.save(lake, captioner, ModelCard.model_validate(card))
     decoded = captioner.decode(chunk.vectors, Decoding.from_settings(settings.captioner))
     for i, ((caption, _), *_) in zip(ids, decoded):
         images[i]["caption"] = caption
     run_id = new_run_id()
-    write_run(lake, "captions", [
-        dict(image_id=i, uri=images[i]["uri"], caption=images[i]["caption"], logprob=-1.0, model_version=version,
-             status="ok", error=None, indexed_at=now, run_id=run_id) for i in ids], CAPTIONS, model_version=version)
+    write_run(
+        lake,
+        "captions",
+        [
+            dict(
+                image_id=i,
+                uri=images[i]["uri"],
+                caption=images[i]["caption"],
+                logprob=-1.0,
+                model_version=version,
+                status="ok",
+                error=None,
+                indexed_at=now,
+                run_id=run_id,
+            )
+            for i in ids
+        ],
+        CAPTIONS,
+        model_version=version,
+    )
     return {"settings": settings, "lake": lake, "images": images, "version": version, "tmp": tmp}
 
 
@@ -160,7 +218,7 @@ def assert_error(response, status: int, reason: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error", "reason"} and body["reason"] == reason and body["error"], body
-    assert "Traceback" not in response.text and "File \"" not in response.text
+    assert "Traceback" not in response.text and 'File "' not in response.text
     return body
 
 
@@ -169,8 +227,16 @@ def test_text_search_is_the_engines_exact_top_k(client, built):
     images, params = built["images"], bleu_params(built["settings"])
     ids = sorted(images)
     # Every text of an image counts: its caption, and its source title and tags (bleu.references' default).
-    index = BleuIndex.from_texts(ids, [[words(images[i][kind] if kind != "tags" else " ".join(images[i]["tags"]))
-                                        for kind in ("caption", "title", "tags")] for i in ids])
+    index = BleuIndex.from_texts(
+        ids,
+        [
+            [
+                words(images[i][kind] if kind != "tags" else " ".join(images[i]["tags"]))
+                for kind in ("caption", "title", "tags")
+            ]
+            for i in ids
+        ],
+    )
     for text in ("a red circle", "Square!", "on a white background", "blue triangle on black zyzzyva"):
         response = client.get("/api/search", params={"q": text, "k": 5})
         assert response.status_code == 200, response.text
@@ -188,8 +254,9 @@ def test_text_search_is_the_engines_exact_top_k(client, built):
 
 def test_image_search_captions_the_upload_as_the_index_did(client, built):
     for key, image in list(built["images"].items())[:3]:
-        response = client.post("/api/search", files={"image": ("shape.png", image["data"], "image/png")},
-                               data={"k": "12"})
+        response = client.post(
+            "/api/search", files={"image": ("shape.png", image["data"], "image/png")}, data={"k": "12"}
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["caption"] == image["caption"] and body["query"] is None
@@ -221,8 +288,11 @@ def test_bad_input_is_a_4xx_with_a_reason_and_the_server_keeps_serving(client, b
     body = assert_error(upload(png((1300, 1300))), 413, "too-many-pixels")
     assert "web.max_upload_pixels=1500000" in body["error"]
     assert_error(client.post("/api/search", data={"k": "3"}), 422, "bad-request")
-    assert_error(client.post("/api/search", files={"image": ("x.png", png((40, 40)), "image/png")}, data={"k": "0"}),
-                 422, "bad-request")
+    assert_error(
+        client.post("/api/search", files={"image": ("x.png", png((40, 40)), "image/png")}, data={"k": "0"}),
+        422,
+        "bad-request",
+    )
 
     unknown = "0" * 64
     assert_error(client.get(f"/api/images/{unknown}"), 404, "unknown-image")
@@ -262,11 +332,22 @@ def test_stored_images_thumbnails_and_metadata(client, built):
     assert (info["width"], info["height"], info["format"]) == (96, 96, "PNG")
 
 
-@pytest.mark.parametrize("path", [
-    "/img/../../../../etc/passwd", "/img/..%2F..%2F..%2Fetc%2Fpasswd", "/img/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/thumb/..%5C..%5Cwindows%5Cwin.ini", "/image/....//....//etc/passwd", "/api/images/..%2fmanifest",
-    "/img/%00", "/img/images%2F00%2F" + "0" * 64, "/img/" + "a" * 63 + "/", "/img/" + "A" * 64, "/thumb/~root",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/img/../../../../etc/passwd",
+        "/img/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/img/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/thumb/..%5C..%5Cwindows%5Cwin.ini",
+        "/image/....//....//etc/passwd",
+        "/api/images/..%2fmanifest",
+        "/img/%00",
+        "/img/images%2F00%2F" + "0" * 64,
+        "/img/" + "a" * 63 + "/",
+        "/img/" + "A" * 64,
+        "/thumb/~root",
+    ],
+)
 def test_path_traversal_finds_nothing(live, path):
     host, port = live.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -307,12 +388,15 @@ def test_the_page_shows_results_and_messages_with_every_text_escaped(client, bui
     assert_page_error(client.get("/", params={"q": "red", "k": "lots"}), 400, "k: Input should be a valid integer")
     assert_page_error(client.get("/image/" + "f" * 64), 404, "No indexed image has this id")
     assert_page_error(client.get("/no/such/page"), 404, "There is no such page")
-    assert_page_error(client.post("/", files={"image": ("notes.txt", b"just words", "text/plain")}), 415,
-                      "Not a usable image")
-    assert_page_error(client.post("/", files={"image": ("big.bmp", b"\0" * 2_000_000, "image/bmp")}), 413,
-                      "larger than web.max_upload_bytes=300000")
-    assert_page_error(client.post("/", files={"image": ("", b"", "application/octet-stream")}), 400,
-                      "Choose an image")
+    assert_page_error(
+        client.post("/", files={"image": ("notes.txt", b"just words", "text/plain")}), 415, "Not a usable image"
+    )
+    assert_page_error(
+        client.post("/", files={"image": ("big.bmp", b"\0" * 2_000_000, "image/bmp")}),
+        413,
+        "larger than web.max_upload_bytes=300000",
+    )
+    assert_page_error(client.post("/", files={"image": ("", b"", "application/octet-stream")}), 400, "Choose an image")
 
     key, image = next(iter(built["images"].items()))
     uploaded = client.post("/", files={"image": (f"{XSS}.png", image["data"], "image/png")})
@@ -343,10 +427,23 @@ def test_a_newer_index_run_is_picked_up_without_a_restart(built, tmp_path):
     with TestClient(create_app(settings, warm_up=False)) as client:
         assert_error(client.get("/api/search", params={"q": "zebra"}), 404, "no-match")
         newcomer = "e" * 64
-        run_id = write_run(lake, "captions", [dict(
-            image_id=newcomer, uri="/elsewhere/zebra.jpg", caption="a striped zebra on grass", logprob=-1.0,
-            model_version=built["version"], status="ok", indexed_at=datetime.now(timezone.utc))], CAPTIONS,
-            model_version=built["version"])
+        run_id = write_run(
+            lake,
+            "captions",
+            [
+                dict(
+                    image_id=newcomer,
+                    uri="/elsewhere/zebra.jpg",
+                    caption="a striped zebra on grass",
+                    logprob=-1.0,
+                    model_version=built["version"],
+                    status="ok",
+                    indexed_at=datetime.now(UTC),
+                )
+            ],
+            CAPTIONS,
+            model_version=built["version"],
+        )
         deadline = time.monotonic() + 20
         while (response := client.get("/api/search", params={"q": "zebra"})).status_code != 200:
             assert time.monotonic() < deadline, "the new run was never picked up"
@@ -371,8 +468,9 @@ def test_source_titles_and_tags_are_searched_unless_bleu_references_leave_them_o
         page = client.get("/", params={"q": "alert"}).text
         # The matched title is shown, its shared word marked, and the rest escaped as text.
         assert "&lt;script&gt;<mark>alert</mark>(&#39;x&#39;)&lt;/script&gt;" in page and XSS not in page
-    captions_only = built["settings"].model_copy(update={"bleu": built["settings"].bleu.model_copy(
-        update={"references": ["caption", "label"]})})
+    captions_only = built["settings"].model_copy(
+        update={"bleu": built["settings"].bleu.model_copy(update={"references": ["caption", "label"]})}
+    )
     with TestClient(create_app(captions_only, warm_up=False)) as client:
         assert_error(client.get("/api/search", params={"q": "alert"}), 404, "no-match")
 
@@ -388,6 +486,7 @@ def test_the_api_never_fails_on_generated_requests(app, mode):
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and not (operation.query or operation.body):
             continue  # a path parameter of any string is valid, so it cannot be made invalid
+
         @hsettings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy(generation_mode=mode))
         def call(case):
@@ -412,9 +511,24 @@ def test_cbir_web_serves_on_the_port_of_its_setting(built, tmp_path):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CBIR_")}
     settings = built["settings"]
     server = subprocess.Popen(
-        [CBIR, "web", "--set", f"lake={settings.lake}", "--set", f"state_dir={tmp_path}/state",
-         "--set", f"web.port={port}", "--set", "encoder.weights=random"],
-        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            CBIR,
+            "web",
+            "--set",
+            f"lake={settings.lake}",
+            "--set",
+            f"state_dir={tmp_path}/state",
+            "--set",
+            f"web.port={port}",
+            "--set",
+            "encoder.weights=random",
+        ],
+        cwd=tmp_path,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -434,9 +548,14 @@ def test_cbir_web_serves_on_the_port_of_its_setting(built, tmp_path):
 
 
 def test_cbir_web_refuses_a_bad_port(tmp_path):
-    result = subprocess.run([CBIR, "web", "--set", f"lake={tmp_path}/lake", "--set", "web.port=99999"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("CBIR_")})
+    result = subprocess.run(
+        [CBIR, "web", "--set", f"lake={tmp_path}/lake", "--set", "web.port=99999"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CBIR_")},
+    )
     assert result.returncode == 2 and "web.port" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -454,8 +573,10 @@ def test_the_page_in_headless_chromium(live, built):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver = headless_chromium(built["tmp"])
     wait = WebDriverWait(driver, 30)
-    all_loaded = ("const images = Array.from(document.querySelectorAll(arguments[0]));"
-                  "return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);")
+    all_loaded = (
+        "const images = Array.from(document.querySelectorAll(arguments[0]));"
+        "return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);"
+    )
     try:
         driver.get(live + "/")
         box = driver.find_element(By.NAME, "q")

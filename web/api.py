@@ -6,8 +6,20 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from web.deps import SEARCHER, checked_id, read_upload, shown_details, shown_uri
-from web.schemas import (ERRORS, FORM_K, IMAGE_RESPONSES, UPLOAD, UPLOAD_ERRORS, ErrorOut, ImageOut, K, Q, ResultOut,
-                         SearchOut, StatusOut)
+from web.schemas import (
+    ERRORS,
+    FORM_K,
+    IMAGE_RESPONSES,
+    UPLOAD,
+    UPLOAD_ERRORS,
+    ErrorOut,
+    ImageOut,
+    K,
+    Q,
+    ResultOut,
+    SearchOut,
+    StatusOut,
+)
 from web.searcher import Answer
 
 router = APIRouter()
@@ -15,13 +27,33 @@ CACHED = {"cache-control": "public, max-age=86400, immutable"}  # an image id na
 
 
 def search_out(answer: Answer, text: str | None, k: int) -> SearchOut:
-    results = [ResultOut(rank=r.rank, image_id=r.image_id, score=r.score, caption=r.caption, uri=shown_uri(r.uri),
-                         matched_kind=r.matched_kind, matched_text=r.matched_text, image_url=f"/img/{r.image_id}",
-                         thumbnail_url=f"/thumb/{r.image_id}", page_url=f"/image/{r.image_id}")
-               for r in answer.results]
-    return SearchOut(query=text, caption=answer.caption, words=answer.words, k=k, count=len(answer.results),
-                     took_ms=answer.took_ms, caption_ms=answer.extra.get("caption_ms"),
-                     model_version=answer.version, captions=answer.captions, results=results)
+    results = [
+        ResultOut(
+            rank=r.rank,
+            image_id=r.image_id,
+            score=r.score,
+            caption=r.caption,
+            uri=shown_uri(r.uri),
+            matched_kind=r.matched_kind,
+            matched_text=r.matched_text,
+            image_url=f"/img/{r.image_id}",
+            thumbnail_url=f"/thumb/{r.image_id}",
+            page_url=f"/image/{r.image_id}",
+        )
+        for r in answer.results
+    ]
+    return SearchOut(
+        query=text,
+        caption=answer.caption,
+        words=answer.words,
+        k=k,
+        count=len(answer.results),
+        took_ms=answer.took_ms,
+        caption_ms=answer.extra.get("caption_ms"),
+        model_version=answer.version,
+        captions=answer.captions,
+        results=results,
+    )
 
 
 @router.get("/api/search", response_model=SearchOut, responses=ERRORS, tags=["search"], summary="Search by text")
@@ -31,16 +63,26 @@ def api_search_text(searcher: SEARCHER, q: Q, k: K = None) -> SearchOut:
     return search_out(searcher.search_text(q, k), q, k)
 
 
-@router.post("/api/search", response_model=SearchOut, responses=UPLOAD_ERRORS, tags=["search"],
-             summary="Search by image: the image is captioned, then its caption is searched for")
+@router.post(
+    "/api/search",
+    response_model=SearchOut,
+    responses=UPLOAD_ERRORS,
+    tags=["search"],
+    summary="Search by image: the image is captioned, then its caption is searched for",
+)
 def api_search_image(searcher: SEARCHER, image: UPLOAD, k: FORM_K = None) -> SearchOut:
     searcher.maybe_reload()
     k = k or searcher.settings.query.k
     return search_out(searcher.search_image(read_upload(searcher, image), k), None, k)
 
 
-@router.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}},
-            tags=["images"], summary="An indexed image's caption and source metadata")
+@router.get(
+    "/api/images/{image_id}",
+    response_model=ImageOut,
+    responses={404: {"model": ErrorOut}},
+    tags=["images"],
+    summary="An indexed image's caption and source metadata",
+)
 def api_image(searcher: SEARCHER, image_id: str) -> ImageOut:
     return ImageOut(**shown_details(searcher.details(checked_id(image_id))))
 
@@ -51,14 +93,20 @@ def api_status(searcher: SEARCHER) -> StatusOut:
     return StatusOut(**searcher.status())
 
 
-@router.get("/img/{image_id}", response_class=Response, responses=IMAGE_RESPONSES, tags=["images"],
-            summary="The stored image")
+@router.get(
+    "/img/{image_id}", response_class=Response, responses=IMAGE_RESPONSES, tags=["images"], summary="The stored image"
+)
 def image_bytes(searcher: SEARCHER, image_id: str) -> Response:
     data, media_type = searcher.image(checked_id(image_id))
     return Response(data, media_type=media_type, headers=CACHED)
 
 
-@router.get("/thumb/{image_id}", response_class=Response, responses=IMAGE_RESPONSES, tags=["images"],
-            summary="A JPEG thumbnail of the stored image")
+@router.get(
+    "/thumb/{image_id}",
+    response_class=Response,
+    responses=IMAGE_RESPONSES,
+    tags=["images"],
+    summary="A JPEG thumbnail of the stored image",
+)
 def image_thumbnail(searcher: SEARCHER, image_id: str) -> Response:
     return Response(searcher.thumbnail(checked_id(image_id)), media_type="image/jpeg", headers=CACHED)

@@ -44,9 +44,16 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
             app.state.searcher.warm_up()  # in the background: pages and text search serve at once
         yield
 
-    app = FastAPI(title="cbir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False,
-                  description="Caption-based image search: by text, or by an image that is captioned first; "
-                              "images are ranked by BLEU between the query and their texts.")
+    app = FastAPI(
+        title="cbir",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+        description="Caption-based image search: by text, or by an image that is captioned first; "
+        "images are ranked by BLEU between the query and their texts.",
+    )
     app.state.searcher = searcher
     app.include_router(api.router)
     app.include_router(pages.router)
@@ -55,8 +62,13 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
     # Only names this server is known by: a page that rebinds its own name to 127.0.0.1 is refused.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings))
     limit = settings.web.max_upload_bytes
-    app.add_middleware(Guard, max_body=limit + FORM_OVERHEAD, too_large=lambda request: problem(
-        request, 413, "too-large", f"The upload is larger than web.max_upload_bytes={limit} bytes."))
+    app.add_middleware(
+        Guard,
+        max_body=limit + FORM_OVERHEAD,
+        too_large=lambda request: problem(
+            request, 413, "too-large", f"The upload is larger than web.max_upload_bytes={limit} bytes."
+        ),
+    )
     return app
 
 
@@ -108,6 +120,9 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     host, port = host or settings.web.host, port or settings.web.port
     app = create_app(settings)
     status = app.state.searcher.status()
-    print(f"cbir web: {status['captions']} captions (captioner {status['model_version'] or 'none yet'}) "
-          f"at http://{host}:{port}/", file=sys.stderr)
+    print(
+        f"cbir web: {status['captions']} captions (captioner {status['model_version'] or 'none yet'}) "
+        f"at http://{host}:{port}/",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)

@@ -40,5 +40,9 @@ def shown_uri(uri: str | None) -> str | None:
 
 
 def shown_details(details: dict) -> dict:
-    return {**details, "uri": shown_uri(details["uri"]), "source": shown_uri(details["source"]),
-            "also_at": sorted({shown_uri(uri) for uri in details["also_at"]} - {None})}
+    return {
+        **details,
+        "uri": shown_uri(details["uri"]),
+        "source": shown_uri(details["source"]),
+        "also_at": sorted({shown_uri(uri) for uri in details["also_at"]} - {None}),
+    }

@@ -12,7 +12,7 @@ FORM_OVERHEAD = 64 * 1024  # multipart headers and the other fields, besides the
 DRAIN_LIMIT = 256 * 2**20  # read (and drop) at most this much of a refused upload, so the browser sees the answer
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; "
-                               "base-uri 'none'; frame-ancestors 'none'",
+    "base-uri 'none'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",

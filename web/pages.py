@@ -12,7 +12,7 @@ from fastapi.templating import Jinja2Templates
 
 from cbir.text import highlight
 from web.deps import SEARCHER, checked_id, read_upload, shown_details
-from web.schemas import FORM_K, K, MAX_QUERY, OPTIONAL_Q, OPTIONAL_UPLOAD
+from web.schemas import FORM_K, MAX_QUERY, OPTIONAL_Q, OPTIONAL_UPLOAD, K
 from web.searcher import Refused
 
 router = APIRouter(include_in_schema=False)
@@ -24,8 +24,12 @@ STYLE = resources.files("web").joinpath("templates/style.css").read_bytes()
 
 def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
     context = {"q": None, "message": None, "answer": None, "upload": None, **context}
-    return TEMPLATES.TemplateResponse(request, name, {"status": request.app.state.searcher.status(),
-                                                      "max_query": MAX_QUERY, **context}, status_code=status)
+    return TEMPLATES.TemplateResponse(
+        request,
+        name,
+        {"status": request.app.state.searcher.status(), "max_query": MAX_QUERY, **context},
+        status_code=status,
+    )
 
 
 @router.get("/", response_class=HTMLResponse)

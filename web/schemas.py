@@ -23,8 +23,9 @@ class ResultOut(BaseModel):
     image_id: str = Field(description="sha256 of the image bytes")
     score: float = Field(description="BLEU of the query against the image's texts (nltk sentence_bleu)")
     caption: str = Field(description="the image's indexed caption")
-    matched_kind: str | None = Field(description="which of its texts matched the query best: caption, label, title, "
-                                                 "description, tags or given")
+    matched_kind: str | None = Field(
+        description="which of its texts matched the query best: caption, label, title, description, tags or given"
+    )
     matched_text: str | None = Field(description="that text")
     uri: str | None = Field(description="where the image came from (a web address; of a server file, its name)")
     image_url: str = Field(description="the stored image")

@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 
 import numpy as np
@@ -35,18 +35,48 @@ from models import store
 
 log = logging.getLogger("cbir.web")
 
-MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
-               "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
 # How each reason of cbir.images.inspect_image answers over HTTP.
 UPLOAD_STATUS = {"too-large": 413, "too-many-pixels": 413, "not-an-image": 415, "unsupported-format": 415}
 FLICKR_LICENSES = {
-    "0": "All Rights Reserved", "1": "CC BY-NC-SA 2.0", "2": "CC BY-NC 2.0", "3": "CC BY-NC-ND 2.0",
-    "4": "CC BY 2.0", "5": "CC BY-SA 2.0", "6": "CC BY-ND 2.0", "7": "No known copyright restrictions",
-    "8": "United States Government Work", "9": "Public Domain Dedication (CC0)", "10": "Public Domain Mark",
+    "0": "All Rights Reserved",
+    "1": "CC BY-NC-SA 2.0",
+    "2": "CC BY-NC 2.0",
+    "3": "CC BY-NC-ND 2.0",
+    "4": "CC BY 2.0",
+    "5": "CC BY-SA 2.0",
+    "6": "CC BY-ND 2.0",
+    "7": "No known copyright restrictions",
+    "8": "United States Government Work",
+    "9": "Public Domain Dedication (CC0)",
+    "10": "Public Domain Mark",
 }
 THUMBNAILS = 4096  # kept in memory, about 6 KB each
-DETAIL_COLUMNS = ["image_id", "uri", "width", "height", "bytes", "status", "title", "tags", "license", "owner",
-                  "source_id", "taken_at", "page_url", "source", "ingested_at"]
+DETAIL_COLUMNS = [
+    "image_id",
+    "uri",
+    "width",
+    "height",
+    "bytes",
+    "status",
+    "title",
+    "tags",
+    "license",
+    "owner",
+    "source_id",
+    "taken_at",
+    "page_url",
+    "source",
+    "ingested_at",
+]
 MAX_RELOAD_WAIT_S = 600  # a failing rebuild is tried again after 2, 4, 8 ... x web.reload_s, at most this
 
 
@@ -134,18 +164,22 @@ class Searcher:
         except UsageError:  # no captioner yet: nothing is indexed
             version = None
         # The manifest counts too: it holds the source texts and the details the pages show.
-        return Marker(version, frozenset(self.lake.table("captions").committed_runs()),
-                      frozenset(self.lake.table("manifest").committed_runs()))
+        return Marker(
+            version,
+            frozenset(self.lake.table("captions").committed_runs()),
+            frozenset(self.lake.table("manifest").committed_runs()),
+        )
 
     def _build(self, marker: Marker) -> Snapshot:
         started = time.perf_counter()
         kinds = self.settings.bleu.references
-        index = Index.build(version_captions(self.lake, marker.version, kinds, extra=("format",)), kinds,
-                            self.params.max_order)
+        index = Index.build(
+            version_captions(self.lake, marker.version, kinds, extra=("format",)), kinds, self.params.max_order
+        )
         sources = self._sources(index.table.column("image_id"))
         seconds = time.perf_counter() - started
         log.info("index of %d images (captioner %s) built in %.1f s", len(index), marker.version, seconds)
-        return Snapshot(marker, index, datetime.now(timezone.utc), seconds, sources)
+        return Snapshot(marker, index, datetime.now(UTC), seconds, sources)
 
     def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:
         """The manifest rows of the indexed images, sorted by image_id, with the ids as fixed-width bytes to
@@ -168,7 +202,7 @@ class Searcher:
         try:
             self.reload()
             self._failures = 0
-        except Exception:  # noqa: BLE001 - the old index keeps serving; the log says why
+        except Exception:
             self._failures += 1
             log.exception("reloading the index failed (%d in a row); the previous one keeps serving", self._failures)
         finally:
@@ -204,16 +238,20 @@ class Searcher:
         seconds = time.perf_counter() - started
         query = words(caption)
         if not query:
-            raise Refused(404, "no-match", "The captioner found no words for this image, so there is nothing to "
-                                           "search for.")
+            raise Refused(
+                404, "no-match", "The captioner found no words for this image, so there is nothing to search for."
+            )
         answer = self._answer(snapshot, query, k, caption)
         answer.extra["caption_ms"] = round(seconds * 1000, 1)
         return answer
 
     def _answer(self, snapshot: Snapshot, query: list[str], k: int, caption: str | None = None) -> Answer:
         if not snapshot.index:
-            raise Refused(404, "empty-index", "Nothing is indexed yet: run `cbir index`; this page picks up the "
-                                              "new index by itself.")
+            raise Refused(
+                404,
+                "empty-index",
+                "Nothing is indexed yet: run `cbir index`; this page picks up the new index by itself.",
+            )
         if not snapshot.index.knows_any(query):
             said = f"the caption \u201c{caption}\u201d" if caption is not None else "the query"
             raise Refused(404, "no-match", f"No indexed caption has any word of {said}.")
@@ -226,6 +264,7 @@ class Searcher:
     # Uploaded images.
     def warm_up(self, wait: bool = False) -> None:
         """Load the captioner (and encoder) for the index's version now, so the first upload does not wait."""
+
         def load():
             try:
                 self._load_captioner(self.snapshot.marker.version)
@@ -268,8 +307,11 @@ class Searcher:
         try:
             self.decode(inspect_image, data, limits)
         except ImageRejected as exc:
-            message = str(exc).replace("ingest.max_bytes", "web.max_upload_bytes").replace(
-                "ingest.max_pixels", "web.max_upload_pixels")
+            message = (
+                str(exc)
+                .replace("ingest.max_bytes", "web.max_upload_bytes")
+                .replace("ingest.max_pixels", "web.max_upload_pixels")
+            )
             raise Refused(UPLOAD_STATUS.get(exc.reason, 400), exc.reason, f"Not a usable image ({message}).") from None
 
     def describe(self, data: bytes, version: str | None = None) -> str:
@@ -279,7 +321,8 @@ class Searcher:
         captioner = self._load_captioner(version or self.snapshot.marker.version)
         with self._decode_lock:
             _, caption, _, reason = self.decode(
-                lambda: next(captioner.caption([{"image_id": "upload"}], lambda row: data)))
+                lambda: next(captioner.caption([{"image_id": "upload"}], lambda row: data))
+            )
         if reason:
             raise Refused(400, "unreadable-image", f"The image cannot be read: {reason}")
         return caption
@@ -324,7 +367,7 @@ class Searcher:
         rows, keys = self.snapshot.sources
         start, end = np.searchsorted(keys, image_id.encode(), "left"), np.searchsorted(keys, image_id.encode(), "right")
         found = rows.slice(start, end - start).to_pylist()
-        found.sort(key=lambda r: (r["status"] != "ok", r["ingested_at"] or datetime.min.replace(tzinfo=timezone.utc)))
+        found.sort(key=lambda r: (r["status"] != "ok", r["ingested_at"] or datetime.min.replace(tzinfo=UTC)))
         first = found[0] if found else {}
         license_id = first.get("license")
         flickr = (first.get("source_id") or "").startswith("flickr:")
@@ -332,11 +375,20 @@ class Searcher:
         if not (isinstance(page_url, str) and page_url.startswith(("https://", "http://"))):
             page_url = None  # a link to show people: no javascript: or data: URLs
         return {
-            "image_id": image_id, "caption": row["caption"], "uri": row["uri"], "format": row["format"],
-            "width": first.get("width"), "height": first.get("height"), "bytes": first.get("bytes"),
-            "title": first.get("title"), "tags": list(first.get("tags") or []), "license": license_id,
-            "license_name": FLICKR_LICENSES.get(license_id) if flickr else None, "owner": first.get("owner"),
-            "source_id": first.get("source_id"), "taken_at": first.get("taken_at"),
+            "image_id": image_id,
+            "caption": row["caption"],
+            "uri": row["uri"],
+            "format": row["format"],
+            "width": first.get("width"),
+            "height": first.get("height"),
+            "bytes": first.get("bytes"),
+            "title": first.get("title"),
+            "tags": list(first.get("tags") or []),
+            "license": license_id,
+            "license_name": FLICKR_LICENSES.get(license_id) if flickr else None,
+            "owner": first.get("owner"),
+            "source_id": first.get("source_id"),
+            "taken_at": first.get("taken_at"),
             "page_url": page_url,
             "source": first.get("source"),
             "ingested_at": first["ingested_at"].isoformat() if first.get("ingested_at") else None,
@@ -346,6 +398,11 @@ class Searcher:
 
     def status(self) -> dict:
         snapshot = self.snapshot
-        return {"captions": len(snapshot), "model_version": snapshot.marker.version,
-                "index_runs": sorted(snapshot.marker.captions), "loaded_at": snapshot.loaded_at.isoformat(),
-                "load_seconds": round(snapshot.seconds, 3), "captioner": self.captioner_state}
+        return {
+            "captions": len(snapshot),
+            "model_version": snapshot.marker.version,
+            "index_runs": sorted(snapshot.marker.captions),
+            "loaded_at": snapshot.loaded_at.isoformat(),
+            "load_seconds": round(snapshot.seconds, 3),
+            "captioner": self.captioner_state,
+        }

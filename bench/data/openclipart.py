@@ -72,11 +72,17 @@ CC = ("http://web.resource.org/cc/", "http://creativecommons.org/ns#")
 DC = "{http://purl.org/dc/elements/1.1/}"
 RDF_LI = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}li"
 
-SET_WORDS = re.compile(r"\b(collection|themes?|icon ?sets?|icons|cliparts?|svg|s[iu]bmission|various)\b|"
-                       r"^(clipart by|part of)\b", re.I)
+SET_WORDS = re.compile(
+    r"\b(collection|themes?|icon ?sets?|icons|cliparts?|svg|s[iu]bmission|various)\b|"
+    r"^(clipart by|part of)\b",
+    re.I,
+)
 NOT_TEXT = re.compile(r"HASH\(0x[0-9a-f]+\)|^EPS converted from\b", re.I)
-EMAIL_OR_URL = re.compile(r"(\b(by|from|at|see|contact|e-?mail)\s*:?\s*)?"  # with the word that leads in
-                          r"(\S+@\S+\.\w+|\b(https?|ftp)://\S+|\bwww\.\S+)", re.I)
+EMAIL_OR_URL = re.compile(
+    r"(\b(by|from|at|see|contact|e-?mail)\s*:?\s*)?"  # with the word that leads in
+    r"(\S+@\S+\.\w+|\b(https?|ftp)://\S+|\bwww\.\S+)",
+    re.I,
+)
 CREDIT = re.compile(r"^clip ?art by [^-]+?\s+-\s+", re.I)  # "Clipart by <author> - <subject>"
 FILE_SUFFIX = re.compile(r"(\.svg|\s+in svg( format)?)$", re.I)
 NUMBERING = re.compile(r"([_-]+|\s+(?=0))\d{1,3}[a-z]?$|(?<=[a-z]{3})\d{1,3}$")  # _01, -2, " 02", cake1
@@ -86,6 +92,7 @@ NOISE_TAGS = {"hash", "none", "unsorted", "untitled"}
 @dataclass
 class Drawing:
     """One SVG/PNG pair after parsing, before the boilerplate rules."""
+
     rel: str  # the relative path without the suffix: science/astronomy/moon_01
     png: Path
     title: str  # as written (credits and numbering still in)
@@ -103,6 +110,7 @@ class Corpus:
 
 
 # --- locating and fetching the packages ------------------------------------------------------
+
 
 def default_cache() -> Path:
     return Path(os.environ.get("CBIR_OPENCLIPART") or Path(__file__).resolve().parents[2] / ".cbir" / "openclipart")
@@ -130,8 +138,10 @@ def fetch(cache: str | Path) -> Path:
             try:
                 subprocess.run(["apt-get", "download", package], cwd=cache, check=True)
             except (OSError, subprocess.CalledProcessError) as error:
-                raise SystemExit(f"apt-get download {package} failed ({error}): put {package}_*.deb "
-                                 f"in {cache}, or its unpacked usr/share/openclipart, and run again") from None
+                raise SystemExit(
+                    f"apt-get download {package} failed ({error}): put {package}_*.deb "
+                    f"in {cache}, or its unpacked usr/share/openclipart, and run again"
+                ) from None
     for deb in sorted(cache.glob("openclipart-*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / "x")], check=True)
     tree = find_tree(cache)
@@ -141,6 +151,7 @@ def fetch(cache: str | Path) -> Path:
 
 
 # --- reading the SVG metadata ------------------------------------------------------------------
+
 
 def read_metadata(svg: Path) -> tuple[dict | None, str]:
     """The cc:Work's title, description and keywords, or (None, reason)."""
@@ -157,8 +168,9 @@ def read_metadata(svg: Path) -> tuple[dict | None, str]:
         return None, "unsafe-xml"  # entity declarations (billion laughs) or external references
     except (ParseError, ValueError, UnicodeError):
         return None, "malformed-svg"
-    work = next((el for el in root.iter() if isinstance(el.tag, str)
-                 and any(el.tag == f"{{{ns}}}Work" for ns in CC)), None)
+    work = next(
+        (el for el in root.iter() if isinstance(el.tag, str) and any(el.tag == f"{{{ns}}}Work" for ns in CC)), None
+    )
     if work is None:
         return {"title": "", "description": "", "tags": [], "creator": ""}, ""
     # Direct children only: the publisher's and creator's cc:Agent carry a dc:title of their own.
@@ -170,8 +182,12 @@ def read_metadata(svg: Path) -> tuple[dict | None, str]:
         items = [li.text or "" for li in subject.iter(RDF_LI)]
         tags = items if items else re.split(r"[,;]", _text(subject))
     creator = work.find(f"{DC}creator")
-    return {"title": _text(title), "description": _text(description), "tags": tags,
-            "creator": _text(creator.find(f".//{DC}title")) if creator is not None else ""}, ""
+    return {
+        "title": _text(title),
+        "description": _text(description),
+        "tags": tags,
+        "creator": _text(creator.find(f".//{DC}title")) if creator is not None else "",
+    }, ""
 
 
 def _text(element) -> str:
@@ -198,12 +214,22 @@ def scan(tree: Path) -> tuple[list[Drawing], Counter, int]:
             continue
         creator = prose(meta["creator"])
         tags = [tag for tag in clean_tags(meta["tags"]) if tag != creator.lower()]  # some artists tag their name
-        drawings.append(Drawing(rel, png, prose(meta["title"]), prose(meta["description"]), creator, tags,
-                                svg.is_symlink() or png.is_symlink()))
+        drawings.append(
+            Drawing(
+                rel,
+                png,
+                prose(meta["title"]),
+                prose(meta["description"]),
+                creator,
+                tags,
+                svg.is_symlink() or png.is_symlink(),
+            )
+        )
     return drawings, skipped, images
 
 
 # --- cleaning and the boilerplate rules --------------------------------------------------------
+
 
 def clean(text: str, numbering: bool = True) -> str:
     text = html.unescape(html.unescape(text or ""))  # some titles are escaped twice: "B &amp;amp; W"
@@ -296,10 +322,18 @@ def build(drawings: list[Drawing], skipped: Counter, images: int) -> Corpus:
             corpus.skipped["no-title" if not drawing.title else "boilerplate-title"] += 1
             continue
         folders = drawing.rel.split("/")[:-1]
-        corpus.rows.append({
-            "uri": str(drawing.png.absolute()), "caption": caption, "title": title, "description": description,
-            "tags": drawing.tags, "category": folders[0] if folders else "",
-            "subcategory": "/".join(folders), "split": split_of(drawing.rel)})
+        corpus.rows.append(
+            {
+                "uri": str(drawing.png.absolute()),
+                "caption": caption,
+                "title": title,
+                "description": description,
+                "tags": drawing.tags,
+                "category": folders[0] if folders else "",
+                "subcategory": "/".join(folders),
+                "split": split_of(drawing.rel),
+            }
+        )
     corpus.skipped = Counter({reason: n for reason, n in corpus.skipped.items() if n})
     return corpus
 
@@ -314,14 +348,16 @@ def split_of(rel: str) -> str:
 
 # --- the entry points --------------------------------------------------------------------------
 
+
 def load_rows(folder: str | Path | None = None) -> Corpus:
     """The corpus from an unpacked folder (the cache, or a folder with usr/share/openclipart or
     svg/ + png/); never downloads."""
     folder = Path(folder) if folder else default_cache()
     tree = find_tree(folder)
     if tree is None:
-        raise FileNotFoundError(f"no OpenClipart tree (svg/ and png/) in {folder}: "
-                                "run `python -m bench.data.openclipart` to fetch it")
+        raise FileNotFoundError(
+            f"no OpenClipart tree (svg/ and png/) in {folder}: run `python -m bench.data.openclipart` to fetch it"
+        )
     return build(*scan(tree))
 
 
@@ -342,16 +378,21 @@ def report(result: Corpus, examples: int = 15) -> str:
     lines.append(f"{examples} examples (caption | description | tags | subcategory | split):")
     step = max(1, kept // max(examples, 1))
     for row in result.rows[::step][:examples]:
-        lines.append(f"  {row['caption']!r} | {row['description'][:50]!r} | {', '.join(row['tags'][:5])} | "
-                     f"{row['subcategory']} | {row['split']}")
+        lines.append(
+            f"  {row['caption']!r} | {row['description'][:50]!r} | {', '.join(row['tags'][:5])} | "
+            f"{row['subcategory']} | {row['split']}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.data.openclipart", description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="folder of the packages and their unpacked tree (default <repo>/.cbir/openclipart "
-                             "or $CBIR_OPENCLIPART)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="folder of the packages and their unpacked tree (default <repo>/.cbir/openclipart or $CBIR_OPENCLIPART)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSONL to write (default <cache>/openclipart.jsonl)")
     args = parser.parse_args(argv)
     cache = args.cache or default_cache()
