@@ -116,10 +116,14 @@ def local_settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def s3_settings(tmp_path, s3_endpoint, bucket) -> Settings:
-    return make_settings(
-        tmp_path,
+    return make_settings(tmp_path, *s3_lake(bucket, s3_endpoint))
+
+
+def s3_lake(bucket: str, endpoint: str) -> tuple[str, ...]:
+    """The settings of a lake in the moto server's bucket."""
+    return (
         f"lake=s3://{bucket}/lake",
-        f"s3.endpoint_url={s3_endpoint}",
+        f"s3.endpoint_url={endpoint}",
         "s3.region=us-east-1",
         "s3.access_key=testing",
         "s3.secret_key=testing",

@@ -25,7 +25,7 @@ from jobs.reader import resolve_source
 from models import store
 from models.captioner import Decoding
 
-from conftest import make_settings, shapes_dataset
+from conftest import make_settings, s3_lake, shapes_dataset
 
 SMALL_MODEL = (
     "encoder.weights=random",
@@ -91,15 +91,7 @@ def fresh_s3(prepared_local, s3_endpoint, s3_client, bucket, tmp_path):
     for path in Path(settings.lake).rglob("*"):
         if path.is_file():
             s3_client.upload_file(str(path), bucket, f"lake/{path.relative_to(settings.lake)}")
-    settings = make_settings(
-        tmp_path,
-        *SMALL_MODEL,
-        f"lake=s3://{bucket}/lake",
-        f"s3.endpoint_url={s3_endpoint}",
-        "s3.region=us-east-1",
-        "s3.access_key=testing",
-        "s3.secret_key=testing",
-    )
+    settings = make_settings(tmp_path, *SMALL_MODEL, *s3_lake(bucket, s3_endpoint))
     return settings, {"lake": Lake.open(settings), "card": card}, source
 
 
