@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -55,8 +56,13 @@ class Memory:
             basis = np.eye(features.shape[1], dtype=np.float32)
         return cls(mean, basis.astype(np.float32), _unit(centred @ basis).astype(np.float16), np.array(texts, str))
 
+    @cached_property
+    def _columns(self) -> np.ndarray:
+        """The vectors as float32 columns, once: every batch of nearest() multiplies by them."""
+        return np.ascontiguousarray(self.vectors.T, np.float32)
+
     def project(self, features: np.ndarray) -> np.ndarray:
-        """Features in the memory's space, unit length: comparable with its vectors and prototypes."""
+        """Features in the memory's space, unit length: comparable with its vectors."""
         return _unit((np.asarray(features, np.float32) - self.mean) @ self.basis)
 
     def nearest(self, features: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -64,7 +70,7 @@ class Memory:
         a text already given by a nearer image left out."""
         if k <= 0 or not len(self) or not len(features):
             return [[] for _ in range(len(features))]
-        similarity = self.project(features) @ self.vectors.T.astype(np.float32)
+        similarity = self.project(features) @ self._columns
         k = min(k, len(self))
         best = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         out = []
