@@ -41,7 +41,7 @@ log = logging.getLogger("cbir.search")
 
 FORMAT = 1  # bump when the layout or the engine's arrays change
 FOLDER = "search-index"
-KEEP = 3  # entries per lake
+KEEP = 4  # entries per lake: cbir search's and cbir web's (which holds a column more) of the two newest states
 STALE_TMP_S = 3600  # a temporary folder this old was left by a crash
 STATS: Counter = Counter()  # built, loaded, discarded, saved: what this process did (tests read it)
 

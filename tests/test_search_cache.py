@@ -12,11 +12,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from test_query import WEIGHTS, brute_force, params, queries, sentences
 
 from bench.query import corpus
 from bench.web import VERSION, write_lake
 from cbir.lake import Lake
+from cbir.schemas import REFERENCES
 from cbir.text import words
 from jobs import index_cache
 from jobs.index_cache import FOLDER, cached_index, digest, index_key
@@ -173,3 +179,50 @@ def test_cbir_search_twice_loads_the_saved_index(lake_root):
     assert runs[0].stdout == runs[1].stdout and "top 10" in runs[0].stdout
     assert "search index built" in runs[0].stderr and "search index loaded" in runs[1].stderr
     assert words(runs[0].stdout)
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    st.lists(st.lists(sentences, min_size=1, max_size=3), min_size=1, max_size=40), queries, params, st.integers(1, 12)
+)
+def test_a_saved_and_loaded_index_equals_nltk_brute_force(tmp_path_factory, texts, hypothesis, p, k):
+    """Saved and loaded again, the engine still ranks and scores as nltk's loop does, to the last bit."""
+    ids = [f"img{i:03d}" for i in range(len(texts))][::-1]
+    table = pa.table(
+        {
+            "image_id": ids,
+            "uri": [None] * len(ids),
+            "caption": [" ".join(refs[0]) for refs in texts],
+            "references": pa.array(
+                [
+                    [{"kind": "caption", "rank": r, "text": " ".join(t), "score": None} for r, t in enumerate(refs)]
+                    for refs in texts
+                ],
+                REFERENCES,
+            ),
+        }
+    )
+    built = Index.build(table, ("caption",), max(len(w) for w in WEIGHTS))
+    key = {"format": index_cache.FORMAT, "test": True}
+    folder = tmp_path_factory.mktemp("entry") / "x"
+    index_cache.save(built, folder, key)
+    loaded = index_cache.load(folder, key)
+    got = [(h.image_id, h.score) for h in loaded.engine.search(hypothesis, k, p)]
+    nonempty = [[t for t in refs if t] or [[]] for refs in texts]
+    assert got == [(h.image_id, h.score) for h in built.engine.search(hypothesis, k, p)]
+    assert got == brute_force(ids, nonempty, hypothesis, k, p)
+    assert loaded.search(hypothesis, k, p) == built.search(hypothesis, k, p)
+
+
+def test_cbir_web_loads_the_saved_index_and_rebuilds_when_a_run_is_committed(lake_root, settings, stats):
+    from web.searcher import Searcher
+
+    first = Searcher(settings)
+    assert stats["built"] == 1
+    second = Searcher(settings)  # a restart: the same lake state
+    assert stats["loaded"] == 1 and stats["built"] == 1
+    assert second.search_text("w1 w2 w30", 10).results == first.search_text("w1 w2 w30", 10).results
+    assert second.snapshot.index.table.column_names == ["image_id", "uri", "caption", "format"]
+    write_lake(lake_root, N)  # a new index run: the next reload must not find the old index
+    assert second.reload()
+    assert stats["built"] == 2 and second.snapshot.marker != first.snapshot.marker
