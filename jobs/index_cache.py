@@ -176,8 +176,11 @@ def prune(root: Path, lake_uri: str, keep: Path) -> None:
     entries = []
     for entry in root.iterdir():
         if entry.name.startswith(".tmp-"):
-            if entry.stat().st_mtime < time.time() - STALE_TMP_S:
-                shutil.rmtree(entry, ignore_errors=True)
+            try:
+                if entry.stat().st_mtime < time.time() - STALE_TMP_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass  # renamed or removed meanwhile
             continue
         try:
             meta = entry / "meta.json"
