@@ -46,6 +46,7 @@ from cbir.schemas import CAPTIONS
 from cbir.settings import load_settings
 from cbir.text import words
 from jobs.searcher import bleu_params
+from models.card import EncoderInfo, ModelCard
 
 VERSION = "20260101T000000Z-0000beec"  # a version name as the lake checks it: a run id
 WARM_UP = 20  # queries before timing: the first one may compile the engine's kernels
@@ -77,6 +78,7 @@ def write_lake(root: Path, n: int) -> pa.Table:
                     "model_version": [VERSION] * rows,
                     "status": ["ok"] * rows,
                     "error": [None] * rows,
+                    "reason": [None] * rows,
                     "indexed_at": pa.repeat(at, rows),
                     "run_id": [run_id] * rows,
                 },
@@ -85,6 +87,10 @@ def write_lake(root: Path, n: int) -> pa.Table:
         )
     table.commit(run_id, [writer.close()], model_version=VERSION)
     put_bytes(lake.fs, lake.path("models", "captioner", "current"), VERSION.encode(), overwrite=True)
+    card = ModelCard(
+        version=VERSION, encoder=EncoderInfo(name="vgg16", weights="random", key="vgg16-random", feature_dim=32)
+    )  # what cbir search reads of a version (no model: text queries need none)
+    put_bytes(lake.fs, lake.path("models", "captioner", VERSION, "card.json"), card.to_json().encode())
     return images
 
 

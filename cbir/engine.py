@@ -151,6 +151,52 @@ class BleuIndex:
         self.meta[:-1, 1], self.meta[:-1, 2] = self.id_rank, shortest[order]
         self.meta[1:, 3] = np.cumsum(counts)
 
+    # What the index is, to save and load it again (jobs/index_cache.py): arrays, the image ids in
+    # engine order and the vocabulary in id order. A loaded index answers exactly as the built one.
+    ARRAYS = ("id_rank", "ref_lens", "renumbered", "codes", "code_offsets", "post_offsets", "post_images", "fwd_gids")
+    ARRAYS_2D = ("meta",)
+
+    def state(self) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+        """(name -> array, image ids in engine order, vocabulary words in id order)."""
+        arrays = {name: getattr(self, name) for name in (*self.ARRAYS, *self.ARRAYS_2D)}
+        return arrays, self.image_ids, list(self.vocabulary)
+
+    @classmethod
+    def from_state(
+        cls, arrays: dict[str, np.ndarray], image_ids: list[str], vocabulary: list[str], max_order: int
+    ) -> BleuIndex:
+        """The index that state() described; ValueError when the pieces do not fit together."""
+        index = cls.__new__(cls)
+        index.max_order = max_order
+        index._spare = queue.SimpleQueue()
+        index.image_ids = image_ids
+        index.vocabulary = {word: i for i, word in enumerate(vocabulary)}
+        index.base = max(len(index.vocabulary), 1)
+        for name in (*cls.ARRAYS, *cls.ARRAYS_2D):
+            setattr(index, name, arrays[name])
+        if len(index.vocabulary) != len(vocabulary):
+            raise ValueError("the vocabulary has a word twice")
+        index._check()
+        return index
+
+    def _check(self) -> None:
+        n, grams = len(self.image_ids), int(self.code_offsets[-1]) if len(self.code_offsets) else -1
+        wanted = {
+            "id_rank": (np.int64, (n,)),
+            "ref_lens": (np.int64, (int(self.meta[-1, 3]) if self.meta.ndim == 2 and len(self.meta) else -1,)),
+            "renumbered": (np.bool_, (self.max_order,)),
+            "codes": (np.int64, (grams,)),
+            "code_offsets": (np.int64, (self.max_order + 1,)),
+            "post_offsets": (np.int64, (grams + 1,)),
+            "post_images": (np.int32, (int(self.post_offsets[-1]) if len(self.post_offsets) else -1,)),
+            "fwd_gids": (np.int32, (int(self.meta[-1, 0]) if self.meta.ndim == 2 and len(self.meta) else -1,)),
+            "meta": (np.int64, (n + 1, 4)),
+        }
+        for name, (dtype, shape) in wanted.items():
+            array = getattr(self, name)
+            if array.dtype != dtype or array.shape != shape:
+                raise ValueError(f"{name}: {array.dtype}{array.shape}, expected {np.dtype(dtype)}{shape}")
+
     def __len__(self) -> int:
         return len(self.image_ids)
 

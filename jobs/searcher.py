@@ -261,6 +261,8 @@ def search_one(
         raise UsageError("the query has no words")
     if long := too_many_words(text, settings.query.max_words):
         raise UsageError(f"the query is too long: {long}")
+    from jobs.index_cache import cached_index  # it imports this module
+
     kinds, params = tuple(settings.bleu.references), bleu_params(settings)
-    index = Index.build(version_captions(lake, card["version"], kinds), kinds, params.max_order)
+    index = cached_index(lake, settings.state_dir, card["version"], kinds, params.max_order)
     return caption, [dict(rank=rank, **hit) for rank, hit in enumerate(index.search(query, k, params), start=1)]

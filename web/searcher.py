@@ -3,7 +3,8 @@ committed, and the captioner that describes uploaded images, loaded once.
 
 The index is built at start-up from the committed captions of the captioner version in use, joined
 with the manifest for each image's stored format, by jobs/searcher.py: the search `cbir search` and
-each Spark task of `cbir query` run too. Requests
+each Spark task of `cbir query` run too. It is loaded from the index cache (jobs/index_cache.py) when
+one was saved for the same lake state, and saved there after a build. Requests
 look at the commit records at most every `web.reload_s`; when they changed, a background thread
 builds the new index and swaps it in whole, so a search never waits for a rebuild and never sees
 half of one. Refusals (bad input, nothing found) are `Refused`: an HTTP status, a reason slug and
@@ -30,7 +31,8 @@ from cbir.lake import Lake
 from cbir.settings import Settings
 from cbir.text import too_many_words, words
 from jobs.gallery import thumbnail, thumbnail_jpeg
-from jobs.searcher import ImageCaptioner, Index, bleu_params, version_captions
+from jobs.index_cache import cached_index
+from jobs.searcher import ImageCaptioner, Index, bleu_params
 from models import store
 
 log = logging.getLogger("cbir.web")
@@ -173,12 +175,12 @@ class Searcher:
     def _build(self, marker: Marker) -> Snapshot:
         started = time.perf_counter()
         kinds = self.settings.bleu.references
-        index = Index.build(
-            version_captions(self.lake, marker.version, kinds, extra=("format",)), kinds, self.params.max_order
+        index = cached_index(
+            self.lake, self.settings.state_dir, marker.version, kinds, self.params.max_order, extra=("format",)
         )
         sources = self._sources(index.table.column("image_id"))
         seconds = time.perf_counter() - started
-        log.info("index of %d images (captioner %s) built in %.1f s", len(index), marker.version, seconds)
+        log.info("index of %d images (captioner %s) ready in %.1f s", len(index), marker.version, seconds)
         return Snapshot(marker, index, datetime.now(UTC), seconds, sources)
 
     def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:

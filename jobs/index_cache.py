@@ -1,0 +1,245 @@
+"""Index cache: the searcher's BLEU index saved under the state folder, so that `cbir search` and
+`cbir web` build it once per lake state and memory-map it after that.
+
+    <state_dir>/search-index/<key>/
+        meta.json            the key (what the index was built from), counts, max_order
+        table.arrow          the rows hits show: image_id, uri, caption (and extra manifest columns)
+        references.arrow     every reference text and its kind, grouped by row; counts.npy: how many each
+        image_ids.arrow      the engine's image ids, in engine order; vocabulary.arrow: its words by id
+        <array>.npy          the engine's arrays (BleuIndex.ARRAYS)
+
+The key is everything the index depends on: the lake, the captioner version, the lake state of the
+tables read (lake_state), the reference kinds, the n-gram order, the extra columns and FORMAT.
+Anything else means another key, so a stale index is never found. An entry is written into a
+temporary folder and renamed into place whole; one that does not load (truncated, wrong shapes,
+another format) is deleted and built again. Only the newest KEEP entries of each lake stay.
+No pickles: numpy's .npy (loaded copy-on-write memory-mapped) and Arrow IPC files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cbir.engine import BleuIndex
+from cbir.lake import Lake, fsync_dir, fsync_file
+from cbir.references import SOURCE, References
+from jobs.searcher import Index, version_captions
+
+log = logging.getLogger("cbir.search")
+
+FORMAT = 1  # bump when the layout or the engine's arrays change
+FOLDER = "search-index"
+KEEP = 4  # entries per lake: cbir search's and cbir web's (which holds a column more) of the two newest states
+STALE_TMP_S = 3600  # a temporary folder this old was left by a crash
+STATS: Counter = Counter()  # built, loaded, discarded, saved: what this process did (tests read it)
+
+
+def lake_state(lake: Lake, tables: Iterable[str]) -> dict[str, list[str]]:
+    """The identity of what these tables hold now: their committed runs (a run never changes once
+    committed). The one place to switch to table versions when the tables become Delta tables."""
+    return {name: sorted(lake.table(name).committed_runs()) for name in tables}
+
+
+def index_key(lake: Lake, version: str | None, kinds: Iterable[str], max_order: int, extra: Iterable[str] = ()) -> dict:
+    """What an index of this lake's captions depends on (the manifest counts when source texts or its
+    columns are read)."""
+    kinds, extra = sorted(set(kinds)), list(extra)
+    tables = ["captions", *(["manifest"] if extra or any(kind in SOURCE for kind in kinds) else [])]
+    return {
+        "format": FORMAT,
+        "lake": lake.uri,
+        "version": version,
+        "kinds": kinds,
+        "max_order": max_order,
+        "extra": extra,
+        "tables": lake_state(lake, tables),
+    }
+
+
+def digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_index(
+    lake: Lake, state_dir: str, version: str | None, kinds: Iterable[str], max_order: int, extra: tuple[str, ...] = ()
+) -> Index:
+    """The index of this captioner version's captions: loaded from the cache when this lake state's is
+    there, else built (and saved, unless the lake changed while it was being built)."""
+    kinds = tuple(kinds)
+    if version is None:  # nothing indexed: nothing worth caching
+        return Index.build(version_captions(lake, version, kinds, extra=extra), kinds, max_order)
+    root = Path(state_dir) / FOLDER
+    key = index_key(lake, version, kinds, max_order, extra)
+    folder = root / digest(key)
+    started = time.perf_counter()
+    if folder.is_dir():
+        try:
+            index = load(folder, key)
+        except Exception as exc:  # noqa: BLE001 - any damage (truncated, wrong shapes, old format): build again
+            STATS["discarded"] += 1
+            log.warning("search index cache %s does not load (%s): building it again", folder, _short(exc))
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            STATS["loaded"] += 1
+            _touch(folder)
+            log.info("search index loaded from %s in %.2f s", folder, time.perf_counter() - started)
+            return index
+    index = Index.build(version_captions(lake, version, kinds, extra=extra), kinds, max_order)
+    STATS["built"] += 1
+    log.info("search index built in %.1f s (%d images)", time.perf_counter() - started, len(index))
+    if index_key(lake, version, kinds, max_order, extra) != key:
+        return index  # the lake changed while the index was built: it belongs to neither state
+    try:
+        save(index, folder, key)
+        prune(root, lake.uri, keep=folder)
+    except OSError as exc:
+        log.warning("search index not cached in %s: %s", root, exc)
+    return index
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _touch(folder: Path) -> None:
+    try:
+        os.utime(folder / "meta.json")
+    except OSError:
+        pass  # read-only state folder: the entry just ages
+
+
+# Writing.
+def save(index: Index, folder: Path, key: dict) -> None:
+    """Write the entry into a temporary folder, then rename it into place (another process may have won)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_arrow(tmp / "table.arrow", index.table)
+        meta = {"key": key, "rows": len(index.table), "empty": index.engine is None}
+        if index.engine is not None:
+            references = index.references
+            _write_arrow(tmp / "references.arrow", pa.table({"text": references.texts, "kind": references.kinds}))
+            _write_npy(tmp / "counts.npy", references.counts)
+            arrays, image_ids, vocabulary = index.engine.state()
+            for name, array in arrays.items():
+                _write_npy(tmp / f"{name}.npy", array)
+            _write_arrow(tmp / "image_ids.arrow", pa.table({"value": pa.array(image_ids, pa.string())}))
+            _write_arrow(tmp / "vocabulary.arrow", pa.table({"value": pa.array(vocabulary, pa.string())}))
+            meta.update(max_order=index.engine.max_order, texts=len(references.texts), images=len(image_ids))
+        meta_path = tmp / "meta.json"
+        meta_path.write_text(json.dumps(meta, sort_keys=True))
+        fsync_file(str(meta_path))
+        fsync_dir(str(tmp))
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+            return  # another search saved the same entry first
+        fsync_dir(str(folder.parent))
+        STATS["saved"] += 1
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    table = table.combine_chunks()
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(table.num_rows, 1))  # one batch: read back without a copy
+    fsync_file(str(path))
+
+
+def prune(root: Path, lake_uri: str, keep: Path) -> None:
+    """Delete all but the KEEP most recently used entries of this lake, and temporary folders left by crashes."""
+    entries = []
+    for entry in root.iterdir():
+        if entry.name.startswith(".tmp-"):
+            try:
+                if entry.stat().st_mtime < time.time() - STALE_TMP_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass  # renamed or removed meanwhile
+            continue
+        try:
+            meta = entry / "meta.json"
+            if json.loads(meta.read_text())["key"]["lake"] == lake_uri:
+                entries.append((meta.stat().st_mtime, entry))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an entry of this lake (or being deleted)
+    entries.sort(reverse=True)
+    for _, entry in entries[KEEP:]:
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# Reading.
+def load(folder: Path, key: dict) -> Index:
+    """The index saved in folder; an error of some kind when it is damaged or not of this key."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("key") != key:
+        raise ValueError("the entry was saved for another key or format")
+    table = _read_arrow(folder / "table.arrow")
+    if table.num_rows != meta["rows"] or "image_id" not in table.column_names:
+        raise ValueError(f"table.arrow has {table.num_rows} rows, expected {meta['rows']}")
+    ids = table.column("image_id").to_pylist()
+    row_of = dict(zip(ids, range(len(ids))))
+    if len(row_of) != len(ids):
+        raise ValueError("table.arrow has an image twice")
+    if meta["empty"]:
+        if ids:
+            raise ValueError("an empty index with rows")
+        return Index(table, None, None, {})
+    texts = _read_arrow(folder / "references.arrow")
+    counts = _read_npy(folder / "counts.npy")
+    if counts.shape != (len(ids),) or counts.dtype != np.int64 or int(counts.sum()) != texts.num_rows:
+        raise ValueError("the references do not match the rows")
+    references = References(_array(texts, "text"), _array(texts, "kind"), counts)
+    arrays = {name: _read_npy(folder / f"{name}.npy") for name in (*BleuIndex.ARRAYS, *BleuIndex.ARRAYS_2D)}
+    image_ids = _array(_read_arrow(folder / "image_ids.arrow"), "value").to_pylist()
+    vocabulary = _array(_read_arrow(folder / "vocabulary.arrow"), "value").to_pylist()
+    if len(image_ids) != len(ids):
+        raise ValueError("the engine's images are not the table's")
+    engine = BleuIndex.from_state(arrays, image_ids, vocabulary, meta["max_order"])
+    if len(engine.ref_lens) != texts.num_rows:
+        raise ValueError("the engine's texts are not the references")
+    return Index(table, references, engine, row_of)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    # Copy-on-write: pages are read when touched and shared with the page cache, and the array stays
+    # writeable, so the engine's kernels run their compiled (cached) versions (read-only arrays are
+    # another numba type: another compilation).
+    return np.asarray(np.load(path, mmap_mode="c", allow_pickle=False))
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy: the buffers keep the map
+
+
+def _array(table: pa.Table, name: str) -> pa.Array:
+    column = table.column(name)
+    if not pa.types.is_string(column.type):
+        raise ValueError(f"{name} is {column.type}, not strings")
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
