@@ -16,7 +16,9 @@ loads read that file and never the PyTorch one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +39,14 @@ DROPOUT = 0.2
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
 CONVERSION = "v1"  # part of the cache file's name: bump it when the conversion changes
 # Keras' EfficientNet initializers: random weights (tests) keep activations at a usable scale.
-CONV_INITIALIZER = {
-    "class_name": "VarianceScaling",
-    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"},
-}
-DENSE_INITIALIZER = {
-    "class_name": "VarianceScaling",
-    "config": {"scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"},
-}
+CONV_INITIALIZER = {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"}
+DENSE_INITIALIZER = {"scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"}
+
+
+def seeded(config: dict, seeds: Iterator[int]) -> dict:
+    """An initializer with a seed of its own: without one Keras draws it from Python's shared `random`,
+    which another thread of the process may be drawing from too, and equal seeds would give other weights."""
+    return {"class_name": "VarianceScaling", "config": {**config, "seed": next(seeds)}}
 
 
 def same_padding(size: tuple[int, int], kernel: int, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -71,7 +73,9 @@ def _batch_norm(name: str):
     return layers.BatchNormalization(axis=-1, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
-def mb_conv_block(x, filters_in: int, filters_out: int, kernel: int, stride: int, expand_ratio: int, name: str):
+def mb_conv_block(
+    x, filters_in: int, filters_out: int, kernel: int, stride: int, expand_ratio: int, name: str, seeds: Iterator[int]
+):
     """Mobile inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project, and a residual if shapes allow."""
     from keras import layers
 
@@ -79,7 +83,12 @@ def mb_conv_block(x, filters_in: int, filters_out: int, kernel: int, stride: int
     filters = filters_in * expand_ratio
     if expand_ratio != 1:
         x = layers.Conv2D(
-            filters, 1, padding="same", use_bias=False, kernel_initializer=CONV_INITIALIZER, name=name + "expand_conv"
+            filters,
+            1,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=seeded(CONV_INITIALIZER, seeds),
+            name=name + "expand_conv",
         )(x)
         x = _batch_norm(name + "expand_bn")(x)
         x = layers.ReLU(6.0, name=name + "expand_activation")(x)
@@ -90,14 +99,19 @@ def mb_conv_block(x, filters_in: int, filters_out: int, kernel: int, stride: int
         strides=stride,
         padding="valid",
         use_bias=False,
-        depthwise_initializer=CONV_INITIALIZER,
+        depthwise_initializer=seeded(CONV_INITIALIZER, seeds),
         name=name + "dwconv",
     )(x)
     x = _batch_norm(name + "bn")(x)
     x = layers.ReLU(6.0, name=name + "activation")(x)
 
     x = layers.Conv2D(
-        filters_out, 1, padding="same", use_bias=False, kernel_initializer=CONV_INITIALIZER, name=name + "project_conv"
+        filters_out,
+        1,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=seeded(CONV_INITIALIZER, seeds),
+        name=name + "project_conv",
     )(x)
     x = _batch_norm(name + "project_bn")(x)
     if stride == 1 and filters_in == filters_out:
@@ -117,11 +131,13 @@ def block_names():
             yield block_name(stage, i), expand_ratio
 
 
-def EfficientNetLite0(classes: int = 1000, name: str = "efficientnet_lite0"):
-    """The whole classifier: uint8-range pixels must be normalised first, (x - 127) / 128."""
+def EfficientNetLite0(classes: int = 1000, name: str = "efficientnet_lite0", seed: int = 0):
+    """The whole classifier: uint8-range pixels must be normalised first, (x - 127) / 128. Its initial
+    (random) weights depend on `seed` alone."""
     import keras
     from keras import layers
 
+    seeds = itertools.count(seed)
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="input")
     x = _padded(inputs, 3, 2, "stem_")
     x = layers.Conv2D(
@@ -130,7 +146,7 @@ def EfficientNetLite0(classes: int = 1000, name: str = "efficientnet_lite0"):
         strides=2,
         padding="valid",
         use_bias=False,
-        kernel_initializer=CONV_INITIALIZER,
+        kernel_initializer=seeded(CONV_INITIALIZER, seeds),
         name="stem_conv",
     )(x)
     x = _batch_norm("stem_bn")(x)
@@ -146,10 +162,16 @@ def EfficientNetLite0(classes: int = 1000, name: str = "efficientnet_lite0"):
                 stride if i == 0 else 1,
                 expand_ratio,
                 block_name(stage, i),
+                seeds,
             )
 
     x = layers.Conv2D(
-        TOP_FILTERS, 1, padding="same", use_bias=False, kernel_initializer=CONV_INITIALIZER, name="top_conv"
+        TOP_FILTERS,
+        1,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=seeded(CONV_INITIALIZER, seeds),
+        name="top_conv",
     )(x)
     x = _batch_norm("top_bn")(x)
     x = layers.ReLU(6.0, name="top_activation")(x)
@@ -157,7 +179,11 @@ def EfficientNetLite0(classes: int = 1000, name: str = "efficientnet_lite0"):
     x = layers.Dropout(DROPOUT, name="top_dropout")(x)
     # Probabilities in float32 even when the layers before compute in bfloat16.
     outputs = layers.Dense(
-        classes, activation="softmax", dtype="float32", kernel_initializer=DENSE_INITIALIZER, name="predictions"
+        classes,
+        activation="softmax",
+        dtype="float32",
+        kernel_initializer=seeded(DENSE_INITIALIZER, seeds),
+        name="predictions",
     )(x)
     return keras.Model(inputs, outputs, name=name)
 

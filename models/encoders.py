@@ -127,9 +127,7 @@ class EfficientNetLite0:
         self.cache_dir = Path(cache_dir) if cache_dir else _keras_cache_dir()
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if self.precision == "bfloat16" else "float32")
         try:
-            if weights == "random":
-                keras.utils.set_random_seed(RANDOM_SEED)
-            self.classifier = efficientnet.EfficientNetLite0()
+            self.classifier = efficientnet.EfficientNetLite0(seed=RANDOM_SEED)
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
         if weights != "random":

@@ -182,6 +182,28 @@ def test_random_weights_are_seeded(photos, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing converted, nothing cached
 
 
+def test_random_weights_do_not_depend_on_other_threads_drawing_random_numbers(photos, tmp_path):
+    """Keras draws an unseeded initializer's seed from Python's shared `random`: a Prefect or Spark thread
+    drawing from it at the same time must not change the weights."""
+    import random
+    import threading
+
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            random.random()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        first, second = (EfficientNetLite0("random", cache_dir=tmp_path).encode(photos[:1]) for _ in range(2))
+    finally:
+        stop.set()
+        thread.join()
+    np.testing.assert_array_equal(first, second)
+
+
 def test_registered_by_name(tmp_path):
     assert encoder_key("efficientnet_lite0", "imagenet") == "efficientnet_lite0-imagenet"
     assert encoder_key("efficientnet_lite0", "random") == "efficientnet_lite0-random"
