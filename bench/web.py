@@ -1,7 +1,7 @@
 """cbir web: text query latency through the HTTP API over N captions, against the engine called directly.
 
 1. N generated images with the default references each (bench/query.py's: three captions of 8 to
-   15 words, two labels, five neighbours, a title and tags, Zipf-like over 20,000 words), with
+   15 words, two labels, three neighbours, a title and tags, Zipf-like over 20,000 words), with
    sha256-like image ids, are committed to a temporary lake as one captions run.
 2. `cbir web` starts on a free port, as an operator starts it, and loads them; load_s is the time
    from the command's start to its first answer, server_rss_gb its memory after the queries.

@@ -253,7 +253,7 @@ class Captioner(Section):
     length_penalty: float = Field(0.5, ge=0, le=2, description="beam: rank beams by log-probability / length ** this")
     labels_per_image: int = Field(3, ge=0, le=20, description="the encoder's ImageNet labels kept per image")
     label_threshold: float = Field(0.2, ge=0, le=1, description="the least probability a kept label has")
-    neighbours: int = Field(5, ge=0, le=20, description="texts of the nearest training images kept per image")
+    neighbours: int = Field(3, ge=0, le=20, description="texts of the nearest training images kept per image")
     memory_images: int = Field(100_000, ge=0, description="training images a captioner remembers for neighbours")
 
 
