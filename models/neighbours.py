@@ -23,6 +23,7 @@ from cbir.text import words
 
 PROJECTED_DIM = 256
 PCA_SAMPLE = 10_000  # rows the principal axes are fitted on: enough for 256 axes, seconds at 4096 dims
+SAME_IMAGE = 0.999  # a cosine this close is the image itself (or its copy): its own text is not a neighbour's
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,12 @@ class Memory:
 
     def nearest(self, features: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """For each row: the texts of its k nearest remembered images with their cosine, nearest first,
-        a text already given by a nearer image left out."""
+        a text already given by a nearer image left out. An image the memory holds is not its own
+        neighbour: its text would answer for it (and inflate cbir eval on the training images)."""
         if k <= 0 or not len(self) or not len(features):
             return [[] for _ in range(len(features))]
         similarity = self.project(features) @ self._columns
+        similarity[similarity >= SAME_IMAGE] = -np.inf
         k = min(k, len(self))
         best = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         out = []
@@ -78,7 +81,7 @@ class Memory:
             seen, found = set(), []
             for i in candidates[np.argsort(-row[candidates], kind="stable")]:
                 key = " ".join(words(str(self.texts[i])))
-                if key not in seen:
+                if key not in seen and np.isfinite(row[i]):
                     seen.add(key)
                     found.append((str(self.texts[i]), float(row[i])))
             out.append(found)

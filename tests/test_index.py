@@ -142,7 +142,7 @@ def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], ver
 
 def assert_neighbours_are_the_training_texts(rows: list[dict], source: Path) -> None:
     """Neighbours are training (and dev) images' first captions, nearest first; a training image seen again
-    is its own nearest neighbour, a held-out one is not in the memory."""
+    is not its own neighbour (its text would answer for it)."""
     with open(source / "train.csv", newline="") as handle:
         first = {}
         for row in csv.DictReader(handle):
@@ -155,8 +155,7 @@ def assert_neighbours_are_the_training_texts(rows: list[dict], source: Path) -> 
         assert [r["score"] for r in near] == sorted((r["score"] for r in near), reverse=True)
         name = Path(row["uri"]).name
         if row["status"] == "ok" and name.startswith("seen-"):
-            caption, split = first[name.removeprefix("seen-")]
-            assert (near[0]["text"] == caption and near[0]["score"] > 0.99) is (split != "test")
+            assert all(r["score"] < 0.999 for r in near)
 
 
 def test_a_new_version_keeps_the_old_captions_until_dropped(spark, fresh_local):
