@@ -216,40 +216,16 @@ def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, fresh_s3, tmp_path
         port = probe.getsockname()[1]
     spark_class = str(Path(sys.executable).parent / "spark-class")
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work")}
-    master = subprocess.Popen(
-        [
-            spark_class,
-            "org.apache.spark.deploy.master.Master",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--webui-port",
-            "0",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    worker = subprocess.Popen(
-        [
-            spark_class,
-            "org.apache.spark.deploy.worker.Worker",
-            f"spark://127.0.0.1:{port}",
-            "--host",
-            "127.0.0.1",
-            "--cores",
-            "2",
-            "--memory",
-            "2g",
-            "--webui-port",
-            "0",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+
+    def daemon(*args: str) -> subprocess.Popen:
+        command = [spark_class, *args, "--host", "127.0.0.1", "--webui-port", "0"]
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+
+    master = daemon("org.apache.spark.deploy.master.Master", "--port", str(port))
+    worker = daemon(
+        "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--cores", "2", "--memory", "2g"
     )
     try:
         _wait_for_port(port)
