@@ -94,11 +94,11 @@ def embed(spark: SparkSession, lake: Lake, config: EncoderConfig, images: dict[s
     try:
         with tracked(spark, f"embed {len(todo)} images with {config.key}", progress):
             parts, _ = write_tables(items, {"features": table}, run_id, partial(_embed_partition, config, run_id))
-        table.commit(run_id, parts["features"])
+        record = table.commit(run_id, parts["features"], job="embed")
     except BaseException:
         table.abort(run_id)
         raise
-    return sum(rows for _, rows in parts["features"])
+    return record["rows"] if record else 0  # a concurrent run may have committed some of them first
 
 
 def cached_ids(table: Table) -> set[str]:
@@ -108,7 +108,8 @@ def cached_ids(table: Table) -> set[str]:
 def read_features(lake: Lake, config: EncoderConfig, image_ids: list[str]) -> dict[str, np.ndarray]:
     """The cached vectors of these images, as float32 (images without features are left out)."""
     wanted = pa.array(sorted(set(image_ids)), pa.string())
-    data = config.table(lake).dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted))
+    table = config.table(lake)
+    data = table.decode(table.dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted)))
     vectors = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     matrix = vectors.reshape(-1, config.dim).astype(np.float32)
     found: dict[str, np.ndarray] = {}

@@ -24,7 +24,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cbir.images import ImageRejected
-from cbir.lake import Lake, new_run_id
+from cbir.lake import Lake, Table, checked_run_id, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from jobs.embed import IMAGES_PER_TASK, EncoderConfig, encode_chunks, encoder_config
@@ -138,15 +138,15 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | 
     version = card["version"]
     summary = IndexSummary(new_run_id(), version)
 
-    todo = pending(lake, version)
-    records = lake.table("captions").commits()
-    summary.skipped = sum(record["rows"] for record in records if record.get("model_version") == version)
+    captions = lake.table("captions")  # one handle: its commit drops what others committed after this read
+    todo = pending(lake, version, captions)
+    summary.skipped = done_count(captions, version)
     summary.pending = todo.num_rows
     if summary.pending:
         config = encoder_config(settings, spark.sparkContext.defaultParallelism)
         context = IndexContext.from_settings(lake, version, config, settings, summary.run_id)
         counts = _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions,
-                        progress)
+                        progress, captions)
         summary.indexed, summary.encoded, summary.reused = counts["ok"], counts["encoded"], counts["reused"]
         summary.failed = {k.removeprefix("failed:"): n for k, n in counts.items() if k.startswith("failed:")}
         summary.stages = {stage: counts[f"seconds:{stage}"] for stage in STAGES}
@@ -154,22 +154,31 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | 
     return summary
 
 
-def pending(lake: Lake, version: str) -> pa.Table:
+def pending(lake: Lake, version: str, captions: Table | None = None) -> pa.Table:
     """(image_id, uri, format) of the stored images this version has not captioned, found in the driver:
-    a rerun with nothing new starts no Spark job."""
+    a rerun with nothing new starts no Spark job. `captions` is the handle the run commits with."""
     manifest = lake.table("manifest").read(["image_id", "uri", "format", "status"])
     images = manifest.filter(pc.field("status") == "ok").group_by("image_id").aggregate(
         [("uri", "min"), ("format", "min")]).rename_columns(["image_id", "uri", "format"])
-    done = lake.table("captions").dataset().to_table(columns=["image_id"],
-                                                     filter=ds.field("model_version") == version)
+    captions = captions or lake.table("captions")
+    done = captions.dataset().to_table(columns=["image_id"], filter=ds.field("model_version") == version)
     todo = images.filter(pc.invert(pc.is_in(images["image_id"], value_set=done["image_id"])))
     return todo.sort_by("image_id")
 
 
-def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> Counter:
-    """One Spark job: encode and caption the images without features, caption those with; commit both."""
+def done_count(captions: Table, version: str) -> int:
+    """The rows this version has in the captions table's pinned version."""
+    return captions.dataset().count_rows(filter=ds.field("model_version") == version)
+
+
+def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None,
+           captions: Table) -> Counter:
+    """One Spark job: encode and caption the images without features, caption those with; commit both.
+
+    Features first, then captions, each one Delta transaction: a run stopped between the two leaves
+    features that the rerun reuses, and never a caption without its features."""
     lake, config, run_id = context.lake, context.encoder, context.run_id
-    features, captions = config.table(lake), lake.table("captions")
+    features = config.table(lake)
     columns = ["image_id", "uri", "format", "vector"]
     to_encode = (todo.join(read_table(spark, features, ["image_id"]), "image_id", "left_anti")
                  .withColumn("vector", F.lit(None).cast("array<float>"))
@@ -184,8 +193,8 @@ def _index(spark, context: IndexContext, todo, pending: int, partitions: int, pr
         with tracked(spark, f"index with captioner {context.version}", progress):
             parts, counts = write_tables(work, {"features": features, "captions": captions}, run_id,
                                          partial(index_partition, context))
-        features.commit(run_id, parts["features"])
-        captions.commit(run_id, parts["captions"], model_version=context.version)
+        features.commit(run_id, parts["features"], job="index", model_version=context.version)
+        captions.commit(run_id, parts["captions"], job="index", model_version=context.version)
     except BaseException:
         features.abort(run_id)
         captions.abort(run_id)
@@ -194,11 +203,14 @@ def _index(spark, context: IndexContext, todo, pending: int, partitions: int, pr
 
 
 def drop_version(lake: Lake, version: str) -> tuple[int, int]:
-    """Remove a model version's captions (features stay: they belong to the encoder). Returns (runs, rows)."""
+    """Remove a model version's captions, as one Delta delete (features stay: they belong to the encoder).
+    Returns (runs, rows)."""
+    version = checked_run_id(version, "captioner version")  # it goes into the delete's predicate
     captions = lake.table("captions")
-    runs = [record for record in captions.commits() if record.get("model_version") == version]
-    captions.drop_runs(record["run_id"] for record in runs)
-    return len(runs), sum(record["rows"] for record in runs)
+    runs = [record["run_id"] for record in captions.commits() if record.get("model_version") == version]
+    rows = captions.delete(f"model_version = '{version}'", job="drop-version", model_version=version,
+                           dropped_runs=runs)
+    return len(runs), rows
 
 
 # Executor side.

@@ -109,7 +109,7 @@ def run(
         try:
             with tracked(spark, f"ingest {source.uri}", progress):
                 parts, counts = write_run(rows, table, run_id, count=_count_statuses)
-            table.commit(run_id, parts)
+            table.commit(run_id, parts, job="ingest", source=source.uri)
         except BaseException:
             table.abort(run_id)
             raise

@@ -1,7 +1,8 @@
 """Lake tables in and out of Spark: executors read and write Parquet themselves, the driver commits.
 
 Spark here cannot write s3a:// (no hadoop-aws jar), so, as img2dataset does, each task opens the
-lake through pyarrow.fs. Only file names and row counts travel back to the driver.
+lake through pyarrow.fs. Tasks read the files of one Delta table version (listed by the driver);
+only file names, row counts, sizes and Delta statistics travel back to the driver, which commits them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.lake import Table, heartbeat
+from cbir.lake import Part, Table
 
-PARTS_DDL = "table string, file string, rows long, counts string"
+PARTS_DDL = "table string, file string, rows long, size long, stats string, counts string"
 
 
 def read_table(spark: SparkSession, table: Table, columns: list[str]) -> DataFrame:
-    """The committed rows of a lake table as a DataFrame, read by the executors."""
+    """The rows of a lake table's version (pinned by the handle) as a DataFrame, read by the executors."""
     schema = pa.schema([_spark_field(table.schema.field(name)) for name in columns])
     files = table.files()
     if not files:
@@ -44,33 +45,33 @@ def _read_files(table: Table, schema: pa.Schema, batches: Iterator[pa.RecordBatc
     for batch in batches:
         dataset = table.dataset(batch.column(0).to_pylist())
         for part in dataset.to_batches(columns=schema.names):
-            yield part.cast(schema)
+            if part.num_rows:
+                yield table.decode(pa.Table.from_batches([part])).cast(schema).to_batches()[0]
 
 
 Produce = Callable[[Iterator[pa.RecordBatch]], Iterator["tuple[str, pa.RecordBatch] | Counter"]]
 
 
 def write_tables(df: DataFrame, tables: dict[str, Table], run_id: str,
-                 produce: Produce) -> tuple[dict[str, list[tuple[str, int]]], Counter]:
-    """Each partition writes at most one part per table into the run's staging folders.
+                 produce: Produce) -> tuple[dict[str, list[Part]], Counter]:
+    """Each partition writes at most one part per table into the run's folder of each table.
 
     `produce` runs in the task: it turns the partition's rows into (table name, batch) pairs
     to write, and Counters (rows by status, seconds by stage) that are summed for the summary.
     Returns the parts of each table, to commit, and the summed counts.
     """
-    with heartbeat(tables.values(), run_id):  # a long run's staging is not taken for abandoned
-        rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
-    parts: dict[str, list[tuple[str, int]]] = {name: [] for name in tables}
+    rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
+    parts: dict[str, list[Part]] = {name: [] for name in tables}
     counts: Counter = Counter()
     for row in rows:
         if row.rows:
-            parts[row.table].append((row.file, row.rows))
+            parts[row.table].append(Part(row.file, row.rows, row.size, row.stats))
         counts.update(json.loads(row.counts))
     return parts, counts
 
 
 def write_run(df: DataFrame, table: Table, run_id: str,
-              count: Callable[[pa.RecordBatch], Counter] | None = None) -> tuple[list[tuple[str, int]], Counter]:
+              count: Callable[[pa.RecordBatch], Counter] | None = None) -> tuple[list[Part], Counter]:
     """The rows of df as one run of one table; `count` tallies each batch for the summary."""
     def produce(batches: Iterator[pa.RecordBatch]):
         for batch in batches:
@@ -97,8 +98,9 @@ def _write_partition(tables, run_id, produce, batches: Iterator[pa.RecordBatch])
     stats = []
     for name, writer in writers.items():
         clock = time.perf_counter()
-        file, rows = writer.close()
+        part = writer.close()
         counts["seconds:write"] += time.perf_counter() - clock
-        stats.append({"table": name, "file": file, "rows": rows, "counts": "{}"})
+        stats.append({"table": name, "file": part.name, "rows": part.rows, "size": part.size, "stats": part.stats,
+                      "counts": "{}"})
     stats[0]["counts"] = json.dumps(counts)  # one copy of the counts per task
     yield pa.RecordBatch.from_pylist(stats)

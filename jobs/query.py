@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -28,7 +29,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from cbir.bleu import BleuParams
 from cbir.errors import UsageError
 from cbir.images import Limits, inspect_image
-from cbir.lake import Lake, new_run_id, open_filesystem
+from cbir.lake import Lake, delta_storage_options, new_run_id, open_filesystem
 from cbir.references import (
     SOURCE,
     SOURCE_COLUMNS,
@@ -263,7 +264,15 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> tuple[D
     them) columns, read by the executors."""
     fs, path = open_filesystem(uri, settings.s3)
     try:
-        dataset = ds.dataset(path, filesystem=fs, format="parquet")
+        if fs.get_file_info(f"{path}/_delta_log").type == pafs.FileType.Directory:  # a Delta table: its latest version
+            from deltalake import DeltaTable
+
+            options = delta_storage_options(settings.s3) if uri.startswith("s3://") else None
+            files = [f.split("://", 1)[1] if "://" in f else f
+                     for f in DeltaTable(uri, storage_options=options).file_uris()]
+            dataset = ds.dataset(files, filesystem=fs, format="parquet")
+        else:
+            dataset = ds.dataset(path, filesystem=fs, format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"captions table {uri} cannot be read: {str(exc).splitlines()[0]}") from None
     missing = {"image_id", "caption"} - set(dataset.schema.names)
@@ -398,7 +407,7 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, query_file: str, *,
         results, errors_table = lake.query_tables(run_id)
         parts, counts = write_run(rows.select(*RESULTS.names), results, run_id,
                                   count=lambda batch: Counter(batch.column("query_id").to_pylist()))
-        results.commit(run_id, parts)
+        results.commit(run_id, parts, job="query")
         stages["search"] = time.monotonic() - clock
 
     answered = set(counts) - {"seconds:write"}
@@ -437,7 +446,7 @@ def _write_errors(table, errors: list[tuple[str, str]], run_id: str) -> None:
     writer = table.part_writer(run_id)
     writer.write(pa.RecordBatch.from_pylist([{"query_id": q, "reason": r, "run_id": run_id} for q, r in errors],
                                             schema=ERRORS))
-    table.commit(run_id, [writer.close()])
+    table.commit(run_id, [writer.close()], job="query")
 
 
 

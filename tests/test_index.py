@@ -156,7 +156,7 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     settings, prepared, _ = fresh_local
     lake = prepared["lake"]
     settings = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"batch_size": 1})})
-    staging = lake.path("captions", "_staging")
+    staging = lake.path("captions")  # where the run's parts appear, in captions/run-<id>/
     outcome: dict = {}
 
     def run_index():

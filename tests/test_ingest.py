@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
@@ -115,15 +114,15 @@ def test_a_failed_commit_leaves_nothing_visible_and_a_rerun_completes(spark, set
     source = resolve_source(str(root), settings)
     original = Table.commit
 
-    def crash(self, run_id, parts):
+    def crash(self, run_id, parts, **meta):
         raise RuntimeError("driver lost while committing")
 
     monkeypatch.setattr(Table, "commit", crash)
     with pytest.raises(RuntimeError):
         ingest.run(spark, lake, settings, source)
     assert _manifest(settings) == []
-    staging = lake.fs.get_file_info(pafs.FileSelector(lake.path("manifest", "_staging"), allow_not_found=True))
-    assert staging == []  # the failed run cleaned up after itself
+    parts = lake.fs.get_file_info(pafs.FileSelector(lake.path("manifest"), recursive=True, allow_not_found=True))
+    assert [info.path for info in parts if info.is_file] == []  # the failed run cleaned up after itself
 
     monkeypatch.setattr(Table, "commit", original)
     summary = ingest.run(spark, lake, settings, source)
@@ -235,19 +234,22 @@ def test_bad_sources_are_usage_errors(local_settings, tmp_path):
             resolve_source(source, local_settings)
 
 
-def test_plain_readers_see_the_documented_layout(spark, local_settings, messy_folder):
+def test_other_tools_read_the_manifest_as_a_delta_table(spark, local_settings, messy_folder):
     import duckdb
+    import polars as pl
+    from deltalake import DeltaTable
 
     root, expected = messy_folder
     lake = Lake.open(local_settings)
-    ingest.run(spark, lake, local_settings, resolve_source(str(root), local_settings))
+    summary = ingest.run(spark, lake, local_settings, resolve_source(str(root), local_settings))
     table_dir = lake.path("manifest")
 
-    plain = ds.dataset(table_dir, format="parquet", partitioning="hive").to_table()
-    assert sorted(plain.column("uri").to_pylist()) == sorted(expected)
-    assert set(plain.column("run").to_pylist()) == set(plain.column("run_id").to_pylist())
-    count = duckdb.sql(f"select count(*) from read_parquet('{table_dir}/run=*/*.parquet')").fetchone()[0]
+    frame = pl.scan_delta(table_dir).select("uri", "run_id").collect()
+    assert sorted(frame["uri"].to_list()) == sorted(expected) and set(frame["run_id"]) == {summary.run_id}
+    files = DeltaTable(table_dir).file_uris()  # DuckDB without its delta extension: the version's files
+    count = duckdb.sql(f"select count(*) from read_parquet({files!r})").fetchone()[0]
     assert count == len(expected)
+    assert sorted(DeltaTable(table_dir).to_pyarrow_table(columns=["uri"]).column("uri").to_pylist()) == sorted(expected)
 
 
 def test_lake_check_names_a_missing_bucket(tmp_path, s3_endpoint):
