@@ -414,7 +414,8 @@ class Lake:
 @dataclass
 class Table:
     """A handle on one Delta table. Its first read pins the version it reads (`version`); its commit drops the
-    rows whose key others committed after that version. A new handle (Lake.table()) reads the latest version."""
+    rows whose key others committed after that version. A new handle (Lake.table()) reads the latest version;
+    -1 pins the version before the table existed (every row committed since is new to the handle)."""
 
     name: str
     fs: pafs.FileSystem
@@ -485,8 +486,12 @@ class Table:
     # Reading: one version's files.
     def files(self) -> list[str]:
         """The Parquet files of the pinned version (the latest, pinned on first read), as filesystem paths."""
+        if self.version == -1:  # pinned before the table existed
+            return []
         table = self.delta(self.version)
         if table is None:
+            if self.version is None:
+                self.version = -1  # a commit of this handle then treats every row in the table as new
             return []
         if self.version is None:
             self.version = table.version()
@@ -646,6 +651,8 @@ class Table:
         return kept, dropped
 
     def _files_at(self, version: int) -> list[str]:
+        if version < 0:
+            return []
         old = self.delta(version, checked=False)
         return [self._fs_path(u) for u in old.file_uris()] if old is not None else []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -257,3 +258,43 @@ def test_lake_check_names_a_missing_bucket(tmp_path, s3_endpoint):
                              "s3.region=us-east-1")
     with pytest.raises(UsageError, match="bucket 'no-such-bucket' does not exist"):
         Lake.open(settings).check()
+
+
+def test_two_ingests_of_one_folder_at_once_leave_each_uri_once(spark, settings, messy_folder, monkeypatch):
+    """Both runs read the manifest before either commits, so both probe and write every uri; the second
+    to commit drops the uris the first committed meanwhile."""
+    root, expected = messy_folder
+    lake = Lake.open(settings)
+    lake.check()
+    source = resolve_source(str(root), settings)
+    both_read = threading.Barrier(2, timeout=120)
+    real = ingest._not_in_manifest
+
+    def read_then_wait(entries, table, retry_failed):
+        new = real(entries, table, retry_failed)
+        both_read.wait()
+        return new
+
+    monkeypatch.setattr(ingest, "_not_in_manifest", read_then_wait)
+    summaries, errors = [], []
+
+    def run():
+        try:
+            summaries.append(ingest.run(spark, lake, settings, source))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    [thread.start() for thread in threads]
+    [thread.join(timeout=600) for thread in threads]
+
+    assert errors == [] and [s.probed for s in summaries] == [len(expected)] * 2  # both did the work
+    uris = [row["uri"] for row in _manifest(settings)]
+    assert sorted(uris) == sorted(expected)  # each once
+    table = lake.table("manifest")
+    writes = [h for h in table.history() if h["operation"] == "WRITE"]
+    assert len(writes) == 1 or (len(writes) == 2 and sum(h["rows"] for h in writes) == len(expected))
+    import polars as pl
+
+    frame = pl.scan_delta(table.uri, storage_options=table.storage_options or None).select("uri").collect()
+    assert sorted(frame["uri"].to_list()) == sorted(expected)
