@@ -52,7 +52,7 @@ ROOTS = ("images", "models", "queries")
 KEYS = {"manifest": ("uri",), "captions": ("image_id", "model_version"), "features": ("image_id",)}
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # new_run_id()'s; captioner versions are run ids too
 PART = re.compile(r"part-[0-9A-Za-z_-]{1,80}\.parquet")
-RUN_PART = re.compile(rf"run-({RUN_ID.pattern})/({PART.pattern})")
+RUN_PART = re.compile(rf"run[-=]({RUN_ID.pattern})/({PART.pattern})")  # run=<id>/: parts from before Delta
 # The Delta protocol cbir reads and writes: no reader features (cbir reads the files a version lists,
 # so deletion vectors or column mapping would make it read wrong rows), writer features up to 7.
 READER_VERSION, WRITER_VERSION = 1, 7
@@ -342,11 +342,10 @@ class Lake:
         for table in self.all_tables():  # a foreign folder or schema, a newer protocol: refused before any work
             table.delta()
 
-    def legacy_tables(self) -> list["Table"]:
-        """The tables still in the pre-Delta layout (a _commits/ folder beside no _delta_log/)."""
-        return [t for t in self.all_tables(include_queries=True)
-                if self.fs.get_file_info(f"{t.path}/_commits").type == pafs.FileType.Directory
-                and self.fs.get_file_info(f"{t.path}/_delta_log").type == pafs.FileType.NotFound]
+    def legacy_tables(self, include_queries: bool = False) -> list["Table"]:
+        """The tables still in the pre-Delta layout: a _commits/ folder (`cbir lake upgrade` removes it last)."""
+        return [t for t in self.all_tables(include_queries=include_queries)
+                if self.fs.get_file_info(f"{t.path}/_commits").type == pafs.FileType.Directory]
 
     def all_tables(self, include_queries: bool = False) -> list["Table"]:
         """Every table folder in the lake: manifest, captions, each encoder's features (and the query runs')."""
@@ -397,7 +396,11 @@ class Lake:
     def table_uris(self) -> dict[str, str]:
         """Each table's Delta table URI (features/<encoder>-<dtype> for each encoder's table), and the roots."""
         uris = {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}
-        for info in self.fs.get_file_info(pafs.FileSelector(self.path("features"), allow_not_found=True)):
+        try:
+            found = self.fs.get_file_info(pafs.FileSelector(self.path("features"), allow_not_found=True))
+        except OSError:  # the lake is not reachable from here: the fixed names still hold
+            found = []
+        for info in found:
             if info.type == pafs.FileType.Directory:
                 uris[f"features/{info.base_name}"] = self.uri_of(info.path)
         return uris
@@ -425,6 +428,7 @@ class Table:
     storage_options: dict = field(default_factory=dict, repr=False)
     key: tuple[str, ...] = ()
     version: int | None = None
+    upgrading: bool = field(default=False, repr=False)  # set by `cbir lake upgrade` only: the old layout is expected
 
     # Opening.
     def delta(self, version: int | None = None, *, checked: bool = True):
@@ -435,7 +439,8 @@ class Table:
         if not self.uri:
             raise CbirError(f"table {self.name} has no URI")
         if self.fs.get_file_info(f"{self.path}/_delta_log").type == pafs.FileType.NotFound:
-            self._refuse_foreign_folder()
+            if not self.upgrading:
+                self._refuse_foreign_folder()
             return None
         try:
             table = DeltaTable(self.uri, version=version, storage_options=self.storage_options or None)

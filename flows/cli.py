@@ -21,6 +21,7 @@ from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
 from cbir.text import printable, too_many_words
 from cbir.settings import Settings, load_settings, override_variables
+from flows import lake_cli
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
 
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = verb("info", info, "print the active settings (secrets masked) and the lake's tables")
     sub.add_argument("--json", action="store_true", help="one JSON object: settings and tables")
+    lake_cli.add_arguments(verb("lake", lake_cli.command, "the lake's Delta tables: history, optimize, vacuum, upgrade"))
     sub = verb("ingest", ingest, "store the images of a folder, s3:// prefix or manifest file in the lake")
     sub.add_argument("source", help="folder, s3://bucket/prefix, image, or manifest (.csv .jsonl .parquet .txt)")
     sub.add_argument("--retry-failed", action="store_true", help="try again the items that failed before")

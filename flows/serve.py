@@ -2,7 +2,8 @@
 
 - `crawl-flickr/scheduled-crawl`: a Flickr search on the cron of crawl.schedule;
 - `index/scheduled-index`: caption what is new, on the cron of index.schedule;
-- `query/on-demand`: a batch query file, run from the Prefect UI's form (or the API).
+- `query/on-demand`: a batch query file, run from the Prefect UI's form (or the API);
+- `lake-maintenance/scheduled-maintenance`: weekly, compact the Delta tables' small files, then vacuum.
 
 The flows here are the pipeline's own (same names, so their runs sit beside the command's), with
 typed parameters for a person to fill in and no `settings` parameter: every run loads its
@@ -21,6 +22,7 @@ from pydantic import Field
 from cbir.settings import Settings, load_settings
 from flows.crawl import crawl_flickr_flow
 from flows.index import index_flow
+from flows.maintenance import scheduled_maintenance
 from flows.query import query_flow
 from jobs.flickr import SORTS, Search
 
@@ -74,8 +76,9 @@ def query(query_file: str, k: Annotated[int, Field(ge=1, le=1000)] | None = None
 
 
 def deployments(settings: Settings, search: Search | None) -> list:
-    """The three deployments; the crawl is paused until it has a search (a run from the UI can give one)."""
-    return [scheduled_crawl(settings, search), scheduled_index(settings), on_demand_query()]
+    """The deployments; the crawl is paused until it has a search (a run from the UI can give one)."""
+    return [scheduled_crawl(settings, search), scheduled_index(settings), on_demand_query(),
+            scheduled_maintenance(settings)]
 
 
 def scheduled_crawl(settings: Settings, search: Search | None):
