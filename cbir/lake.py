@@ -636,11 +636,16 @@ class Table:
         kept, dropped = [], 0
 
         def rewrite(part: Part) -> tuple[Part | None, int]:
-            data = pq.read_table(f"{self.path}/{part.name}", filesystem=self.fs)
-            mask = pc.invert(pc.is_in(_key_strings(data, self.key), value_set=taken_keys))
-            keep = data.filter(mask)
-            if keep.num_rows == data.num_rows:
+            path = f"{self.path}/{part.name}"
+            keys = pq.read_table(path, columns=list(self.key), filesystem=self.fs)  # most parts keep every row
+            mask = pc.invert(pc.is_in(_key_strings(keys, self.key), value_set=taken_keys))
+            if pc.all(mask).as_py():
                 return part, 0
+            if not pc.any(mask).as_py():
+                self.fs.delete_file(path)
+                return None, keys.num_rows
+            data = pq.read_table(path, filesystem=self.fs)
+            keep = data.filter(mask)
             self.fs.delete_file(f"{self.path}/{part.name}")
             if not keep.num_rows:
                 return None, data.num_rows
@@ -648,7 +653,7 @@ class Table:
             pq.write_table(keep, f"{self.path}/{name}", filesystem=self.fs, compression="zstd")
             return _part_of(self, name, keep), data.num_rows - keep.num_rows
 
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(32) as pool:
             for part, gone in pool.map(rewrite, parts):
                 dropped += gone
                 if part is not None:
