@@ -735,12 +735,27 @@ class Table:
         return int(metrics.get("num_deleted_rows", 0))
 
     def drop_runs(self, run_ids: Iterable[str]) -> int:
-        """Remove committed runs (a Delta delete by run_id); returns the rows deleted."""
+        """Remove committed runs: one Delta commit removing the files of their run folders, then a delete of
+        their rows (by run_id) that a compaction moved into shared files. Returns the rows removed."""
+        from deltalake.transaction import CommitProperties, RemoveAction
+
         run_ids = sorted(set(map(checked_run_id, run_ids)))
-        if not run_ids:
+        table = self.delta() if run_ids else None
+        if table is None:
             return 0
+        folders = tuple(f"run{sep}{r}/" for r in run_ids for sep in "-=")
+        files = pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes", "num_records"])
+        mine = [f for f in files.to_pylist() if f["path"].startswith(folders)]
+        rows = 0
+        if mine:
+            now = int(time.time() * 1000)
+            rows = sum(f["num_records"] or 0 for f in mine)
+            removes = [RemoveAction(f["path"], True, now, f["size_bytes"], {}) for f in mine]
+            table.create_write_transaction(removes, "append", storage_schema(self.schema), commit_properties=
+                                           CommitProperties(custom_metadata={"job": "drop", "dropped_runs": run_ids,
+                                                                             "deleted_rows": rows}))
         listed = ", ".join(f"'{r}'" for r in run_ids)
-        return self.delete(f"run_id IN ({listed})", job="drop", dropped_runs=run_ids)
+        return rows + self.delete(f"run_id IN ({listed})", job="drop", dropped_runs=run_ids)
 
     def optimize(self, target_size: int | None = None) -> dict:
         """Compact small files into bigger ones (a Delta OPTIMIZE; rows do not change)."""

@@ -258,7 +258,7 @@ def serve(args, settings: Settings) -> None:
     served = deployments(settings, search)
     print(f"serving on {api}: crawl-flickr/scheduled-crawl ({settings.crawl.schedule}"
           f"{'' if search else ', paused until it has a search'}), index/scheduled-index ({settings.index.schedule}), "
-          "query/on-demand; stop with Ctrl-C", file=sys.stderr)
+          "query/on-demand, lake-maintenance/scheduled-maintenance; stop with Ctrl-C", file=sys.stderr)
     serve_deployments(*served)
 
 

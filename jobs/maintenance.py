@@ -38,7 +38,7 @@ def history(lake: Lake, name: str) -> list[dict]:
         rows.append({
             "version": entry["version"], "at": entry["at"], "operation": entry["operation"],
             "run_id": entry.get("run_id") or "", "job": entry.get("job") or "",
-            "rows": entry.get("rows", metrics.get("num_deleted_rows", "")),
+            "rows": entry.get("rows", entry.get("deleted_rows", metrics.get("num_deleted_rows", ""))),
             "model_version": entry.get("model_version") or ""})
     return rows
 

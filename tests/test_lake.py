@@ -152,7 +152,7 @@ def test_float16_vectors_round_trip_and_other_tools_read_them(settings):
     assert np.array_equal(np.frombuffer(stored["vector"][1], "<f2"), vectors[1])  # dim little-endian halves
 
 
-def test_dropped_runs_are_a_delta_delete(settings):
+def test_dropped_runs_are_removed_in_one_delta_commit(settings):
     lake = Lake.open(settings)
     lake.check()
     table = lake.table("manifest")
@@ -167,7 +167,8 @@ def test_dropped_runs_are_a_delta_delete(settings):
     expected = [f"/img/{i}.jpg" for i in (10, 11, 12)]
     assert sorted(table.read().column("uri").to_pylist()) == expected
     assert _polars_uris(table) == expected
-    assert [h["operation"] for h in table.history()] == ["CREATE TABLE", "WRITE", "WRITE", "DELETE"]
+    assert [(h["operation"], h.get("job"), h.get("dropped_runs")) for h in table.history()] == [
+        ("CREATE TABLE", None, None), ("WRITE", None, None), ("WRITE", None, None), ("WRITE", "drop", [first])]
 
 
 def test_optimize_compacts_and_vacuum_removes_what_no_version_needs(settings):
