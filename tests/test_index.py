@@ -314,11 +314,12 @@ class Killed(BaseException):
     """The driver dies here: no exception handler of the run runs (abort included)."""
 
 
-def test_a_run_killed_at_each_point_of_its_commit_then_rerun_captions_each_image_once(spark, fresh_local,
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_killed_at_each_point_of_its_commit_then_rerun_captions_each_image_once(spark, where, request,
                                                                                        monkeypatch):
     from cbir.lake import Table
 
-    settings, prepared, _ = fresh_local
+    settings, prepared, _ = request.getfixturevalue(f"fresh_{where}")
     lake, version = prepared["lake"], prepared["card"]["version"]
     monkeypatch.setattr(Table, "abort", lambda self, run_id: None)  # a killed driver cleans nothing up
     real_commit, real_cleanup = Table.commit, Table._remove_uncommitted

@@ -156,3 +156,20 @@ def test_a_lake_in_the_old_layout_is_refused_then_upgraded_once(settings):
     names = {path.rsplit("/", 2)[-2] for path, _ in _files(lake)}
     assert "_commits" not in names and staged not in names
     assert maintenance.upgrade(lake) == []  # once: nothing left to convert
+
+
+def test_cbir_lake_optimize_and_upgrade_run_the_maintenance_flow(local_settings, prefect_server, capsys):
+    lake = Lake.open(local_settings)
+    lake.check()
+    for i in range(2):
+        run_id = new_run_id()
+        _commit(lake.table("manifest"), run_id, _manifest_rows(run_id, 2, 10 * i))
+    common = ["--set", f"lake={local_settings.lake}", "--set", f"state_dir={local_settings.state_dir}"]
+
+    assert main([*common, "lake", "optimize", "manifest", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rows == [{"step": "optimize", "table": "manifest", "files removed": 2, "files added": 1}]
+    assert main([*common, "lake", "upgrade", "--json"]) == 0  # nothing in the old layout: nothing to do
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == []
+    assert main([*common, "lake", "upgrade", "manifest"]) == 2
+    assert "takes no TABLE" in capsys.readouterr().err
