@@ -82,8 +82,8 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state"], environ={})
-            s3 = load_settings(overrides=["lake=s3://bench/lake", f"state_dir={tmp}/state", f"s3.endpoint_url={endpoint}",
-                                          "s3.region=us-east-1"], environ={})
+            s3 = load_settings(overrides=["lake=s3://bench/lake", f"state_dir={tmp}/state",
+                                          f"s3.endpoint_url={endpoint}", "s3.region=us-east-1"], environ={})
             for name, settings in (("local", local), ("s3", s3)):
                 for key, value in measure(settings, args.parts, args.rows_per_part).items():
                     results[f"{name}_{key}"] = value

@@ -177,11 +177,7 @@ def to_storage(data: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.RecordB
 def _vectors_to_storage(column, type_: pa.FixedSizeListType):
     if isinstance(column, pa.ChunkedArray):
         return pa.chunked_array([_vectors_to_storage(c, type_) for c in column.chunks], storage_type(type_))
-    if pa.types.is_fixed_size_list(column.type):
-        values = column.flatten()
-    else:  # a list<float> (from Spark): its values, cast to the stored type
-        values = column.flatten()
-    values = values.cast(type_.value_type)
+    values = column.flatten().cast(type_.value_type)  # a fixed-size list, or a list<float> from Spark
     if pa.types.is_float16(type_.value_type):
         raw = np.ascontiguousarray(values.to_numpy(zero_copy_only=False).astype("<f2")).view(np.uint8)
         width = type_.list_size * 2
@@ -195,7 +191,8 @@ def from_storage(data: pa.Table, schema: pa.Schema) -> pa.Table:
     """Stored rows -> cbir's types, for the columns present."""
     for i, name in enumerate(data.column_names):
         if name in schema.names and pa.types.is_fixed_size_list(schema.field(name).type):
-            data = data.set_column(i, schema.field(name), _vectors_from_storage(data.column(i), schema.field(name).type))
+            field_ = schema.field(name)
+            data = data.set_column(i, field_, _vectors_from_storage(data.column(i), field_.type))
     return data
 
 
@@ -206,7 +203,8 @@ def _vectors_from_storage(column: pa.ChunkedArray, type_: pa.FixedSizeListType) 
             chunks.append(chunk.cast(type_))
         elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
             width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=chunk.offset * width(0).itemsize)
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1,
+                                    offset=chunk.offset * width(0).itemsize)
             start, end = int(offsets[0]), int(offsets[-1])
             if end - start != len(chunk) * type_.list_size * 2:
                 raise CbirError(f"stored vectors are not {type_.list_size} float16 values each")
@@ -242,7 +240,7 @@ class Part(NamedTuple):
     stats: str = ""
 
 
-def _stats(columns: dict[str, list], rows: int) -> str:
+def _stats(columns: dict[str, tuple], rows: int) -> str:
     """Delta per-file statistics from the running (min, max, nulls) of each flat column."""
     mins, maxes, nulls = {}, {}, {}
     for name, (low, high, null_count, ok) in columns.items():
@@ -252,6 +250,26 @@ def _stats(columns: dict[str, list], rows: int) -> str:
     return json.dumps({"numRecords": rows, "minValues": mins, "maxValues": maxes, "nullCount": nulls})
 
 
+def _observe(columns: dict[str, tuple], batch: pa.RecordBatch) -> None:
+    """Fold a batch into the running (min, max, nulls, min/max usable) of each column."""
+    for f, column in zip(batch.schema, batch.columns, strict=True):
+        low, high, nulls, ok = columns.get(f.name, (None, None, 0, True))
+        nulls += column.null_count
+        flat = pa.types.is_string(f.type) or pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+        if ok and flat and column.null_count < len(column):
+            found = pc.min_max(column).as_py()
+            if pa.types.is_string(f.type) and (pc.max(pc.utf8_length(column)).as_py() or 0) > STRING_STATS_MAX:
+                ok = False
+            elif pa.types.is_floating(f.type) and not all(math.isfinite(v) for v in found.values()):
+                ok = False
+            else:
+                low = found["min"] if low is None else min(low, found["min"])
+                high = found["max"] if high is None else max(high, found["max"])
+        elif not flat:
+            ok = False
+        columns[f.name] = (low, high, nulls, ok)
+
+
 class PartWriter:
     """Rows of one table into one Parquet part of a run's folder, opened on the first rows (used in executors)."""
 
@@ -259,7 +277,7 @@ class PartWriter:
         self.table, self.run_id, self.name = table, run_id, f"run-{run_id}/{name}"
         self.rows, self._writer, self._sink = 0, None, None
         self._schema = storage_schema(table.schema)
-        self._columns: dict[str, list] = {}
+        self._columns: dict[str, tuple] = {}
 
     def write(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
@@ -276,22 +294,7 @@ class PartWriter:
         self.rows += batch.num_rows
 
     def _observe(self, batch: pa.RecordBatch) -> None:
-        for f, column in zip(batch.schema, batch.columns):
-            low, high, nulls, ok = self._columns.get(f.name, (None, None, 0, True))
-            nulls += column.null_count
-            flat = pa.types.is_string(f.type) or pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
-            if ok and flat and column.null_count < len(column):
-                found = pc.min_max(column).as_py()
-                if pa.types.is_string(f.type) and max(pc.max(pc.utf8_length(column)).as_py() or 0, 0) > STRING_STATS_MAX:
-                    ok = False
-                elif pa.types.is_floating(f.type) and not all(math.isfinite(v) for v in found.values()):
-                    ok = False
-                else:
-                    low = found["min"] if low is None else min(low, found["min"])
-                    high = found["max"] if high is None else max(high, found["max"])
-            elif not flat:
-                ok = False
-            self._columns[f.name] = (low, high, nulls, ok)
+        _observe(self._columns, batch)
 
     def close(self) -> Part:
         """The part written; no file (name None) when no rows came."""
@@ -315,7 +318,8 @@ class Lake:
     @classmethod
     def open(cls, settings: Settings) -> "Lake":
         fs, root = open_filesystem(settings.lake, settings.s3)
-        return cls(settings.lake, fs, root, delta_storage_options(settings.s3) if settings.lake.startswith("s3://") else {})
+        options = delta_storage_options(settings.s3) if settings.lake.startswith("s3://") else {}
+        return cls(settings.lake, fs, root, options)
 
     def check(self) -> None:
         """Fail early, in one line, when the lake cannot be reached or created, or is not a lake cbir can use."""
@@ -508,7 +512,7 @@ class Table:
         return uri.removeprefix("file://")
 
     def dataset(self, files: list[str] | None = None) -> ds.Dataset:
-        """The stored rows (vectors in their stored form: decode() them) of these files, default the pinned version's."""
+        """The stored rows (vectors stored: decode() them) of these files, default the pinned version's."""
         files = self.files() if files is None else files
         return ds.dataset(files, schema=storage_schema(self.schema), format="parquet", filesystem=self.fs)
 
@@ -791,12 +795,11 @@ class Table:
 
 def _part_of(table: Table, name: str, data: pa.Table) -> Part:
     """A Part for a file written in the driver (its rows already in stored form)."""
-    writer = PartWriter.__new__(PartWriter)
-    writer._columns = {}
+    columns: dict[str, tuple] = {}
     for batch in data.to_batches():
-        writer._observe(batch)
+        _observe(columns, batch)
     size = table.fs.get_file_info(f"{table.path}/{name}").size
-    return Part(name, data.num_rows, size, _stats(writer._columns, data.num_rows))
+    return Part(name, data.num_rows, size, _stats(columns, data.num_rows))
 
 
 def _key_strings(data: pa.Table, key: tuple[str, ...]) -> pa.Array:

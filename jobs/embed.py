@@ -109,7 +109,8 @@ def read_features(lake: Lake, config: EncoderConfig, image_ids: list[str]) -> di
     """The cached vectors of these images, as float32 (images without features are left out)."""
     wanted = pa.array(sorted(set(image_ids)), pa.string())
     table = config.table(lake)
-    data = table.decode(table.dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted)))
+    wanted_rows = ds.field("image_id").isin(wanted)
+    data = table.decode(table.dataset().to_table(columns=["image_id", "vector"], filter=wanted_rows))
     vectors = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     matrix = vectors.reshape(-1, config.dim).astype(np.float32)
     found: dict[str, np.ndarray] = {}

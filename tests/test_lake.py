@@ -119,7 +119,7 @@ def test_racing_commits_each_land_once(settings):
     runs = [new_run_id() for _ in tables]
     for table in tables:
         table.read()
-    parts = [[_part(t, r, _rows(r, 5, 10 * i))] for i, (t, r) in enumerate(zip(tables, runs))]
+    parts = [[_part(t, r, _rows(r, 5, 10 * i))] for i, (t, r) in enumerate(zip(tables, runs, strict=True))]
     start = threading.Barrier(len(tables))
     records = {}
 

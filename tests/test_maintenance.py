@@ -124,7 +124,8 @@ def test_a_lake_in_the_old_layout_is_refused_then_upgraded_once(settings):
                                      .from_arrays(pa.array(vectors.ravel()), 4), "run_id": [index_run] * 3},
                                     schema=schema)
     _legacy_run(lake, "features/vgg16-random-float16", index_run, [features])
-    results = pa.Table.from_pylist([{"query_id": "q1", "rank": 1, "image_id": "a", "run_id": query_run}], schema=RESULTS)
+    results = pa.Table.from_pylist([{"query_id": "q1", "rank": 1, "image_id": "a", "run_id": query_run}],
+                                   schema=RESULTS)
     _legacy_run(lake, f"queries/{query_run}/results", query_run, [results])
     put_bytes(lake.fs, lake.path("images", "ab", "ab.jpg"), b"image bytes")
     before = _files(lake)
