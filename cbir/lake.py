@@ -1,40 +1,44 @@
-"""The lake: content-addressed images and Parquet tables that commit a whole run at a time.
+"""The lake: content-addressed images, and Delta Lake tables (delta-rs, no JVM) that commit a run at a time.
 
 Layout under the lake root (a local folder or s3://bucket/prefix):
 
-    images/<id[:2]>/<id>.<ext>            image bytes; id = sha256 of the bytes
-    <table>/run=<run_id>/part-*.parquet   a table's rows, one folder per committed run
-    <table>/_commits/<run_id>.json        the commit record: run id, time, files, rows
-    <table>/_staging/<run_id>/            a run in flight; readers skip names starting with '_'
-    models/  queries/                     model versions and query runs
+    images/<id[:2]>/<id>.<ext>               image bytes; id = sha256 of the bytes
+    <table>/_delta_log/                      the Delta log: one JSON commit per table version
+    <table>/run-<run_id>/part-*.parquet      a run's rows, written by Spark tasks with pyarrow
+    features/<encoder>-<dtype>/              one Delta table per encoder
+    models/  queries/<run_id>/{results,errors}/   model versions; query runs (Delta tables too)
 
-Executors write a run's parts into _staging; the driver commits them. On a local folder the
-commit is one directory rename (after the files are fsynced), so any reader sees all of a run or
-none of it, after a power cut too. Object stores
-have no rename: parts are copied into run=<id>/ and the commit record is written last, so
-readers that follow _commits (cbir itself, or DuckDB over the listed files) never see half a
-run; a crash mid-commit is rolled forward by the next writer. While a run is alive its driver
-touches `_staging/<run_id>/_heartbeat`; staging idle for a day is abandoned and removed.
+Executors write a run's parts into its folder; the driver commits them as ONE Delta transaction
+(add actions with statistics; the commit info names the run, the job and the model version). Until
+then no reader sees them: readers read a table version's files from the log, never a folder
+listing, so Spark, Polars, DuckDB and Trino read the same rows as cbir. A run that dies leaves only
+unreferenced files, which `vacuum` removes once they are older than the retention.
 
-Names read back from the lake (run ids, part files, versions) are checked against the formats
-cbir writes before any path is built from them or anything is deleted.
+Concurrency is optimistic (conflict detection, no lease): a Table handle pins the version it first
+reads; its commit is attempted at exactly the next version (delta-rs writes the log entry with a
+conditional PUT, If-None-Match on S3, never an unsafe rename). When another writer committed in
+between, the rows it committed whose key (`KEYS`) this run also wrote are dropped from this run's
+parts (rewritten without them) and the commit is tried again at the new version. So two runs over
+the same pending images leave each (image_id, model_version) once, and two ingests each uri once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -46,12 +50,17 @@ from cbir.settings import S3, Settings
 
 TABLES = ("manifest", "features", "captions")
 ROOTS = ("images", "models", "queries")
-STALE_STAGING_S = 24 * 3600
-HEARTBEAT_S = 600
-READY = "_ready.json"
-HEARTBEAT = "_heartbeat"
+# A commit drops the rows of its run whose key another run committed since this run read the table.
+KEYS = {"manifest": ("uri",), "captions": ("image_id", "model_version"), "features": ("image_id",)}
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # new_run_id()'s; captioner versions are run ids too
 PART = re.compile(r"part-[0-9A-Za-z_-]{1,80}\.parquet")
+RUN_PART = re.compile(rf"run[-=]({RUN_ID.pattern})/({PART.pattern})")  # run=<id>/: parts from before Delta
+# The Delta protocol cbir reads and writes: no reader features (cbir reads the files a version lists,
+# so deletion vectors or column mapping would make it read wrong rows), writer features up to 7.
+READER_VERSION, WRITER_VERSION = 1, 7
+COMMIT_ATTEMPTS = 100
+STRING_STATS_MAX = 256  # longer strings get no min/max statistics (a bound must never be wrong)
+RETENTION_HOURS = 168  # vacuum keeps what the versions of the last 7 days need (Delta's default)
 
 
 def checked_run_id(value, what: str = "run id") -> str:
@@ -83,6 +92,24 @@ def _s3_options(s3: S3) -> dict:
         options["region"] = s3.region
     if s3.access_key and s3.secret_key:
         options.update(access_key=s3.access_key.get_secret_value(), secret_key=s3.secret_key.get_secret_value())
+    return options
+
+
+def delta_storage_options(s3: S3) -> dict[str, str]:
+    """The same endpoint and credentials for delta-rs (object_store). Commits use S3 conditional writes
+    (If-None-Match), which delta-rs 1.x does by default: no locking provider, never AWS_S3_ALLOW_UNSAFE_RENAME."""
+    options: dict[str, str] = {}
+    if s3.endpoint_url:
+        options["AWS_ENDPOINT_URL"] = s3.endpoint_url.rstrip("/")
+        if s3.endpoint_url.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    if s3.access_key and s3.secret_key:
+        options.update(
+            AWS_ACCESS_KEY_ID=s3.access_key.get_secret_value(), AWS_SECRET_ACCESS_KEY=s3.secret_key.get_secret_value()
+        )
     return options
 
 
@@ -124,19 +151,185 @@ def put_bytes(fs: pafs.FileSystem, path: str, data: bytes, overwrite: bool = Fal
     return True
 
 
+# Storage: how cbir's Arrow schemas are kept in Delta types (Delta has no float16 and no fixed-size lists).
+def storage_type(type_: pa.DataType) -> pa.DataType:
+    """Vectors: float32 as a Delta array<float>; float16 as binary (dim little-endian halves, half the bytes)."""
+    if pa.types.is_fixed_size_list(type_):
+        if pa.types.is_float16(type_.value_type):
+            return pa.binary()
+        return pa.list_(type_.value_type)
+    return type_
+
+
+def storage_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(storage_type(f.type)) for f in schema], metadata=schema.metadata)
+
+
+def to_storage(data: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.RecordBatch | pa.Table:
+    """cbir's rows (schema) -> the stored form (storage_schema(schema))."""
+    columns = []
+    for f in schema:
+        column = data.column(f.name)
+        if pa.types.is_fixed_size_list(f.type):
+            column = _vectors_to_storage(column, f.type)
+        columns.append(column)
+    make = pa.RecordBatch if isinstance(data, pa.RecordBatch) else pa.Table
+    return make.from_arrays(columns, schema=storage_schema(schema))
+
+
+def _vectors_to_storage(column, type_: pa.FixedSizeListType):
+    if isinstance(column, pa.ChunkedArray):
+        return pa.chunked_array([_vectors_to_storage(c, type_) for c in column.chunks], storage_type(type_))
+    values = column.flatten().cast(type_.value_type)  # a fixed-size list, or a list<float> from Spark
+    if pa.types.is_float16(type_.value_type):
+        raw = np.ascontiguousarray(values.to_numpy(zero_copy_only=False).astype("<f2")).view(np.uint8)
+        width = type_.list_size * 2
+        offsets = pa.array(np.arange(0, len(column) * width + 1, width, dtype=np.int32))
+        return pa.BinaryArray.from_buffers(pa.binary(), len(column), [None, offsets.buffers()[1], pa.py_buffer(raw)])
+    offsets = pa.array(np.arange(0, len(column) * type_.list_size + 1, type_.list_size, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values, type=pa.list_(type_.value_type))
+
+
+def from_storage(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Stored rows -> cbir's types, for the columns present."""
+    for i, name in enumerate(data.column_names):
+        if name in schema.names and pa.types.is_fixed_size_list(schema.field(name).type):
+            field_ = schema.field(name)
+            data = data.set_column(i, field_, _vectors_from_storage(data.column(i), field_.type))
+    return data
+
+
+def _vectors_from_storage(column: pa.ChunkedArray, type_: pa.FixedSizeListType) -> pa.ChunkedArray:
+    chunks = []
+    for chunk in column.chunks:
+        if pa.types.is_fixed_size_list(chunk.type):
+            chunks.append(chunk.cast(type_))
+        elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
+            width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+            offsets = np.frombuffer(
+                chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=chunk.offset * width(0).itemsize
+            )
+            start, end = int(offsets[0]), int(offsets[-1])
+            if end - start != len(chunk) * type_.list_size * 2:
+                raise CbirError(f"stored vectors are not {type_.list_size} float16 values each")
+            raw = np.frombuffer(chunk.buffers()[2], dtype="<f2", count=(end - start) // 2, offset=start)
+            chunks.append(pa.FixedSizeListArray.from_arrays(pa.array(raw, type_.value_type), type_.list_size))
+        else:
+            chunks.append(pa.FixedSizeListArray.from_arrays(chunk.flatten().cast(type_.value_type), type_.list_size))
+    return pa.chunked_array(chunks, type_)
+
+
+def _delta_fields(schema) -> list[tuple[str, str]]:
+    """(name, Delta type as JSON) of a schema, nullability and metadata aside: what must agree to append."""
+    from deltalake import Schema as DeltaSchema
+
+    if not isinstance(schema, DeltaSchema):
+        schema = DeltaSchema.from_arrow(schema)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {
+                k: strip(v)
+                for k, v in node.items()
+                if k not in ("nullable", "metadata", "containsNull", "valueContainsNull")
+            }
+        return node
+
+    return [(f["name"], json.dumps(strip(f["type"]), sort_keys=True)) for f in json.loads(schema.to_json())["fields"]]
+
+
+class Part(NamedTuple):
+    """One Parquet part of a run: its path within the table (run-<id>/part-*.parquet), rows, bytes, Delta stats."""
+
+    name: str | None
+    rows: int
+    size: int = 0
+    stats: str = ""
+
+
+def _stats(columns: dict[str, tuple], rows: int) -> str:
+    """Delta per-file statistics from the running (min, max, nulls) of each flat column."""
+    mins, maxes, nulls = {}, {}, {}
+    for name, (low, high, null_count, ok) in columns.items():
+        nulls[name] = null_count
+        if ok and low is not None:
+            mins[name], maxes[name] = low, high
+    return json.dumps({"numRecords": rows, "minValues": mins, "maxValues": maxes, "nullCount": nulls})
+
+
+def _observe(columns: dict[str, tuple], batch: pa.RecordBatch) -> None:
+    """Fold a batch into the running (min, max, nulls, min/max usable) of each column."""
+    for f, column in zip(batch.schema, batch.columns, strict=True):
+        low, high, nulls, ok = columns.get(f.name, (None, None, 0, True))
+        nulls += column.null_count
+        flat = pa.types.is_string(f.type) or pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+        if ok and flat and column.null_count < len(column):
+            found = pc.min_max(column).as_py()
+            if pa.types.is_string(f.type) and (pc.max(pc.utf8_length(column)).as_py() or 0) > STRING_STATS_MAX:
+                ok = False
+            elif pa.types.is_floating(f.type) and not all(math.isfinite(v) for v in found.values()):
+                ok = False
+            else:
+                low = found["min"] if low is None else min(low, found["min"])
+                high = found["max"] if high is None else max(high, found["max"])
+        elif not flat:
+            ok = False
+        columns[f.name] = (low, high, nulls, ok)
+
+
+class PartWriter:
+    """Rows of one table into one Parquet part of a run's folder, opened on the first rows (used in executors)."""
+
+    def __init__(self, table: Table, run_id: str, name: str):
+        self.table, self.run_id, self.name = table, run_id, f"run-{run_id}/{name}"
+        self.rows, self._writer, self._sink = 0, None, None
+        self._schema = storage_schema(table.schema)
+        self._columns: dict[str, tuple] = {}
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        if self._writer is None:
+            folder = self.table.run_folder(self.run_id)
+            if is_local(self.table.fs):
+                self.table.fs.create_dir(folder, recursive=True)
+            self._sink = self.table.fs.open_output_stream(f"{self.table.path}/{self.name}")
+            self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd")
+        batch = to_storage(batch.select(self.table.schema.names).cast(self.table.schema), self.table.schema)
+        self._writer.write_batch(batch)
+        self._observe(batch)
+        self.rows += batch.num_rows
+
+    def _observe(self, batch: pa.RecordBatch) -> None:
+        _observe(self._columns, batch)
+
+    def close(self) -> Part:
+        """The part written; no file (name None) when no rows came."""
+        if self._writer is None:
+            return Part(None, 0)
+        self._writer.close()
+        size = self._sink.tell()
+        self._sink.close()
+        if is_local(self.table.fs):  # on disk before a commit names it
+            fsync_file(f"{self.table.path}/{self.name}")
+        return Part(self.name, self.rows, size, _stats(self._columns, self.rows))
+
+
 @dataclass
 class Lake:
     uri: str
     fs: pafs.FileSystem
     root: str
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, settings: Settings) -> Lake:
         fs, root = open_filesystem(settings.lake, settings.s3)
-        return cls(settings.lake, fs, root)
+        options = delta_storage_options(settings.s3) if uris.is_s3(settings.lake) else {}
+        return cls(settings.lake, fs, root, options)
 
     def check(self) -> None:
-        """Fail early, in one line, when the lake cannot be reached or created."""
+        """Fail early, in one line, when the lake cannot be reached or created, or is not a lake cbir can use."""
         try:
             if is_local(self.fs):
                 self.fs.create_dir(self.root, recursive=True)
@@ -144,8 +337,61 @@ class Lake:
                 bucket = self.root.split("/", 1)[0]
                 if self.fs.get_file_info(bucket).type != pafs.FileType.Directory:
                     raise UsageError(f"lake {self.uri}: bucket '{bucket}' does not exist")
+            self.check_layout()
         except OSError as exc:
             raise UsageError(f"lake {self.uri} is not reachable: {str(exc).splitlines()[0]}") from None
+
+    def check_layout(self) -> None:
+        """Refuse, in one line and changing nothing, a lake in cbir's pre-Delta layout or a folder of Parquet files."""
+        entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        if any(e.is_file and e.base_name.endswith(".parquet") for e in entries):
+            raise UsageError(
+                f"lake {self.uri} is a folder of Parquet files, not a cbir lake: point `lake` at "
+                "an empty folder or an existing cbir lake"
+            )
+        if self.legacy_tables():
+            raise UsageError(
+                f"lake {self.uri} is in cbir's old table layout (_commits/, run=<id>/): run "
+                "`cbir lake upgrade` once to convert it to Delta tables"
+            )
+        for table in self.all_tables():  # a foreign folder or schema, a newer protocol: refused before any work
+            table.delta()
+
+    def legacy_tables(self, include_queries: bool = False) -> list[Table]:
+        """The tables still in the pre-Delta layout: a _commits/ folder (`cbir lake upgrade` removes it last)."""
+        return [
+            t
+            for t in self.all_tables(include_queries=include_queries)
+            if self.fs.get_file_info(f"{t.path}/_commits").type == pafs.FileType.Directory
+        ]
+
+    def all_tables(self, include_queries: bool = False) -> list[Table]:
+        """Every table folder in the lake: manifest, captions, each encoder's features (and the query runs')."""
+        tables = [self.table("manifest"), self.table("captions")]
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path("features"), allow_not_found=True)):
+            if info.type == pafs.FileType.Directory:
+                tables.append(self._features_by_name(info.base_name))
+        if include_queries:
+            for info in self.fs.get_file_info(pafs.FileSelector(self.path("queries"), allow_not_found=True)):
+                if info.type == pafs.FileType.Directory and RUN_ID.fullmatch(info.base_name):
+                    tables += self.query_tables(info.base_name)
+        return tables
+
+    def _features_by_name(self, name: str) -> Table:
+        """A features table found in the lake: its vector type from the Delta schema, else from a part."""
+        key, _, dtype = name.rpartition("-")
+        table = Table(
+            f"features/{name}",
+            self.fs,
+            self.path("features", name),
+            features_schema(1, "float32"),
+            self.uri_of(self.path("features", name)),
+            self.storage_options,
+        )
+        dim = 1
+        for path in table._legacy_files()[:1]:
+            dim = pq.read_schema(path, filesystem=self.fs).field("vector").type.list_size
+        return self.features_table(key, dim, dtype if dtype in ("float16", "float32") else "float32")
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -153,24 +399,35 @@ class Lake:
     def uri_of(self, path: str) -> str:
         return path if is_local(self.fs) else f"s3://{path}"
 
+    def _table(self, name: str, path: str, schema: pa.Schema, key: tuple[str, ...] = ()) -> Table:
+        return Table(name, self.fs, path, schema, self.uri_of(path), self.storage_options, key)
+
     def table(self, name: str) -> Table:
-        return Table(name, self.fs, self.path(name), SCHEMAS[name])
+        return self._table(name, self.path(name), SCHEMAS[name], KEYS.get(name, ()))
 
     def features_table(self, encoder_key: str, dim: int, dtype: str) -> Table:
         """Features are cached per encoder (and storage type): features/<encoder key>-<dtype>/."""
         name = f"{encoder_key}-{dtype}"
-        return Table(f"features/{name}", self.fs, self.path("features", name), features_schema(dim, dtype))
+        return self._table(
+            f"features/{name}", self.path("features", name), features_schema(dim, dtype), KEYS["features"]
+        )
 
     def query_tables(self, run_id: str) -> tuple[Table, Table]:
         """A query run's results and errors: queries/<run_id>/{results,errors}/."""
         folder = self.path("queries", checked_run_id(run_id))
-        return (
-            Table("results", self.fs, f"{folder}/results", RESULTS),
-            Table("errors", self.fs, f"{folder}/errors", ERRORS),
-        )
+        return (self._table("results", f"{folder}/results", RESULTS), self._table("errors", f"{folder}/errors", ERRORS))
 
     def table_uris(self) -> dict[str, str]:
-        return {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}
+        """Each table's Delta table URI (features/<encoder>-<dtype> for each encoder's table), and the roots."""
+        uris = {name: self.uri_of(self.path(name)) for name in (*TABLES, *ROOTS)}
+        try:
+            found = self.fs.get_file_info(pafs.FileSelector(self.path("features"), allow_not_found=True))
+        except OSError:  # the lake is not reachable from here: the fixed names still hold
+            found = []
+        for info in found:
+            if info.type == pafs.FileType.Directory:
+                uris[f"features/{info.base_name}"] = self.uri_of(info.path)
+        return uris
 
     # Content-addressed images.
     def image_path(self, image_id: str, image_format: str) -> str:
@@ -183,198 +440,504 @@ class Lake:
 
 @dataclass
 class Table:
+    """A handle on one Delta table. Its first read pins the version it reads (`version`); its commit drops the
+    rows whose key others committed after that version. A new handle (Lake.table()) reads the latest version;
+    -1 pins the version before the table existed (every row committed since is new to the handle)."""
+
     name: str
     fs: pafs.FileSystem
     path: str
     schema: pa.Schema
+    uri: str = ""
+    storage_options: dict = field(default_factory=dict, repr=False)
+    key: tuple[str, ...] = ()
+    version: int | None = None
+    upgrading: bool = field(default=False, repr=False)  # set by `cbir lake upgrade` only: the old layout is expected
+    committed: dict[str, dict] = field(default_factory=dict, repr=False)  # this handle's commits, by run id
 
-    # Reading: committed runs only.
-    def committed_runs(self) -> set[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_commits", allow_not_found=True))
-        names = (i.base_name[: -len(".json")] for i in infos if i.is_file and i.base_name.endswith(".json"))
-        return {name for name in names if RUN_ID.fullmatch(name)}
+    # Opening.
+    def delta(self, version: int | None = None, *, checked: bool = True):
+        """The DeltaTable at a version (default: latest), or None while the table has no commit yet."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
 
+        if not self.uri:
+            raise CbirError(f"table {self.name} has no URI")
+        if self.fs.get_file_info(f"{self.path}/_delta_log").type == pafs.FileType.NotFound:
+            if not self.upgrading:
+                self._refuse_foreign_folder()
+            return None
+        try:
+            table = DeltaTable(self.uri, version=version, storage_options=self.storage_options or None)
+        except TableNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - delta-rs raises plain Exceptions for protocol errors
+            raise UsageError(
+                f"table {self.name} at {self.uri} cannot be read as a Delta table: {_first_line(exc)}"
+            ) from None
+        if checked:
+            self._check(table)
+        return table
+
+    def _refuse_foreign_folder(self) -> None:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        names = {i.base_name for i in infos}
+        if "_commits" in names:
+            raise UsageError(
+                f"table {self.name} at {self.uri} is in cbir's old layout (_commits/): run "
+                "`cbir lake upgrade` once to convert the lake to Delta tables"
+            )
+        if any(n.endswith(".parquet") for n in names) or any(n.startswith("run=") for n in names):
+            raise UsageError(
+                f"table {self.name} at {self.uri} is a folder of Parquet files, not a Delta table: "
+                "move it away (cbir changes nothing there)"
+            )
+
+    def _check(self, table) -> None:
+        protocol = table.protocol()
+        if (
+            protocol.min_reader_version > READER_VERSION
+            or protocol.min_writer_version > WRITER_VERSION
+            or protocol.reader_features
+        ):
+            features = ", ".join(protocol.reader_features or [])
+            raise UsageError(
+                f"table {self.name} at {self.uri} needs a newer Delta protocol (reader {protocol.min_reader_version}, "
+                f"writer {protocol.min_writer_version}{', reader features ' + features if features else ''}) than "
+                f"cbir reads (reader {READER_VERSION}, writer {WRITER_VERSION}); nothing was changed"
+            )
+        want, have = dict(_delta_fields(storage_schema(self.schema))), dict(_delta_fields(table.schema()))
+        if want != have:
+            missing = sorted(set(want) - set(have))
+            extra = sorted(set(have) - set(want))
+            differ = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+            detail = "; ".join(
+                x
+                for x in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unexpected {', '.join(extra)}" if extra else "",
+                    f"other types for {', '.join(differ)}" if differ else "",
+                )
+                if x
+            )
+            raise UsageError(
+                f"table {self.name} at {self.uri} has a foreign schema ({detail}): not cbir's "
+                f"{self.name} table; nothing was changed"
+            )
+
+    def state(self) -> str | None:
+        """The table's id and newest version (None while it has no commit): it changes with every commit."""
+        table = self.delta()
+        return None if table is None else f"{table.metadata().id}@{table.version()}"
+
+    # Reading: one version's files.
     def files(self) -> list[str]:
-        committed = self.committed_runs()
-        if not committed:
+        """The Parquet files of the pinned version (the latest, pinned on first read), as filesystem paths."""
+        if self.version == -1:  # pinned before the table existed
             return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
-        files = []
-        for info in infos:
-            run_dir, _, name = info.path[len(self.path) + 1 :].partition("/")
-            if info.is_file and name.endswith(".parquet") and run_dir.removeprefix("run=") in committed:
-                files.append(info.path)
-        return sorted(files)
+        table = self.delta(self.version)
+        if table is None:
+            if self.version is None:
+                self.version = -1  # a commit of this handle then treats every row in the table as new
+            return []
+        if self.version is None:
+            self.version = table.version()
+        return sorted(self._fs_path(uri) for uri in table.file_uris())
+
+    def _fs_path(self, uri: str) -> str:
+        if uris.is_s3(uri) or uri.startswith("s3a://"):
+            return uri.split("://", 1)[1]
+        return uri.removeprefix("file://")
 
     def dataset(self, files: list[str] | None = None) -> ds.Dataset:
+        """The stored rows (vectors stored: decode() them) of these files, default the pinned version's."""
         files = self.files() if files is None else files
-        return ds.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs)
+        return ds.dataset(files, schema=storage_schema(self.schema), format="parquet", filesystem=self.fs)
+
+    def decode(self, data: pa.Table) -> pa.Table:
+        return from_storage(data, self.schema)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        return self.dataset().to_table(columns=columns)
+        return self.decode(self.dataset().to_table(columns=columns))
 
-    # Writing: parts into _staging, then one commit.
-    def staging(self, run_id: str) -> str:
-        return f"{self.path}/_staging/{checked_run_id(run_id)}"
+    # Writing: parts into the run's folder, then one Delta transaction.
+    def run_folder(self, run_id: str) -> str:
+        return f"{self.path}/run-{checked_run_id(run_id)}"
+
+    staging = run_folder  # the old name: where a run's parts are written before they are committed
 
     def part_writer(self, run_id: str, tag: str = "") -> PartWriter:
         """A writer for one part file of a run (used in executors); the file appears on the first rows."""
         return PartWriter(self, checked_run_id(run_id), f"part-{tag}{uuid.uuid4().hex[:12]}.parquet")
 
-    def commit(self, run_id: str, parts: list[tuple[str, int]], **meta) -> dict | None:
-        """Publish the named parts of a run (other files in its staging folder are failed attempts).
-        Idempotent: committing a committed run returns its record.
+    def commit(self, run_id: str, parts: Iterable[Part | tuple], **meta) -> dict | None:
+        """Publish the named parts of a run as one Delta transaction; other files in its folder (failed
+        task attempts) are removed. `meta` (job, model_version, ...) goes into the commit info.
 
-        `meta` (for example the model version) is kept in the commit record.
+        Rows whose key another run committed after this handle's pinned version are dropped (see the
+        module notes). Returns the commit record, or None when nothing was left to commit.
         """
-        self.recover()
-        if run_id in self.committed_runs():  # a retry after the commit went through (or was rolled forward)
-            return self._read_json(f"{self.path}/_commits/{run_id}.json")
-        parts = [(name, rows) for name, rows in parts if rows]
-        if not parts:
-            self.abort(run_id)
-            return None
-        record = {
-            "run_id": run_id,
-            "committed_at": datetime.now(UTC).isoformat(),
-            "files": [name for name, _ in parts],
-            "rows": sum(rows for _, rows in parts),
-            **meta,
-        }
-        # From here on the run is decided: a crash before the end is rolled forward by recover().
-        self._write_json(f"{self.staging(run_id)}/{READY}", record)
-        self._publish(record)
-        return record
+        from deltalake.exceptions import CommitFailedError
+        from deltalake.transaction import CommitProperties
 
-    def commits(self) -> list[dict]:
-        """The commit records, oldest first."""
-        records = [self._read_json(f"{self.path}/_commits/{run_id}.json") for run_id in self.committed_runs()]
-        return sorted(records, key=lambda record: record["committed_at"])
+        if checked_run_id(run_id) in self.committed:  # a retry of a commit that went through
+            return self.committed[run_id]
+        parts = [self._checked_part(run_id, Part(*p) if not isinstance(p, Part) else p) for p in parts]
+        parts = [p for p in parts if p.rows]
+        if not parts:  # nothing to add: a retry whose first try went through finds its record
+            committed = [r for r in self.commits() if r["run_id"] == run_id]
+            if not committed:
+                self.abort(run_id)
+            return committed[0] if committed else None
+        parts = self._with_stats(parts)
+        table = self._create()
+        since = self.version if self.version is not None else table.version()
+        dropped = 0
+        for _ in range(COMMIT_ATTEMPTS):
+            latest = table.version()
+            if latest > since and (done := _committed_since(table, since, run_id)):
+                return done  # a retry after the commit went through (its error came after the log entry)
+            if self.key and latest > since:
+                parts, gone = self._without_committed_keys(table, since, run_id, parts)
+                dropped, since = dropped + gone, latest
+            if not parts:
+                break
+            record = {
+                "run_id": run_id,
+                "rows": sum(p.rows for p in parts),
+                "files": len(parts),
+                **({"dropped_rows": dropped} if dropped else {}),
+                **meta,
+            }
+            properties = CommitProperties(
+                custom_metadata={**record, "userMetadata": f"cbir {meta.get('job', 'run')} {run_id}"},
+                max_commit_retries=0,
+            )
+            version = latest + 1  # no retries inside delta-rs: this version, or a conflict
+            try:
+                table.create_write_transaction(
+                    self._actions(parts), "append", storage_schema(self.schema), commit_properties=properties
+                )
+            except CommitFailedError:  # another writer took that version: see what it committed, try the next
+                table.update_incremental()
+                continue
+            table.update_incremental()
+            self.version = None
+            self._remove_uncommitted(run_id, {p.name for p in parts})
+            self.committed[run_id] = {
+                **record,
+                "version": version,
+                "committed_at": datetime.now(UTC).isoformat(),
+                "files": [p.name for p in parts],
+            }
+            return self.committed[run_id]
+        else:
+            raise CbirError(
+                f"{self.name}: run {run_id} could not commit after {COMMIT_ATTEMPTS} tries "
+                "(other writers kept committing first)"
+            )
+        self.abort(run_id)
+        return None
 
-    def drop_runs(self, run_ids: Iterable[str]) -> None:
-        """Remove committed runs: the record goes first, so readers stop seeing the run at once."""
-        for run_id in map(checked_run_id, run_ids):
-            record = f"{self.path}/_commits/{run_id}.json"
-            if self.fs.get_file_info(record).is_file:
-                self.fs.delete_file(record)
-            if self.fs.get_file_info(f"{self.path}/run={run_id}").type == pafs.FileType.Directory:
-                self.fs.delete_dir(f"{self.path}/run={run_id}")
+    def _checked_part(self, run_id: str, part: Part) -> Part:
+        if part.name is None:
+            return part
+        match = RUN_PART.fullmatch(part.name)
+        if not match or match.group(1) != run_id:
+            raise CbirError(f"{self.name} run {run_id}: {str(part.name)[:80]!r} is not one of its part files")
+        return part
+
+    def _with_stats(self, parts: list[Part]) -> list[Part]:
+        """Parts that came without size or statistics (from tests, or older callers) get them from the file."""
+
+        def fill(part: Part) -> Part:
+            if part.size and part.stats:
+                return part
+            data = pq.read_table(f"{self.path}/{part.name}", filesystem=self.fs)
+            return _part_of(self, part.name, data)
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(fill, parts))
+
+    def _actions(self, parts: list[Part]) -> list:
+        from deltalake.transaction import AddAction
+
+        now = int(time.time() * 1000)
+        return [AddAction(p.name, p.size, {}, now, True, p.stats) for p in parts]
+
+    def _create(self):
+        """The DeltaTable at its latest version, created (version 0, empty) if it does not exist yet."""
+        from deltalake import DeltaTable
+
+        table = self.delta()
+        if table is not None:
+            return table
+        from deltalake.transaction import CommitProperties
+
+        try:  # version 0 or nothing: a creator that loses the race must not commit a second CREATE
+            DeltaTable.create(
+                self.uri,
+                storage_schema(self.schema),
+                mode="error",
+                name=self.name.replace("/", "_"),
+                storage_options=self.storage_options or None,
+                commit_properties=CommitProperties(max_commit_retries=0),
+            )
+        except Exception:  # noqa: BLE001 - another writer created it at the same moment
+            pass
+        table = self.delta()
+        if table is None:
+            raise CbirError(f"table {self.name} at {self.uri} could not be created")
+        return table
+
+    def _without_committed_keys(self, table, since: int, run_id: str, parts: list[Part]) -> tuple[list[Part], int]:
+        """Drop from the parts the rows whose key was committed by other writers after version `since`."""
+        before = set(self._files_at(since))
+        added = [self._fs_path(u) for u in table.file_uris() if self._fs_path(u) not in before]
+        if not added:
+            return parts, 0
+        taken = ds.dataset(added, schema=storage_schema(self.schema), format="parquet", filesystem=self.fs).to_table(
+            columns=list(self.key)
+        )
+        if not taken.num_rows:
+            return parts, 0
+        taken_keys = _key_strings(taken, self.key)
+        kept, dropped = [], 0
+
+        def rewrite(part: Part) -> tuple[Part | None, int]:
+            path = f"{self.path}/{part.name}"
+            keys = pq.read_table(path, columns=list(self.key), filesystem=self.fs)  # most parts keep every row
+            mask = pc.invert(pc.is_in(_key_strings(keys, self.key), value_set=taken_keys))
+            if pc.all(mask).as_py():
+                return part, 0
+            if not pc.any(mask).as_py():
+                self.fs.delete_file(path)
+                return None, keys.num_rows
+            data = pq.read_table(path, filesystem=self.fs)
+            keep = data.filter(mask)
+            self.fs.delete_file(f"{self.path}/{part.name}")
+            if not keep.num_rows:
+                return None, data.num_rows
+            name = f"run-{run_id}/part-{uuid.uuid4().hex[:12]}-kept.parquet"
+            pq.write_table(keep, f"{self.path}/{name}", filesystem=self.fs, compression="zstd")
+            return _part_of(self, name, keep), data.num_rows - keep.num_rows
+
+        with ThreadPoolExecutor(32) as pool:
+            for part, gone in pool.map(rewrite, parts):
+                dropped += gone
+                if part is not None:
+                    kept.append(part)
+        return kept, dropped
+
+    def _files_at(self, version: int) -> list[str]:
+        if version < 0:
+            return []
+        old = self.delta(version, checked=False)
+        return [self._fs_path(u) for u in old.file_uris()] if old is not None else []
+
+    def _remove_uncommitted(self, run_id: str, keep: set[str]) -> None:
+        folder = self.run_folder(run_id)
+        for info in self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if info.is_file and f"run-{run_id}/{info.base_name}" not in keep:
+                self.fs.delete_file(info.path)
 
     def abort(self, run_id: str) -> None:
-        if self.fs.get_file_info(self.staging(run_id)).type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.staging(run_id))
-
-    def recover(self) -> None:
-        """Finish commits that a crash interrupted; drop abandoned staging older than a day."""
-        staged = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_staging", allow_not_found=True))
-        for info in staged:
-            if not RUN_ID.fullmatch(info.base_name):
-                continue  # not cbir's: left alone
-            ready = f"{info.path}/{READY}"
-            if self.fs.get_file_info(ready).is_file:
-                self._publish(self._read_json(ready))
-            elif self._newest_mtime(info.path) < time.time() - STALE_STAGING_S:
-                self.abort(info.base_name)
-        committed = self.committed_runs()
-        for info in self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)):
-            run_id = info.base_name.removeprefix("run=")
-            ready = f"{info.path}/{READY}"  # renamed into place, record not yet written
-            if (
-                info.base_name.startswith("run=")
-                and RUN_ID.fullmatch(run_id)
-                and run_id not in committed
-                and self.fs.get_file_info(ready).is_file
-            ):
-                self._publish(self._read_json(ready))
-
-    def _publish(self, record: dict) -> None:
-        run_id = checked_run_id(record.get("run_id") if isinstance(record, dict) else None, f"{self.name}'s commit of")
-        files = record.get("files")
-        if not isinstance(files, list) or not all(isinstance(f, str) and PART.fullmatch(f) for f in files):
-            raise CbirError(f"{self.name} run {run_id}: its commit names files that are not part files")
-        staging, run_dir = self.staging(run_id), f"{self.path}/run={run_id}"
-        staged = self.fs.get_file_info(staging).type == pafs.FileType.Directory
-        if staged and is_local(self.fs):
-            keep = {*files, READY}
-            for info in self.fs.get_file_info(pafs.FileSelector(staging)):
-                if info.base_name not in keep:
-                    self.fs.delete_file(info.path)
-                else:
-                    fsync_file(info.path)  # the data is on disk before the rename publishes it
-            fsync_dir(staging)
-            self.fs.move(staging, run_dir)  # one rename: the whole run appears at once
-            fsync_dir(self.path)
-        elif staged:
-
-            def copy(name: str) -> None:
-                if self.fs.get_file_info(f"{run_dir}/{name}").type == pafs.FileType.NotFound:
-                    self.fs.copy_file(f"{staging}/{name}", f"{run_dir}/{name}")
-
-            with ThreadPoolExecutor(16) as pool:
-                list(pool.map(copy, files))
-        self._write_json(f"{self.path}/_commits/{run_id}.json", record)
-        self.abort(run_id)
-        if self.fs.get_file_info(f"{run_dir}/{READY}").is_file:
-            self.fs.delete_file(f"{run_dir}/{READY}")
-
-    def _newest_mtime(self, path: str) -> float:
-        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        return max((i.mtime.timestamp() for i in infos if i.mtime is not None), default=0.0)
-
-    def _write_json(self, path: str, data: dict) -> None:
-        put_bytes(self.fs, path, json.dumps(data, indent=1).encode(), overwrite=True)
-
-    def _read_json(self, path: str) -> dict:
-        with self.fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-
-
-@contextmanager
-def heartbeat(tables: Iterable[Table], run_id: str, every_s: float = HEARTBEAT_S):
-    """While the block runs, touch the run's staging heartbeat in each table, so that another writer's
-    recover() does not take a long run's staging for abandoned."""
-    tables, stop = list(tables), threading.Event()
-
-    def beat():
-        while not stop.wait(every_s):  # the run's first files are fresh: no beat needed before
-            for table in tables:
-                staging = table.staging(run_id)
-                if is_local(table.fs):
-                    table.fs.create_dir(staging, recursive=True)
-                with table.fs.open_output_stream(f"{staging}/{HEARTBEAT}") as out:
-                    out.write(datetime.now(UTC).isoformat().encode())
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-class PartWriter:
-    """Rows of one table into one Parquet part in a run's staging folder, opened on the first rows."""
-
-    def __init__(self, table: Table, run_id: str, name: str):
-        self.table, self.run_id, self.name = table, run_id, name
-        self.rows, self._writer = 0, None
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        if not batch.num_rows:
+        """Remove a failed run's files that no version of the table references (a committed part stays)."""
+        folder = self.run_folder(run_id)
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        if not infos:
+            if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
+                self.fs.delete_dir(folder)
             return
-        if self._writer is None:
-            staging = self.table.staging(self.run_id)
-            if is_local(self.table.fs):
-                self.table.fs.create_dir(staging, recursive=True)
-            self._writer = pq.ParquetWriter(
-                f"{staging}/{self.name}", self.table.schema, filesystem=self.table.fs, compression="zstd"
-            )
-        self._writer.write_batch(batch.select(self.table.schema.names).cast(self.table.schema))
-        self.rows += batch.num_rows
+        table = self.delta(checked=False)
+        referenced = {self._fs_path(u) for u in table.file_uris()} if table is not None else set()
+        for info in infos:
+            if info.is_file and info.path not in referenced:
+                self.fs.delete_file(info.path)
+        if not referenced.intersection(i.path for i in infos) and is_local(self.fs):
+            self.fs.delete_dir(folder)
 
-    def close(self) -> tuple[str | None, int]:
-        """(file name, rows); no file when no rows came."""
-        if self._writer is not None:
-            self._writer.close()
-        return (self.name if self.rows else None), self.rows
+    # History.
+    def history(self) -> list[dict]:
+        """Every version, oldest first: version, when, operation, and cbir's run id, job, rows, model version."""
+        table = self.delta()
+        if table is None:
+            return []
+        out = []
+        for entry in reversed(table.history()):
+            out.append(
+                {
+                    "version": entry["version"],
+                    "at": _iso(entry.get("timestamp")),
+                    "operation": entry.get("operation"),
+                    **{
+                        k: v
+                        for k, v in entry.items()
+                        if k
+                        in (
+                            "run_id",
+                            "job",
+                            "rows",
+                            "files",
+                            "model_version",
+                            "dropped_rows",
+                            "dropped_runs",
+                            "deleted_rows",
+                            "operationMetrics",
+                        )
+                    },
+                }
+            )
+        return out
+
+    def commits(self) -> list[dict]:
+        """The runs committed and not dropped since, oldest first: run_id, committed_at, rows, version, meta."""
+        records, dropped = [], set()
+        for entry in self._raw_history():
+            if entry.get("operation") == "WRITE" and isinstance(entry.get("run_id"), str):
+                record = {
+                    k: v
+                    for k, v in entry.items()
+                    if k
+                    not in (
+                        "operation",
+                        "operationParameters",
+                        "engineInfo",
+                        "clientVersion",
+                        "timestamp",
+                        "userMetadata",
+                        "readVersion",
+                        "isBlindAppend",
+                        "operationMetrics",
+                    )
+                }
+                record["committed_at"] = _iso(entry.get("timestamp"))
+                records.append(record)
+            dropped.update(r for r in entry.get("dropped_runs") or [] if isinstance(r, str))
+        return [r for r in records if r["run_id"] not in dropped]
+
+    def _raw_history(self) -> list[dict]:
+        table = self.delta()
+        return [] if table is None else list(reversed(table.history()))
+
+    def committed_runs(self) -> set[str]:
+        return {record["run_id"] for record in self.commits()}
+
+    # Changes other than appends: each one Delta transaction, named in the history.
+    def delete(self, predicate: str, **meta) -> int:
+        """Delete the rows matching a SQL predicate (built by cbir from checked values); returns the rows deleted."""
+        from deltalake.transaction import CommitProperties
+
+        table = self.delta()
+        if table is None:
+            return 0
+        metrics = table.delete(predicate, commit_properties=CommitProperties(custom_metadata=meta))
+        return int(metrics.get("num_deleted_rows", 0))
+
+    def drop_runs(self, run_ids: Iterable[str]) -> int:
+        """Remove committed runs: one Delta commit removing the files of their run folders, then a delete of
+        their rows (by run_id) that a compaction moved into shared files. Returns the rows removed."""
+        from deltalake.transaction import CommitProperties, RemoveAction
+
+        run_ids = sorted(set(map(checked_run_id, run_ids)))
+        table = self.delta() if run_ids else None
+        if table is None:
+            return 0
+        folders = tuple(f"run{sep}{r}/" for r in run_ids for sep in "-=")
+        files = pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes", "num_records"])
+        mine = [f for f in files.to_pylist() if f["path"].startswith(folders)]
+        rows = 0
+        if mine:
+            now = int(time.time() * 1000)
+            rows = sum(f["num_records"] or 0 for f in mine)
+            removes = [RemoveAction(f["path"], True, now, f["size_bytes"], {}) for f in mine]
+            table.create_write_transaction(
+                removes,
+                "append",
+                storage_schema(self.schema),
+                commit_properties=CommitProperties(
+                    custom_metadata={"job": "drop", "dropped_runs": run_ids, "deleted_rows": rows}
+                ),
+            )
+        listed = ", ".join(f"'{r}'" for r in run_ids)
+        return rows + self.delete(f"run_id IN ({listed})", job="drop", dropped_runs=run_ids)
+
+    def optimize(self, target_size: int | None = None) -> dict:
+        """Compact small files into bigger ones (a Delta OPTIMIZE; rows do not change)."""
+        from deltalake.transaction import CommitProperties
+
+        table = self.delta()
+        if table is None:
+            return {"numFilesAdded": 0, "numFilesRemoved": 0}
+        return table.optimize.compact(
+            target_size=target_size, commit_properties=CommitProperties(custom_metadata={"job": "optimize"})
+        )
+
+    def vacuum(self, retention_hours: int = RETENTION_HOURS, dry_run: bool = False) -> list[str]:
+        """Remove files that no version within the retention needs, and files no version ever named (parts of
+        runs that died) once older than the retention. Returns what was (or would be) removed."""
+        table = self.delta()
+        if table is None:
+            return []
+        return table.vacuum(
+            retention_hours=retention_hours,
+            dry_run=dry_run,
+            full=True,
+            enforce_retention_duration=retention_hours >= RETENTION_HOURS,
+        )
+
+    def _legacy_files(self) -> list[str]:
+        """Parquet files of committed runs in the pre-Delta layout (run=<id>/ with a _commits/<id>.json)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_commits", allow_not_found=True))
+        runs = {
+            i.base_name[:-5]
+            for i in infos
+            if i.is_file and i.base_name.endswith(".json") and RUN_ID.fullmatch(i.base_name[:-5])
+        }
+        files = []
+        for run in sorted(runs):
+            for info in self.fs.get_file_info(pafs.FileSelector(f"{self.path}/run={run}", allow_not_found=True)):
+                if info.is_file and PART.fullmatch(info.base_name):
+                    files.append(info.path)
+        return files
+
+
+def _part_of(table: Table, name: str, data: pa.Table) -> Part:
+    """A Part for a file written in the driver (its rows already in stored form)."""
+    columns: dict[str, tuple] = {}
+    for batch in data.to_batches():
+        _observe(columns, batch)
+    size = table.fs.get_file_info(f"{table.path}/{name}").size
+    return Part(name, data.num_rows, size, _stats(columns, data.num_rows))
+
+
+def _committed_since(table, since: int, run_id: str) -> dict | None:
+    """This run's commit record among the versions after `since`, or None."""
+    for entry in table.history(limit=table.version() - since):
+        if entry.get("run_id") == run_id and entry.get("operation") == "WRITE":
+            return {
+                "run_id": run_id,
+                "version": entry["version"],
+                "rows": entry.get("rows"),
+                "files": entry.get("files"),
+            }
+    return None
+
+
+def _key_strings(data: pa.Table, key: tuple[str, ...]) -> pa.Array:
+    """One string per row for a (possibly composite) key: the columns joined by a unit separator."""
+    if len(key) == 1:
+        return pc.cast(data.column(key[0]), pa.string()).combine_chunks()
+    columns = [pc.fill_null(pc.cast(data.column(k), pa.string()), "\x00") for k in key]
+    return pc.binary_join_element_wise(*columns, "\x1f").combine_chunks()
+
+
+def _iso(milliseconds) -> str | None:
+    if not isinstance(milliseconds, (int, float)):
+        return None
+    return datetime.fromtimestamp(milliseconds / 1000, UTC).isoformat()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -196,6 +196,16 @@ class Index(Section):
         return _cron_expression(value)
 
 
+class Maintenance(Section):
+    schedule: str = Field("30 3 * * 0", description="cron of the scheduled lake maintenance (cbir serve)")
+    retention_hours: int = Field(168, ge=1, description="vacuum keeps what the versions of this many last hours need")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return _cron_expression(value)
+
+
 def _cron_expression(value: str) -> str:
     """Five fields whose values croniter accepts (Prefect's schedules read them with croniter too)."""
     if len(value.split()) != 5:
@@ -376,6 +386,7 @@ class Settings(BaseSettings):
     flickr: Flickr = Flickr()
     crawl: Crawl = Crawl()
     index: Index = Index()
+    maintenance: Maintenance = Maintenance()
     encoder: Encoder = Encoder()
     captioner: Captioner = Captioner()
     train: Train = Train()

@@ -21,6 +21,7 @@ from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
 from cbir.settings import MAX_K, Settings, load_settings, override_variables
 from cbir.text import printable, too_many_words
+from cli import lake as lake_verb
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
 
@@ -290,7 +291,7 @@ def serve(args, settings: Settings) -> None:
     print(
         f"serving on {api}: crawl-flickr/scheduled-crawl ({settings.crawl.schedule}"
         f"{'' if search else ', paused until it has a search'}), index/scheduled-index ({settings.index.schedule}), "
-        "query/on-demand; stop with Ctrl-C",
+        f"query/on-demand, lake-maintenance/scheduled-maintenance ({settings.maintenance.schedule}); stop with Ctrl-C",
         file=sys.stderr,
     )
     serve_deployments(*served)
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = verb("info", info, "print the active settings (secrets masked) and the lake's tables")
     sub.add_argument("--json", action="store_true", help="one JSON object: settings and tables")
+    lake_verb.add_arguments(
+        verb("lake", lake_verb.command, "the lake's Delta tables: history, optimize, vacuum, upgrade")
+    )
     sub = verb("ingest", ingest, "store the images of a folder, s3:// prefix or manifest file in the lake")
     sub.add_argument("source", help="folder, s3://bucket/prefix, image, or manifest (.csv .jsonl .parquet .txt)")
     sub.add_argument("--retry-failed", action="store_true", help="try again the items that failed before")

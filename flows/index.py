@@ -23,8 +23,8 @@ def index_flow(drop_version: str | None = None, settings: Settings | None = None
         runs, rows = index.drop_version(lake, drop_version)
         print(f"dropped {rows} captions of captioner {drop_version} ({runs} runs); features are kept")
         return {"dropped_version": drop_version, "runs": runs, "rows": rows}
-    summary, todo = find_pending(lake, settings)
-    write = partial(caption, lake=lake, settings=settings, summary=summary, todo=todo)
+    summary, todo, captions = find_pending(lake, settings)
+    write = partial(caption, lake=lake, settings=settings, summary=summary, todo=todo, captions=captions)
     staged = stage_and_commit(settings, "index", "index", write if todo.num_rows else None)
     summary = index.tally(summary, staged)
     return publish("index", f"index with captioner {summary.version} (run {summary.run_id})", summary)

@@ -27,9 +27,15 @@ def ingest_flow(source: str, retry_failed: bool = False, settings: Settings | No
 def store_images(kind: str, source: Source | Listing, settings: Settings, retry_failed: bool) -> dict:
     """The ingest job's stages on a source (or a crawl's listing), with the progress and summary artifacts of `kind`."""
     settings, lake = open_lake(settings)
-    summary, entries = list_new(lake, quote(source), retry_failed)
+    summary, entries, manifest = list_new(lake, quote(source), retry_failed)
     write = partial(
-        store_new, lake=lake, settings=settings, source=quote(source), entries=quote(entries), run_id=summary.run_id
+        store_new,
+        lake=lake,
+        settings=settings,
+        source=quote(source),
+        entries=quote(entries),
+        table=manifest,
+        run_id=summary.run_id,
     )
     staged = stage_and_commit(settings, kind, f"{kind} {source.uri}", write if entries else None)
     return publish(kind, f"{kind} {source.uri} (run {summary.run_id})", ingest.tally(summary, staged))

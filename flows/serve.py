@@ -2,7 +2,9 @@
 
 - `crawl-flickr/scheduled-crawl`: a Flickr search on the cron of crawl.schedule;
 - `index/scheduled-index`: caption what is new, on the cron of index.schedule;
-- `query/on-demand`: a batch query file, run from the Prefect UI's form (or the API).
+- `query/on-demand`: a batch query file, run from the Prefect UI's form (or the API);
+- `lake-maintenance/scheduled-maintenance`: compact the Delta tables' small files, then vacuum, on the
+  cron of maintenance.schedule.
 
 The deployments are the pipeline's own flow objects, so their runs sit beside the commands'. No
 setting, and no secret, is ever a deployment parameter: the flows' `settings` parameter is left out
@@ -15,13 +17,19 @@ from __future__ import annotations
 from cbir.settings import Settings
 from flows.crawl import crawl_flickr_flow
 from flows.index import index_flow
+from flows.maintenance import maintenance_flow
 from flows.query import query_flow
 from jobs.flickr import Search
 
 
 def deployments(settings: Settings, search: Search | None) -> list:
-    """The three deployments; the crawl is paused until it has a search (a run from the UI can give one)."""
-    return [scheduled_crawl(settings, search), scheduled_index(settings), on_demand_query()]
+    """The deployments; the crawl is paused until it has a search (a run from the UI can give one)."""
+    return [
+        scheduled_crawl(settings, search),
+        scheduled_index(settings),
+        on_demand_query(),
+        scheduled_maintenance(settings),
+    ]
 
 
 def scheduled_crawl(settings: Settings, search: Search | None):
@@ -53,6 +61,17 @@ def scheduled_index(settings: Settings):
             cron=settings.index.schedule,
             tags=["cbir"],
             description="caption the images that are new since the last index run",
+        )
+    )
+
+
+def scheduled_maintenance(settings: Settings):
+    return _without_settings(
+        maintenance_flow.to_deployment(
+            name="scheduled-maintenance",
+            cron=settings.maintenance.schedule,
+            tags=["cbir"],
+            description="compact the lake's small files, then vacuum the ones no recent version needs",
         )
     )
 

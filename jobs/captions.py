@@ -13,8 +13,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from cbir import uris
 from cbir.errors import UsageError
-from cbir.lake import Lake, open_filesystem
+from cbir.lake import Lake, delta_storage_options, open_filesystem
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
 from jobs.lakeio import read_table
@@ -42,7 +43,7 @@ def lake_captions(spark: SparkSession, lake: Lake, version: str) -> Captions:
         & F.col("caption").isNotNull()
         & F.col("image_id").isNotNull()
     )
-    count = sum(r["rows"] for r in lake.table("captions").commits() if r.get("model_version") == version)
+    count = lake.table("captions").dataset().count_rows(filter=ds.field("model_version") == version)
     return Captions(captions.select(*CAPTION_COLUMNS), count, lake)
 
 
@@ -51,7 +52,7 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> Caption
     them) columns, read by the executors."""
     fs, path = open_filesystem(uri, settings.s3)
     try:
-        dataset = ds.dataset(path, filesystem=fs, format="parquet")
+        dataset = ds.dataset(_delta_files(uri, settings) or path, filesystem=fs, format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"captions table {uri} cannot be read: {str(exc).splitlines()[0]}") from None
     missing = {"image_id", "caption"} - set(dataset.schema.names)
@@ -95,3 +96,13 @@ def _read_row_groups(fs, columns: list[str], schema: pa.Schema, batches):
                         for field in schema
                     }
                 )
+
+
+def _delta_files(uri: str, settings: Settings) -> list[str] | None:
+    """The files of a Delta table's latest version (None when uri is a plain Parquet folder or file)."""
+    from deltalake import DeltaTable
+
+    options = delta_storage_options(settings.s3) if uris.is_s3(uri) else None
+    if not DeltaTable.is_deltatable(uri, storage_options=options):
+        return None
+    return [f.split("://", 1)[1] if "://" in f else f for f in DeltaTable(uri, storage_options=options).file_uris()]

@@ -50,9 +50,11 @@ def embed(
     items = spark.createDataFrame([(image_id, images[image_id]) for image_id in todo], "image_id string, uri string")
     items = items.repartition(default_partitions(spark, len(todo), 0, per_partition=IMAGES_PER_TASK))
     with tracked(spark, f"embed {len(todo)} images with {config.key}", progress):
-        staged = stage(items, {"features": table}, run_id, partial(_embed_partition, config, run_id))
+        staged = stage(
+            items, {"features": table}, run_id, partial(_embed_partition, config, run_id), features={"job": "embed"}
+        )
     commit_or_abort(staged)
-    return sum(rows for _, rows in staged.parts["features"])
+    return sum(part.rows for part in staged.parts["features"])
 
 
 def cached_ids(table: Table) -> set[str]:

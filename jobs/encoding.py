@@ -81,8 +81,9 @@ def encoder_config(settings: Settings, parallel_tasks: int) -> EncoderConfig:
 def read_features(lake: Lake, config: EncoderConfig, image_ids: list[str]) -> dict[str, np.ndarray]:
     """The cached vectors of these images, as float32 (images without features are left out)."""
     wanted = pa.array(sorted(set(image_ids)), pa.string())
-    data = (
-        config.table(lake).dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted))
+    table = config.table(lake)
+    data = table.decode(
+        table.dataset().to_table(columns=["image_id", "vector"], filter=ds.field("image_id").isin(wanted))
     )
     vectors = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     matrix = vectors.reshape(-1, config.dim).astype(np.float32)

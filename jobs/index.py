@@ -24,7 +24,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cbir.images import Failure, ImageRejected
-from cbir.lake import Lake, new_run_id
+from cbir.lake import Lake, Table, checked_run_id, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from jobs.embed import IMAGES_PER_TASK
@@ -173,24 +173,25 @@ class IndexSummary(ImagesSummary):
 
 
 def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
-    summary, todo = plan(lake, settings)
-    staged = caption(spark, lake, settings, summary, todo, progress) if todo.num_rows else None
+    summary, todo, captions = plan(lake, settings)
+    staged = caption(spark, lake, settings, summary, todo, captions, progress) if todo.num_rows else None
     if staged:
         commit_or_abort(staged)
     return tally(summary, staged)
 
 
-def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table]:
-    """The run's summary, begun, and the images its captioner version has not captioned yet."""
+def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table, Table]:
+    """The run's summary, begun, the images its captioner version has not captioned yet, and the captions
+    table's handle that found them: the run commits through it, so rows another run committed since are dropped."""
     card = store.card(lake, settings.captioner.version)
     store.check_encoder(card, encoder_key(settings.encoder.name, settings.encoder.weights))
     version = card.version
     summary = IndexSummary(new_run_id(), version)
-    todo = pending(lake, version)
-    records = lake.table("captions").commits()
-    summary.skipped = sum(record["rows"] for record in records if record.get("model_version") == version)
+    captions = lake.table("captions")
+    todo = pending(lake, version, captions)
+    summary.skipped = done_count(captions, version)
     summary.pending = todo.num_rows
-    return summary, todo
+    return summary, todo, captions
 
 
 def caption(
@@ -199,12 +200,14 @@ def caption(
     settings: Settings,
     summary: IndexSummary,
     todo: pa.Table,
+    captions: Table,
     progress: Report | None = None,
 ) -> StagedRun:
     """Encode and caption the pending images in Spark tasks; features and captions are staged, to commit."""
     config = encoder_config(settings, spark.sparkContext.defaultParallelism)
     context = IndexContext.from_settings(lake, summary.version, config, settings, summary.run_id)
-    return _index(spark, context, spark.createDataFrame(todo), summary.pending, settings.spark.partitions, progress)
+    partitions = settings.spark.partitions
+    return _index(spark, context, spark.createDataFrame(todo), summary.pending, partitions, captions, progress)
 
 
 def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
@@ -222,7 +225,7 @@ def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
     return summary
 
 
-def pending(lake: Lake, version: str) -> pa.Table:
+def pending(lake: Lake, version: str, captions: Table) -> pa.Table:
     """(image_id, uri, format) of the stored images this version has not captioned, found in the driver:
     a rerun with nothing new starts no Spark job."""
     manifest = lake.table("manifest").read(["image_id", "uri", "format", "status"])
@@ -232,15 +235,24 @@ def pending(lake: Lake, version: str) -> pa.Table:
         .aggregate([("uri", "min"), ("format", "min")])
         .rename_columns(["image_id", "uri", "format"])
     )
-    done = lake.table("captions").dataset().to_table(columns=["image_id"], filter=ds.field("model_version") == version)
+    done = captions.dataset().to_table(columns=["image_id"], filter=ds.field("model_version") == version)
     todo = images.filter(pc.invert(pc.is_in(images["image_id"], value_set=done["image_id"])))
     return todo.sort_by("image_id")
 
 
-def _index(spark, context: IndexContext, todo, pending: int, partitions: int, progress: Report | None) -> StagedRun:
-    """One Spark job: encode and caption the images without features, caption those with; stage both."""
+def done_count(captions: Table, version: str) -> int:
+    """The rows this version has in the captions table's pinned version."""
+    return captions.dataset().count_rows(filter=ds.field("model_version") == version)
+
+
+def _index(
+    spark, context: IndexContext, todo, pending: int, partitions: int, captions: Table, progress: Report | None
+) -> StagedRun:
+    """One Spark job: encode and caption the images without features, caption those with; stage both.
+    Features commit first, then captions, each one Delta transaction: a run stopped between the two leaves
+    features that the rerun reuses, and never a caption without its features."""
     lake, config, run_id = context.lake, context.encoder, context.run_id
-    features, captions = config.table(lake), lake.table("captions")
+    features = config.table(lake)
     columns = ["image_id", "uri", "format", "vector"]
     to_encode = (
         todo.join(read_table(spark, features, ["image_id"]), "image_id", "left_anti")
@@ -261,16 +273,19 @@ def _index(spark, context: IndexContext, todo, pending: int, partitions: int, pr
             {"features": features, "captions": captions},
             run_id,
             partial(index_partition, context),
-            captions={"model_version": context.version},
+            features={"job": "index", "model_version": context.version},
+            captions={"job": "index", "model_version": context.version},
         )
 
 
 def drop_version(lake: Lake, version: str) -> tuple[int, int]:
-    """Remove a model version's captions (features stay: they belong to the encoder). Returns (runs, rows)."""
+    """Remove a model version's captions, as one Delta delete (features stay: they belong to the encoder).
+    Returns (runs, rows)."""
+    version = checked_run_id(version, "captioner version")  # it goes into the delete's predicate
     captions = lake.table("captions")
-    runs = [record for record in captions.commits() if record.get("model_version") == version]
-    captions.drop_runs(record["run_id"] for record in runs)
-    return len(runs), sum(record["rows"] for record in runs)
+    runs = [record["run_id"] for record in captions.commits() if record.get("model_version") == version]
+    rows = captions.delete(f"model_version = '{version}'", job="drop-version", model_version=version, dropped_runs=runs)
+    return len(runs), rows
 
 
 # Executor side.

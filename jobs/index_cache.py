@@ -39,17 +39,16 @@ from jobs.searcher import Index, version_captions
 
 log = logging.getLogger("cbir.search")
 
-FORMAT = 1  # bump when the layout or the engine's arrays change
+FORMAT = 2  # bump when the layout or the engine's arrays change
 FOLDER = "search-index"
 KEEP = 4  # entries per lake: cbir search's and cbir web's (which holds a column more) of the two newest states
 STALE_TMP_S = 3600  # a temporary folder this old was left by a crash
 STATS: Counter = Counter()  # built, loaded, discarded, saved: what this process did (tests read it)
 
 
-def lake_state(lake: Lake, tables: Iterable[str]) -> dict[str, list[str]]:
-    """The identity of what these tables hold now: their committed runs (a run never changes once
-    committed). The one place to switch to table versions when the tables become Delta tables."""
-    return {name: sorted(lake.table(name).committed_runs()) for name in tables}
+def lake_state(lake: Lake, tables: Iterable[str]) -> dict[str, str | None]:
+    """The identity of what these tables hold now: each one's Delta table id and version."""
+    return {name: lake.table(name).state() for name in tables}
 
 
 def index_key(lake: Lake, version: str | None, kinds: Iterable[str], max_order: int, extra: Iterable[str] = ()) -> dict:

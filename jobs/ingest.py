@@ -104,15 +104,16 @@ def run(
     progress: Report | None = None,
 ) -> IngestSummary:
     """Store what is new in SOURCE; a Listing (a crawl's finds) is downloaded from the web."""
-    summary, entries = plan(lake, source, retry_failed)
-    staged = store(spark, lake, settings, source, entries, summary.run_id, progress) if entries else None
+    summary, entries, manifest = plan(lake, source, retry_failed)
+    staged = store(spark, lake, settings, source, entries, manifest, summary.run_id, progress) if entries else None
     if staged:
         commit_or_abort(staged)
     return tally(summary, staged)
 
 
-def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tuple[IngestSummary, list[Entry]]:
-    """The run's summary, begun, and the entries to store: each uri once, none that the manifest has."""
+def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tuple[IngestSummary, list[Entry], Table]:
+    """The run's summary, begun, the entries to store (each uri once, none that the manifest has), and the
+    manifest's handle that read it: the run commits through it, so uris another run committed since are dropped."""
     web = isinstance(source, Listing)
     summary = IngestSummary(new_run_id(), source.uri, stored_as="downloaded" if web else "ingested")
     entries = list(source.entries if web else read_entries(source))
@@ -120,7 +121,8 @@ def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tu
     unique: dict[str, Entry] = {}
     for entry in entries:  # a uri listed twice counts once, with its first row
         unique.setdefault(entry.uri, entry)
-    return summary, _not_in_manifest(list(unique.values()), lake.table("manifest"), retry_failed)
+    manifest = lake.table("manifest")
+    return summary, _not_in_manifest(list(unique.values()), manifest, retry_failed), manifest
 
 
 def store(
@@ -129,12 +131,12 @@ def store(
     settings: Settings,
     source: Source | Listing,
     entries: list[Entry],
+    table: Table,
     run_id: str,
     progress: Report | None = None,
 ) -> StagedRun:
-    """Probe and store the entries in Spark tasks; their manifest rows are staged, to commit."""
+    """Probe and store the entries in Spark tasks; their manifest rows are staged, to commit through `table`."""
     web = isinstance(source, Listing)
-    table = lake.table("manifest")
     known = read_table(spark, table, ["image_id", "status"])
     rows = _probed_rows(spark, entries, known, lake, settings, settings.crawl if web else None)
     rows = rows.select(
@@ -144,7 +146,9 @@ def store(
         F.lit(run_id).alias("run_id"),
     )
     with tracked(spark, f"ingest {source.uri}", progress):
-        return stage(rows, {table.name: table}, run_id, _tally_batches)
+        return stage(
+            rows, {table.name: table}, run_id, _tally_batches, manifest={"job": "ingest", "source": source.uri}
+        )
 
 
 def tally(summary: IngestSummary, staged: StagedRun | None) -> IngestSummary:

@@ -1,7 +1,8 @@
 """Lake tables in and out of Spark: executors read and write Parquet themselves, the driver commits.
 
 Spark here cannot write s3a:// (no hadoop-aws jar), so, as img2dataset does, each task opens the
-lake through pyarrow.fs. Only file names and row counts travel back to the driver.
+lake through pyarrow.fs. Tasks read the files of one Delta table version (listed by the driver);
+only file names, row counts, sizes and Delta statistics travel back to the driver, which commits them.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.lake import Table, heartbeat
+from cbir.lake import Part, Table
 from jobs.stats import TaskStats
 
-PARTS_DDL = "table string, file string, rows long, counts string"
+PARTS_DDL = "table string, file string, rows long, size long, stats string, counts string"
 
 
 def read_table(spark: SparkSession, table: Table, columns: list[str]) -> DataFrame:
-    """The committed rows of a lake table as a DataFrame, read by the executors."""
+    """The rows of a lake table's version (pinned by the handle) as a DataFrame, read by the executors."""
     schema = pa.schema([_spark_field(table.schema.field(name)) for name in columns])
     files = table.files()
     if not files:
@@ -45,7 +46,8 @@ def _read_files(table: Table, schema: pa.Schema, batches: Iterator[pa.RecordBatc
     for batch in batches:
         dataset = table.dataset(batch.column(0).to_pylist())
         for part in dataset.to_batches(columns=schema.names):
-            yield part.cast(schema)
+            if part.num_rows:
+                yield table.decode(pa.Table.from_batches([part])).cast(schema).to_batches()[0]
 
 
 Produce = Callable[[Iterator[pa.RecordBatch]], Iterator["tuple[str, pa.RecordBatch] | TaskStats"]]
@@ -53,11 +55,11 @@ Produce = Callable[[Iterator[pa.RecordBatch]], Iterator["tuple[str, pa.RecordBat
 
 @dataclass
 class StagedRun:
-    """A run's parts in the tables' staging folders, not yet visible: commit() publishes them, abort() drops them."""
+    """A run's parts in the tables' run folders, in no version yet: commit() publishes them, abort() drops them."""
 
     run_id: str
     tables: dict[str, Table]
-    parts: dict[str, list[tuple[str, int]]]
+    parts: dict[str, list[Part]]
     stats: TaskStats = field(default_factory=TaskStats)
     meta: dict[str, dict] = field(default_factory=dict)  # per table: kept in its commit record
 
@@ -72,7 +74,7 @@ class StagedRun:
 
 
 def stage(df: DataFrame, tables: dict[str, Table], run_id: str, produce: Produce, **meta: dict) -> StagedRun:
-    """write_tables as a StagedRun; a failed write leaves no staging behind."""
+    """write_tables as a StagedRun; a failed write leaves no parts behind."""
     try:
         parts, stats = write_tables(df, tables, run_id, produce)
     except BaseException:
@@ -82,7 +84,7 @@ def stage(df: DataFrame, tables: dict[str, Table], run_id: str, produce: Produce
 
 
 def commit_or_abort(staged: StagedRun, commit: Callable[[StagedRun], None] = StagedRun.commit) -> None:
-    """Commit a staged run (`commit` may be a flow's retrying task); if that fails for good, drop its staging."""
+    """Commit a staged run (`commit` may be a flow's retrying task); if that fails for good, drop its parts."""
     try:
         commit(staged)
     except BaseException:
@@ -92,20 +94,19 @@ def commit_or_abort(staged: StagedRun, commit: Callable[[StagedRun], None] = Sta
 
 def write_tables(
     df: DataFrame, tables: dict[str, Table], run_id: str, produce: Produce
-) -> tuple[dict[str, list[tuple[str, int]]], TaskStats]:
-    """Each partition writes at most one part per table into the run's staging folders.
+) -> tuple[dict[str, list[Part]], TaskStats]:
+    """Each partition writes at most one part per table into the run's folder of each table.
 
     `produce` runs in the task: it turns the partition's rows into (table name, batch) pairs
     to write, and TaskStats that are summed for the summary (the write's seconds are added).
     Returns the parts of each table, to commit, and the summed stats.
     """
-    with heartbeat(tables.values(), run_id):  # a long run's staging is not taken for abandoned
-        rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
-    parts: dict[str, list[tuple[str, int]]] = {name: [] for name in tables}
+    rows = df.mapInArrow(partial(_write_partition, tables, run_id, produce), PARTS_DDL).collect()
+    parts: dict[str, list[Part]] = {name: [] for name in tables}
     stats = TaskStats()
     for row in rows:
         if row.rows:
-            parts[row.table].append((row.file, row.rows))
+            parts[row.table].append(Part(row.file, row.rows, row.size, row.stats))
         if row.counts:
             stats += TaskStats.from_json(row.counts)
     return parts, stats
@@ -113,7 +114,7 @@ def write_tables(
 
 def write_run(
     df: DataFrame, table: Table, run_id: str, count: Callable[[pa.RecordBatch], Counter] | None = None
-) -> tuple[list[tuple[str, int]], Counter]:
+) -> tuple[list[Part], Counter]:
     """The rows of df as one run of one table; `count` tallies each batch by key (e.g. rows per query id)."""
 
     def produce(batches: Iterator[pa.RecordBatch]):
@@ -141,8 +142,10 @@ def _write_partition(tables, run_id, produce, batches: Iterator[pa.RecordBatch])
     parts = []
     for name, writer in writers.items():
         clock = time.perf_counter()
-        file, rows = writer.close()
+        part = writer.close()
         stats.seconds["write"] += time.perf_counter() - clock
-        parts.append({"table": name, "file": file, "rows": rows, "counts": ""})
+        parts.append(
+            {"table": name, "file": part.name, "rows": part.rows, "size": part.size, "stats": part.stats, "counts": ""}
+        )
     parts[0]["counts"] = stats.to_json()  # one copy of the stats per task
     yield pa.RecordBatch.from_pylist(parts)

@@ -95,7 +95,9 @@ def run(
 
         clock = time.monotonic()
         parts, counts = stage("search", search_and_write, spark, lake, settings, queries, card, captions_table, run_id)
-        stage("commit the results", results.commit, run_id, parts)  # a retry is safe: commits are idempotent
+        stage(
+            "commit the results", results.commit, run_id, parts, job="query"
+        )  # a retry is safe: commits are idempotent
         stages["search"] = time.monotonic() - clock
 
     answered = set(counts)
@@ -167,7 +169,7 @@ def write_errors(table: Table, errors: list[tuple[str, Failure]], run_id: str) -
     writer = table.part_writer(run_id)
     rows = [{"query_id": q, "error": error, "reason": error.reason, "run_id": run_id} for q, error in errors]
     writer.write(pa.RecordBatch.from_pylist(rows, schema=ERRORS))
-    table.commit(run_id, [writer.close()])
+    table.commit(run_id, [writer.close()], job="query")
 
 
 def _card(lake: Lake, settings: Settings) -> dict | None:

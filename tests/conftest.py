@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -43,17 +44,27 @@ def spark(tmp_path_factory):
     session.stop()
 
 
+MOTO = """
+import logging, sys
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the tests end
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    """A moto S3 server in its own process: delta-rs holds the GIL in some calls (history), which would
+    deadlock against a server thread in the test process."""
     os.environ.update(S3_KEYS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    server = subprocess.Popen([sys.executable, "-c", MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(server.stdout.readline())
+    yield f"http://127.0.0.1:{port}"
+    server.stdin.close()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -133,7 +133,7 @@ def served(demo, ui) -> dict:
     try:
         with temporary_settings({PREFECT_API_URL: f"{ui}/api"}), get_client(sync_client=True) as client:
             deployments = _until(
-                lambda: (lambda found: found if len(found) == 3 else None)(
+                lambda: (lambda found: found if len(found) == 4 else None)(
                     {d.name: d for d in client.read_deployments()}
                 ),
                 120,
@@ -257,6 +257,8 @@ def test_serve_offers_scheduled_crawl_and_index_and_a_query_form(demo, served):
     assert crawl.parameters["tags"] == "kitten,cat" and crawl.parameters["max_photos"] == 50
     assert [s.schedule.cron for s in index.schedules] == ["0 4 * * *"]  # index.schedule
     assert query.schedules == []  # on demand
+    maintenance = deployments["scheduled-maintenance"]
+    assert [s.schedule.cron for s in maintenance.schedules] == ["30 3 * * 0"]  # weekly optimize + vacuum
     form = query.parameter_openapi_schema
     assert form["required"] == ["query_file"] and form["properties"]["query_file"]["type"] == "string"
     assert form["properties"]["k"]["anyOf"][0] == {"maximum": 1000, "minimum": 1, "type": "integer"}

@@ -1,19 +1,20 @@
-"""Values read back from the lake never become paths unchecked; renames are durable; a live run's
-staging is not taken for abandoned."""
+"""Values read back from the lake never become paths or predicates unchecked; parts are durable before
+a commit names them; a live run's parts survive vacuum; bad tables are refused in one line, untouched."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from deltalake import write_deltalake
 
-import cbir.lake
 from cbir.errors import CbirError, UsageError
-from cbir.lake import READY, Lake, heartbeat, new_run_id, put_bytes
+from cbir.lake import Lake, Part, new_run_id, put_bytes
 from cbir.schemas import MANIFEST
 from jobs import index
 from models import store
@@ -44,40 +45,22 @@ def victim(lake) -> str:
 
 
 @pytest.mark.parametrize(
-    "record",
-    [
-        {"run_id": "../../victim", "files": []},
-        {"run_id": "../../victim", "files": ["part-x.parquet"]},
-        {"run_id": "20250101T000000Z-0123abcd", "files": ["../../../victim/precious.txt"]},
-        {"run_id": None, "files": []},
-    ],
+    "name", ["../../victim/precious.txt", "run-20250101T000000Z-0123abcd/part-x.parquet", "part-x.parquet"]
 )
-def test_a_planted_ready_record_cannot_move_or_delete_outside_its_table(lake, record):
+def test_a_commit_names_only_its_own_part_files(lake, name):
     precious = victim(lake)
-    table = lake.table("manifest")
-    staging = f"{table.path}/_staging/20250101T000000Z-0123abcd"
-    os.makedirs(staging)
-    open(f"{staging}/{READY}", "w").write(json.dumps(record))
-    with pytest.raises(CbirError, match="not a run id|not part files"):
-        table.commit(new_run_id(), [part(table, new_run_id())])  # every commit first recovers
-    assert open(precious).read() == "keep me"
+    table, run_id = lake.table("manifest"), new_run_id()
+    with pytest.raises(CbirError, match="is not one of its part files"):
+        table.commit(run_id, [Part(name, 1, 10, "{}")])
+    assert open(precious).read() == "keep me" and table.state() is None
 
 
-def test_dropping_a_version_checks_the_run_ids_its_records_name(lake):
-    precious = victim(lake)
-    captions = lake.table("captions")
-    os.makedirs(f"{captions.path}/_commits")
-    record = {
-        "run_id": "../victim",
-        "committed_at": "2025-01-01T00:00:00+00:00",
-        "files": [],
-        "rows": 1,
-        "model_version": "20250101T000000Z-0123abcd",
-    }
-    open(f"{captions.path}/_commits/20250101T000000Z-0123abcd.json", "w").write(json.dumps(record))
-    with pytest.raises(CbirError, match="not a run id"):
-        index.drop_version(lake, "20250101T000000Z-0123abcd")
-    assert open(precious).read() == "keep me"
+def test_dropping_a_version_checks_the_version_it_deletes(lake):
+    table = lake.table("captions")
+    for bad in ("x' OR '1'='1", "../victim"):
+        with pytest.raises(CbirError, match="not a run id"):
+            index.drop_version(lake, bad)
+    assert table.state() is None
 
 
 @pytest.mark.parametrize("pointer", ["../../../victim", "20250101T000000Z-0123abcd/../../..", "", "x" * 10_000])
@@ -102,7 +85,7 @@ def test_query_runs_and_staging_take_run_ids_only(lake):
             lake.table("manifest").staging(bad)
 
 
-def test_files_are_fsynced_before_the_rename_that_publishes_them(lake, monkeypatch):
+def test_parts_are_fsynced_before_a_commit_names_them(lake, monkeypatch):
     calls = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
@@ -111,41 +94,79 @@ def test_files_are_fsynced_before_the_rename_that_publishes_them(lake, monkeypat
     assert calls[:2] == ["fsync", "rename"] and calls[-1] == "fsync"  # the data, then the folder entry
 
     table, run_id = lake.table("manifest"), new_run_id()
-    parts = [part(table, run_id)]
     calls.clear()
-
-    class Recording:  # pyarrow's filesystems cannot be patched: one that notes its renames
-        def __getattr__(self, name):
-            return getattr(lake.fs, name)
-
-        def move(self, source, target):
-            calls.append("rename")
-            lake.fs.move(source, target)
-
-    monkeypatch.setattr(cbir.lake, "is_local", lambda fs: True)
-    table.fs = Recording()
-    table.commit(run_id, parts)
-    staged_rename = calls.index("rename", calls.index("rename") + 1)  # after the _ready.json record's own
-    assert calls[staged_rename - 1] == "fsync" and calls.count("fsync") >= 4  # record, part, folder, parent
+    written = part(table, run_id)
+    assert calls == ["fsync"] and written.rows == 1 and written.size > 0
 
 
-def test_a_live_runs_staging_is_not_aborted_however_old_its_files(lake):
-    table, live = lake.table("manifest"), new_run_id()
-    with heartbeat([table], live, every_s=0.05):
-        part(table, live)
-        day_ago = time.time() - 2 * 24 * 3600
-        for name in os.listdir(table.staging(live)):
-            if name.startswith("part-"):
-                os.utime(f"{table.staging(live)}/{name}", (day_ago, day_ago))
-        time.sleep(0.2)
-        other = new_run_id()
-        table.commit(other, [part(table, other)])  # recovers first: the live run's staging stays
-        assert any(name.startswith("part-") for name in os.listdir(table.staging(live)))
+def test_vacuum_keeps_a_live_runs_parts(lake):
+    """Parts of a run in flight are in no version yet: vacuum leaves them within the retention (7 days)."""
+    table, live, done = lake.table("manifest"), new_run_id(), new_run_id()
+    table.commit(done, [part(table, done)])
+    in_flight = part(table, live)
+    assert table.vacuum() == []
+    assert os.path.exists(f"{table.path}/{in_flight.name}")
+    table.commit(live, [in_flight])
+    assert table.read().num_rows == 2
 
-    dead = new_run_id()
-    part(table, dead)
-    for name in os.listdir(table.staging(dead)):
-        os.utime(f"{table.staging(dead)}/{name}", (day_ago, day_ago))
-    os.utime(table.staging(dead), (day_ago, day_ago))
-    table.commit(new_run_id(), [])
-    assert not os.path.exists(table.staging(dead))  # no heartbeat: abandoned
+
+def _snapshot(folder) -> list[tuple[str, int, float]]:
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime) for p in Path(folder).rglob("*"))
+
+
+def test_a_folder_of_parquet_files_is_refused_and_left_alone(tmp_path):
+    lake = Lake.open(make_settings(tmp_path))
+    os.makedirs(f"{lake.root}/manifest")
+    pq.write_table(pa.table({"uri": ["a"]}), f"{lake.root}/manifest/data.parquet")
+    before = _snapshot(lake.root)
+    with pytest.raises(UsageError, match=r"manifest at .* is a folder of Parquet files, not a Delta table"):
+        lake.table("manifest").read()
+    with pytest.raises(UsageError, match="is a folder of Parquet files, not a Delta table"):
+        lake.check()  # every command checks the lake before it starts
+    assert _snapshot(lake.root) == before
+
+    plain = Lake.open(make_settings(tmp_path, f"lake={tmp_path}/plain"))
+    os.makedirs(plain.root)
+    pq.write_table(pa.table({"uri": ["a"]}), f"{plain.root}/part-0.parquet")
+    before = _snapshot(plain.root)
+    with pytest.raises(UsageError, match="is a folder of Parquet files, not a cbir lake"):
+        plain.check()
+    assert _snapshot(plain.root) == before
+
+
+def test_a_delta_table_with_a_foreign_schema_is_refused_and_left_alone(lake):
+    write_deltalake(lake.path("captions"), pa.table({"image_id": ["a"], "caption": [1]}))
+    before = _snapshot(lake.root)
+    table = lake.table("captions")
+    foreign = r"captions at .* has a foreign schema \(missing .*uri.*other types for caption"
+    with pytest.raises(UsageError, match=foreign):
+        table.read()
+    run_id = new_run_id()
+    with pytest.raises(UsageError, match="foreign schema"):
+        lake.check()
+    with pytest.raises(UsageError, match="foreign schema"):
+        index.drop_version(lake, run_id)
+    assert _snapshot(lake.root) == before
+
+
+def test_a_delta_table_of_a_newer_protocol_is_refused_and_left_alone(lake):
+    table = lake.table("manifest")
+    run_id = new_run_id()
+    table.commit(run_id, [part(table, run_id)])
+    newer = {
+        "protocol": {
+            "minReaderVersion": 4,
+            "minWriterVersion": 8,
+            "readerFeatures": ["vacuumProtocolCheck2"],
+            "writerFeatures": ["vacuumProtocolCheck2"],
+        }
+    }
+    commit = {"commitInfo": {"timestamp": 1, "operation": "UPGRADE PROTOCOL"}}
+    with open(f"{table.path}/_delta_log/{2:020d}.json", "w") as log:
+        log.write(json.dumps(commit) + "\n" + json.dumps(newer) + "\n")
+    before = _snapshot(lake.root)
+    for action in (lambda t: t.read(), lambda t: lake.check(), lambda t: t.optimize(), lambda t: t.vacuum()):
+        with pytest.raises(UsageError, match=r"manifest at .* (needs a newer Delta protocol|cannot be read)") as error:
+            action(lake.table("manifest"))
+        assert "\n" not in str(error.value)
+    assert _snapshot(lake.root) == before

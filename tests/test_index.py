@@ -182,7 +182,7 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     settings, prepared, _ = fresh_local
     lake = prepared["lake"]
     settings = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"batch_size": 1})})
-    staging = lake.path("captions", "_staging")
+    staging = lake.path("captions")  # where the run's parts appear, in captions/run-<id>/
     outcome: dict = {}
 
     def run_index():
@@ -299,3 +299,97 @@ def _wait_for_port(port: int, seconds: int = 60) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _features_ids(lake: Lake, settings) -> list[str]:
+    return encoder_config(settings, 1).table(lake).read(["image_id"]).column("image_id").to_pylist()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_index_runs_at_once_caption_each_image_once(spark, where, request, monkeypatch):
+    """Both runs find the same pending images (neither has committed) and caption them all; the second to
+    commit drops the (image_id, version) keys and features the first committed meanwhile."""
+    settings, prepared, _ = request.getfixturevalue(f"fresh_{where}")
+    lake, version = prepared["lake"], prepared["card"]["version"]
+    both_read = threading.Barrier(2, timeout=300)
+    real = index.pending
+
+    def pending_then_wait(*args, **kwargs):
+        todo = real(*args, **kwargs)
+        both_read.wait()
+        return todo
+
+    monkeypatch.setattr(index, "pending", pending_then_wait)
+    summaries, errors = [], []
+
+    def run():
+        try:
+            summaries.append(index.run(spark, lake, settings))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    [thread.start() for thread in threads]
+    [thread.join(timeout=900) for thread in threads]
+
+    assert errors == [] and [s.pending for s in summaries] == [36, 36]  # both captioned every image
+    ids = [row["image_id"] for row in captions_of(lake, version)]
+    assert sorted(ids) == sorted(stored_images(lake))  # each exactly once
+    features = _features_ids(lake, settings)
+    assert len(features) == len(set(features))
+    captions = lake.table("captions")
+    import polars as pl
+
+    frame = pl.scan_delta(captions.uri, storage_options=captions.storage_options or None).collect()
+    assert frame.group_by("image_id", "model_version").len()["len"].max() == 1 and frame.height == 36
+    monkeypatch.setattr(index, "pending", real)
+    assert index.run(None, lake, settings).pending == 0
+
+
+class Killed(BaseException):
+    """The driver dies here: no exception handler of the run runs (abort included)."""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_killed_at_each_point_of_its_commit_then_rerun_captions_each_image_once(
+    spark, where, request, monkeypatch
+):
+    from cbir.lake import Table
+
+    settings, prepared, _ = request.getfixturevalue(f"fresh_{where}")
+    lake, version = prepared["lake"], prepared["card"]["version"]
+    monkeypatch.setattr(Table, "abort", lambda self, run_id: None)  # a killed driver cleans nothing up
+    real_commit, real_cleanup = Table.commit, Table._remove_uncommitted
+
+    def killed_before(table_name):
+        def commit(self, run_id, parts, **meta):
+            if self.name.startswith(table_name):
+                raise Killed(f"killed before committing {table_name}")
+            return real_commit(self, run_id, parts, **meta)
+
+        return commit
+
+    # 1. every part written, nothing committed; 2. features committed, captions not
+    for point in ("features", "captions"):
+        monkeypatch.setattr(Table, "commit", killed_before(point))
+        with pytest.raises(Killed):
+            index.run(spark, lake, settings)
+        assert captions_of(lake) == []
+    # 3. both committed, killed before its own clean-up (and before it could report)
+    monkeypatch.setattr(Table, "commit", real_commit)
+    monkeypatch.setattr(Table, "_remove_uncommitted", lambda *args: (_ for _ in ()).throw(Killed("after commit")))
+    with pytest.raises(Killed):
+        index.run(spark, lake, settings)
+    monkeypatch.setattr(Table, "_remove_uncommitted", real_cleanup)
+
+    again = index.run(spark, lake, settings)
+
+    assert again.pending == 0
+    ids = [row["image_id"] for row in captions_of(lake, version)]
+    assert sorted(ids) == sorted(stored_images(lake))
+    features = _features_ids(lake, settings)
+    assert len(features) == len(set(features))
+    assert len(lake.table("captions").committed_runs()) == 1
+    captions = lake.table("captions")
+    assert captions.vacuum(retention_hours=0)  # the killed runs' parts: in no version, removed
+    assert sorted(row["image_id"] for row in captions_of(lake, version)) == sorted(stored_images(lake))

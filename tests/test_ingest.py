@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
@@ -124,15 +124,15 @@ def test_a_failed_commit_leaves_nothing_visible_and_a_rerun_completes(spark, set
     source = resolve_source(str(root), settings)
     original = Table.commit
 
-    def crash(self, run_id, parts):
+    def crash(self, run_id, parts, **meta):
         raise RuntimeError("driver lost while committing")
 
     monkeypatch.setattr(Table, "commit", crash)
     with pytest.raises(RuntimeError):
         ingest.run(spark, lake, settings, source)
     assert _manifest(settings) == []
-    staging = lake.fs.get_file_info(pafs.FileSelector(lake.path("manifest", "_staging"), allow_not_found=True))
-    assert staging == []  # the failed run cleaned up after itself
+    parts = lake.fs.get_file_info(pafs.FileSelector(lake.path("manifest"), recursive=True, allow_not_found=True))
+    assert [info.path for info in parts if info.is_file] == []  # the failed run cleaned up after itself
 
     monkeypatch.setattr(Table, "commit", original)
     summary = ingest.run(spark, lake, settings, source)
@@ -252,19 +252,22 @@ def test_bad_sources_are_usage_errors(local_settings, tmp_path):
             resolve_source(source, local_settings)
 
 
-def test_plain_readers_see_the_documented_layout(spark, local_settings, messy_folder):
+def test_other_tools_read_the_manifest_as_a_delta_table(spark, local_settings, messy_folder):
     import duckdb
+    import polars as pl
+    from deltalake import DeltaTable
 
     root, expected = messy_folder
     lake = Lake.open(local_settings)
-    ingest.run(spark, lake, local_settings, resolve_source(str(root), local_settings))
+    summary = ingest.run(spark, lake, local_settings, resolve_source(str(root), local_settings))
     table_dir = lake.path("manifest")
 
-    plain = ds.dataset(table_dir, format="parquet", partitioning="hive").to_table()
-    assert sorted(plain.column("uri").to_pylist()) == sorted(expected)
-    assert set(plain.column("run").to_pylist()) == set(plain.column("run_id").to_pylist())
-    count = duckdb.sql(f"select count(*) from read_parquet('{table_dir}/run=*/*.parquet')").fetchone()[0]
+    frame = pl.scan_delta(table_dir).select("uri", "run_id").collect()
+    assert sorted(frame["uri"].to_list()) == sorted(expected) and set(frame["run_id"]) == {summary.run_id}
+    files = DeltaTable(table_dir).file_uris()  # DuckDB without its delta extension: the version's files
+    count = duckdb.sql(f"select count(*) from read_parquet({files!r})").fetchone()[0]
     assert count == len(expected)
+    assert sorted(DeltaTable(table_dir).to_pyarrow_table(columns=["uri"]).column("uri").to_pylist()) == sorted(expected)
 
 
 def test_lake_check_names_a_missing_bucket(tmp_path, s3_endpoint):
@@ -273,3 +276,43 @@ def test_lake_check_names_a_missing_bucket(tmp_path, s3_endpoint):
     )
     with pytest.raises(UsageError, match="bucket 'no-such-bucket' does not exist"):
         Lake.open(settings).check()
+
+
+def test_two_ingests_of_one_folder_at_once_leave_each_uri_once(spark, settings, messy_folder, monkeypatch):
+    """Both runs read the manifest before either commits, so both probe and write every uri; the second
+    to commit drops the uris the first committed meanwhile."""
+    root, expected = messy_folder
+    lake = Lake.open(settings)
+    lake.check()
+    source = resolve_source(str(root), settings)
+    both_read = threading.Barrier(2, timeout=120)
+    real = ingest._not_in_manifest
+
+    def read_then_wait(entries, table, retry_failed):
+        new = real(entries, table, retry_failed)
+        both_read.wait()
+        return new
+
+    monkeypatch.setattr(ingest, "_not_in_manifest", read_then_wait)
+    summaries, errors = [], []
+
+    def run():
+        try:
+            summaries.append(ingest.run(spark, lake, settings, source))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    [thread.start() for thread in threads]
+    [thread.join(timeout=600) for thread in threads]
+
+    assert errors == [] and [s.probed for s in summaries] == [len(expected)] * 2  # both did the work
+    uris = [row["uri"] for row in _manifest(settings)]
+    assert sorted(uris) == sorted(expected)  # each once
+    table = lake.table("manifest")
+    writes = [h for h in table.history() if h["operation"] == "WRITE"]
+    assert len(writes) == 1 or (len(writes) == 2 and sum(h["rows"] for h in writes) == len(expected))
+    import polars as pl
+
+    frame = pl.scan_delta(table.uri, storage_options=table.storage_options or None).select("uri").collect()
+    assert sorted(frame["uri"].to_list()) == sorted(expected)

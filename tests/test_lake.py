@@ -1,15 +1,19 @@
-"""The lake's commit protocol: staged parts are invisible, commits are all-or-none, crashes roll forward."""
+"""The lake's tables are Delta tables: a run's parts are invisible until its one commit, other tools read
+exactly cbir's rows, concurrent commits never duplicate a key, and maintenance keeps the rows."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import threading
 from datetime import UTC, datetime
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pytest
+from deltalake import DeltaTable
 
-from cbir.lake import READY, Lake, new_run_id, put_bytes
+from cbir.lake import Lake, Part, new_run_id, put_bytes
 from cbir.schemas import MANIFEST
 
 
@@ -22,21 +26,34 @@ def _rows(run_id: str, n: int, start: int = 0) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(data, schema=MANIFEST)
 
 
-def _part(table, run_id: str, batch: pa.RecordBatch) -> tuple[str, int]:
+def _part(table, run_id: str, batch: pa.RecordBatch) -> Part:
     writer = table.part_writer(run_id)
     writer.write(batch)
     return writer.close()
 
 
-def _plain_uris(lake: Lake) -> list[str]:
-    """What a reader that knows nothing of cbir sees: every Parquet file pyarrow discovers."""
-    dataset = ds.dataset(lake.path("manifest"), filesystem=lake.fs, format="parquet", partitioning="hive")
-    if not dataset.files:
+def _polars_uris(table) -> list[str]:
+    """What Polars reads from the Delta table, knowing nothing of cbir."""
+    if table.state() is None:
         return []
-    return sorted(dataset.to_table(columns=["uri"]).column("uri").to_pylist())
+    frame = pl.scan_delta(table.uri, storage_options=table.storage_options or None).select("uri").collect()
+    return sorted(frame["uri"].to_list())
 
 
-def test_staged_parts_are_invisible_until_commit(settings):
+def _delta_uris(table) -> list[str]:
+    """What deltalake -> pyarrow reads."""
+    if table.state() is None:
+        return []
+    delta = DeltaTable(table.uri, storage_options=table.storage_options or None)
+    return sorted(delta.to_pyarrow_table(columns=["uri"]).column("uri").to_pylist())
+
+
+def _all_files(lake: Lake) -> list[tuple[str, int]]:
+    infos = lake.fs.get_file_info(pafs.FileSelector(lake.root, recursive=True, allow_not_found=True))
+    return sorted((i.path, i.size) for i in infos if i.is_file)
+
+
+def test_parts_are_invisible_until_their_one_commit(settings):
     lake = Lake.open(settings)
     lake.check()
     table = lake.table("manifest")
@@ -44,17 +61,21 @@ def test_staged_parts_are_invisible_until_commit(settings):
     parts = [_part(table, run_id, _rows(run_id, 3, start)) for start in (0, 3)]
     _part(table, run_id, _rows(run_id, 5, 100))  # a failed task attempt: written, never committed
 
-    assert table.files() == [] and table.read().num_rows == 0
-    assert _plain_uris(lake) == []
+    assert table.files() == [] and table.read().num_rows == 0 and _polars_uris(table) == []
 
-    record = table.commit(run_id, parts)
+    record = table.commit(run_id, parts, job="ingest")
 
-    assert record["rows"] == 6 and len(record["files"]) == 2
-    assert sorted(table.read().column("uri").to_pylist()) == sorted(f"/img/{i}.jpg" for i in range(6))
-    assert _plain_uris(lake) == sorted(f"/img/{i}.jpg" for i in range(6))
+    expected = sorted(f"/img/{i}.jpg" for i in range(6))
+    assert record["rows"] == 6 and len(record["files"]) == 2 and record["version"] == 1
+    assert sorted(table.read().column("uri").to_pylist()) == expected
+    assert _polars_uris(table) == expected and _delta_uris(table) == expected
     assert table.committed_runs() == {run_id}
-    leftovers = lake.fs.get_file_info(pafs.FileSelector(lake.path("manifest", "_staging"), allow_not_found=True))
-    assert leftovers == []
+    leftovers = lake.fs.get_file_info(pafs.FileSelector(table.run_folder(run_id)))
+    assert sorted(i.base_name for i in leftovers) == sorted(p.name.split("/")[1] for p in parts)  # the attempt is gone
+    (last,) = [h for h in table.history() if h["operation"] == "WRITE"]
+    assert (last["run_id"], last["job"], last["rows"]) == (run_id, "ingest", 6)
+    stats = DeltaTable(table.uri, storage_options=table.storage_options or None).get_add_actions(flatten=True)
+    assert pa.table(stats).column("num_records").to_pylist() == [3, 3]  # add actions carry statistics
 
 
 def test_an_aborted_run_leaves_nothing(settings):
@@ -64,29 +85,122 @@ def test_an_aborted_run_leaves_nothing(settings):
     run_id = new_run_id()
     _part(table, run_id, _rows(run_id, 4))
     table.abort(run_id)
-    assert table.read().num_rows == 0 and _plain_uris(lake) == []
+    assert table.read().num_rows == 0 and _all_files(lake) == []
     assert table.commit(new_run_id(), []) is None
-    assert table.part_writer(run_id).close() == (None, 0)  # no rows, no file
+    assert table.part_writer(run_id).close() == Part(None, 0)  # no rows, no file
 
 
-def test_a_commit_interrupted_after_its_decision_is_rolled_forward(settings):
+def test_a_commit_keeps_only_keys_no_one_committed_since_it_read(settings):
+    """Two ingests of the same uris read the same version; the second to commit drops the uris the first
+    committed meanwhile (and keeps its new ones), so each uri is in the table once."""
+    lake = Lake.open(settings)
+    lake.check()
+    seed = new_run_id()
+    lake.table("manifest").commit(seed, [_part(lake.table("manifest"), seed, _rows(seed, 1, 99))])
+    first, second = lake.table("manifest"), lake.table("manifest")
+    first.read(), second.read()  # both pin version 1
+    a, b = new_run_id(), new_run_id()
+    parts_a = [_part(first, a, _rows(a, 4))]
+    parts_b = [_part(second, b, _rows(b, 3)), _part(second, b, _rows(b, 3, 3))]
+
+    assert first.commit(a, parts_a)["rows"] == 4
+    record = second.commit(b, parts_b)
+
+    assert record["rows"] == 2 and record["dropped_rows"] == 4
+    expected = sorted(f"/img/{i}.jpg" for i in (0, 1, 2, 3, 4, 5, 99))
+    assert sorted(lake.table("manifest").read().column("uri").to_pylist()) == expected
+    assert _polars_uris(lake.table("manifest")) == expected
+
+
+def test_racing_commits_each_land_once(settings):
+    """Commits started at the same moment from one version: one wins each version, the others retry."""
+    lake = Lake.open(settings)
+    lake.check()
+    tables = [lake.table("manifest") for _ in range(4)]
+    runs = [new_run_id() for _ in tables]
+    for table in tables:
+        table.read()
+    parts = [[_part(t, r, _rows(r, 5, 10 * i))] for i, (t, r) in enumerate(zip(tables, runs, strict=True))]
+    start = threading.Barrier(len(tables))
+    records = {}
+
+    def commit(i):
+        start.wait()
+        records[i] = tables[i].commit(runs[i], parts[i])
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(len(tables))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(r["version"] for r in records.values()) == [1, 2, 3, 4]
+    assert _delta_uris(lake.table("manifest")) == sorted(f"/img/{i}.jpg" for i in range(40) if i % 10 < 5)
+
+
+def test_float16_vectors_round_trip_and_other_tools_read_them(settings):
+    lake = Lake.open(settings)
+    lake.check()
+    table = lake.features_table("vgg16-random", 6, "float16")
+    run_id = new_run_id()
+    vectors = np.arange(18, dtype=np.float16).reshape(3, 6) / 7
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "image_id": ["a", "b", "c"],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 6),
+            "run_id": [run_id] * 3,
+        },
+        schema=table.schema,
+    )
+    table.commit(run_id, [_part(table, run_id, batch)], job="embed")
+
+    back = lake.features_table("vgg16-random", 6, "float16").read()
+    assert back.schema.field("vector").type == pa.list_(pa.float16(), 6)
+    assert np.array_equal(back.column("vector").combine_chunks().flatten().to_numpy(), vectors.ravel())
+    stored = pl.scan_delta(table.uri, storage_options=table.storage_options or None).sort("image_id").collect()
+    assert np.array_equal(np.frombuffer(stored["vector"][1], "<f2"), vectors[1])  # dim little-endian halves
+
+
+def test_dropped_runs_are_removed_in_one_delta_commit(settings):
     lake = Lake.open(settings)
     lake.check()
     table = lake.table("manifest")
-    run_id = new_run_id()
-    parts = [_part(table, run_id, _rows(run_id, 2, start)) for start in (0, 2)]
-    # The driver wrote its decision, then died before publishing.
-    table._write_json(f"{table.staging(run_id)}/{READY}", {"run_id": run_id, "files": [p for p, _ in parts], "rows": 4})
-    if not settings.lake_is_local:  # on S3 it had copied one part of two
-        table.fs.copy_file(f"{table.staging(run_id)}/{parts[0][0]}", f"{table.path}/run={run_id}/{parts[0][0]}")
-    assert table.read().num_rows == 0  # no commit record yet: cbir readers see nothing
+    first, second = new_run_id(), new_run_id()
+    table.commit(first, [_part(table, first, _rows(first, 2))], model_version="v1")
+    table.commit(second, [_part(table, second, _rows(second, 3, 10))], model_version="v2")
+    assert [(r["run_id"], r["model_version"], r["rows"]) for r in table.commits()] == [
+        (first, "v1", 2),
+        (second, "v2", 3),
+    ]
+    assert table.drop_runs([first]) == 2
 
-    later = new_run_id()
-    table.commit(later, [_part(table, later, _rows(later, 1, 50))])  # the next writer recovers first
+    assert table.committed_runs() == {second}
+    expected = [f"/img/{i}.jpg" for i in (10, 11, 12)]
+    assert sorted(table.read().column("uri").to_pylist()) == expected
+    assert _polars_uris(table) == expected
+    assert [(h["operation"], h.get("job"), h.get("dropped_runs")) for h in table.history()] == [
+        ("CREATE TABLE", None, None),
+        ("WRITE", None, None),
+        ("WRITE", None, None),
+        ("WRITE", "drop", [first]),
+    ]
 
-    assert table.committed_runs() == {run_id, later}
-    assert sorted(table.read().column("uri").to_pylist()) == sorted(f"/img/{i}.jpg" for i in (0, 1, 2, 3, 50))
-    assert _plain_uris(lake) == sorted(f"/img/{i}.jpg" for i in (0, 1, 2, 3, 50))
+
+def test_optimize_compacts_and_vacuum_removes_what_no_version_needs(settings):
+    lake = Lake.open(settings)
+    lake.check()
+    table = lake.table("manifest")
+    for i in range(4):
+        run_id = new_run_id()
+        table.commit(run_id, [_part(table, run_id, _rows(run_id, 2, 10 * i))])
+    dead = new_run_id()
+    _part(table, dead, _rows(dead, 3, 500))  # a run killed before its commit
+    before = sorted(table.read().column("uri").to_pylist())
+
+    metrics = table.optimize()
+    assert metrics["numFilesRemoved"] == 4 and metrics["numFilesAdded"] == 1
+    assert len(lake.table("manifest").files()) == 1
+    removed = table.vacuum(retention_hours=0)
+
+    assert len(removed) == 5  # the four compacted parts and the dead run's part
+    assert sorted(lake.table("manifest").read().column("uri").to_pylist()) == before == _polars_uris(table)
 
 
 def test_put_bytes_writes_once(settings):
@@ -104,40 +218,61 @@ def test_put_bytes_writes_once(settings):
 
 
 def test_table_uris_cover_the_contract(settings):
-    uris = Lake.open(settings).table_uris()
-    assert set(uris) >= {"manifest", "features", "captions", "models", "queries", "images"}
-    assert uris["manifest"] == f"{settings.lake}/manifest" and uris["models"] == f"{settings.lake}/models"
-
-
-def test_commit_records_keep_metadata_and_dropped_runs_vanish(settings):
     lake = Lake.open(settings)
     lake.check()
-    table = lake.table("manifest")
-    first, second = new_run_id(), new_run_id()
-    table.commit(first, [_part(table, first, _rows(first, 2))], model_version="v1")
-    table.commit(second, [_part(table, second, _rows(second, 3, 10))], model_version="v2")
-    assert [(r["run_id"], r["model_version"], r["rows"]) for r in table.commits()] == [
-        (first, "v1", 2),
-        (second, "v2", 3),
-    ]
-
-    table.drop_runs([first])
-
-    assert table.committed_runs() == {second}
-    assert sorted(table.read().column("uri").to_pylist()) == [f"/img/{i}.jpg" for i in (10, 11, 12)]
-    assert _plain_uris(lake) == [f"/img/{i}.jpg" for i in (10, 11, 12)]
-
-
-def test_a_commit_is_idempotent_and_rows_from_before_reasons_read_without_one(settings):
-    lake = Lake.open(settings)
-    lake.check()
-    table = lake.table("manifest")
-    before = replace(table, schema=pa.schema([field for field in MANIFEST if field.name != "reason"]))
+    table = lake.features_table("vgg16-random", 4, "float32")
     run_id = new_run_id()
-    record = before.commit(run_id, [_part(before, run_id, _rows(run_id, 2).select(before.schema.names))])
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "image_id": ["a"],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 2, 3, 4], pa.float32()), 4),
+            "run_id": [run_id],
+        },
+        schema=table.schema,
+    )
+    table.commit(run_id, [_part(table, run_id, batch)])
+    uris = lake.table_uris()
+    assert set(uris) >= {
+        "manifest",
+        "features",
+        "captions",
+        "models",
+        "queries",
+        "images",
+        "features/vgg16-random-float32",
+    }
+    assert uris["manifest"] == f"{settings.lake}/manifest" and uris["models"] == f"{settings.lake}/models"
+    assert (
+        DeltaTable(uris["features/vgg16-random-float32"], storage_options=lake.storage_options or None)
+        .to_pyarrow_table()
+        .num_rows
+        == 1
+    )
 
-    assert table.commit(run_id, []) == record  # a retried commit finds the run committed and changes nothing
-    assert table.read(["uri", "reason"]).to_pylist() == [
-        {"uri": "/img/0.jpg", "reason": None},
-        {"uri": "/img/1.jpg", "reason": None},
-    ]
+
+@pytest.mark.parametrize("table_name", ["manifest", "captions"])
+def test_tables_hold_what_polars_reads(settings, table_name):
+    """An empty lake's tables do not exist yet: every reader sees no rows, and no folder is made."""
+    lake = Lake.open(settings)
+    lake.check()
+    table = lake.table(table_name)
+    assert table.read().num_rows == 0 and table.state() is None and table.commits() == []
+    assert _all_files(lake) == []
+
+
+def test_a_retried_commit_finds_its_run_committed_and_changes_nothing(settings):
+    lake = Lake.open(settings)
+    lake.check()
+    table = lake.table("manifest")
+    run_id = new_run_id()
+    parts = [_part(table, run_id, _rows(run_id, 2))]
+    record = table.commit(run_id, parts)
+
+    assert table.commit(run_id, parts) == record  # the same handle: a flow's retry of its commit task
+    again = lake.table("manifest").commit(run_id, [])  # a new handle finds it in the history
+    assert (again["run_id"], again["rows"]) == (run_id, 2)
+    pinned = lake.table("manifest")
+    pinned.version = record["version"] - 1  # a try whose error came after its log entry was written
+    assert pinned.commit(run_id, parts)["version"] == record["version"]
+    assert table.state().endswith(f"@{record['version']}")
+    assert sorted(table.read().column("uri").to_pylist()) == ["/img/0.jpg", "/img/1.jpg"]

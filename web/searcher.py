@@ -92,11 +92,11 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Marker:
-    """What an index was built from: the captioner version and the committed runs it read."""
+    """What an index was built from: the captioner version and the tables' states (Table.state())."""
 
     version: str | None
-    captions: frozenset[str]
-    manifest: frozenset[str]
+    captions: str | None
+    manifest: str | None
 
 
 @dataclass
@@ -168,8 +168,8 @@ class Searcher:
         # The manifest counts too: it holds the source texts and the details the pages show.
         return Marker(
             version,
-            frozenset(self.lake.table("captions").committed_runs()),
-            frozenset(self.lake.table("manifest").committed_runs()),
+            self.lake.table("captions").state(),
+            self.lake.table("manifest").state(),
         )
 
     def _build(self, marker: Marker) -> Snapshot:

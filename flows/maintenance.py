@@ -1,0 +1,47 @@
+"""Lake maintenance flow: compact and vacuum the Delta tables, or upgrade a lake in the old layout.
+
+`cbir lake optimize|vacuum|upgrade` runs it; `cbir serve` schedules it on maintenance.schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from cbir.lake import Lake
+from cbir.settings import Settings, load_settings
+from flows.reporting import publish_summary
+from jobs import maintenance
+
+Action = Literal["optimize+vacuum", "optimize", "vacuum", "upgrade"]
+
+
+@flow(name="lake-maintenance", log_prints=True)
+def maintenance_flow(
+    action: Action = "optimize+vacuum", table: str | None = None, settings: Settings | None = None
+) -> list[dict]:
+    """Compact the tables' small files, then vacuum the files no version within maintenance.retention_hours
+    needs; or upgrade a lake in the pre-Delta layout. One summary table per step.
+
+    Args:
+        action: optimize, vacuum, optimize+vacuum, or upgrade
+        table: one table (manifest, captions, features/<encoder>-<dtype>), default all
+    """
+    settings = settings or load_settings()
+    lake = Lake.open(settings)
+    if action == "upgrade":
+        rows = maintenance.upgrade(lake)
+        publish_summary("lake-upgrade", f"lake {lake.uri} upgraded to Delta tables", rows or [{"table": "none"}])
+        lake.check()
+        return rows
+    lake.check()
+    rows: list[dict] = []
+    for step in action.split("+"):
+        if step == "optimize":
+            done = maintenance.optimize(lake, table)
+        else:
+            done = maintenance.vacuum(lake, table, settings.maintenance.retention_hours)
+        publish_summary(f"lake-{step}", f"lake {step}", done or [{"table": "none"}])
+        rows += [{"step": step, **row} for row in done]
+    return rows
