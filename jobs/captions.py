@@ -8,6 +8,7 @@ from functools import partial
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -102,7 +103,8 @@ def _delta_files(uri: str, settings: Settings) -> list[str] | None:
     """The files of a Delta table's latest version (None when uri is a plain Parquet folder or file)."""
     from deltalake import DeltaTable
 
-    options = delta_storage_options(settings.s3) if uris.is_s3(uri) else None
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    fs, path = open_filesystem(uri, settings.s3)
+    if fs.get_file_info(f"{path}/_delta_log").type != pafs.FileType.Directory:
         return None
+    options = delta_storage_options(settings.s3) if uris.is_s3(uri) else None
     return [f.split("://", 1)[1] if "://" in f else f for f in DeltaTable(uri, storage_options=options).file_uris()]

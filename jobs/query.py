@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
@@ -96,7 +97,7 @@ def run(
         clock = time.monotonic()
         parts, counts = stage("search", search_and_write, spark, lake, settings, queries, card, captions_table, run_id)
         stage(
-            "commit the results", results.commit, run_id, parts, job="query"
+            "commit the results", partial(results.commit, job="query"), run_id, parts
         )  # a retry is safe: commits are idempotent
         stages["search"] = time.monotonic() - clock
 

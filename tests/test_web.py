@@ -450,7 +450,9 @@ def test_a_newer_index_run_is_picked_up_without_a_restart(built, tmp_path):
             time.sleep(0.1)
         assert [r["image_id"] for r in response.json()["results"]] == [newcomer]
         status = client.get("/api/status").json()
-        assert status["captions"] == 13 and run_id in status["index_runs"]
+        captions_version = lake.table("captions").delta().version()
+        assert status["captions"] == 13 and status["captions_version"] == captions_version
+        assert lake.table("captions").commits()[-1]["run_id"] == run_id
         assert_error(client.get(f"/img/{newcomer}"), 404, "missing-image")  # indexed, but not in the image store
 
         lake.table("captions").drop_runs([run_id])  # dropped runs disappear the same way

@@ -71,7 +71,7 @@ class ImageOut(BaseModel):
 class StatusOut(BaseModel):
     captions: int = Field(description="captions in the index")
     model_version: str | None = Field(description="the captioner version whose captions are indexed")
-    index_runs: list[str] = Field(description="the committed index runs the index was built from")
+    captions_version: int | None = Field(description="the captions table's Delta version the index was built from")
     loaded_at: str
     load_seconds: float
     captioner: str = Field(description="the captioner for uploads: not loaded, loading V, loaded V, unavailable: why")

@@ -403,7 +403,7 @@ class Searcher:
         return {
             "captions": len(snapshot),
             "model_version": snapshot.marker.version,
-            "index_runs": sorted(snapshot.marker.captions),
+            "captions_version": snapshot.marker.captions and int(snapshot.marker.captions.rsplit("@", 1)[1]),
             "loaded_at": snapshot.loaded_at.isoformat(),
             "load_seconds": round(snapshot.seconds, 3),
             "captioner": self.captioner_state,
