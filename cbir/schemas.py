@@ -47,6 +47,12 @@ CAPTIONS = pa.schema(
         _field(
             "references", REFERENCES, "the image's generated texts: kind (caption, label, neighbour), rank, text, score"
         ),
+        _field(
+            "visual",
+            pa.binary(),
+            "the image's features in the captioner memory's space: float16 little-endian unit vector; "
+            "null without a memory (rows written before it have none)",
+        ),
         _field("model_version", pa.string(), "the captioner version that wrote it"),
         _field("status", pa.string(), "ok or failed"),
         _field("error", pa.string(), "why it failed: '<reason>: <detail>'"),
