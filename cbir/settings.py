@@ -318,8 +318,15 @@ class Query(Section):
         le=100,
         description="text queries: the remembered images whose texts match best, averaged into a picture; 0: off",
     )
-    prototype_weight: float = Field(0.3, ge=0, le=1, description="the share of likeness to that picture in the ranking")
+    prototype_weight: float = Field(
+        0.25, ge=0, le=1, description="the share of likeness to that picture in the ranking"
+    )
     prototype_pool: int = Field(50, ge=0, le=10_000, description="BLEU candidates that the picture re-ranks")
+    prototype_all_images: int = Field(
+        100_000,
+        ge=0,
+        description="an index of at most this many images has every image ranked by likeness, not only the pool",
+    )
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
     max_words: int = Field(
         100,

@@ -26,7 +26,8 @@ HIT_DDL = (
     "query_id string, image_id string, uri string, caption string, score double, matched_kind string, "
     "matched_text string"
 )
-TASK_SCHEMA = HIT_SCHEMA.append(pa.field("bleu", pa.float64()))  # score is the blend when re-ranked
+# score is the blend when re-ranked; visual: the cosine with the query's picture
+TASK_SCHEMA = HIT_SCHEMA.append(pa.field("bleu", pa.float64())).append(pa.field("visual", pa.float64()))
 
 
 def search(
@@ -48,17 +49,32 @@ def search(
         picture = q.picture if ranking.on else None
         wanted.append((q.query_id, q.words, k, k if picture is None else max(k, ranking.pool), picture))
     tasks = partitions or max(spark.sparkContext.defaultParallelism, -(-captions.rows // CAPTIONS_PER_TASK))
+    everyone = ranking.everyone(captions.rows)  # for the whole index: every task decides alike
     search_share = partial(
-        _search_partition, spark.sparkContext.broadcast(wanted), params, tuple(kinds), captions.sources, ranking
+        _search_partition,
+        spark.sparkContext.broadcast(wanted),
+        params,
+        tuple(kinds),
+        captions.sources,
+        ranking,
+        everyone,
     )
-    hits = captions.frame.repartition(tasks, "image_id").mapInArrow(search_share, HIT_DDL + ", bleu double")
+    hits = captions.frame.repartition(tasks, "image_id").mapInArrow(
+        search_share, HIT_DDL + ", bleu double, visual double"
+    )
     limits = spark.createDataFrame(
         [(query_id, k, limit) for query_id, _, k, limit, _ in wanted], "query_id string, k int, pool int"
     )
     hits = hits.join(F.broadcast(limits), "query_id")
-    if any(picture is not None for *_, picture in wanted):  # the global pool by BLEU first
+    if any(picture is not None for *_, picture in wanted):
+        # The global pool by BLEU keeps its blend; any other image (a task's pool or its most alike) ranks by
+        # likeness alone when every image is ranked, else not at all: as Index.ranked in one process.
         by_bleu = Window.partitionBy("query_id").orderBy(F.col("bleu").desc(), F.col("image_id").asc())
-        hits = hits.withColumn("in_pool", F.row_number().over(by_bleu)).where(F.col("in_pool") <= F.col("pool"))
+        in_pool = (F.row_number().over(by_bleu) <= F.col("pool")) & (F.col("bleu") > 0)
+        alone = F.lit(ranking.weight) * F.col("visual") if everyone else F.lit(None).cast("double")
+        hits = hits.withColumn("score", F.when(in_pool, F.col("score")).otherwise(alone)).where(
+            F.col("score").isNotNull()
+        )
     order = Window.partitionBy("query_id").orderBy(F.col("score").desc(), F.col("image_id").asc())
     ranked = hits.withColumn("rank", F.row_number().over(order))
     return ranked.where(F.col("rank") <= F.col("k")).select(*HIT_SCHEMA.names, "rank")
@@ -70,6 +86,7 @@ def _search_partition(
     kinds: tuple[str, ...],
     sources: Lake | None,
     ranking: PrototypeRanking,
+    everyone: bool,
     batches: Iterator[pa.RecordBatch],
 ) -> Iterator[pa.RecordBatch]:
     batches = list(batches)
@@ -81,9 +98,9 @@ def _search_partition(
     index = Index.build(table, kinds, params.max_order).with_prototypes(None, ranking)
     out = []
     for query_id, query_words, _, limit, picture in wanted.value:
-        ranked = index.ranked(query_words, limit, params, picture)
+        ranked = index.ranked(query_words, limit, params, picture, everyone, cut=False)
         hits = index.hits(query_words, ranked, params)
-        out += [dict(query_id=query_id, bleu=bleu, **hit) for hit, (_, _, bleu) in zip(hits, ranked)]
+        out += [dict(query_id=query_id, bleu=bleu, visual=cos, **hit) for hit, (*_, bleu, cos) in zip(hits, ranked)]
     yield pa.RecordBatch.from_pylist(out, schema=TASK_SCHEMA)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -142,11 +143,16 @@ class PrototypeRanking:
     images: int = 0
     weight: float = 0.0
     pool: int = 0
+    all_images: int = 0  # an index this small ranks every image by likeness too: words miss many targets
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PrototypeRanking:
         q = settings.query
-        return cls(q.prototype_images, q.prototype_weight, q.prototype_pool)
+        return cls(q.prototype_images, q.prototype_weight, q.prototype_pool, q.prototype_all_images)
+
+    def everyone(self, images: int) -> bool:
+        """Whether an index of this many images ranks them all, not only the BLEU pool."""
+        return images <= self.all_images
 
     @property
     def on(self) -> bool:
@@ -174,6 +180,11 @@ def with_pictures(queries: list, prototypes: Prototypes | None, params: BleuPara
     for query in queries:
         if query.text is not None and query.words:
             query.picture = prototypes.picture(query.words, params)
+
+
+def _top(values: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the n largest values (unordered)."""
+    return np.arange(len(values)) if n >= len(values) else np.argpartition(-values, n - 1)[:n]
 
 
 def visual_vectors(table: pa.Table) -> np.ndarray | None:
@@ -261,29 +272,47 @@ class Index:
         return self.hits(query, self.ranked(query, k, params, picture), params)
 
     def ranked(
-        self, query: list[str], k: int, params: BleuParams, picture: np.ndarray | None = None
-    ) -> list[tuple[str, float, float]]:
-        """(image_id, score, BLEU) of the top k, best first: by BLEU; or, given a picture, the top
-        ranking.pool by BLEU re-ranked by (1 - weight) * BLEU + weight * cosine (ties: image_id)."""
+        self,
+        query: list[str],
+        k: int,
+        params: BleuParams,
+        picture: np.ndarray | None = None,
+        everyone: bool | None = None,
+        cut: bool = True,
+    ) -> list[tuple[str, float, float, float | None]]:
+        """(image_id, score, BLEU, cosine) of the top k, best first: by BLEU; or, given a picture, by
+        weight * cosine + (1 - weight) * BLEU, the BLEU counted for the top ranking.pool by BLEU only, over
+        that pool, or over every image when the index is small (`everyone`: decided for the whole index by
+        the Spark search); ties by image_id. Not `cut`: every candidate, for the Spark search to merge."""
         if self.engine is None:
             return []
         if picture is None or self.visual is None or not self.ranking.on or len(picture) != self.visual.shape[1]:
-            return [(hit.image_id, hit.score, hit.score) for hit in self.engine.search(query, k, params)]
-        hits = self.engine.search(query, max(k, self.ranking.pool), params)
-        if not hits:
-            return []
-        bleu = np.array([hit.score for hit in hits])
-        rows = np.array([self.row_of[hit.image_id] for hit in hits])
-        cosine = self.visual[rows].astype(np.float32) @ np.asarray(picture, np.float32)
-        blended = (1 - self.ranking.weight) * bleu + self.ranking.weight * cosine.astype(np.float64)
-        order = sorted(range(len(hits)), key=lambda i: (-blended[i], hits[i].image_id))[:k]
-        return [(hits[i].image_id, float(blended[i]), hits[i].score) for i in order]
+            return [(hit.image_id, hit.score, hit.score, None) for hit in self.engine.search(query, k, params)]
+        everyone = self.ranking.everyone(len(self)) if everyone is None else everyone
+        pool = self.engine.search(query, max(k, self.ranking.pool), params)
+        bleu = {self.row_of[hit.image_id]: hit.score for hit in pool}
+        picture = np.asarray(picture, np.float32)
+        rows = list(bleu)
+        if everyone:  # a target outside the pool ranks by likeness alone, behind at most pool + k others
+            cosine = self._visual32 @ picture
+            rows = list(dict.fromkeys([*rows, *_top(cosine, k + len(pool)).tolist()]))
+        else:
+            cosine = dict(zip(rows, (self.visual[rows].astype(np.float32) @ picture).tolist()))
+        w, ids = self.ranking.weight, self.table.column("image_id")
+        scored = [(w * float(cosine[row]) + (1 - w) * bleu.get(row, 0.0), ids[row].as_py(), row) for row in rows]
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        scored = scored[:k] if cut else scored
+        return [(image_id, score, bleu.get(row, 0.0), float(cosine[row])) for score, image_id, row in scored]
+
+    @cached_property
+    def _visual32(self) -> np.ndarray:
+        return self.visual.astype(np.float32)
 
     def hits(self, query: list[str], ranked: list[tuple[str, float, float]], params: BleuParams) -> list[dict]:
         """What each ranked image shows: its uri and caption, its score and the text that matched best."""
         if not ranked:
             return []
-        rows = [self.row_of[image_id] for image_id, _, _ in ranked]
+        rows = [self.row_of[image_id] for image_id, *_ in ranked]
         shown = self.table.select(["uri", "caption"]).take(pa.array(rows, pa.int64())).to_pylist()
         matched = self.references.matched(query, rows, params)
         return [
@@ -295,7 +324,7 @@ class Index:
                 matched_kind=why[0] if why else None,
                 matched_text=why[1] if why else None,
             )
-            for (image_id, score, _), row, why in zip(ranked, shown, matched)
+            for (image_id, score, *_), row, why in zip(ranked, shown, matched)
         ]
 
 

@@ -36,9 +36,10 @@ def captions(column: pa.Array | None = None) -> pa.Table:
     return table if column is None else table.append_column("visual", column)
 
 
-def index(table: pa.Table, images: int = 1, weight: float = 0.5, pool: int = 50) -> Index:
+def index(table: pa.Table, images: int = 1, weight: float = 0.5, pool: int = 50, all_images: int = 0) -> Index:
     built = Index.build(table, ("caption",), 4)
-    return built.with_prototypes(Prototypes.of(memory(), images, 4), PrototypeRanking(images, weight, pool))
+    ranking = PrototypeRanking(images, weight, pool, all_images)
+    return built.with_prototypes(Prototypes.of(memory(), images, 4), ranking)
 
 
 def ids(hits: list[dict]) -> list[str]:
@@ -68,6 +69,14 @@ def test_the_picture_re_ranks_the_bleu_pool_as_computed_by_hand():
     assert ids(index(captions(visual(GREEN, RED, GREEN, RED)), pool=1).search(["red", "apple"], 1, PARAMS)) == [
         by_bleu[0].image_id
     ]
+
+
+def test_a_small_index_ranks_every_image_by_likeness_the_pool_by_its_blend_too():
+    table = captions(visual(GREEN, RED, GREEN, RED))
+    assert "d" not in ids(index(table).search(["apple"], 4, PARAMS))  # "a red car" has no word of the query
+    hits = index(table, all_images=4).search(["apple"], 4, PARAMS)
+    assert "d" in ids(hits) and hits[ids(hits).index("d")]["score"] == pytest.approx(0.5)  # likeness alone
+    assert "d" not in ids(index(table, all_images=3).search(["apple"], 4, PARAMS))  # 4 images: more than 3
 
 
 def test_bleu_order_stays_without_a_picture_an_image_query_or_the_ranking_off():
