@@ -11,7 +11,7 @@ Corpora (held-out images are never trained on):
                20% of every category held out, 10% dev.
 Recipes (settings over the `offline` profile, EfficientNet-Lite0 with its ImageNet weights):
   baseline     the recipe as it was before issue 14: greedy decoding without loop blocking, one
-               caption per image, no labels, images ranked by their caption alone
+               caption per image, no labels, images ranked by their caption alone, text queries by BLEU alone
   default      today's defaults
   --recipe NAME KEY=VALUE ...   more, to compare (settings keys, as --set takes them)
 
@@ -59,6 +59,7 @@ BASELINE = [
     "captioner.min_word_count=2",
     "captioner.dropout=0.5",
     "train.label_smoothing=0",
+    "query.prototype_images=0",
 ]
 METRICS = (
     "bleu1",

@@ -47,7 +47,10 @@ from cbir.settings import load_settings
 from cbir.text import words
 from jobs.searcher import bleu_params
 from models.card import EncoderInfo, ModelCard
+from models.neighbours import PROJECTED_DIM, Memory
 
+FEATURE_DIM = 32  # the card's encoder: text queries need no model
+MEMORY_IMAGES = 100_000  # captioner.memory_images' default
 VERSION = "20260101T000000Z-0000beec"  # a version name as the lake checks it: a run id
 WARM_UP = 20  # queries before timing: the first one may compile the engine's kernels
 
@@ -75,6 +78,7 @@ def write_lake(root: Path, n: int) -> pa.Table:
                     "caption": captions.slice(start, rows),
                     "logprob": [0.0] * rows,
                     "references": references.slice(start, rows),
+                    "visual": visual_vectors(rows, seed=start),
                     "model_version": [VERSION] * rows,
                     "status": ["ok"] * rows,
                     "error": [None] * rows,
@@ -88,10 +92,35 @@ def write_lake(root: Path, n: int) -> pa.Table:
     table.commit(run_id, [writer.close()], model_version=VERSION)
     put_bytes(lake.fs, lake.path("models", "captioner", "current"), VERSION.encode(), overwrite=True)
     card = ModelCard(
-        version=VERSION, encoder=EncoderInfo(name="vgg16", weights="random", key="vgg16-random", feature_dim=32)
+        version=VERSION,
+        encoder=EncoderInfo(name="vgg16", weights="random", key="vgg16-random", feature_dim=FEATURE_DIM),
     )  # what cbir search reads of a version (no model: text queries need none)
     put_bytes(lake.fs, lake.path("models", "captioner", VERSION, "card.json"), card.to_json().encode())
+    put_bytes(lake.fs, lake.path("models", "captioner", VERSION, "memory.npz"), memory(captions).to_bytes())
     return images
+
+
+def visual_vectors(n: int, seed: int) -> pa.Array:
+    """n random unit vectors in a memory's space, as the index job stores them (float16 bytes)."""
+    vectors = _unit(np.random.default_rng(seed).normal(size=(n, PROJECTED_DIM))).astype("<f2")
+    return pa.Array.from_buffers(
+        pa.binary(),
+        n,
+        [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * vectors.shape[1] * 2), pa.py_buffer(vectors)],
+    )
+
+
+def memory(captions: pa.Array) -> Memory:
+    """A captioner memory as big as the default one remembers, its texts from the corpus: what text queries
+    borrow a picture from."""
+    n = min(MEMORY_IMAGES, len(captions))
+    vectors = _unit(np.random.default_rng(7).normal(size=(n, PROJECTED_DIM))).astype(np.float16)
+    basis = np.eye(FEATURE_DIM, PROJECTED_DIM, dtype=np.float32)
+    return Memory(np.zeros(FEATURE_DIM, np.float32), basis, vectors, np.array(captions.slice(0, n).to_pylist(), str))
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 def percentiles(ms: list[float]) -> tuple[float, float, float]:

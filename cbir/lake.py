@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from cbir import uris
 from cbir.errors import CbirError, UsageError
-from cbir.schemas import ERRORS, RESULTS, SCHEMAS, features_schema
+from cbir.schemas import ADDED_LATER, ERRORS, RESULTS, SCHEMAS, features_schema
 from cbir.settings import S3, Settings
 
 TABLES = ("manifest", "features", "captions")
@@ -507,10 +507,10 @@ class Table:
                 f"cbir reads (reader {READER_VERSION}, writer {WRITER_VERSION}); nothing was changed"
             )
         want, have = dict(_delta_fields(storage_schema(self.schema))), dict(_delta_fields(table.schema()))
-        if want != have:
-            missing = sorted(set(want) - set(have))
-            extra = sorted(set(have) - set(want))
-            differ = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        differ = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        if extra or differ or set(missing) - ADDED_LATER:  # the newer ones read as nulls; the next write adds them
             detail = "; ".join(
                 x
                 for x in (
@@ -671,7 +671,7 @@ class Table:
 
         table = self.delta()
         if table is not None:
-            return table
+            return self._with_new_columns(table)
         from deltalake.transaction import CommitProperties
 
         try:  # version 0 or nothing: a creator that loses the race must not commit a second CREATE
@@ -688,6 +688,18 @@ class Table:
         table = self.delta()
         if table is None:
             raise CbirError(f"table {self.name} at {self.uri} could not be created")
+        return table
+
+    def _with_new_columns(self, table):
+        """The table, with the (nullable) columns cbir's schema added since it was created: one schema change,
+        which a writer racing to make the same one makes no different."""
+        from deltalake.schema import Field
+
+        have = set(table.schema().to_arrow().names)
+        new = [Field.from_arrow(f) for f in storage_schema(self.schema) if f.name not in have]
+        if new:
+            table.alter.add_columns(new)
+            table.update_incremental()
         return table
 
     def _without_committed_keys(self, table, since: int, run_id: str, parts: list[Part]) -> tuple[list[Part], int]:

@@ -38,6 +38,9 @@ MANIFEST = pa.schema(
     ]
 )
 
+# Columns added since the tables became Delta tables: a table without them reads them as nulls, and the next
+# write adds them to its schema (a table missing any other column of cbir's is foreign).
+ADDED_LATER = frozenset({"visual"})
 CAPTIONS = pa.schema(
     [
         _field("image_id", pa.string(), "sha256 of the image bytes"),
@@ -46,6 +49,12 @@ CAPTIONS = pa.schema(
         _field("logprob", pa.float64(), "the caption's log-probability under the model"),
         _field(
             "references", REFERENCES, "the image's generated texts: kind (caption, label, neighbour), rank, text, score"
+        ),
+        _field(
+            "visual",
+            pa.binary(),
+            "the image's features in the captioner memory's space: float16 little-endian unit vector; "
+            "null without a memory (rows written before it have none)",
         ),
         _field("model_version", pa.string(), "the captioner version that wrote it"),
         _field("status", pa.string(), "ok or failed"),

@@ -322,6 +322,21 @@ class Query(Section):
     hybrid: bool = Field(False, description="for image queries, blend BLEU with visual similarity")
     visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
     hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
+    prototype_images: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="text queries: the remembered images whose texts match best, averaged into a picture; 0: off",
+    )
+    prototype_weight: float = Field(
+        0.25, ge=0, le=1, description="the share of likeness to that picture in the ranking"
+    )
+    prototype_pool: int = Field(50, ge=0, le=10_000, description="BLEU candidates that the picture re-ranks")
+    prototype_all_images: int = Field(
+        100_000,
+        ge=0,
+        description="an index of at most this many images has every image ranked by likeness, not only the pool",
+    )
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
     max_words: int = Field(
         100,

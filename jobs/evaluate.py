@@ -25,7 +25,7 @@ from jobs.captions import lake_captions
 from jobs.queries import Query
 from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 from jobs.search import search
-from jobs.searcher import bleu_params, version_captions
+from jobs.searcher import PrototypeRanking, bleu_params, load_prototypes, version_captions, with_pictures
 from models import store
 
 RECALL_AT = (1, 5, 10)
@@ -119,7 +119,9 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out).
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
     images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
-    found = _ranked(search(spark, captions, [q for q in texts + images if q.words], params, kinds))
+    with_pictures(texts, load_prototypes(lake, card["version"], settings), params)  # image queries go by BLEU
+    asked = [q for q in texts + images if q.words]
+    found = _ranked(search(spark, captions, asked, params, kinds, ranking=PrototypeRanking.from_settings(settings)))
     ranks = [
         next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
         for q, row in zip(texts, rows)

@@ -78,8 +78,8 @@ class IndexContext:
         return load_captioner(self.lake, self.version, self.encoder)
 
     def memory(self) -> Memory | None:
-        """The captioner's memory; None when neighbours are off or the version has none."""
-        return load_memory(self.lake, self.version, self.encoder) if self.neighbours else None
+        """The captioner's memory; None when the version has none."""
+        return load_memory(self.lake, self.version, self.encoder)
 
     def labeler(self) -> Labeler:
         """The encoder's classifier, once per worker (the encoder itself is cached by load_encoder)."""
@@ -101,6 +101,14 @@ class IndexContext:
             for best, names, texts in zip(captions, labels, near)
         ]
 
+    def visual(self, vectors: np.ndarray) -> list[bytes | None]:
+        """Each image's features in the memory's space (float16 little-endian bytes): what a text query's
+        picture is compared with (models.neighbours.Prototypes); None without a memory."""
+        memory = self.memory()
+        if memory is None or not len(vectors):
+            return [None] * len(vectors)
+        return [row.tobytes() for row in memory.project(vectors).astype("<f2")]
+
     def captions_batch(
         self, rows: list[dict], vectors: np.ndarray, failed: list[tuple[dict, Failure]]
     ) -> pa.RecordBatch:
@@ -117,6 +125,8 @@ class IndexContext:
             )
             for row, refs in zip(rows, self.describe(vectors))
         ]
+        for row, visual in zip(out, self.visual(vectors)):
+            row["visual"] = visual
         out += [
             dict(
                 image_id=row["image_id"],

@@ -7,6 +7,7 @@
         references.arrow     every reference text and its kind, grouped by row; counts.npy: how many each
         image_ids.arrow      the engine's image ids, in engine order; vocabulary.arrow: its words by id
         <array>.npy          the engine's arrays (BleuIndex.ARRAYS)
+        visual.npy           the images' vectors in the captioner memory's space, when the captions have them
 
 The key is everything the index depends on: the lake, the captioner version, the lake state of the
 tables read (lake_state), the reference kinds, the n-gram order, the extra columns and FORMAT.
@@ -39,7 +40,7 @@ from jobs.searcher import Index, version_captions
 
 log = logging.getLogger("cbir.search")
 
-FORMAT = 2  # bump when the layout or the engine's arrays change
+FORMAT = 3  # bump when the layout or the engine's arrays change
 FOLDER = "search-index"
 KEEP = 4  # entries per lake: cbir search's and cbir web's (which holds a column more) of the two newest states
 STALE_TMP_S = 3600  # a temporary folder this old was left by a crash
@@ -139,6 +140,9 @@ def save(index: Index, folder: Path, key: dict) -> None:
             _write_arrow(tmp / "image_ids.arrow", pa.table({"value": pa.array(image_ids, pa.string())}))
             _write_arrow(tmp / "vocabulary.arrow", pa.table({"value": pa.array(vocabulary, pa.string())}))
             meta.update(max_order=index.engine.max_order, texts=len(references.texts), images=len(image_ids))
+            if index.visual is not None:
+                _write_npy(tmp / "visual.npy", index.visual)
+            meta["visual"] = index.visual is not None
         meta_path = tmp / "meta.json"
         meta_path.write_text(json.dumps(meta, sort_keys=True))
         fsync_file(str(meta_path))
@@ -223,7 +227,16 @@ def load(folder: Path, key: dict) -> Index:
     engine = BleuIndex.from_state(arrays, image_ids, vocabulary, meta["max_order"])
     if len(engine.ref_lens) != texts.num_rows:
         raise ValueError("the engine's texts are not the references")
-    return Index(table, references, engine, row_of)
+    return Index(table, references, engine, row_of, _read_visual(folder, meta, len(ids)))
+
+
+def _read_visual(folder: Path, meta: dict, rows: int) -> np.ndarray | None:
+    if not meta.get("visual"):
+        return None
+    visual = _read_npy(folder / "visual.npy")
+    if visual.ndim != 2 or visual.shape[0] != rows or visual.dtype != np.dtype("<f2"):
+        raise ValueError(f"visual.npy is {visual.dtype} {visual.shape}, expected float16 ({rows}, d)")
+    return visual
 
 
 def _read_npy(path: Path) -> np.ndarray:

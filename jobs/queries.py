@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from cbir.errors import UsageError
 from cbir.images import Failure
 from cbir.settings import MAX_K, Settings
@@ -20,6 +22,7 @@ class Query:
     image: str | None = None
     caption: str | None = None  # generated for an image query
     vector: list[float] | None = None  # the image query's features, for hybrid ranking
+    picture: np.ndarray | None = None  # a text query's picture borrowed from the memory (jobs.searcher)
 
     @property
     def words(self) -> list[str]:

@@ -31,7 +31,7 @@ from jobs.lakeio import read_table, write_run
 from jobs.progress import Report, tracked
 from jobs.queries import Query, read_queries
 from jobs.search import HIT_DDL, blend_visual, search
-from jobs.searcher import bleu_params
+from jobs.searcher import PrototypeRanking, bleu_params, load_prototypes, with_pictures
 from models import store
 
 Stage = Callable[..., object]  # stage(name, function, *args) -> function(*args), run as the caller sees fit
@@ -134,6 +134,9 @@ def search_and_write(
         captions = lake_captions(spark, lake, card["version"])
     hybrid = settings.query.hybrid and captions_table is None
     pool = {q.query_id: q.k * settings.query.hybrid_pool for q in queries if hybrid and q.vector is not None}
+    ranking = PrototypeRanking.from_settings(settings)
+    if card is not None and captions_table is None:  # a captions table's images have no visual vectors
+        with_pictures(queries, load_prototypes(lake, card["version"], settings), bleu_params(settings))
     ranked = (
         search(
             spark,
@@ -143,6 +146,7 @@ def search_and_write(
             tuple(settings.bleu.references),
             settings.spark.partitions,
             pool,
+            ranking,
         )
         if queries
         else spark.createDataFrame([], HIT_DDL + ", rank int")

@@ -8,8 +8,10 @@ its share of the captions, so every way of searching ranks alike.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +31,11 @@ from jobs.encoding import EncoderConfig, encode_chunks, encoder_config, load_cap
 from jobs.reader import read_bytes
 from models import store
 from models.captioner import Decoding
+from models.neighbours import Prototypes
 
-CAPTION_COLUMNS = ["image_id", "uri", "caption", "references"]
+log = logging.getLogger("cbir.search")
+
+CAPTION_COLUMNS = ["image_id", "uri", "caption", "references", "visual"]
 HIT_SCHEMA = pa.schema(
     [
         ("query_id", pa.string()),
@@ -131,23 +136,118 @@ def _first_values(table: pa.Table, columns: list[str]) -> pa.Table:
 
 # The index.
 @dataclass(frozen=True)
+class PrototypeRanking:
+    """How text queries borrow a picture (models.neighbours.Prototypes): `images` remembered images make it,
+    and the top `pool` images by BLEU are ranked by (1 - weight) * BLEU + weight * likeness to it."""
+
+    images: int = 0
+    weight: float = 0.0
+    pool: int = 0
+    all_images: int = 0  # an index this small ranks every image by likeness too: words miss many targets
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PrototypeRanking:
+        q = settings.query
+        return cls(q.prototype_images, q.prototype_weight, q.prototype_pool, q.prototype_all_images)
+
+    def everyone(self, images: int) -> bool:
+        """Whether an index of this many images ranks them all, not only the BLEU pool."""
+        return images <= self.all_images
+
+    @property
+    def on(self) -> bool:
+        return self.images > 0 and self.weight > 0 and self.pool > 0
+
+
+OFF = PrototypeRanking()
+
+
+def load_prototypes(lake: Lake, version: str | None, settings: Settings) -> Prototypes | None:
+    """The pictures text queries borrow from this captioner version's memory; None when it has none or
+    the ranking is off."""
+    ranking = PrototypeRanking.from_settings(settings)
+    if version is None or not ranking.on:
+        return None
+    memory = store.load_memory(lake, store.card(lake, version))
+    return Prototypes.of(memory, ranking.images, bleu_params(settings).max_order) if memory is not None else None
+
+
+def with_pictures(queries: list, prototypes: Prototypes | None, params: BleuParams) -> None:
+    """Give each text query (a jobs.queries.Query with text) its picture, in the driver: the tasks only
+    compare it with their images."""
+    if prototypes is None:
+        return
+    for query in queries:
+        if query.text is not None and query.words:
+            query.picture = prototypes.picture(query.words, params)
+
+
+def _top(values: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the n largest values (unordered)."""
+    return np.arange(len(values)) if n >= len(values) else np.argpartition(-values, n - 1)[:n]
+
+
+def visual_vectors(table: pa.Table) -> np.ndarray | None:
+    """The `visual` column as (rows, d) float16, zeros where an image has none; None when none has one.
+    A value of another length than the others' (a foreign or damaged row) is left out, with a warning:
+    one bad row must not stop search."""
+    if "visual" not in table.column_names or table.column("visual").null_count == table.num_rows:
+        return None
+    column = table.column("visual").cast(pa.binary()).combine_chunks()
+    lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
+    valid = ~np.asarray(column.is_null(), bool)
+    width = int(np.bincount(lengths[valid].astype(np.int64)).argmax())
+    bad = valid & (lengths != width)
+    if width == 0 or width % 2:
+        bad, width = valid, 0
+    if bad.any():
+        first = table.column("image_id")[int(np.flatnonzero(bad)[0])].as_py()
+        log.warning(
+            "%d visual vector(s) left out (image %s...): %s",
+            int(bad.sum()),
+            first,
+            f"{int(lengths[bad][0])} bytes where the others have {width}"
+            if width
+            else "not float16 vectors (an odd or zero number of bytes)",
+        )
+    if not width:
+        return None
+    keep = valid & ~bad
+    out = np.zeros((len(column), width // 2), "<f2")
+    values = column.filter(pa.array(keep))
+    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset : values.offset + len(values) + 1]
+    data = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    out[keep] = data.view("<f2").reshape(-1, width // 2)
+    return out
+
+
+@dataclass(frozen=True)
 class Index:
-    """The BLEU index of a table of captions (row i is image i) and what its hits show."""
+    """The BLEU index of a table of captions (row i is image i) and what its hits show; with the images'
+    visual vectors and the memory's pictures, text queries' BLEU pools re-ranked by likeness."""
 
     table: pa.Table  # image_id, uri, caption (and any extra manifest column), without the reference texts
     references: References | None
     engine: BleuIndex | None
     row_of: dict[str, int]
+    visual: np.ndarray | None = None  # (rows, d) float16: each image in the memory's space; zeros: none
+    prototypes: Prototypes | None = None
+    ranking: PrototypeRanking = OFF
 
     @classmethod
     def build(cls, table: pa.Table, kinds: Iterable[str], max_order: int) -> Index:
         """`table` as version_captions returns it (any captions table with image_id, uri and caption will do)."""
-        shown = table.select([name for name in table.column_names if name not in ("references", *SOURCE)])
+        hidden = ("references", "visual", *SOURCE)
+        shown = table.select([name for name in table.column_names if name not in hidden])
         ids = table.column("image_id").to_pylist()
         if not ids:
             return cls(shown, None, None, {})
         references = reference_texts(table, tuple(kinds))
-        return cls(shown, references, build_index(ids, references, max_order), dict(zip(ids, range(len(ids)))))
+        engine = build_index(ids, references, max_order)
+        return cls(shown, references, engine, dict(zip(ids, range(len(ids)))), visual_vectors(table))
+
+    def with_prototypes(self, prototypes: Prototypes | None, ranking: PrototypeRanking) -> Index:
+        return replace(self, prototypes=prototypes, ranking=ranking)
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -155,24 +255,76 @@ class Index:
     def knows_any(self, query: list[str]) -> bool:
         return self.engine is not None and any(word in self.engine.vocabulary for word in query)
 
-    def search(self, query: list[str], k: int, params: BleuParams) -> list[dict]:
-        """The exact top k, best first: image_id, uri, caption, score, matched_kind and matched_text of each."""
-        hits = self.engine.search(query, k, params) if self.engine is not None else []
-        if not hits:
+    def picture(self, query: list[str], params: BleuParams) -> np.ndarray | None:
+        """The picture a text query borrows from the memory, when this index re-ranks by one."""
+        if self.prototypes is None or not self.ranking.on or self.visual is None:
+            return None
+        return self.prototypes.picture(query, params)
+
+    def search(
+        self, query: list[str], k: int, params: BleuParams, by_text: bool = True, picture: np.ndarray | None = None
+    ) -> list[dict]:
+        """The top k, best first: image_id, uri, caption, score, matched_kind and matched_text of each. A text
+        query (by_text) is ranked with its picture (given, or borrowed now) when the index has one; the
+        score is then the blend. An image query's caption searches by BLEU alone."""
+        if picture is None and by_text:
+            picture = self.picture(query, params)
+        return self.hits(query, self.ranked(query, k, params, picture), params)
+
+    def ranked(
+        self,
+        query: list[str],
+        k: int,
+        params: BleuParams,
+        picture: np.ndarray | None = None,
+        everyone: bool | None = None,
+        cut: bool = True,
+    ) -> list[tuple[str, float, float, float | None]]:
+        """(image_id, score, BLEU, cosine) of the top k, best first: by BLEU; or, given a picture, by
+        weight * cosine + (1 - weight) * BLEU, the BLEU counted for the top ranking.pool by BLEU only, over
+        that pool, or over every image when the index is small (`everyone`: decided for the whole index by
+        the Spark search); ties by image_id. Not `cut`: every candidate, for the Spark search to merge."""
+        if self.engine is None:
             return []
-        rows = [self.row_of[hit.image_id] for hit in hits]
+        if picture is None or self.visual is None or not self.ranking.on or len(picture) != self.visual.shape[1]:
+            return [(hit.image_id, hit.score, hit.score, None) for hit in self.engine.search(query, k, params)]
+        everyone = self.ranking.everyone(len(self)) if everyone is None else everyone
+        pool = self.engine.search(query, max(k, self.ranking.pool), params)
+        bleu = {self.row_of[hit.image_id]: hit.score for hit in pool}
+        picture = np.asarray(picture, np.float32)
+        rows = list(bleu)
+        if everyone:  # a target outside the pool ranks by likeness alone, behind at most pool + k others
+            cosine = self._visual32 @ picture
+            rows = list(dict.fromkeys([*rows, *_top(cosine, k + len(pool)).tolist()]))
+        else:
+            cosine = dict(zip(rows, (self.visual[rows].astype(np.float32) @ picture).tolist()))
+        w, ids = self.ranking.weight, self.table.column("image_id")
+        scored = [(w * float(cosine[row]) + (1 - w) * bleu.get(row, 0.0), ids[row].as_py(), row) for row in rows]
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        scored = scored[:k] if cut else scored
+        return [(image_id, score, bleu.get(row, 0.0), float(cosine[row])) for score, image_id, row in scored]
+
+    @cached_property
+    def _visual32(self) -> np.ndarray:
+        return self.visual.astype(np.float32)
+
+    def hits(self, query: list[str], ranked: list[tuple[str, float, float]], params: BleuParams) -> list[dict]:
+        """What each ranked image shows: its uri and caption, its score and the text that matched best."""
+        if not ranked:
+            return []
+        rows = [self.row_of[image_id] for image_id, *_ in ranked]
         shown = self.table.select(["uri", "caption"]).take(pa.array(rows, pa.int64())).to_pylist()
         matched = self.references.matched(query, rows, params)
         return [
             dict(
-                image_id=hit.image_id,
+                image_id=image_id,
                 uri=row["uri"],
                 caption=row["caption"],
-                score=hit.score,
+                score=score,
                 matched_kind=why[0] if why else None,
                 matched_text=why[1] if why else None,
             )
-            for hit, row, why in zip(hits, shown, matched)
+            for (image_id, score, *_), row, why in zip(ranked, shown, matched)
         ]
 
 
@@ -265,4 +417,7 @@ def search_one(
 
     kinds, params = tuple(settings.bleu.references), bleu_params(settings)
     index = cached_index(lake, settings.state_dir, card["version"], kinds, params.max_order)
-    return caption, [dict(rank=rank, **hit) for rank, hit in enumerate(index.search(query, k, params), start=1)]
+    prototypes = load_prototypes(lake, card["version"], settings)
+    index = index.with_prototypes(prototypes, PrototypeRanking.from_settings(settings))
+    hits = index.search(query, k, params, by_text=text is not None)
+    return caption, [dict(rank=rank, **hit) for rank, hit in enumerate(hits, start=1)]

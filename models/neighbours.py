@@ -19,6 +19,8 @@ from functools import cached_property
 
 import numpy as np
 
+from cbir.bleu import BleuParams
+from cbir.engine import BleuIndex
 from cbir.text import words
 
 PROJECTED_DIM = 256
@@ -112,6 +114,37 @@ class Memory:
         ):
             raise ValueError(f"its arrays do not fit {feature_dim} features per image")
         return cls(mean.astype(np.float32), basis.astype(np.float32), vectors.astype(np.float16), texts)
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """A picture for words: a text query matched (by BLEU) against the memory's texts, and the vectors of
+    the best-matching remembered images averaged, weighted by their BLEU. Ranking a query's BLEU pool by
+    likeness to that picture finds images whose own texts missed the query's words (OpenClipart: recall@1
+    0.23 -> 0.34). The vectors are the memory's centred and projected ones: uncentred, every drawing looks
+    alike (recall@10 0.51, not 0.53)."""
+
+    texts: BleuIndex  # image "i" is the memory's row i
+    vectors: np.ndarray  # (n, d) float16 unit vectors: the memory's
+    images: int  # how many best-matching remembered images make the picture
+
+    @classmethod
+    def of(cls, memory: Memory, images: int, max_order: int) -> Prototypes:
+        texts = [[words(str(text))] for text in memory.texts]
+        return cls(BleuIndex.from_texts([str(i) for i in range(len(memory))], texts, max_order), memory.vectors, images)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def picture(self, query: list[str], params: BleuParams) -> np.ndarray | None:
+        """The query's picture, a float32 unit vector; None when no remembered text shares a word with it."""
+        hits = self.texts.search(query, self.images, params) if self.images > 0 else []
+        if not hits:
+            return None
+        weights = np.array([hit.score for hit in hits], np.float32)
+        rows = np.array([int(hit.image_id) for hit in hits])
+        return _unit((weights @ self.vectors[rows].astype(np.float32))[None])[0]
 
 
 def consensus(captions: list[str]) -> str:

@@ -276,3 +276,35 @@ def test_a_retried_commit_finds_its_run_committed_and_changes_nothing(settings):
     assert pinned.commit(run_id, parts)["version"] == record["version"]
     assert table.state().endswith(f"@{record['version']}")
     assert sorted(table.read().column("uri").to_pylist()) == ["/img/0.jpg", "/img/1.jpg"]
+
+
+def test_a_table_from_before_a_new_column_reads_it_as_null_and_gains_it_on_the_next_write(settings):
+    from dataclasses import replace
+
+    from cbir.schemas import CAPTIONS
+
+    lake = Lake.open(settings)
+    lake.check()
+    current = lake.table("captions")
+    older = replace(current, schema=pa.schema([f for f in CAPTIONS if f.name != "visual"]))
+    now = datetime.now(UTC)
+
+    def rows(run_id, image_id, **extra):
+        row = {name: None for name in older.schema.names}
+        row.update(image_id=image_id, model_version=run_id, status="ok", indexed_at=now, run_id=run_id, **extra)
+        return pa.RecordBatch.from_pylist([row], schema=pa.schema([*older.schema, *[CAPTIONS.field(k) for k in extra]]))
+
+    first = new_run_id()
+    older.commit(first, [_part(older, first, rows(first, "a"))])
+    assert lake.table("captions").read(["image_id", "visual"]).to_pylist() == [{"image_id": "a", "visual": None}]
+
+    second = new_run_id()
+    current = lake.table("captions")
+    current.commit(second, [_part(current, second, rows(second, "b", visual=b"\x00\x3c"))])
+    assert "visual" in current.delta().schema().to_arrow().names
+    assert sorted(current.read(["image_id", "visual"]).to_pylist(), key=str) == [
+        {"image_id": "a", "visual": None},
+        {"image_id": "b", "visual": b"\x00\x3c"},
+    ]
+    frame = pl.scan_delta(current.uri, storage_options=current.storage_options or None).collect()
+    assert sorted(frame["visual"].to_list(), key=str) == [None, b"\x00\x3c"]

@@ -32,7 +32,7 @@ from cbir.settings import Settings
 from cbir.text import too_many_words, words
 from jobs.gallery import thumbnail, thumbnail_jpeg
 from jobs.index_cache import cached_index
-from jobs.searcher import ImageCaptioner, Index, bleu_params
+from jobs.searcher import ImageCaptioner, Index, PrototypeRanking, bleu_params, load_prototypes
 from models import store
 
 log = logging.getLogger("cbir.web")
@@ -178,6 +178,8 @@ class Searcher:
         index = cached_index(
             self.lake, self.settings.state_dir, marker.version, kinds, self.params.max_order, extra=("format",)
         )
+        ranking = PrototypeRanking.from_settings(self.settings)
+        index = index.with_prototypes(load_prototypes(self.lake, marker.version, self.settings), ranking)
         sources = self._sources(index.table.column("image_id"))
         seconds = time.perf_counter() - started
         log.info("index of %d images (captioner %s) ready in %.1f s", len(index), marker.version, seconds)
@@ -258,7 +260,7 @@ class Searcher:
             said = f"the caption \u201c{caption}\u201d" if caption is not None else "the query"
             raise Refused(404, "no-match", f"No indexed caption has any word of {said}.")
         started = time.perf_counter()
-        hits = snapshot.index.search(query, k, self.params)
+        hits = snapshot.index.search(query, k, self.params, by_text=caption is None)
         results = [Result(rank, **hit) for rank, hit in enumerate(hits, start=1)]
         took = (time.perf_counter() - started) * 1000
         return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
