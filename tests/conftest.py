@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -125,6 +126,17 @@ def cbir_process(environment: dict, cwd: Path, *args: str, overrides: list[str] 
         text=True,
         start_new_session=True,
     )
+
+
+def wait_until(ready, driver: subprocess.Popen, seconds: float = 300) -> None:
+    """Poll for the moment to strike at a running cbir process; fail if it ends (or hangs) first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            driver.kill()
+            _, err = driver.communicate()
+            raise AssertionError(f"the run ended (or hung) before the moment to strike: {err[-3000:]}")
+        time.sleep(0.05)
 
 
 def summary_count(output: str, what: str) -> float:

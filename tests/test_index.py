@@ -6,7 +6,6 @@ import csv
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from jobs.reader import resolve_source
 from models import store
 from models.captioner import Decoding
 
-from conftest import cbir_process, make_settings, s3_lake, shapes_dataset, summary_count
+from conftest import cbir_process, make_settings, s3_lake, shapes_dataset, summary_count, wait_until
 
 SMALL_MODEL = (
     "encoder.weights=random",
@@ -234,13 +233,14 @@ def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, cluster, fresh_s3,
     assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").committed_runs()) == 1
 
 
+@pytest.mark.slow
 def test_a_lost_executor_mid_index_is_retried_and_each_image_captioned_once(
     cluster, fresh_s3, tmp_path, cli_environment
 ):
     settings, prepared, _ = fresh_s3
     lake, version = prepared["lake"], prepared["card"]["version"]
     driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
-    _wait_until(lambda: _has_files(lake, lake.path("captions", "_staging")) and cluster.executor_pids(1), driver)
+    wait_until(lambda: _has_files(lake, lake.path("captions", "_staging")) and cluster.executor_pids(1), driver)
     killed = cluster.kill_executors(1)  # worker 1's executor, mid-run: its running task fails
     out, err = driver.communicate(timeout=600)
 
@@ -254,11 +254,12 @@ def test_a_lost_executor_mid_index_is_retried_and_each_image_captioned_once(
     assert_captions_are_the_captioners(lake, settings, rows, version)
 
 
+@pytest.mark.slow
 def test_a_driver_killed_mid_index_then_rerun_captions_each_image_once(cluster, fresh_s3, tmp_path, cli_environment):
     settings, prepared, _ = fresh_s3
     lake = prepared["lake"]
     driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
-    _wait_until(lambda: _has_files(lake, lake.path("captions", "_staging")), driver)
+    wait_until(lambda: _has_files(lake, lake.path("captions", "_staging")), driver)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver's Python and its JVM
     driver.wait(timeout=60)
     assert captions_of(lake) == []  # nothing of the killed run is visible
@@ -271,15 +272,6 @@ def test_a_driver_killed_mid_index_then_rerun_captions_each_image_once(cluster, 
     rows = captions_of(lake)
     assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
     assert len(lake.table("captions").committed_runs()) == 1
-
-
-def _wait_until(ready, driver: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not ready():
-        if driver.poll() is not None or time.monotonic() > deadline:
-            out, err = driver.communicate()
-            raise AssertionError(f"the run ended (or hung) before the moment to strike: {err[-3000:]}")
-        time.sleep(0.05)
 
 
 def _has_files(lake: Lake, path: str) -> bool:
