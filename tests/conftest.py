@@ -112,6 +112,12 @@ def cluster(tmp_path_factory, s3_endpoint):
         yield running
 
 
+def free_port_pair() -> tuple[int, int]:
+    from jobs.cluster import free_port
+
+    return free_port(), free_port()
+
+
 def cbir_process(environment: dict, cwd: Path, *args: str, overrides: list[str] = ()) -> subprocess.Popen:
     """`cbir ARGS --set ...` from this checkout, its driver in a process group of its own (to kill it whole)."""
     command = [sys.executable, "-m", "cli", *args]
