@@ -72,6 +72,12 @@ class Spark(Section):
     master: str = "local[*]"
     partitions: int = Field(0, ge=0, description="0: about 1,000 items a partition, at least 4 per core")
     driver_memory: str = "2g"
+    # Executors (a cluster's; local mode runs tasks in the driver's JVM): sized so that TF threads per task
+    # x tasks per executor = its cores, and each Python worker keeps its loaded models from task to task.
+    executor_cores: int = Field(0, ge=0, description="cores per executor; 0: the cluster manager's default")
+    executor_memory: str = Field("1g", pattern=r"^\d+[kmgt]?$", description="JVM heap per executor")
+    task_cpus: int = Field(1, ge=1, description="cores per task: TensorFlow threads per task on a cluster")
+    python_worker_reuse: bool = Field(True, description="keep Python workers (and their loaded models) between tasks")
     ui: bool = False
     conf: dict[str, str] = {}
 

@@ -316,6 +316,35 @@ def web(args, settings: Settings) -> None:
     serve(settings, args.host or settings.web.host, port)
 
 
+def cluster(args, settings: Settings) -> int:
+    """A standalone Spark cluster on this machine (master and workers from the installed pyspark)."""
+    from jobs import cluster as standalone
+
+    folder = Path(settings.state_dir) / "cluster"
+    running = standalone.Cluster.load(folder)
+    if running and not running.alive_workers() and args.action != "stop":
+        running = None  # stopped some other way: its state file is stale
+    if args.action == "start":
+        if running:
+            raise UsageError(f"a cluster already runs at {running.url}; stop it first with `cbir cluster stop`")
+        running = standalone.start(folder, args.workers, args.cores, args.memory, args.port, args.ui_port, args.host)
+        print(f"web UI http://{running.host}:{running.ui_port}, logs in {folder}", file=sys.stderr)
+        print(f"run cbir on it with --set spark.master={running.url} (or CBIR_SPARK__MASTER)", file=sys.stderr)
+        print(running.url)
+    elif args.action == "stop":
+        if running:
+            standalone.stop(running)
+        print(f"stopped {running.url}" if running else "no cluster to stop", file=sys.stderr)
+    elif not running:
+        print("no cluster runs (start one with `cbir cluster start`)", file=sys.stderr)
+        return 1
+    else:
+        workers = running.state()["workers"]
+        alive = [w for w in workers if w["state"] == "ALIVE"]
+        print(json.dumps({"master": running.url, "workers": len(alive), "cores": sum(w["cores"] for w in alive)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cbir", description="Caption-based reverse image search, as a batch pipeline."
@@ -381,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--port", type=int, default=UI_PORT)
     sub = verb("serve", serve, "serve the scheduled crawl and index and the on-demand query to the Prefect server")
     _add_search(sub, "the scheduled crawl's Flickr search (without one, the crawl deployment is paused): ")
+    sub = verb("cluster", cluster, "start, stop or show a standalone Spark cluster on this machine")
+    sub.add_argument("action", choices=["start", "stop", "status"])
+    sub.add_argument("--workers", type=int, default=2, help="workers to start (default 2)")
+    sub.add_argument("--cores", type=int, default=1, help="cores per worker (default 1)")
+    sub.add_argument("--memory", default="2g", help="memory per worker for its executors (default 2g)")
+    sub.add_argument("--host", default="127.0.0.1", help="the address the daemons listen on")
+    sub.add_argument("--port", type=int, default=7077, help="the master's port (default 7077)")
+    sub.add_argument("--ui-port", type=int, default=8180, help="the master's web UI port (default 8180)")
     sub = verb("web", web, "serve the search page and its JSON API (default 127.0.0.1:8080, settings web.*)")
     sub.add_argument("--host", help="the address to listen on (default web.host)")
     sub.add_argument("--port", type=int, help="the port (default web.port)")

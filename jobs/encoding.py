@@ -58,12 +58,13 @@ class EncoderConfig:
 
 
 def encoder_config(settings: Settings, parallel_tasks: int) -> EncoderConfig:
-    """The encoder settings for tasks; on a local master, TensorFlow threads x parallel tasks = cores."""
+    """The encoder settings for tasks; TensorFlow threads x parallel tasks = cores (on a cluster, a task's
+    spark.task_cpus)."""
     encoder = settings.encoder
     threads = encoder.threads
     if not threads:
         local = settings.spark.master.startswith("local")
-        threads = max(1, (os.cpu_count() or 1) // parallel_tasks) if local else 1
+        threads = max(1, (os.cpu_count() or 1) // parallel_tasks) if local else settings.spark.task_cpus
     return EncoderConfig(
         encoder.name,
         encoder.weights,

@@ -163,6 +163,7 @@ class IndexSummary(ImagesSummary):
     failed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    retried_tasks: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -178,6 +179,7 @@ class IndexSummary(ImagesSummary):
         ]
         rows += [{"what": f"failed: {reason}", "count": n} for reason, n in sorted(self.failed.items())]
         rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
+        rows.append({"what": "tasks retried", "count": self.retried_tasks})
         rows += [{"what": f"task seconds: {stage}", "count": round(self.stages.get(stage, 0.0), 1)} for stage in STAGES]
         return rows
 
@@ -231,6 +233,7 @@ def tally(summary: IndexSummary, staged: StagedRun | None) -> IndexSummary:
         )
         summary.failed = dict(stats.failed)
         summary.stages = {name: stats.seconds[name] for name in STAGES}
+        summary.retried_tasks = stats.counts["retried_tasks"]
     summary.stop()
     return summary
 
@@ -277,8 +280,8 @@ def _index(
         .repartition(default_partitions(spark, pending, partitions, CAPTIONS_PER_TASK))
     )
     work = to_encode.select(columns).unionByName(to_caption.select(columns))
-    with tracked(spark, f"index with captioner {context.version}", progress):
-        return stage(
+    with tracked(spark, f"index with captioner {context.version}", progress) as jobs:
+        staged = stage(
             work,
             {"features": features, "captions": captions},
             run_id,
@@ -286,6 +289,8 @@ def _index(
             features={"job": "index", "model_version": context.version},
             captions={"job": "index", "model_version": context.version},
         )
+    staged.stats.counts["retried_tasks"] += jobs.retried_tasks
+    return staged
 
 
 def drop_version(lake: Lake, version: str) -> tuple[int, int]:

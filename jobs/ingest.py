@@ -71,6 +71,7 @@ class IngestSummary(ImagesSummary):
     bytes: int = 0
     seconds: float = 0.0
     stored_as: str = "ingested"
+    retried_tasks: int = 0
 
     @property
     def probed(self) -> int:
@@ -91,6 +92,7 @@ class IngestSummary(ImagesSummary):
         rows += [{"what": f"failed: {reason}", "count": n} for reason, n in sorted(self.failed.items())]
         rows.append({"what": "bytes stored", "count": self.bytes})
         rows.append({"what": "images/s", "count": round(self.images_per_s, 1)})
+        rows.append({"what": "tasks retried", "count": self.retried_tasks})
         return rows
 
 
@@ -145,10 +147,12 @@ def store(
         F.lit(datetime.now(UTC)).alias("ingested_at"),
         F.lit(run_id).alias("run_id"),
     )
-    with tracked(spark, f"ingest {source.uri}", progress):
-        return stage(
+    with tracked(spark, f"ingest {source.uri}", progress) as jobs:
+        staged = stage(
             rows, {table.name: table}, run_id, _tally_batches, manifest={"job": "ingest", "source": source.uri}
         )
+    staged.stats.counts["retried_tasks"] += jobs.retried_tasks
+    return staged
 
 
 def tally(summary: IngestSummary, staged: StagedRun | None) -> IngestSummary:
@@ -158,6 +162,7 @@ def tally(summary: IngestSummary, staged: StagedRun | None) -> IngestSummary:
         summary.bytes = stats.counts["bytes"]
         summary.ingested, summary.duplicates = stats.status["ok"], stats.status["duplicate"]
         summary.failed = dict(stats.failed)
+        summary.retried_tasks = stats.counts["retried_tasks"]
     summary.skipped = summary.found - summary.probed
     summary.stop()
     return summary

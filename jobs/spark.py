@@ -49,11 +49,28 @@ def build_session(settings: Settings) -> SparkSession:
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
     )
+    builder = executors_configured(builder, settings)
     for key, value in settings.spark.conf.items():
         builder = builder.config(key, value)
     # A JVM started here (and the Python workers it starts) writes to stderr through the filter for its life.
     with lines_dropped(lambda line: line == JVM_NOTICE, wait=False):
         return builder.getOrCreate()
+
+
+def executors_configured(builder: SparkSession.Builder, settings: Settings) -> SparkSession.Builder:
+    """Executor size from settings; spark.conf.* (applied after) may override any of it."""
+    spark = settings.spark
+    builder = (
+        builder.config("spark.executor.memory", spark.executor_memory)
+        .config("spark.task.cpus", str(spark.task_cpus))
+        .config("spark.python.worker.reuse", str(spark.python_worker_reuse).lower())
+    )
+    if spark.executor_cores:
+        builder = builder.config("spark.executor.cores", str(spark.executor_cores))
+    if os.environ.get("PYTHONPATH") and not spark.master.startswith("local"):
+        # Executors import the driver's cbir, not whatever the worker's environment would find first.
+        builder = builder.config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
+    return builder
 
 
 def default_partitions(spark: SparkSession, items: int, configured: int = 0, per_partition: int = 1000) -> int:

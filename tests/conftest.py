@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from cbir.settings import Settings, load_settings
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the cbir command sets it
+REPO = Path(__file__).resolve().parents[1]
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -106,6 +109,56 @@ def task_runs(flow_run_id) -> dict[str, str]:
             sort=TaskRunSort.EXPECTED_START_TIME_ASC,
         )
     return {run.name.rsplit("-", 1)[0]: run.state.type.value for run in runs}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint):
+    """A standalone Spark cluster of two one-core workers (jobs/cluster.py), shared by a module's tests: its
+    start-up is costly. After s3_endpoint, so its daemons (and executors) have the S3 server's keys."""
+    from jobs.cluster import standalone_cluster
+
+    with standalone_cluster(tmp_path_factory.mktemp("cluster"), workers=2, cores=1, memory="2g") as running:
+        yield running
+
+
+def free_port_pair() -> tuple[int, int]:
+    from jobs.cluster import free_port
+
+    return free_port(), free_port()
+
+
+def cbir_process(environment: dict, cwd: Path, *args: str, overrides: list[str] = ()) -> subprocess.Popen:
+    """`cbir ARGS --set ...` from this checkout, its driver in a process group of its own (to kill it whole)."""
+    command = [sys.executable, "-m", "cli", *args]
+    for item in overrides:
+        command += ["--set", item]
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**environment, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until(ready, driver: subprocess.Popen, seconds: float = 300) -> None:
+    """Poll for the moment to strike at a running cbir process; fail if it ends (or hangs) first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            driver.kill()
+            _, err = driver.communicate()
+            raise AssertionError(f"the run ended (or hung) before the moment to strike: {err[-3000:]}")
+        time.sleep(0.05)
+
+
+def summary_count(output: str, what: str) -> float:
+    """A row's count in a run's printed summary table."""
+    match = re.search(rf"│ {re.escape(what)}\s*│\s*([\d.]+)", output)
+    assert match, f"no '{what}' row in the summary:\n{output[-3000:]}"
+    return float(match.group(1))
 
 
 @pytest.fixture

@@ -104,6 +104,9 @@ class Handler(BaseHTTPRequestHandler):
         if match := re.fullmatch(r"/img/(\d+)\.(jpg|png)", path):
             fmt = "PNG" if match.group(2) == "png" else "JPEG"
             return self._send(200, image_bytes(int(match.group(1)), size=(64, 48), fmt=fmt), f"image/{fmt.lower()}")
+        if match := re.fullmatch(r"/pause/(\d+)\.jpg", path):  # a download that takes a while
+            time.sleep(0.2)
+            return self._send(200, image_bytes(int(match.group(1)), size=(64, 48)), "image/jpeg")
         if path == "/big.jpg":
             return self._send(200, image_bytes(1, size=(800, 600), fmt="PNG", noise=True), "image/png")
         if path == "/large.jpg":  # within the byte limit, larger than crawl.resize

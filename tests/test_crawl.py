@@ -22,7 +22,7 @@ from jobs import flickr, ingest
 from jobs.download import Downloader, refused_reason, target
 from jobs.reader import Listing, read_web_entries, resolve_url_list
 
-from conftest import image_bytes, make_settings, task_runs
+from conftest import cbir_process, image_bytes, make_settings, s3_lake, summary_count, task_runs, wait_until
 from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
 
 FAST = [
@@ -408,3 +408,34 @@ def test_the_user_agent_names_cbir_and_the_contact_url(web, tmp_path):
     assert "cbir/0.1 (caption-based image search crawler; +https://example.org/crawler)" in web.user_agents
     with pytest.raises(UsageError, match="crawl.user_agent"):
         make_settings(tmp_path, "crawl.user_agent=Mozilla/5.0")
+
+
+@pytest.mark.slow
+def test_a_lost_executor_mid_crawl_is_retried_and_each_url_stored_once(
+    cluster, web, bucket, s3_endpoint, tmp_path, cli_environment
+):
+    urls = [f"{web.base}/pause/{1000 + i}.jpg" for i in range(40)]
+    (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+    overrides = [
+        *FAST,
+        "crawl.allow_hosts=127.0.0.1",
+        "crawl.concurrency=1",  # one download at a time: 8 tasks of 5, about a second each
+        *s3_lake(bucket, s3_endpoint),
+        f"state_dir={tmp_path}/state",
+        f"spark.master={cluster.url}",
+    ]
+    driver = cbir_process(cli_environment, tmp_path, "crawl", "urls", str(tmp_path / "urls.txt"), overrides=overrides)
+
+    def downloads() -> list[int]:
+        return [web.hits[f"/pause/{1000 + i}.jpg"] for i in range(40)]
+
+    wait_until(lambda: sum(downloads()) >= 12 and cluster.executor_pids(1), driver)
+    killed = cluster.kill_executors(1)  # worker 1's executor, mid-download
+    out, err = driver.communicate(timeout=600)
+
+    assert killed and driver.returncode == 0, err[-3000:]
+    assert summary_count(out + err, "downloaded") == 40 and summary_count(out + err, "tasks retried") >= 1
+    rows = Lake.open(make_settings(tmp_path, *s3_lake(bucket, s3_endpoint))).table("manifest").read().to_pylist()
+    assert sorted(row["uri"] for row in rows) == sorted(urls)  # each url stored once
+    assert all(row["status"] == "ok" for row in rows) and len({row["image_id"] for row in rows}) == 40
+    assert min(downloads()) >= 1 and sum(downloads()) - 40 <= 40 // 2 + 5  # again: the lost executor's share

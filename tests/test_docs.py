@@ -22,3 +22,18 @@ def test_every_table_schema_is_documented_exactly():
         ]
         for (_, _, meaning), field in zip(documented, schema):
             assert meaning.startswith(field.metadata[b"doc"].decode())
+
+
+def test_every_setting_is_documented():
+    from pydantic import BaseModel
+
+    from cbir.settings import Settings
+
+    keys = []
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            keys += [f"{name}.{key}" for key in section.model_fields]
+        elif name != "profile":  # chosen with --profile, not set
+            keys.append(name)
+    assert [key for key in keys if f"`{key}" not in REFERENCE] == []

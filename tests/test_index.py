@@ -6,9 +6,6 @@ import csv
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +22,7 @@ from jobs.reader import resolve_source
 from models import store
 from models.captioner import Decoding
 
-from conftest import make_settings, s3_lake, shapes_dataset
+from conftest import cbir_process, make_settings, s3_lake, shapes_dataset, summary_count, wait_until
 
 SMALL_MODEL = (
     "encoder.weights=random",
@@ -208,51 +205,73 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     assert sorted(row["image_id"] for row in captions_of(lake)) == sorted(stored_images(lake))
 
 
-def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, fresh_s3, tmp_path, cli_environment):
+def on_cluster(cluster, settings) -> list[str]:
+    """The --set overrides of a cbir run on the cluster over the test's S3 lake."""
+    return [
+        f"lake={settings.lake}",
+        f"s3.endpoint_url={settings.s3.endpoint_url}",
+        "s3.region=us-east-1",
+        f"spark.master={cluster.url}",
+        "spark.ui=false",
+        *SMALL_MODEL,
+    ]
+
+
+def test_index_on_a_standalone_cluster_with_an_s3_lake(spark, cluster, fresh_s3, tmp_path, cli_environment):
     settings, prepared, _ = fresh_s3
     lake, version = prepared["lake"], prepared["card"]["version"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    spark_class = str(Path(sys.executable).parent / "spark-class")
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work")}
+    driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
+    out, err = driver.communicate(timeout=600)
 
-    def daemon(*args: str) -> subprocess.Popen:
-        command = [spark_class, *args, "--host", "127.0.0.1", "--webui-port", "0"]
-        return subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-
-    master = daemon("org.apache.spark.deploy.master.Master", "--port", str(port))
-    worker = daemon(
-        "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--cores", "2", "--memory", "2g"
-    )
-    try:
-        _wait_for_port(port)
-        overrides = [
-            f"lake={settings.lake}",
-            f"s3.endpoint_url={settings.s3.endpoint_url}",
-            "s3.region=us-east-1",
-            f"spark.master=spark://127.0.0.1:{port}",
-            "spark.ui=false",
-            *SMALL_MODEL,
-        ]
-        command = [str(Path(sys.executable).parent / "cbir"), "index"]
-        for item in overrides:
-            command += ["--set", item]
-        result = subprocess.run(command, cwd=tmp_path, env=cli_environment, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "│ indexed" in result.stdout + result.stderr
-    finally:
-        for process in (worker, master):
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+    assert driver.returncode == 0, err[-3000:]
+    assert (summary_count(out + err, "indexed"), summary_count(out + err, "tasks retried")) == (36, 0)
     rows = captions_of(lake)
     assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
     assert all(row["status"] == "ok" and row["caption"] is not None for row in rows)
-    assert_captions_are_the_captioners(lake, settings, rows, version)
+    assert_captions_are_the_captioners(lake, settings, rows, version)  # what local[*] gives: the captioner's
     again = index.run(spark, lake, settings)  # a rerun (here in local mode) on the S3 lake finds nothing new
     assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").committed_runs()) == 1
+
+
+@pytest.mark.slow
+def test_a_lost_executor_mid_index_is_retried_and_each_image_captioned_once(
+    cluster, fresh_s3, tmp_path, cli_environment
+):
+    settings, prepared, _ = fresh_s3
+    lake, version = prepared["lake"], prepared["card"]["version"]
+    driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
+    wait_until(lambda: _has_files(lake, lake.path("captions", "_staging")) and cluster.executor_pids(1), driver)
+    killed = cluster.kill_executors(1)  # worker 1's executor, mid-run: its running task fails
+    out, err = driver.communicate(timeout=600)
+
+    assert killed and driver.returncode == 0, err[-3000:]
+    assert summary_count(out + err, "indexed") == 36 and summary_count(out + err, "tasks retried") >= 1
+    rows = captions_of(lake)
+    assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
+    assert len(lake.table("captions").committed_runs()) == 1  # committed once
+    features = encoder_config(settings, 1).table(lake).read(["image_id"])["image_id"].to_pylist()
+    assert len(features) == len(set(features))  # and no image's features twice
+    assert_captions_are_the_captioners(lake, settings, rows, version)
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_index_then_rerun_captions_each_image_once(cluster, fresh_s3, tmp_path, cli_environment):
+    settings, prepared, _ = fresh_s3
+    lake = prepared["lake"]
+    driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
+    wait_until(lambda: _has_files(lake, lake.path("captions", "_staging")), driver)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver's Python and its JVM
+    driver.wait(timeout=60)
+    assert captions_of(lake) == []  # nothing of the killed run is visible
+
+    rerun = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
+    out, err = rerun.communicate(timeout=600)
+
+    assert rerun.returncode == 0, err[-3000:]
+    assert summary_count(out + err, "indexed") == 36
+    rows = captions_of(lake)
+    assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
+    assert len(lake.table("captions").committed_runs()) == 1
 
 
 def _has_files(lake: Lake, path: str) -> bool:
@@ -289,16 +308,6 @@ def _parent(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
-
-
-def _wait_for_port(port: int, seconds: int = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _features_ids(lake: Lake, settings) -> list[str]:
