@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -163,12 +162,15 @@ OFF = PrototypeRanking()
 
 
 def load_prototypes(lake: Lake, version: str | None, settings: Settings) -> Prototypes | None:
-    """The pictures text queries borrow from this captioner version's memory; None when it has none or
-    the ranking is off."""
+    """The pictures text queries borrow from this captioner version's memory; None when it has none, the
+    ranking is off, or the lake holds captions but not their captioner (a copied table)."""
     ranking = PrototypeRanking.from_settings(settings)
     if version is None or not ranking.on:
         return None
-    memory = store.load_memory(lake, store.card(lake, version))
+    try:
+        memory = store.load_memory(lake, store.card(lake, version))
+    except UsageError:
+        return None
     return Prototypes.of(memory, ranking.images, bleu_params(settings).max_order) if memory is not None else None
 
 
@@ -180,6 +182,17 @@ def with_pictures(queries: list, prototypes: Prototypes | None, params: BleuPara
     for query in queries:
         if query.text is not None and query.words:
             query.picture = prototypes.picture(query.words, params)
+
+
+def likeness(vectors: np.ndarray, picture: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Cosines of the (unit, float16) vectors with the picture, the same whichever rows are computed together
+    (a Spark task holds some, the web app all): exact float64 products, summed, rounded to float32; float32
+    sums in BLAS vary with the rows' layout in the last bit, which would break ties differently."""
+    picture = np.asarray(picture, np.float64)
+    out = np.empty(len(vectors), np.float32)
+    for start in range(0, len(vectors), chunk):
+        out[start : start + chunk] = vectors[start : start + chunk].astype(np.float64) @ picture
+    return out.astype(np.float64)
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:
@@ -291,22 +304,17 @@ class Index:
         everyone = self.ranking.everyone(len(self)) if everyone is None else everyone
         pool = self.engine.search(query, max(k, self.ranking.pool), params)
         bleu = {self.row_of[hit.image_id]: hit.score for hit in pool}
-        picture = np.asarray(picture, np.float32)
         rows = list(bleu)
         if everyone:  # a target outside the pool ranks by likeness alone, behind at most pool + k others
-            cosine = self._visual32 @ picture
+            cosine = likeness(self.visual, picture)
             rows = list(dict.fromkeys([*rows, *_top(cosine, k + len(pool)).tolist()]))
         else:
-            cosine = dict(zip(rows, (self.visual[rows].astype(np.float32) @ picture).tolist()))
+            cosine = dict(zip(rows, likeness(self.visual[rows], picture).tolist()))
         w, ids = self.ranking.weight, self.table.column("image_id")
         scored = [(w * float(cosine[row]) + (1 - w) * bleu.get(row, 0.0), ids[row].as_py(), row) for row in rows]
         scored.sort(key=lambda item: (-item[0], item[1]))
         scored = scored[:k] if cut else scored
         return [(image_id, score, bleu.get(row, 0.0), float(cosine[row])) for score, image_id, row in scored]
-
-    @cached_property
-    def _visual32(self) -> np.ndarray:
-        return self.visual.astype(np.float32)
 
     def hits(self, query: list[str], ranked: list[tuple[str, float, float]], params: BleuParams) -> list[dict]:
         """What each ranked image shows: its uri and caption, its score and the text that matched best."""

@@ -111,9 +111,9 @@ def task_runs(flow_run_id) -> dict[str, str]:
     return {run.name.rsplit("-", 1)[0]: run.state.type.value for run in runs}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory, s3_endpoint):
-    """A standalone Spark cluster of two one-core workers (jobs/cluster.py), shared by a module's tests: its
+    """A standalone Spark cluster of two one-core workers (jobs/cluster.py), shared by the session's tests: its
     start-up is costly. After s3_endpoint, so its daemons (and executors) have the S3 server's keys."""
     from jobs.cluster import standalone_cluster
 

@@ -247,7 +247,7 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
     from jobs.captions import lake_captions
     from jobs.queries import Query
     from jobs.search import search
-    from jobs.searcher import bleu_params, search_one
+    from jobs.searcher import PrototypeRanking, bleu_params, load_prototypes, search_one, with_pictures
     from models import store
     from web.searcher import Searcher
 
@@ -257,9 +257,13 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
         Query(f"q{i}", 6, text=text)
         for i, text in enumerate(["a red circle", "a blue square on a black background", "yellow triangle", "green"])
     ]
-    captions = lake_captions(spark, lake, store.card(lake)["version"])
-    kinds = tuple(settings.bleu.references)
-    rows = search(spark, captions, asked, bleu_params(settings), kinds, partitions=3).collect()
+    version, params, kinds = store.card(lake)["version"], bleu_params(settings), tuple(settings.bleu.references)
+    prototypes = load_prototypes(lake, version, settings)
+    assert prototypes is not None  # text queries borrow pictures: every path must rank by them alike
+    with_pictures(asked, prototypes, params)  # in the driver, as the query job does
+    ranking = PrototypeRanking.from_settings(settings)
+    rows = search(spark, lake_captions(spark, lake, version), asked, params, kinds, partitions=3, ranking=ranking)
+    rows = rows.collect()
     web = Searcher(settings, lake)
     for q in asked:
         job = [
