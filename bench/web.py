@@ -40,10 +40,11 @@ import numpy as np
 import pyarrow as pa
 
 from bench.query import corpus, images_with_references
-from cbir.lake import Lake, new_run_id, put_bytes
+from cbir.lake import Lake, new_run_id
 from cbir.references import build_index, reference_texts
 from cbir.schemas import CAPTIONS
 from cbir.settings import load_settings
+from cbir.storage import put_bytes
 from cbir.text import words
 from jobs.searcher import bleu_params
 from models.card import EncoderInfo, ModelCard

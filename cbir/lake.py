@@ -25,8 +25,6 @@ the same pending images leave each (image_id, model_version) once, and two inges
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import time
 import uuid
@@ -34,9 +32,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -45,8 +41,10 @@ import pyarrow.parquet as pq
 
 from cbir import uris
 from cbir.errors import CbirError, UsageError
+from cbir.parts import Part, PartWriter, from_storage, part_of, storage_schema
 from cbir.schemas import ADDED_LATER, ERRORS, RESULTS, SCHEMAS, features_schema
-from cbir.settings import S3, Settings
+from cbir.settings import Settings
+from cbir.storage import delta_storage_options, is_local, open_filesystem, put_bytes
 
 TABLES = ("manifest", "features", "captions")
 ROOTS = ("images", "models", "queries")
@@ -59,7 +57,6 @@ RUN_PART = re.compile(rf"run[-=]({RUN_ID.pattern})/({PART.pattern})")  # run=<id
 # so deletion vectors or column mapping would make it read wrong rows), writer features up to 7.
 READER_VERSION, WRITER_VERSION = 1, 7
 COMMIT_ATTEMPTS = 100
-STRING_STATS_MAX = 256  # longer strings get no min/max statistics (a bound must never be wrong)
 RETENTION_HOURS = 168  # vacuum keeps what the versions of the last 7 days need (Delta's default)
 
 
@@ -73,150 +70,6 @@ def checked_run_id(value, what: str = "run id") -> str:
 def new_run_id() -> str:
     """Sortable by time, unique across machines, never parsed as a number."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-def open_filesystem(uri: str, s3: S3) -> tuple[pafs.FileSystem, str]:
-    """A URI (local path, file:// or s3://) -> (filesystem, path within it)."""
-    if uris.is_s3(uri):
-        return pafs.S3FileSystem(**_s3_options(s3)), uri.removeprefix(uris.S3).rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-
-
-def _s3_options(s3: S3) -> dict:
-    # Delayed open lets a small write be one PutObject instead of a three-request multipart upload.
-    options: dict = {"allow_delayed_open": True}
-    if s3.endpoint_url:
-        scheme, _, host = s3.endpoint_url.rstrip("/").partition("://")
-        options.update(endpoint_override=host, scheme=scheme)
-    if s3.region:
-        options["region"] = s3.region
-    if s3.access_key and s3.secret_key:
-        options.update(access_key=s3.access_key.get_secret_value(), secret_key=s3.secret_key.get_secret_value())
-    return options
-
-
-def delta_storage_options(s3: S3) -> dict[str, str]:
-    """The same endpoint and credentials for delta-rs (object_store). Commits use S3 conditional writes
-    (If-None-Match), which delta-rs 1.x does by default: no locking provider, never AWS_S3_ALLOW_UNSAFE_RENAME."""
-    options: dict[str, str] = {}
-    if s3.endpoint_url:
-        options["AWS_ENDPOINT_URL"] = s3.endpoint_url.rstrip("/")
-        if s3.endpoint_url.startswith("http://"):
-            options["AWS_ALLOW_HTTP"] = "true"
-    region = s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["AWS_REGION"] = region
-    if s3.access_key and s3.secret_key:
-        options.update(
-            AWS_ACCESS_KEY_ID=s3.access_key.get_secret_value(), AWS_SECRET_ACCESS_KEY=s3.secret_key.get_secret_value()
-        )
-    return options
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new file in this folder durable (the folder's entry, not just the data)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_file(path: str) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def is_local(fs: pafs.FileSystem) -> bool:
-    return isinstance(fs, pafs.LocalFileSystem)
-
-
-def put_bytes(fs: pafs.FileSystem, path: str, data: bytes, overwrite: bool = False) -> bool:
-    """Write atomically; without overwrite, False when the path exists (content-addressed reuse)."""
-    if not overwrite and fs.get_file_info(path).type != pafs.FileType.NotFound:
-        return False
-    if is_local(fs):  # a reader must never see a half-written file, nor an empty one after a power cut
-        parent = path.rsplit("/", 1)[0]
-        fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-        fsync_dir(parent)
-    else:  # an object PUT is atomic already, and S3 has no folders to create
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-    return True
-
-
-# Storage: how cbir's Arrow schemas are kept in Delta types (Delta has no float16 and no fixed-size lists).
-def storage_type(type_: pa.DataType) -> pa.DataType:
-    """Vectors: float32 as a Delta array<float>; float16 as binary (dim little-endian halves, half the bytes)."""
-    if pa.types.is_fixed_size_list(type_):
-        if pa.types.is_float16(type_.value_type):
-            return pa.binary()
-        return pa.list_(type_.value_type)
-    return type_
-
-
-def storage_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([f.with_type(storage_type(f.type)) for f in schema], metadata=schema.metadata)
-
-
-def to_storage(data: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.RecordBatch | pa.Table:
-    """cbir's rows (schema) -> the stored form (storage_schema(schema))."""
-    columns = []
-    for f in schema:
-        column = data.column(f.name)
-        if pa.types.is_fixed_size_list(f.type):
-            column = _vectors_to_storage(column, f.type)
-        columns.append(column)
-    make = pa.RecordBatch if isinstance(data, pa.RecordBatch) else pa.Table
-    return make.from_arrays(columns, schema=storage_schema(schema))
-
-
-def _vectors_to_storage(column, type_: pa.FixedSizeListType):
-    if isinstance(column, pa.ChunkedArray):
-        return pa.chunked_array([_vectors_to_storage(c, type_) for c in column.chunks], storage_type(type_))
-    values = column.flatten().cast(type_.value_type)  # a fixed-size list, or a list<float> from Spark
-    if pa.types.is_float16(type_.value_type):
-        raw = np.ascontiguousarray(values.to_numpy(zero_copy_only=False).astype("<f2")).view(np.uint8)
-        width = type_.list_size * 2
-        offsets = pa.array(np.arange(0, len(column) * width + 1, width, dtype=np.int32))
-        return pa.BinaryArray.from_buffers(pa.binary(), len(column), [None, offsets.buffers()[1], pa.py_buffer(raw)])
-    offsets = pa.array(np.arange(0, len(column) * type_.list_size + 1, type_.list_size, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, values, type=pa.list_(type_.value_type))
-
-
-def from_storage(data: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Stored rows -> cbir's types, for the columns present."""
-    for i, name in enumerate(data.column_names):
-        if name in schema.names and pa.types.is_fixed_size_list(schema.field(name).type):
-            field_ = schema.field(name)
-            data = data.set_column(i, field_, _vectors_from_storage(data.column(i), field_.type))
-    return data
-
-
-def _vectors_from_storage(column: pa.ChunkedArray, type_: pa.FixedSizeListType) -> pa.ChunkedArray:
-    chunks = []
-    for chunk in column.chunks:
-        if pa.types.is_fixed_size_list(chunk.type):
-            chunks.append(chunk.cast(type_))
-        elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
-            width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-            offsets = np.frombuffer(
-                chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=chunk.offset * width(0).itemsize
-            )
-            start, end = int(offsets[0]), int(offsets[-1])
-            if end - start != len(chunk) * type_.list_size * 2:
-                raise CbirError(f"stored vectors are not {type_.list_size} float16 values each")
-            raw = np.frombuffer(chunk.buffers()[2], dtype="<f2", count=(end - start) // 2, offset=start)
-            chunks.append(pa.FixedSizeListArray.from_arrays(pa.array(raw, type_.value_type), type_.list_size))
-        else:
-            chunks.append(pa.FixedSizeListArray.from_arrays(chunk.flatten().cast(type_.value_type), type_.list_size))
-    return pa.chunked_array(chunks, type_)
 
 
 def _delta_fields(schema) -> list[tuple[str, str]]:
@@ -236,83 +89,6 @@ def _delta_fields(schema) -> list[tuple[str, str]]:
         return node
 
     return [(f["name"], json.dumps(strip(f["type"]), sort_keys=True)) for f in json.loads(schema.to_json())["fields"]]
-
-
-class Part(NamedTuple):
-    """One Parquet part of a run: its path within the table (run-<id>/part-*.parquet), rows, bytes, Delta stats."""
-
-    name: str | None
-    rows: int
-    size: int = 0
-    stats: str = ""
-
-
-def _stats(columns: dict[str, tuple], rows: int) -> str:
-    """Delta per-file statistics from the running (min, max, nulls) of each flat column."""
-    mins, maxes, nulls = {}, {}, {}
-    for name, (low, high, null_count, ok) in columns.items():
-        nulls[name] = null_count
-        if ok and low is not None:
-            mins[name], maxes[name] = low, high
-    return json.dumps({"numRecords": rows, "minValues": mins, "maxValues": maxes, "nullCount": nulls})
-
-
-def _observe(columns: dict[str, tuple], batch: pa.RecordBatch) -> None:
-    """Fold a batch into the running (min, max, nulls, min/max usable) of each column."""
-    for f, column in zip(batch.schema, batch.columns, strict=True):
-        low, high, nulls, ok = columns.get(f.name, (None, None, 0, True))
-        nulls += column.null_count
-        flat = pa.types.is_string(f.type) or pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
-        if ok and flat and column.null_count < len(column):
-            found = pc.min_max(column).as_py()
-            if pa.types.is_string(f.type) and (pc.max(pc.utf8_length(column)).as_py() or 0) > STRING_STATS_MAX:
-                ok = False
-            elif pa.types.is_floating(f.type) and not all(math.isfinite(v) for v in found.values()):
-                ok = False
-            else:
-                low = found["min"] if low is None else min(low, found["min"])
-                high = found["max"] if high is None else max(high, found["max"])
-        elif not flat:
-            ok = False
-        columns[f.name] = (low, high, nulls, ok)
-
-
-class PartWriter:
-    """Rows of one table into one Parquet part of a run's folder, opened on the first rows (used in executors)."""
-
-    def __init__(self, table: Table, run_id: str, name: str):
-        self.table, self.run_id, self.name = table, run_id, f"run-{run_id}/{name}"
-        self.rows, self._writer, self._sink = 0, None, None
-        self._schema = storage_schema(table.schema)
-        self._columns: dict[str, tuple] = {}
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        if not batch.num_rows:
-            return
-        if self._writer is None:
-            folder = self.table.run_folder(self.run_id)
-            if is_local(self.table.fs):
-                self.table.fs.create_dir(folder, recursive=True)
-            self._sink = self.table.fs.open_output_stream(f"{self.table.path}/{self.name}")
-            self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd")
-        batch = to_storage(batch.select(self.table.schema.names).cast(self.table.schema), self.table.schema)
-        self._writer.write_batch(batch)
-        self._observe(batch)
-        self.rows += batch.num_rows
-
-    def _observe(self, batch: pa.RecordBatch) -> None:
-        _observe(self._columns, batch)
-
-    def close(self) -> Part:
-        """The part written; no file (name None) when no rows came."""
-        if self._writer is None:
-            return Part(None, 0)
-        self._writer.close()
-        size = self._sink.tell()
-        self._sink.close()
-        if is_local(self.table.fs):  # on disk before a commit names it
-            fsync_file(f"{self.table.path}/{self.name}")
-        return Part(self.name, self.rows, size, _stats(self._columns, self.rows))
 
 
 @dataclass
@@ -654,7 +430,7 @@ class Table:
             if part.size and part.stats:
                 return part
             data = pq.read_table(f"{self.path}/{part.name}", filesystem=self.fs)
-            return _part_of(self, part.name, data)
+            return part_of(self, part.name, data)
 
         with ThreadPoolExecutor(16) as pool:
             return list(pool.map(fill, parts))
@@ -732,7 +508,7 @@ class Table:
                 return None, data.num_rows
             name = f"run-{run_id}/part-{uuid.uuid4().hex[:12]}-kept.parquet"
             pq.write_table(keep, f"{self.path}/{name}", filesystem=self.fs, compression="zstd")
-            return _part_of(self, name, keep), data.num_rows - keep.num_rows
+            return part_of(self, name, keep), data.num_rows - keep.num_rows
 
         with ThreadPoolExecutor(32) as pool:
             for part, gone in pool.map(rewrite, parts):
@@ -912,15 +688,6 @@ class Table:
                 if info.is_file and PART.fullmatch(info.base_name):
                     files.append(info.path)
         return files
-
-
-def _part_of(table: Table, name: str, data: pa.Table) -> Part:
-    """A Part for a file written in the driver (its rows already in stored form)."""
-    columns: dict[str, tuple] = {}
-    for batch in data.to_batches():
-        _observe(columns, batch)
-    size = table.fs.get_file_info(f"{table.path}/{name}").size
-    return Part(name, data.num_rows, size, _stats(columns, data.num_rows))
 
 
 def _committed_since(table, since: int, run_id: str) -> dict | None:

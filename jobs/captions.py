@@ -16,9 +16,10 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir import uris
 from cbir.errors import UsageError
-from cbir.lake import Lake, delta_storage_options, open_filesystem
+from cbir.lake import Lake
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
+from cbir.storage import delta_storage_options, open_filesystem
 from jobs.lakeio import read_table
 from jobs.searcher import CAPTION_COLUMNS
 

@@ -13,8 +13,9 @@ import pyarrow.dataset as ds
 from PIL import Image, ImageOps
 
 from cbir.images import on_white
-from cbir.lake import Lake, open_filesystem, put_bytes
+from cbir.lake import Lake
 from cbir.settings import Settings
+from cbir.storage import open_filesystem, put_bytes
 from cbir.text import highlight, words
 
 THUMBNAIL = (160, 160)

@@ -34,8 +34,9 @@ import numpy as np
 import pyarrow as pa
 
 from cbir.engine import BleuIndex
-from cbir.lake import Lake, fsync_dir, fsync_file
+from cbir.lake import Lake
 from cbir.references import SOURCE, References
+from cbir.storage import fsync_dir, fsync_file
 from jobs.searcher import Index, version_captions
 
 log = logging.getLogger("cbir.search")

@@ -18,7 +18,8 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from cbir.lake import Part, Table
+from cbir.lake import Table
+from cbir.parts import Part
 from jobs.stats import TaskStats
 
 PARTS_DDL = "table string, file string, rows long, size long, stats string, counts string"

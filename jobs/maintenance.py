@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cbir.errors import UsageError
-from cbir.lake import PART, RETENTION_HOURS, RUN_ID, Lake, Part, Table, _part_of, to_storage
+from cbir.lake import PART, RETENTION_HOURS, RUN_ID, Lake, Table
+from cbir.parts import Part, part_of, to_storage
 
 
 def tables(lake: Lake, name: str | None = None, include_queries: bool = False) -> list[Table]:
@@ -140,8 +141,8 @@ def _legacy_part(table: Table, run_id: str, name: str) -> Part | None:
         if _is_local(table):
             table.fs.create_dir(f"{table.path}/run-{run_id}", recursive=True)
         pq.write_table(stored, f"{table.path}/{new}", filesystem=table.fs, compression="zstd")
-        return _part_of(table, new, stored)
-    return _part_of(table, f"run={run_id}/{name}", data)
+        return part_of(table, new, stored)
+    return part_of(table, f"run={run_id}/{name}", data)
 
 
 def _is_local(table: Table) -> bool:

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from cbir import uris
 from cbir.errors import UsageError
 from cbir.images import ImageRejected
-from cbir.lake import open_filesystem
 from cbir.settings import S3, Settings
+from cbir.storage import open_filesystem
 
 MANIFEST_FORMATS = {
     ".csv": "csv",

@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from cbir.errors import UsageError
-from cbir.lake import RUN_ID, Lake, checked_run_id, new_run_id, put_bytes
+from cbir.lake import RUN_ID, Lake, checked_run_id, new_run_id
+from cbir.storage import put_bytes
 from models.captioner import Captioner
 from models.card import ModelCard
 from models.neighbours import Memory

@@ -14,8 +14,10 @@ import pytest
 from deltalake import write_deltalake
 
 from cbir.errors import CbirError, UsageError
-from cbir.lake import Lake, Part, new_run_id, put_bytes
+from cbir.lake import Lake, new_run_id
+from cbir.parts import Part
 from cbir.schemas import MANIFEST
+from cbir.storage import put_bytes
 from jobs import index
 from models import store
 

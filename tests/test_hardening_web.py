@@ -148,8 +148,9 @@ def indexed_lake(tmp_path, *extra):
     import pyarrow as pa
 
     from cbir.images import image_id
-    from cbir.lake import new_run_id, put_bytes
+    from cbir.lake import new_run_id
     from cbir.schemas import CAPTIONS, MANIFEST
+    from cbir.storage import put_bytes
 
     from conftest import image_bytes
 

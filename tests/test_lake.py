@@ -13,8 +13,10 @@ import pyarrow.fs as pafs
 import pytest
 from deltalake import DeltaTable
 
-from cbir.lake import Lake, Part, new_run_id, put_bytes
+from cbir.lake import Lake, new_run_id
+from cbir.parts import Part
 from cbir.schemas import MANIFEST
+from cbir.storage import put_bytes
 
 
 def _rows(run_id: str, n: int, start: int = 0) -> pa.RecordBatch:

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cbir.errors import UsageError
-from cbir.lake import Lake, new_run_id, put_bytes
+from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS, MANIFEST, RESULTS, features_schema
+from cbir.storage import put_bytes
 from cli.main import main
 from jobs import maintenance
 
