@@ -59,7 +59,7 @@ class PeakMemory(threading.Thread):
 
     def run(self):
         while not self.stop.wait(0.2):
-            self.peak = max(self.peak, sum(_rss(pid) for pid in _tree(os.getpid())))
+            self.peak = max(self.peak, sum(rss(pid) for pid in _tree(os.getpid())))
 
 
 def _tree(root: int) -> list[int]:
@@ -79,7 +79,7 @@ def _tree(root: int) -> list[int]:
     return found
 
 
-def _rss(pid: int) -> int:
+def rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

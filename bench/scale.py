@@ -32,14 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.index import make_photos
+from bench.index import make_photos, rss
 from bench.query import corpus, images_with_references
 from cbir.bleu import BleuParams
 from cbir.lake import Lake
 from cbir.references import KINDS
 from cbir.settings import Settings, load_settings
 from jobs import index, ingest, train
-from jobs.cluster import Cluster, _parent, _processes, standalone_cluster
+from jobs.cluster import Cluster, parent_of, processes, standalone_cluster
 from jobs.datasets import read_dataset
 from jobs.reader import resolve_source
 from jobs.spark import build_session
@@ -69,24 +69,14 @@ class ExecutorMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            processes = list(_processes())
-            parents = {pid: _parent(pid) for pid, _ in processes}
+            running = list(processes())
+            parents = {pid: parent_of(pid) for pid, _ in running}
             for worker in range(len(self.cluster.worker_pids)):
                 for executor in self.cluster.executor_pids(worker):
                     tree = {executor}
                     for _ in range(3):  # executor -> pyspark daemon -> Python workers
                         tree |= {pid for pid, parent in parents.items() if parent in tree}
-                    self.peak_gb = max(self.peak_gb, sum(_rss(pid) for pid in tree) / 2**30)
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+                    self.peak_gb = max(self.peak_gb, sum(rss(pid) for pid in tree) / 2**30)
 
 
 def folder_bytes(path: Path) -> int:

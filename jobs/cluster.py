@@ -68,7 +68,7 @@ class Cluster:
     def executor_pids(self, worker: int) -> list[int]:
         """The executor JVMs that worker `worker` (0-based) runs now: its direct children."""
         parent = self.worker_pids[worker]
-        return [pid for pid, cmd in _processes() if EXECUTOR_CLASS in cmd and _parent(pid) == parent]
+        return [pid for pid, cmd in processes() if EXECUTOR_CLASS in cmd and parent_of(pid) == parent]
 
     def kill_executors(self, worker: int) -> list[int]:
         """SIGKILL a worker's executors (their Python workers exit with them): a lost executor, mid-task."""
@@ -186,7 +186,7 @@ def _wait_for(ready, wait_s: float, what: str) -> None:
     raise TimeoutError(f"timed out after {wait_s:.0f} s waiting for {what}")
 
 
-def _processes() -> Iterator[tuple[int, str]]:
+def processes() -> Iterator[tuple[int, str]]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -195,7 +195,7 @@ def _processes() -> Iterator[tuple[int, str]]:
                 continue
 
 
-def _parent(pid: int) -> int:
+def parent_of(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):

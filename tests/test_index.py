@@ -16,6 +16,8 @@ import pytest
 from cbir.errors import UsageError
 from cbir.lake import Lake
 from jobs import index, ingest, train
+from jobs.cluster import parent_of
+from jobs.cluster import processes as cluster_processes
 from jobs.datasets import read_dataset
 from jobs.encoding import encoder_config, read_features
 from jobs.reader import resolve_source
@@ -271,8 +273,8 @@ def _kill_python_workers() -> bool:
     """SIGKILL the Python workers that Spark's daemon forked, busy ones included: their tasks fail.
     The daemon itself lives on, so later jobs in this session get new workers."""
     ours = {os.getpid()}  # only this test session's Spark: descendants of this process
-    processes = list(_processes())
-    parents = {pid: _parent(pid) for pid, _ in processes}
+    processes = list(cluster_processes())
+    parents = {pid: parent_of(pid) for pid, _ in processes}
     for _ in range(4):  # pytest -> JVM -> daemon -> worker
         ours |= {pid for pid, parent in parents.items() if parent in ours}
     spark_pythons = {pid for pid, cmd in processes if "pyspark.daemon" in cmd and pid in ours}
@@ -280,22 +282,6 @@ def _kill_python_workers() -> bool:
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     return bool(workers)
-
-
-def _processes():
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                yield int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def _features_ids(lake: Lake, settings) -> list[str]:
