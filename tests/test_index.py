@@ -192,14 +192,14 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     runner = threading.Thread(target=run_index)
     runner.start()
     deadline = time.monotonic() + 120
-    while not _run_parts(lake, "captions") and time.monotonic() < deadline and runner.is_alive():
+    while not _run_folders(lake, "captions") and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.02)
     killed = _kill_python_workers()
     runner.join(timeout=300)
 
     assert killed and "error" in outcome, "the run should have failed when a task's Python worker died"
     assert captions_of(lake) == [] and lake.table("captions").committed_runs() == set()
-    assert not _run_parts(lake, "captions")  # the failed run removed its parts
+    assert not _run_folders(lake, "captions")  # the failed run removed its parts
 
     summary = index.run(spark, lake, settings)
     assert summary.indexed == 36
@@ -219,18 +219,26 @@ def on_cluster(cluster, settings) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_lost_executor_mid_index_is_retried_and_each_image_captioned_once(
+def test_a_killed_driver_then_a_lost_executor_leave_each_image_captioned_once(
     spark, cluster, fresh_s3, tmp_path, cli_environment
 ):
-    """cbir index on a standalone cluster of two workers over the S3 lake, one worker's executor killed mid-run."""
+    """cbir index on a standalone cluster of two workers over the S3 lake: its driver killed mid-run; the
+    rerun loses one worker's executor mid-run and completes."""
     settings, prepared, _ = fresh_s3
     lake, version = prepared["lake"], prepared["card"]["version"]
     driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
-    wait_until(lambda: _run_parts(lake, "captions") and cluster.executor_pids(1), driver)
-    killed = cluster.kill_executors(1)  # worker 1's executor, mid-run: its running task fails
-    out, err = driver.communicate(timeout=600)
+    wait_until(lambda: _run_folders(lake, "captions"), driver)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver's Python and its JVM
+    driver.wait(timeout=60)
+    assert captions_of(lake) == []  # nothing of the killed run is visible
+    killed_runs = _run_folders(lake, "captions")
 
-    assert killed and driver.returncode == 0, err[-3000:]
+    rerun = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
+    wait_until(lambda: _run_folders(lake, "captions") - killed_runs and cluster.executor_pids(1), rerun)
+    killed = cluster.kill_executors(1)  # worker 1's executor, mid-run: its running task fails
+    out, err = rerun.communicate(timeout=600)
+
+    assert killed and rerun.returncode == 0, err[-3000:]
     assert summary_count(out + err, "indexed") == 36 and summary_count(out + err, "tasks retried") >= 1
     rows = captions_of(lake)
     assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
@@ -243,30 +251,10 @@ def test_a_lost_executor_mid_index_is_retried_and_each_image_captioned_once(
     assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").committed_runs()) == 1
 
 
-@pytest.mark.slow
-def test_a_driver_killed_mid_index_then_rerun_captions_each_image_once(
-    spark, cluster, fresh_s3, tmp_path, cli_environment
-):
-    settings, prepared, _ = fresh_s3
-    lake = prepared["lake"]
-    driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
-    wait_until(lambda: _run_parts(lake, "captions"), driver)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver's Python and its JVM
-    driver.wait(timeout=60)
-    assert captions_of(lake) == []  # nothing of the killed run is visible
-
-    rerun = index.run(spark, lake, settings)  # here, in local mode: what matters is what the lake holds
-
-    assert (rerun.pending, rerun.indexed, rerun.retried_tasks) == (36, 36, 0)
-    rows = captions_of(lake)
-    assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
-    assert len(lake.table("captions").committed_runs()) == 1
-
-
-def _run_parts(lake: Lake, table: str) -> bool:
-    """Whether a run in flight has written a part into the table (its run-<id>/ folder; in no version yet)."""
+def _run_folders(lake: Lake, table: str) -> set[str]:
+    """The run-<id>/ folders holding parts in the table: runs in flight (in no version yet), or committed."""
     infos = lake.fs.get_file_info(pafs.FileSelector(lake.path(table), recursive=True, allow_not_found=True))
-    return any(info.is_file and "/run-" in info.path for info in infos)
+    return {info.path.rsplit("/", 2)[-2] for info in infos if info.is_file and "/run-" in info.path}
 
 
 def _kill_python_workers() -> bool:
