@@ -340,8 +340,6 @@ class Table:
     def run_folder(self, run_id: str) -> str:
         return f"{self.path}/run-{checked_run_id(run_id)}"
 
-    staging = run_folder  # the old name: where a run's parts are written before they are committed
-
     def part_writer(self, run_id: str, tag: str = "") -> PartWriter:
         """A writer for one part file of a run (used in executors); the file appears on the first rows."""
         return PartWriter(self, checked_run_id(run_id), f"part-{tag}{uuid.uuid4().hex[:12]}.parquet")

@@ -53,7 +53,7 @@ def stage_and_commit(
     settings: Settings, kind: str, description: str, write: Callable[..., StagedRun] | None
 ) -> StagedRun | None:
     """The job's Spark stage, `write(spark, progress=...)` (None: nothing to do), then the commit of what it
-    staged, in the retrying task; if that fails for good, the staging is dropped."""
+    staged, in the retrying task; if that fails for good, its parts are dropped."""
     staged = None
     with spark_job(settings, kind, description) as (spark, progress):
         if write is not None:

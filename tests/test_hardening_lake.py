@@ -84,7 +84,7 @@ def test_query_runs_and_staging_take_run_ids_only(lake):
         with pytest.raises(CbirError):
             lake.query_tables(bad)
         with pytest.raises(CbirError):
-            lake.table("manifest").staging(bad)
+            lake.table("manifest").run_folder(bad)
 
 
 def test_parts_are_fsynced_before_a_commit_names_them(lake, monkeypatch):
