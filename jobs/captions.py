@@ -38,14 +38,15 @@ class Captions:
 
 def lake_captions(spark: SparkSession, lake: Lake, version: str) -> Captions:
     """The version's ok captions, as jobs.searcher.version_captions reads them, spread over the executors."""
-    captions = read_table(spark, lake.table("captions"), [*CAPTION_COLUMNS, "model_version", "status"])
+    table = lake.table("captions")  # one handle: the rows read and the rows counted are of one version
+    captions = read_table(spark, table, [*CAPTION_COLUMNS, "model_version", "status"])
     captions = captions.where(
         (F.col("model_version") == version)
         & (F.col("status") == "ok")
         & F.col("caption").isNotNull()
         & F.col("image_id").isNotNull()
     )
-    count = lake.table("captions").dataset().count_rows(filter=ds.field("model_version") == version)
+    count = table.dataset().count_rows(filter=ds.field("model_version") == version)
     return Captions(captions.select(*CAPTION_COLUMNS), count, lake)
 
 
@@ -54,7 +55,7 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> Caption
     them) columns, read by the executors."""
     fs, path = open_filesystem(uri, settings.s3)
     try:
-        dataset = ds.dataset(_delta_files(uri, settings) or path, filesystem=fs, format="parquet")
+        dataset = ds.dataset(_delta_files(fs, path, uri, settings) or path, filesystem=fs, format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"captions table {uri} cannot be read: {str(exc).splitlines()[0]}") from None
     missing = {"image_id", "caption"} - set(dataset.schema.names)
@@ -100,11 +101,10 @@ def _read_row_groups(fs, columns: list[str], schema: pa.Schema, batches):
                 )
 
 
-def _delta_files(uri: str, settings: Settings) -> list[str] | None:
+def _delta_files(fs: pafs.FileSystem, path: str, uri: str, settings: Settings) -> list[str] | None:
     """The files of a Delta table's latest version (None when uri is a plain Parquet folder or file)."""
     from deltalake import DeltaTable
 
-    fs, path = open_filesystem(uri, settings.s3)
     if fs.get_file_info(f"{path}/_delta_log").type != pafs.FileType.Directory:
         return None
     options = delta_storage_options(settings.s3) if uris.is_s3(uri) else None

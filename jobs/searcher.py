@@ -425,7 +425,8 @@ def search_one(
 
     kinds, params = tuple(settings.bleu.references), bleu_params(settings)
     index = cached_index(lake, settings.state_dir, card["version"], kinds, params.max_order)
-    prototypes = load_prototypes(lake, card["version"], settings)
-    index = index.with_prototypes(prototypes, PrototypeRanking.from_settings(settings))
+    if text is not None:  # an image query's caption searches by BLEU alone: no memory to load for it
+        prototypes = load_prototypes(lake, card["version"], settings)
+        index = index.with_prototypes(prototypes, PrototypeRanking.from_settings(settings))
     hits = index.search(query, k, params, by_text=text is not None)
     return caption, [dict(rank=rank, **hit) for rank, hit in enumerate(hits, start=1)]
