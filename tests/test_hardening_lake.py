@@ -151,6 +151,24 @@ def test_a_delta_table_with_a_foreign_schema_is_refused_and_left_alone(lake):
     assert _snapshot(lake.root) == before
 
 
+def test_a_table_missing_more_than_the_later_columns_is_foreign_and_never_altered(lake):
+    """Only the columns cbir added later (ADDED_LATER) may be missing: a table that also lacks another one
+    of cbir's is not taken for an older captions table, and no write adds columns to it."""
+    from cbir.parts import storage_schema
+    from cbir.schemas import CAPTIONS
+
+    kept = [f for f in storage_schema(CAPTIONS) if f.name not in ("visual", "reason")]
+    write_deltalake(lake.path("captions"), pa.table({f.name: pa.nulls(1, f.type) for f in kept}))
+    before = _snapshot(lake.root)
+    table = lake.table("captions")
+    with pytest.raises(UsageError, match=r"foreign schema \(missing reason, visual\)"):
+        table.read()
+    run_id = new_run_id()
+    with pytest.raises(UsageError, match="foreign schema"):
+        table.commit(run_id, [Part(f"run-{run_id}/part-x.parquet", 1, 10, "{}")])
+    assert _snapshot(lake.root) == before
+
+
 def test_a_delta_table_of_a_newer_protocol_is_refused_and_left_alone(lake):
     table = lake.table("manifest")
     run_id = new_run_id()
