@@ -199,7 +199,8 @@ def search(args, settings: Settings) -> None:
         {
             "rank": h["rank"],
             "score": round(h["score"], 4),
-            "matched": f"{h['matched_kind']}: {h['matched_text']}",
+            # An image found by likeness to the query's picture alone matched no text: as the page, show none.
+            "matched": f"{h['matched_kind']}: {h['matched_text']}" if h["matched_text"] is not None else "",
             "caption": h["caption"],
             "uri": h["uri"],
         }
