@@ -328,7 +328,12 @@ def cluster(args, settings: Settings) -> int:
     if args.action == "start":
         if running:
             raise UsageError(f"a cluster already runs at {running.url}; stop it first with `cbir cluster stop`")
-        running = standalone.start(folder, args.workers, args.cores, args.memory, args.port, args.ui_port, args.host)
+        try:
+            running = standalone.start(
+                folder, args.workers, args.cores, args.memory, args.port, args.ui_port, args.host, pin=args.pin
+            )
+        except ValueError as exc:  # too few CPUs to pin
+            raise UsageError(str(exc)) from None
         print(f"web UI http://{running.host}:{running.ui_port}, logs in {folder}", file=sys.stderr)
         print(f"run cbir on it with --set spark.master={running.url} (or CBIR_SPARK__MASTER)", file=sys.stderr)
         print(running.url)
@@ -416,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--workers", type=int, default=2, help="workers to start (default 2)")
     sub.add_argument("--cores", type=int, default=1, help="cores per worker (default 1)")
     sub.add_argument("--memory", default="2g", help="memory per worker for its executors (default 2g)")
+    sub.add_argument("--pin", action="store_true", help="run each worker on CPUs of its own (--cores of them)")
     sub.add_argument("--host", default="127.0.0.1", help="the address the daemons listen on")
     sub.add_argument("--port", type=int, default=7077, help="the master's port (default 7077)")
     sub.add_argument("--ui-port", type=int, default=8180, help="the master's web UI port (default 8180)")

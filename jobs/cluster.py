@@ -95,8 +95,12 @@ def start(
     ui_port: int = 0,
     host: str = "127.0.0.1",
     wait_s: float = 120,
+    pin: bool = False,
 ) -> Cluster:
-    """Start a master and `workers` workers of `cores` cores each, detached; wait until all have registered."""
+    """Start a master and `workers` workers of `cores` cores each, detached; wait until all have registered.
+    pin: each worker (and so its executors and their Python workers) runs on `cores` CPUs of its own.
+    Unpinned, `cores` only counts task slots: a worker's JVM threads and Python workers use any idle CPU."""
+    cpu_sets = worker_cpus(workers, cores) if pin else [None] * workers
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     port, ui_port = port or free_port(), ui_port or free_port()
@@ -107,7 +111,7 @@ def start(
         args = ("--host", host, "--cores", str(cores), "--memory", memory, "--webui-port", "0")
         work = folder / f"worker-{i}"
         args += ("--work-dir", str(work))
-        worker = _daemon(folder, f"worker-{i}", WORKER_CLASS, cluster.url, *args)
+        worker = _daemon(folder, f"worker-{i}", WORKER_CLASS, cluster.url, *args, cpus=cpu_sets[i])
         cluster.worker_pids.append(worker.pid)
     cluster.save()
     _wait_for(lambda: cluster.alive_workers() >= workers, wait_s, f"{workers} workers registered at {cluster.url}")
@@ -121,9 +125,21 @@ def stop(cluster: Cluster) -> None:
     Path(cluster.folder, STATE_FILE).unlink(missing_ok=True)
 
 
+def worker_cpus(workers: int, cores: int) -> list[set[int]]:
+    """Disjoint CPU sets, `cores` each, from the CPUs this process may use."""
+    usable = sorted(os.sched_getaffinity(0))
+    if workers * cores > len(usable):
+        raise ValueError(
+            f"pinning {workers} workers of {cores} cores needs {workers * cores} CPUs; {len(usable)} usable"
+        )
+    return [set(usable[i * cores : (i + 1) * cores]) for i in range(workers)]
+
+
 @contextmanager
-def standalone_cluster(folder: str | Path, workers: int = 2, cores: int = 1, memory: str = "2g") -> Iterator[Cluster]:
-    cluster = start(folder, workers, cores, memory)
+def standalone_cluster(
+    folder: str | Path, workers: int = 2, cores: int = 1, memory: str = "2g", pin: bool = False
+) -> Iterator[Cluster]:
+    cluster = start(folder, workers, cores, memory, pin=pin)
     try:
         yield cluster
     finally:
@@ -140,12 +156,19 @@ def daemon_environment() -> dict[str, str]:
     }
 
 
-def _daemon(folder: Path, name: str, main_class: str, *args: str) -> subprocess.Popen:
-    """A daemon in its own process group (so stopping it stops its executors), logging to FOLDER/NAME.log."""
+def _daemon(folder: Path, name: str, main_class: str, *args: str, cpus: set[int] | None = None) -> subprocess.Popen:
+    """A daemon in its own process group (so stopping it stops its executors), logging to FOLDER/NAME.log;
+    on `cpus` only, if given (its children inherit the affinity)."""
     command = [str(Path(spark_home(), "bin", "spark-class")), main_class, *args]
+    pinned = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with open(folder / f"{name}.log", "ab") as log:
         return subprocess.Popen(
-            command, env=daemon_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=daemon_environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=pinned,
         )
 
 

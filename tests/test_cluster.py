@@ -22,9 +22,13 @@ def test_cluster_start_status_stop(tmp_path):
         return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=180)
 
     port, ui_port = free_port_pair()
-    started = cbir("start", "--workers", "1", "--port", str(port), "--ui-port", str(ui_port))
+    too_many = cbir("start", "--pin", "--workers", str(len(os.sched_getaffinity(0)) + 1))
+    assert too_many.returncode == 2 and "CPUs" in too_many.stderr and not (tmp_path / "cluster").exists()
+    started = cbir("start", "--pin", "--workers", "1", "--port", str(port), "--ui-port", str(ui_port))
     try:
         assert started.returncode == 0, started.stderr
+        worker = json.loads((tmp_path / "cluster" / "cluster.json").read_text())["worker_pids"][0]
+        assert os.sched_getaffinity(worker) == {min(os.sched_getaffinity(0))}  # pinned, its executors with it
         assert started.stdout.strip().splitlines()[-1] == f"spark://127.0.0.1:{port}"
         assert "spark.master=spark://127.0.0.1:" in started.stderr
         again = cbir("start")
