@@ -202,7 +202,7 @@ def search(args, settings: Settings) -> None:
             # An image found by likeness to the query's picture alone matched no text: as the page, show none.
             "matched": f"{h['matched_kind']}: {h['matched_text']}" if h["matched_text"] is not None else "",
             "caption": h["caption"],
-            "uri": h["uri"],
+            "uri": h["uri"] or "",
         }
         for h in hits
     ]

@@ -183,8 +183,8 @@ def test_random_weights_are_seeded_even_while_another_thread_draws_random_number
 
     stop = threading.Event()
 
-    def draw():
-        while not stop.is_set():
+    def draw():  # every 0.1 ms: all through each build, without holding the interpreter lock the whole time
+        while not stop.wait(0.0001):
             random.random()
 
     thread = threading.Thread(target=draw, daemon=True)

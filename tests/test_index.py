@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from jobs.cluster import processes as cluster_processes
 from jobs.datasets import read_dataset
 from jobs.encoding import encoder_config, read_features
 from jobs.reader import resolve_source
+from jobs.searcher import search_one
 from models import store
 from models.captioner import Decoding
 
@@ -249,6 +251,22 @@ def test_a_killed_driver_then_a_lost_executor_leave_each_image_captioned_once(
     assert_captions_are_the_captioners(lake, settings, rows, version)  # what local[*] gives: the captioner's
     again = index.run(spark, lake, settings)  # a rerun (here in local mode) on the S3 lake finds nothing new
     assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").committed_runs()) == 1
+
+    # The query job on the cluster answers as one process does (cbir search): the same images, ranks, scores.
+    texts = sorted({row["caption"] for row in rows})[:3] + ["a small red circle"]
+    asked = tmp_path / "q.jsonl"
+    asked.write_text("".join(json.dumps({"query_id": f"q{i}", "text": t, "k": 5}) + "\n" for i, t in enumerate(texts)))
+    remote = cbir_process(cli_environment, tmp_path, "query", str(asked), overrides=on_cluster(cluster, settings))
+    out, err = remote.communicate(timeout=600)
+    assert remote.returncode == 0, err[-3000:]
+    results = lake.query_tables(out.strip().splitlines()[-1].rstrip("/").rsplit("/", 1)[-1])[0].read().to_pylist()
+    answered = sorted((r["query_id"], r["rank"], r["image_id"], r["score"]) for r in results)
+    in_process = [
+        (f"q{i}", hit["rank"], hit["image_id"], hit["score"])
+        for i, text in enumerate(texts)
+        for hit in search_one(lake, settings, 5, text=text)[1]
+    ]
+    assert answered == sorted(in_process) and len(answered) == 5 * len(texts)
 
 
 def _run_folders(lake: Lake, table: str) -> set[str]:

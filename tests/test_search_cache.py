@@ -226,3 +226,18 @@ def test_cbir_web_loads_the_saved_index_and_rebuilds_when_a_run_is_committed(lak
     write_lake(lake_root, N)  # a new index run: the next reload must not find the old index
     assert second.reload()
     assert stats["built"] == 2 and second.snapshot.marker != first.snapshot.marker
+
+
+def test_cbir_search_prints_no_matched_text_for_an_image_found_by_likeness_alone(lake_root, capsys):
+    """The query 'w5000' matches two images' texts; the query's picture ranks eight more by likeness alone: they show
+    their caption and score, and an empty matched column (not 'None: None')."""
+    from cli.main import main
+
+    assert main(["search", "w5000", "--set", f"lake={lake_root}/lake", "--set", f"state_dir={lake_root}/state"]) == 0
+    out = capsys.readouterr().out
+    ranked = [line.split("│")[1:-1] for line in out.splitlines() if line.split("│")[1:2] != [" " * 6]]
+    ranked = [[cell.strip() for cell in cells] for cells in ranked if len(cells) == 5]  # rank, score, matched, ...
+    assert [cells[0] for cells in ranked] == [str(rank) for rank in range(1, 11)]
+    assert all(cells[2].split(":")[0] in ("caption", "title") for cells in ranked[:2])
+    assert all(cells[2] == "" and cells[3] and float(cells[1]) > 0 for cells in ranked[2:])
+    assert "None" not in out  # neither 'None: None' nor a missing uri

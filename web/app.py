@@ -52,7 +52,8 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
         redoc_url=None,
         redirect_slashes=False,
         description="Caption-based image search: by text, or by an image that is captioned first; "
-        "images are ranked by BLEU between the query and their texts.",
+        "images are ranked by BLEU between the query and their texts, blended for text queries with likeness "
+        "to a picture the words borrow from the captioner's memory.",
     )
     app.state.searcher = searcher
     app.include_router(api.router)

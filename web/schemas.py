@@ -21,7 +21,11 @@ class ErrorOut(BaseModel):
 class ResultOut(BaseModel):
     rank: int = Field(description="1 is best; ties by image_id")
     image_id: str = Field(description="sha256 of the image bytes")
-    score: float = Field(description="BLEU of the query against the image's texts (nltk sentence_bleu)")
+    score: float = Field(
+        description="BLEU of the query against the image's texts (nltk sentence_bleu); for a text query with a "
+        "picture (from the captioner's memory), (1 - query.prototype_weight) x BLEU + query.prototype_weight x "
+        "the image's cosine with that picture, or the weighted cosine alone for an image found by likeness"
+    )
     caption: str = Field(description="the image's indexed caption")
     matched_kind: str | None = Field(
         description="which of its texts matched the query best: caption, label, title, description, tags or given"
