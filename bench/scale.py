@@ -56,6 +56,7 @@ from jobs.reader import resolve_source
 from jobs.spark import build_session
 
 SMALL_CAPTIONER = ["captioner.units=64", "captioner.embedding_dim=32", "captioner.min_word_count=1", "train.epochs=3"]
+STAGES = ("ingest", "index", "fault", "query")
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -146,8 +147,8 @@ def on_cluster(cluster: Cluster, settings: Settings, work: Callable, warm_up: Ca
     }
 
 
-# Stages: each returns (work(spark, settings) -> dict, items) for a fresh copy of its input.
-def ingest_stage(root: Path, endpoint: str, bucket: str):
+# Stages: work(spark, settings) -> what it did ("items" and the rest), on a fresh copy of its input.
+def ingest_stage(bucket: str):
     def work(spark, settings):
         lake = Lake.open(settings)
         lake.check()
@@ -392,10 +393,9 @@ def fault_run(root: Path, settings: Settings, base: Path, photos: Path, clean_s:
 
         result = on_cluster(cluster, settings, work, index_warm_up(photos))
     ids = Lake.open(settings).table("captions").dataset().to_table(columns=["image_id"]).column("image_id")
-    extra = result["seconds"] - clean_s
     return result | {
         "clean_s": clean_s,
-        "extra_s": extra,
+        "extra_s": result["seconds"] - clean_s,
         "captions": len(ids),
         "images_captioned": len(set(ids.to_pylist())),
     }
@@ -417,10 +417,8 @@ def main() -> None:
         parser.error(f"--stages: some of {','.join(STAGES)}; fault needs index (its clean run)")
     os.environ.update(S3_KEYS)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    results, summary = (
-        [],
-        {"images": args.images, "captions": args.captions, "queries": args.queries, "pinned": args.pin},
-    )
+    results: list[dict] = []
+    summary = {"images": args.images, "captions": args.captions, "queries": args.queries, "pinned": args.pin}
     with tempfile.TemporaryDirectory(prefix="cbir-scale-") as tmp:
         root = Path(tmp)
         photos = root / "photos"
@@ -465,9 +463,6 @@ def main() -> None:
     report(results, summary)
 
 
-STAGES = ("ingest", "index", "fault", "query")
-
-
 def measure_ingest(root: Path, photos: Path, pin: bool) -> dict:
     """Ingest from a moto S3 bucket on this machine into an empty local lake."""
     from moto.server import ThreadedMotoServer
@@ -487,7 +482,7 @@ def measure_ingest(root: Path, photos: Path, pin: bool) -> dict:
             return run
 
         settings = settings_for(root, f"s3.endpoint_url={endpoint}", "s3.region=us-east-1")
-        runs = run_stage(root / "ingest", settings, ingest_stage(root, endpoint, "photos"), pin, empty_lake)
+        runs = run_stage(root / "ingest", settings, ingest_stage("photos"), pin, empty_lake)
     finally:
         server.stop()
     return compare("ingest from S3", runs)
