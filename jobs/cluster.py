@@ -130,7 +130,8 @@ def worker_cpus(workers: int, cores: int) -> list[set[int]]:
     usable = sorted(os.sched_getaffinity(0))
     if workers * cores > len(usable):
         raise ValueError(
-            f"pinning {workers} workers of {cores} cores needs {workers * cores} CPUs; {len(usable)} usable"
+            f"pinning {workers} workers of {cores} core(s) each needs {workers * cores} CPUs; this machine lets "
+            f"cbir use {len(usable)}"
         )
     return [set(usable[i * cores : (i + 1) * cores]) for i in range(workers)]
 
