@@ -65,9 +65,15 @@ def read_dataset(uri: str, settings: Settings, images: str | None = None) -> Dat
 def _assign_splits(dataset: Dataset, dev: float, test: float) -> None:
     for i, row in enumerate(dataset.rows):
         if not row.split:
-            bucket = int(hashlib.sha1(row.uri.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            bucket = int(hashlib.sha1(split_key(row.uri).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             split = "test" if bucket < test else "dev" if bucket < test + dev else "train"
             dataset.rows[i] = row._replace(split=split)
+
+
+def split_key(uri: str) -> str:
+    """What a row's split is drawn from: the image's file name, not its whole path, so a data set copied,
+    moved or installed elsewhere (the demo's corpus sits in site-packages) keeps its splits."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _caption_rows(dataset: Dataset, items: Iterator[tuple[str | None, object, str]]) -> Dataset:

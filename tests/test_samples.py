@@ -107,3 +107,16 @@ def test_the_demo_runs_on_the_offline_profile_unless_told_otherwise(argv, encode
     monkeypatch.setattr(flows.demo, "demo_flow", lambda emoji, settings: seen.update(emoji=emoji, settings=settings))
     assert cli.main(argv) == 0
     assert seen["emoji"] == 7 and seen["settings"].encoder.name == encoder
+
+
+def test_a_data_set_keeps_its_splits_wherever_it_is_installed(tmp_path):
+    """The split comes from each image's name: the demo's corpus, under another site-packages, splits alike."""
+    from jobs.datasets import read_dataset
+
+    settings = load_settings(overrides=[f"lake={tmp_path}/lake", f"state_dir={tmp_path}/state"], environ={})
+    rows = sample_corpus(emoji=40)
+    here = write_jsonl(rows, tmp_path / "here.jsonl")
+    moved = [{**row, "uri": "/elsewhere/venv/lib/site-packages/" + row["uri"].rsplit("/", 1)[-1]} for row in rows]
+    there = write_jsonl(moved, tmp_path / "there.jsonl")
+    splits = [[row.split for row in read_dataset(str(path), settings).rows] for path in (here, there)]
+    assert splits[0] == splits[1] and {"train", "dev", "test"} <= set(splits[0])
