@@ -117,9 +117,16 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def on_cluster(cluster: Cluster, settings: Settings, work: Callable, warm_up: Callable | None = None) -> dict:
+def on_cluster(
+    cluster: Cluster,
+    settings: Settings,
+    work: Callable,
+    warm_up: Callable | None = None,
+    afterwards: Callable | None = None,
+) -> dict:
     """Start a session on the cluster (timed apart, until every executor is up), warm_up(spark, settings)
-    if given (timed apart), run work(spark, settings), stop."""
+    if given (timed apart), run work(spark, settings) (timed), then afterwards(spark) if given (not timed:
+    what it adds to the result is read from the session), stop."""
     workers = len(cluster.worker_pids)
     clock = time.perf_counter()
     cluster_settings = settings.model_copy(update={"spark": settings.spark.model_copy(update={"master": cluster.url})})
@@ -135,6 +142,8 @@ def on_cluster(cluster: Cluster, settings: Settings, work: Callable, warm_up: Ca
             clock = time.perf_counter()
             result = work(spark, cluster_settings)
             seconds = time.perf_counter() - clock
+        if afterwards:
+            result |= afterwards(spark)
     finally:
         spark.stop()
     return {
@@ -386,12 +395,11 @@ def fault_run(root: Path, settings: Settings, base: Path, photos: Path, clean_s:
             killer = threading.Timer(clean_s / 2, cluster.kill_executors, (1,))
             killer.start()
             try:
-                result = index_work(spark, settings)
+                return index_work(spark, settings)
             finally:
                 killer.cancel()
-            return result | lost_executor_cost(spark)
 
-        result = on_cluster(cluster, settings, work, index_warm_up(photos))
+        result = on_cluster(cluster, settings, work, index_warm_up(photos), lost_executor_cost)
     ids = Lake.open(settings).table("captions").dataset().to_table(columns=["image_id"]).column("image_id")
     return result | {
         "clean_s": clean_s,
