@@ -130,7 +130,7 @@ def on_cluster(
     workers = len(cluster.worker_pids)
     clock = time.perf_counter()
     cluster_settings = settings.model_copy(update={"spark": settings.spark.model_copy(update={"master": cluster.url})})
-    spark = build_session(cluster_settings)
+    spark = build_session(cluster_settings, cluster)  # with the cluster's secret
     spark.sparkContext.parallelize(range(workers * 4), workers * 4).map(lambda x: x).count()  # executors up
     startup = time.perf_counter() - clock
     try:
@@ -511,7 +511,7 @@ def measure_query(root: Path, captions: int, queries_n: int, pin: bool) -> tuple
         on_cluster_settings = settings.model_copy(
             update={"spark": settings.spark.model_copy(update={"master": cluster.url})}
         )
-        spark = build_session(on_cluster_settings)
+        spark = build_session(on_cluster_settings, cluster)
         try:
             parts = partition_times(spark, captions_folder, queries, partitions, on_cluster_settings)
             exact = merged_equals_single(spark, root, queries[:50], on_cluster_settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -70,6 +71,66 @@ def on_white(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+BAND_PIXELS = 1 << 18  # flattened a band of rows at a time: a few MiB of copies, however large the image
+ORIENTATIONS = {  # EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright_on_white(
+    image: Image.Image, size: tuple[int, int], fit: bool = True, gap: float = 2.0, exact_up_to: int = 0
+) -> Image.Image:
+    """An opened, not yet decoded image as on_white(ImageOps.exif_transpose(image)) gives it, but shrunk on the
+    way to at least `gap` times (less than twice that) the `size` it is going to be resized to: the whole image
+    within `size`, its aspect kept, when `fit`; each side to its own otherwise. A JPEG is decoded at 1/2 to 1/8
+    scale; the decoded pixels are flattened a band at a time, each band reduced by whole factors at once (a
+    transparent palette's colours are flattened once): the decoded image (at most 4 bytes a pixel, 1 for a
+    palette) and a few MiB, not 13 bytes a pixel as flattening it whole took. Images of at most `exact_up_to`
+    pixels are not reduced, so that they give the very pixels they always gave (plus a 4-byte copy of each)."""
+    orientation = image.getexif().get(0x0112, 1)  # a PNG is decoded here: its EXIF may follow the pixels
+    width, height = size if orientation not in (5, 6, 7, 8) else size[::-1]  # on its side: sides swapped
+    if fit:
+        scale = min(width / image.width, height / image.height, 1.0)
+        width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    factors = (1, 1)
+    if image.width * image.height > exact_up_to:
+        image.draft(None, (math.ceil(width * gap), math.ceil(height * gap)))  # JPEG: at 1/2 to 1/8 scale
+        factors = (max(1, int(image.width / width / gap)), max(1, int(image.height / height / gap)))
+    flat = _flattened(image, factors)
+    method = ORIENTATIONS.get(orientation)
+    return flat.transpose(method) if method is not None else flat
+
+
+def _flattened(image: Image.Image, factors: tuple[int, int]) -> Image.Image:
+    """on_white(image).reduce(factors), computed a band of rows at a time (bands of whole reduction blocks:
+    the same pixels as at once)."""
+    image.load()
+    (width, height), (_, down) = image.size, factors
+    rows = max(1, BAND_PIXELS // width // down) * down
+    if factors == (1, 1) and rows >= height:
+        return on_white(image)
+    palette = None
+    if image.mode == "P" and "transparency" in image.info:  # each colour flattened once, not each pixel
+        entries = image.resize((256, 1), Image.Resampling.NEAREST)  # with the image's palette and transparency
+        entries.putdata(list(range(256)))
+        palette = on_white(entries).tobytes()
+    out = Image.new("RGB", (-(-width // factors[0]), -(-height // down)))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height)))
+        if palette is not None:
+            band.putpalette(palette)
+            del band.info["transparency"]
+        band = on_white(band)
+        out.paste(band.reduce(factors) if factors != (1, 1) else band, (0, top // down))
+    return out
 
 
 def image_id(data: bytes) -> str:

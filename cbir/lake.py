@@ -12,7 +12,8 @@ Executors write a run's parts into its folder; the driver commits them as ONE De
 (add actions with statistics; the commit info names the run, the job and the model version). Until
 then no reader sees them: readers read a table version's files from the log, never a folder
 listing, so Spark, Polars, DuckDB and Trino read the same rows as cbir. A run that dies leaves only
-unreferenced files, which `vacuum` removes once they are older than the retention.
+unreferenced files, which `vacuum` removes once they are 7 days old (IN_FLIGHT_HOURS, whatever the retention:
+they may be a live run's), and a commit checks that every part it adds is still there.
 
 Concurrency is optimistic (conflict detection, no lease): a Table handle pins the version it first
 reads; its commit is attempted at exactly the next version (delta-rs writes the log entry with a
@@ -43,7 +44,7 @@ from cbir import uris
 from cbir.errors import CbirError, UsageError
 from cbir.parts import Part, PartWriter, from_storage, part_of, storage_schema
 from cbir.schemas import ADDED_LATER, ERRORS, RESULTS, SCHEMAS, features_schema
-from cbir.settings import Settings
+from cbir.settings import IMAGE_FORMATS, Settings
 from cbir.storage import delta_storage_options, is_local, open_filesystem, put_bytes
 
 TABLES = ("manifest", "features", "captions")
@@ -58,12 +59,31 @@ RUN_PART = re.compile(rf"run[-=]({RUN_ID.pattern})/({PART.pattern})")  # run=<id
 READER_VERSION, WRITER_VERSION = 1, 7
 COMMIT_ATTEMPTS = 100
 RETENTION_HOURS = 168  # vacuum keeps what the versions of the last 7 days need (Delta's default)
+# Files that no version names (parts of runs in flight, or of runs that died) are kept this long after they
+# were written, whatever the retention: the longest a run may take from its first part to its commit.
+IN_FLIGHT_HOURS = RETENTION_HOURS
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # cbir.images.image_id(): the sha256 of the bytes, hex
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}  # the others: the format's name, lower case
 
 
 def checked_run_id(value, what: str = "run id") -> str:
     """value, when it is a run id as new_run_id() makes them; never a path."""
     if not isinstance(value, str) or not RUN_ID.fullmatch(value):
         raise CbirError(f"{what} {str(value)[:80]!r} is not a run id (like 20250101T000000Z-0123abcd)")
+    return value
+
+
+def checked_image_id(value) -> str:
+    """value, when it is an image id as ingest makes them (a sha256 hex digest); never a path."""
+    if not isinstance(value, str) or not IMAGE_ID.fullmatch(value):
+        raise CbirError(f"image id {str(value)[:80]!r} is not a sha256 hex digest")
+    return value
+
+
+def checked_image_format(value) -> str:
+    """value, when it is one of the formats images are stored in (settings.IMAGE_FORMATS); never a path."""
+    if not isinstance(value, str) or value not in IMAGE_FORMATS:
+        raise CbirError(f"image format {str(value)[:80]!r} is not a stored image format ({', '.join(IMAGE_FORMATS)})")
     return value
 
 
@@ -207,7 +227,10 @@ class Lake:
 
     # Content-addressed images.
     def image_path(self, image_id: str, image_format: str) -> str:
-        ext = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}.get(image_format, image_format.lower())
+        """Where an image is stored; both values (read back from the manifest) are checked first, so the path
+        is always a file of the images folder (a CbirError names the bad value)."""
+        image_id, image_format = checked_image_id(image_id), checked_image_format(image_format)
+        ext = EXTENSIONS.get(image_format, image_format.lower())
         return self.path("images", image_id[:2], f"{image_id}.{ext}")
 
     def put_image(self, image_id: str, image_format: str, data: bytes) -> bool:
@@ -363,7 +386,7 @@ class Table:
             if not committed:
                 self.abort(run_id)
             return committed[0] if committed else None
-        parts = self._with_stats(parts)
+        parts = self._with_stats(run_id, parts)
         table = self._create()
         since = self.version if self.version is not None else table.version()
         dropped = 0
@@ -376,6 +399,7 @@ class Table:
                 dropped, since = dropped + gone, latest
             if not parts:
                 break
+            self._check_present(run_id, parts)
             record = {
                 "run_id": run_id,
                 "rows": sum(p.rows for p in parts),
@@ -421,13 +445,36 @@ class Table:
             raise CbirError(f"{self.name} run {run_id}: {str(part.name)[:80]!r} is not one of its part files")
         return part
 
-    def _with_stats(self, parts: list[Part]) -> list[Part]:
+    def _check_present(self, run_id: str, parts: list[Part]) -> None:
+        """Every part a commit is about to add is there, at the size it was written: a commit never names a file
+        that is gone (deleted by hand, or by a vacuum that found it older than IN_FLIGHT_HOURS, so took its run
+        for dead), which would leave the table unreadable. One listing per run folder, just before the commit."""
+        found: dict[str, int] = {}
+        for folder in sorted({p.name.rpartition("/")[0] for p in parts}):
+            for info in self.fs.get_file_info(pafs.FileSelector(f"{self.path}/{folder}", allow_not_found=True)):
+                if info.is_file:
+                    found[f"{folder}/{info.base_name}"] = info.size
+        for part in parts:
+            if part.name not in found or (part.size and found[part.name] != part.size):
+                raise self._gone(run_id, part.name, len(parts))
+
+    def _gone(self, run_id: str, name: str, count: int) -> CbirError:
+        return CbirError(
+            f"{self.name}: run {run_id} cannot commit: its part {name} is gone or changed (one of {count}; a vacuum "
+            f"removes parts no version names once they are {IN_FLIGHT_HOURS} hours old); nothing was committed, "
+            "run it again"
+        )
+
+    def _with_stats(self, run_id: str, parts: list[Part]) -> list[Part]:
         """Parts that came without size or statistics (from tests, or older callers) get them from the file."""
 
         def fill(part: Part) -> Part:
             if part.size and part.stats:
                 return part
-            data = pq.read_table(f"{self.path}/{part.name}", filesystem=self.fs)
+            try:
+                data = pq.read_table(f"{self.path}/{part.name}", filesystem=self.fs)
+            except FileNotFoundError:
+                raise self._gone(run_id, part.name, len(parts)) from None
             return part_of(self, part.name, data)
 
         with ThreadPoolExecutor(16) as pool:
@@ -659,18 +706,38 @@ class Table:
             target_size=target_size, commit_properties=CommitProperties(custom_metadata={"job": "optimize"})
         )
 
-    def vacuum(self, retention_hours: int = RETENTION_HOURS, dry_run: bool = False) -> list[str]:
+    def vacuum(
+        self, retention_hours: int = RETENTION_HOURS, dry_run: bool = False, *, in_flight_hours: int = IN_FLIGHT_HOURS
+    ) -> list[str]:
         """Remove files that no version within the retention needs, and files no version ever named (parts of
-        runs that died) once older than the retention. Returns what was (or would be) removed."""
+        runs that died) once older than in_flight_hours. Returns what was (or would be) removed.
+
+        A run in flight is known only by its parts in run-<id>/ that no version names yet, and nothing tells them
+        from the parts of a run that died (no lease: see the module notes). So the two kinds of file get two
+        rules, in two delta-rs vacuums: files that versions named and a later version removed (a compaction's
+        inputs, dropped runs) go once older than `retention_hours` (maintenance.retention_hours, which only
+        shortens time travel); files no version names go only once older than in_flight_hours (7 days, whatever
+        the retention), the bound on a run from its first part to its commit. A run over that bound may have
+        lost parts: its commit checks every part is there (_check_present) and fails it, in one line, rather
+        than commit a file that is gone. in_flight_hours=0 is for tests, which know no run is in flight."""
         table = self.delta()
         if table is None:
             return []
-        return table.vacuum(
-            retention_hours=retention_hours,
+        replaced = table.vacuum(
+            retention_hours=retention_hours, dry_run=dry_run, full=False, enforce_retention_duration=False
+        )
+        unnamed_hours = max(retention_hours, in_flight_hours)
+        unnamed = table.vacuum(
+            retention_hours=unnamed_hours,
             dry_run=dry_run,
             full=True,
-            enforce_retention_duration=retention_hours >= RETENTION_HOURS,
+            enforce_retention_duration=unnamed_hours >= RETENTION_HOURS,
         )
+        return list(dict.fromkeys(self._relative(f) for f in replaced + unnamed))  # some come as full paths
+
+    def _relative(self, path: str) -> str:
+        """A file of the table by its path within the table, however it is named."""
+        return self._fs_path(path).removeprefix(f"{self.path}/")
 
     def _legacy_files(self) -> list[str]:
         """Parquet files of committed runs in the pre-Delta layout (run=<id>/ with a _commits/<id>.json)."""

@@ -41,6 +41,32 @@ REFERENCE_KINDS = ("caption", "label", "neighbour", "title", "description", "tag
 # tests/test_encoders.py checks that the two agree.
 ENCODERS = ("vgg16", "efficientnet_lite0")
 MAX_K = 1000  # results per query, at most: the query.k setting, query files, cbir search, the web API
+MASK = "**********"  # a secret as shown (pydantic shows a SecretStr so)
+# A name (a setting's dotted key, or a key of a free-form map such as spark.conf's
+# spark.hadoop.fs.s3a.secret.key) that may hold a secret: its value is never shown.
+SECRET_NAME = re.compile(r"secret|passw(or)?d|token|key|credential", re.IGNORECASE)
+NOT_SECRET = {"crawl.opt_out_tokens"}  # settings whose names only look like a secret's
+USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")  # user:password@ in a URL
+
+
+def is_secret(key: str) -> bool:
+    """Whether the value at key (dotted; a free-form map's key included) is never shown."""
+    return key not in NOT_SECRET and bool(SECRET_NAME.search(key))
+
+
+def masked(data: Any, key: str = "") -> Any:
+    """Settings (JSON-ready data, or the part of them at dotted key) as they may be shown: every value
+    under a secret-looking name masked, in free-form maps too, and user:password@ in URLs. The one helper
+    for every place that shows settings (cbir info, error lines, reprs)."""
+    if isinstance(data, Mapping):
+        return {name: masked(value, f"{key}.{name}" if key else str(name)) for name, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [masked(value, key) for value in data]
+    if isinstance(data, SecretStr) or (is_secret(key) and data not in (None, "")):
+        return MASK
+    if isinstance(data, str):
+        return USERINFO.sub("***@", data)
+    return data
 
 
 def _split(value: Any) -> Any:
@@ -50,6 +76,10 @@ def _split(value: Any) -> Any:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    def __repr_args__(self):  # repr() and str() too show no secret
+        for name, value in super().__repr_args__():
+            yield name, value if isinstance(value, BaseModel) else masked(value, str(name))
 
 
 class S3(Section):
@@ -80,6 +110,9 @@ class Spark(Section):
     python_worker_reuse: bool = Field(True, description="keep Python workers (and their loaded models) between tasks")
     ui: bool = False
     conf: dict[str, str] = {}
+    cluster_allow_remote: bool = Field(
+        False, description="let `cbir cluster start --host` listen on an address that is not loopback"
+    )
 
     @field_validator("master")
     @classmethod
@@ -204,7 +237,12 @@ class Index(Section):
 
 class Maintenance(Section):
     schedule: str = Field("30 3 * * 0", description="cron of the scheduled lake maintenance (cbir serve)")
-    retention_hours: int = Field(168, ge=1, description="vacuum keeps what the versions of this many last hours need")
+    retention_hours: int = Field(
+        168,
+        ge=1,
+        description="vacuum keeps what the versions of this many last hours need (the parts of runs in flight, "
+        "which no version names yet, are kept 168 hours whatever this says)",
+    )
 
     @field_validator("schedule")
     @classmethod
@@ -349,8 +387,13 @@ class Query(Section):
         ge=1,
         le=10_000,
         description="longer text queries are refused (query files, "
-        "cbir search, cbir web): one row must not take minutes of engine time",
+        "cbir search, cbir web): one row must not take minutes of engine time; "
+        "so are texts of over 50 characters per word of this cap",
     )
+    max_file_bytes: int = Field(
+        64 * 2**20, gt=0, description="larger query files (decompressed) are refused, read no further"
+    )
+    max_rows: int = Field(100_000, ge=1, description="query files with more rows are refused")
 
 
 class Web(Section):
@@ -365,6 +408,16 @@ class Web(Section):
         description="larger uploads are refused (HTTP 413) before decoding; each decode takes up to 4 bytes a pixel",
     )
     decodes: int = Field(2, ge=1, le=64, description="images decoded at once (uploads and thumbnails)")
+    max_uploads: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="uploads read or answered at once; more are refused (HTTP 503 with Retry-After) before they "
+        "are read: at most this x web.max_upload_bytes of bodies in memory, however many clients send or stall",
+    )
+    upload_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="an upload's body must arrive within this many seconds (else HTTP 408)"
+    )
     trusted_hosts: list[str] = Field(
         [], description="Host header names served besides 127.0.0.1, localhost and web.host (a reverse proxy's name)"
     )
@@ -431,7 +484,11 @@ class Settings(BaseSettings):
 
     def public(self) -> dict[str, Any]:
         """The settings as JSON-ready data, secrets masked."""
-        return self.model_dump(mode="json")
+        return masked(self.model_dump(mode="json"))
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, value if isinstance(value, BaseModel) else masked(value, str(name))
 
     @classmethod
     def settings_customise_sources(
@@ -624,9 +681,16 @@ def _describe(error: dict, layers: list[Layer]) -> str:
             parent = parent.model_fields[part].annotation
         known = ", ".join(parent.model_fields)
         return f"unknown setting '{key}' (from {origin}); known here: {known}"
-    value = error.get("input")
-    shown = "'***'" if any(word in key for word in ("secret", "key", "token", "password")) else repr(value)
-    return f"bad setting {key}={shown} (from {origin}): {error['msg'].removeprefix('Value error, ')}"
+    detail = error["msg"].removeprefix("Value error, ")
+    return f"bad setting {key}={_shown(loc, error.get('input'))} (from {origin}): {detail}"
+
+
+def _shown(loc: tuple[str, ...], value: Any) -> str:
+    """A bad value as an error line shows it: masked; where a section or map belongs (`s3: AKIA...`), only its type."""
+    annotation = _annotation(list(loc))
+    if typing.get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return f"<{type(value).__name__}>"
+    return "'***'" if is_secret(".".join(loc)) else repr(masked(value, ".".join(loc)))
 
 
 def _absolute_paths(settings: Settings) -> Settings:

@@ -19,7 +19,7 @@ from pathlib import Path
 from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
-from cbir.settings import MAX_K, Settings, load_settings, override_variables
+from cbir.settings import MAX_K, Settings, load_settings, masked, override_variables
 from cbir.text import printable, too_many_words
 from cli import lake as lake_verb
 
@@ -92,12 +92,13 @@ def run_flow(flow, **parameters):
 # Verbs.
 def info(args, settings: Settings) -> None:
     tables = Lake.open(settings).table_uris()
-    if args.json:
-        print(json.dumps({"settings": settings.public(), "tables": tables}, indent=2))
+    if args.json:  # ensure_ascii: every control (and non-ASCII) character is a \u escape
+        print(json.dumps({"settings": settings.public(), "tables": tables}, indent=2, ensure_ascii=True))
         return
-    print(f"profile: {settings.profile}\nlake:    {settings.lake}\nstate:   {settings.state_dir}")
-    for name, uri in tables.items():
-        print(f"  {name:<9} {uri}")
+    # Folder names come from the lake (features/<anything>): no control character reaches the terminal.
+    lines = [f"profile: {settings.profile}", f"lake:    {settings.lake}", f"state:   {settings.state_dir}"]
+    lines += [f"  {name:<9} {uri}" for name, uri in tables.items()]
+    print("\n".join(printable(masked(line)) for line in lines))
 
 
 def ingest(args, settings: Settings) -> None:
@@ -328,19 +329,34 @@ def cluster(args, settings: Settings) -> int:
     if args.action == "start":
         if running:
             raise UsageError(f"a cluster already runs at {running.url}; stop it first with `cbir cluster stop`")
+        allow_remote = settings.spark.cluster_allow_remote
+        if allow_remote and not standalone.is_loopback(args.host):
+            print(f"cbir cluster: {standalone.exposure(args.host)}", file=sys.stderr)
         try:
             running = standalone.start(
-                folder, args.workers, args.cores, args.memory, args.port, args.ui_port, args.host, pin=args.pin
+                folder,
+                args.workers,
+                args.cores,
+                args.memory,
+                args.port,
+                args.ui_port,
+                args.host,
+                pin=args.pin,
+                allow_remote=allow_remote,
             )
-        except ValueError as exc:  # too few CPUs to pin
+        except ValueError as exc:  # a host that is not loopback, or too few CPUs to pin
             raise UsageError(str(exc)) from None
         print(f"web UI http://{running.host}:{running.ui_port}, logs in {folder}", file=sys.stderr)
         print(f"run cbir on it with --set spark.master={running.url} (or CBIR_SPARK__MASTER)", file=sys.stderr)
         print(running.url)
     elif args.action == "stop":
-        if running:
-            standalone.stop(running)
-        print(f"stopped {running.url}" if running else "no cluster to stop", file=sys.stderr)
+        stale = standalone.stop(running) if running else []
+        if stale:  # a pid of the state file names no daemon of this cluster now: it was not signalled
+            print(f"the state in {folder / standalone.STATE_FILE} was stale: {'; '.join(stale)}", file=sys.stderr)
+        if running and len(stale) < len(running.daemons()):
+            print(f"stopped {running.url}", file=sys.stderr)
+        elif not running:
+            print("no cluster to stop", file=sys.stderr)
     elif not running:
         print("no cluster runs (start one with `cbir cluster start`)", file=sys.stderr)
         return 1
@@ -422,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--cores", type=int, default=1, help="cores per worker (default 1)")
     sub.add_argument("--memory", default="2g", help="memory per worker for its executors (default 2g)")
     sub.add_argument("--pin", action="store_true", help="run each worker on CPUs of its own (--cores of them)")
-    sub.add_argument("--host", default="127.0.0.1", help="the address the daemons listen on")
+    sub.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address the daemons listen on: loopback, unless spark.cluster_allow_remote",
+    )
     sub.add_argument("--port", type=int, default=7077, help="the master's port (default 7077)")
     sub.add_argument("--ui-port", type=int, default=8180, help="the master's web UI port (default 8180)")
     sub = verb("web", web, "serve the search page and its JSON API (default 127.0.0.1:8080, settings web.*)")

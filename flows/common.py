@@ -4,6 +4,11 @@ A flow's stages are Prefect tasks (`stage`), so a run's timeline shows where the
 which stage failed. Stages pass Spark sessions, lakes and staged runs, which Prefect can neither
 hash nor store: stage tasks have no cache policy, and their results stay in memory. Large inputs (a
 source's entries, a data set's rows) are passed in `quote()`, so Prefect does not walk every item.
+
+A flow is declared with this module's `flow`: its `settings` argument (the CLI's, the demo's to its
+steps, a test's) is Python's alone, never a parameter Prefect records for the run, so no setting, and
+no secret among them (S3 keys, spark.conf's), reaches Prefect's database or UI; without one, a flow
+loads its settings from the environment of the process that runs it, as served runs do.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
-from prefect import task
+from prefect import Flow, task
 from prefect.cache_policies import NONE
 from pyspark.sql import SparkSession
 
@@ -24,6 +30,25 @@ from jobs.spark import spark_session
 
 # @stage(name=...) or stage(job_function, name=...): a task whose inputs are not hashed and whose result is not stored.
 stage = partial(task, cache_policy=NONE, persist_result=False)
+NOT_RECORDED = "settings"  # the one argument Prefect is never given to record
+
+
+class CbirFlow(Flow):
+    """A Prefect flow whose `settings` argument is left out of what Prefect records for a run (the run's
+    parameters, in its database and UI); the flow itself still receives it."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return super().serialize_parameters({k: v for k, v in parameters.items() if k != NOT_RECORDED})
+
+    def with_options(self, **options: Any) -> CbirFlow:
+        copy = super().with_options(**options)
+        copy.__class__ = CbirFlow  # Prefect builds a plain Flow
+        return copy
+
+
+def flow(**options: Any) -> Callable[[Callable], CbirFlow]:
+    """@flow(name=..., ...), Prefect's options: a CbirFlow."""
+    return lambda fn: CbirFlow(fn, **options)
 
 
 def open_lake(settings: Settings | None) -> tuple[Settings, Lake]:

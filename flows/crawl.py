@@ -10,11 +10,10 @@ from __future__ import annotations
 import datetime
 from typing import Annotated, Literal
 
-from prefect import flow
 from pydantic import Field
 
 from cbir.settings import Settings, load_settings
-from flows.common import stage
+from flows.common import flow, stage
 from flows.ingest import store_images
 from jobs import flickr
 from jobs.reader import Listing, read_web_entries, resolve_url_list

@@ -13,7 +13,6 @@ import os
 import time
 from pathlib import Path
 
-from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from cbir import uris
@@ -23,6 +22,7 @@ from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI, PHOTO_CATEGORY, sample_corpus, write_jsonl
 from cbir.settings import Settings, load_settings
 from cbir.text import words
+from flows.common import flow
 from flows.evaluate import eval_flow
 from flows.index import index_flow
 from flows.ingest import ingest_flow

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.utilities.annotations import quote
 
 from cbir.settings import Settings
-from flows.common import open_lake, stage
+from flows.common import flow, open_lake, stage
 from flows.index import index_flow
 from flows.ingest import ingest_flow
 from flows.reporting import publish

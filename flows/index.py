@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from prefect import flow
-
 from cbir.settings import Settings
-from flows.common import open_lake, stage, stage_and_commit
+from flows.common import flow, open_lake, stage, stage_and_commit
 from flows.reporting import publish
 from jobs import index
 

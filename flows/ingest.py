@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from prefect import flow
 from prefect.utilities.annotations import quote
 
 from cbir.settings import Settings, load_settings
-from flows.common import open_lake, stage, stage_and_commit
+from flows.common import flow, open_lake, stage, stage_and_commit
 from flows.reporting import publish
 from jobs import ingest
 from jobs.reader import Listing, Source, resolve_source

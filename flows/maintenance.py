@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import flow
-
 from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
+from flows.common import flow
 from flows.reporting import publish_summary
 from jobs import maintenance
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from prefect import flow
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from cbir.lake import Lake
 from cbir.settings import MAX_K, Settings
-from flows.common import open_lake, spark_job, stage
+from flows.common import flow, open_lake, spark_job, stage
 from flows.reporting import publish
 from jobs import gallery, query
 

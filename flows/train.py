@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.utilities.annotations import quote
 
 from cbir.settings import Settings
-from flows.common import open_lake, spark_job, stage
+from flows.common import flow, open_lake, spark_job, stage
 from flows.reporting import Progress, publish_summary
 from jobs import train
 from jobs.datasets import read_dataset

@@ -34,9 +34,14 @@ from cbir.settings import Crawl
 from jobs.pacing import Pacer
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
-# Public-looking IPv6 ranges that reach IPv4 hosts (NAT64, 6to4, IPv4-compatible): a gateway may
-# forward them to private addresses, so they are refused unless allow-listed.
-TRANSLATED = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96")]
+# Public-looking IPv6 ranges that reach IPv4 hosts (NAT64, local-use NAT64, 6to4, IPv4-compatible, SIIT's
+# IPv4-translated): a gateway may forward them to private addresses, so they are refused unless allow-listed.
+TRANSLATED = [
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0:0/96")
+]
+# Ranges whose low 32 bits are an IPv4 address: IPv4-mapped, SIIT, NAT64's well-known prefix, IPv4-compatible.
+LOW_32_BITS = [ipaddress.ip_network(n) for n in ("::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96", "::/96")]
+SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated, but still routed inside some networks
 # What no URL we dial may hold: requests/urllib3 end the host at a backslash, other parsers do not.
 UNSAFE_URL = re.compile(r"[\\\s\x00-\x1f\x7f]")
 
@@ -62,7 +67,7 @@ def target(url: str) -> tuple[str, int]:
 
 def checked_address(host: str, port: int, allow_hosts: list[str], resolve: Resolver | None = None) -> str:
     """The address to dial for host (resolved once here), or ImageRejected when any of its addresses is
-    private, loopback, link-local, reserved, multicast or an IPv4 translation, unless allowed."""
+    private, loopback, link-local, site-local, reserved, multicast or an IPv4 translation, unless allowed."""
     try:
         answers = (resolve or socket.getaddrinfo)(host, port, type=socket.SOCK_STREAM)
         addresses = sorted({info[4][0] for info in answers})
@@ -77,11 +82,33 @@ def checked_address(host: str, port: int, allow_hosts: list[str], resolve: Resol
         address = ipaddress.ip_address(text.split("%")[0])
         if text in allow_hosts or any(address.version == n.version and address in n for n in allowed):
             continue
-        translated = address.version == 6 and any(address in network for network in TRANSLATED)
-        mapped = getattr(address, "ipv4_mapped", None)
-        if not address.is_global or address.is_multicast or translated or (mapped and not mapped.is_global):
+        if not _public(address):
             return _refuse(host, address)
     return addresses[0]
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global and unicast; for IPv6 also not site-local, not an IPv4 translation, and no embedded IPv4
+    address (mapped, SIIT, NAT64, 6to4, Teredo's server and client) that is not public itself."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if address.version == 4:
+        return True
+    if address in SITE_LOCAL or any(address in network for network in TRANSLATED):
+        return False
+    return all(_public(embedded) for embedded in embedded_ipv4(address))
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (and a gateway may forward to), if any."""
+    embedded = []
+    if any(address in network for network in LOW_32_BITS):
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.sixtofour:
+        embedded.append(address.sixtofour)
+    if address.teredo:
+        embedded.extend(address.teredo)
+    return embedded
 
 
 def _refuse(host: str, address) -> str:
@@ -138,17 +165,39 @@ def _pinned_pool(pool: type, connection: type, address: Callable[[str, int], str
     return type(f"Pinned{pool.__name__}", (pool,), {"ConnectionCls": pinned})
 
 
+# Google's X-Robots-Tag directives that take a value after a colon (unavailable_after's, a date, has colons too).
+VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+AGENT_NAME = re.compile(r"[a-z0-9_.*-]+")
+
+
 def opted_out(headers, tokens: list[str], agent: str = "cbir") -> str | None:
-    """The X-Robots-Tag value that asks crawlers like cbir to keep out, or None. A value may name a
-    user agent first ("otherbot: noindex"), which then applies to that agent only."""
+    """The X-Robots-Tag value that asks crawlers like cbir to keep out, or None."""
     wanted = {t.lower() for t in tokens}
     for value in headers.getlist("X-Robots-Tag") if hasattr(headers, "getlist") else [headers.get("X-Robots-Tag", "")]:
-        agent_token, colon, directives = value.rpartition(":") if ":" in value.split(",")[0] else ("", "", value)
-        if agent_token.strip().lower() not in ("", "*", agent):
-            continue
-        if wanted & {d.strip().lower() for d in directives.split(",")}:
+        if wanted & robots_directives(value, agent):
             return value.strip()
     return None
+
+
+def robots_directives(value: str, agent: str = "cbir") -> set[str]:
+    """The directive names (lowercase, values dropped) of one X-Robots-Tag value that apply to agent.
+
+    Google's grammar: directives separated by commas, the list led by an optional user agent
+    ("otherbot: noindex, nofollow"), which makes them that agent's only; `NAME: value` is a directive
+    when NAME takes a value ("unavailable_after: 25 Jun 2030 15:00:00 PST"), a user agent otherwise
+    (a later one starts that agent's list, as when a proxy joins several headers with commas).
+    `none` means noindex, nofollow."""
+    found: set[str] = set()
+    applies = True  # directives before any user agent are every crawler's
+    for item in value.split(","):
+        name, colon, rest = item.partition(":")
+        name = name.strip().lower()
+        if colon and name not in VALUED_DIRECTIVES and AGENT_NAME.fullmatch(name):
+            applies = name in ("*", agent.lower())
+            name = rest.partition(":")[0].strip().lower()
+        if applies and name:
+            found |= {name, "noindex", "nofollow"} if name == "none" else {name}
+    return found
 
 
 class Downloader:

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-from PIL import Image, ImageOps
+from PIL import Image
 
-from cbir.images import on_white
+from cbir.errors import CbirError
+from cbir.images import upright_on_white
 from cbir.lake import Lake
 from cbir.settings import Settings
 from cbir.storage import open_filesystem, put_bytes
@@ -44,12 +45,10 @@ mark {{ background: #fde68a; color: inherit; }}
 def thumbnail_jpeg(data: bytes, size: tuple[int, int] = THUMBNAIL) -> bytes:
     """A small JPEG of the image (camera orientation applied, transparency on white), at most `size`."""
     with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
-            image = on_white(image)  # palette indices and odd modes cannot be averaged: colours first
-        # Shrink first, then copy: a JPEG is decoded at 1/2 to 1/8 scale (draft) and others are
-        # reduced before the transpose and the flattening copy them (alpha stays premultiplied).
+        # Shrunk while it is flattened (a JPEG decoded at 1/2 to 1/8 scale, others reduced band by band):
+        # memory stays near the decoded image's own, whatever its mode.
+        image = upright_on_white(image, size)
         image.thumbnail(size)
-        image = on_white(ImageOps.exif_transpose(image))
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=80)
     return out.getvalue()
@@ -71,7 +70,13 @@ def _image_paths(lake: Lake, image_ids: set[str]) -> dict[str, str]:
         .to_table(columns=["image_id", "format"], filter=ds.field("image_id").isin(wanted))
         .to_pylist()
     )
-    return {r["image_id"]: lake.image_path(r["image_id"], r["format"]) for r in rows if r["format"]}
+    paths = {}
+    for r in rows:
+        try:
+            paths[r["image_id"]] = lake.image_path(r["image_id"], r["format"])
+        except CbirError:  # a manifest row whose id or format is not cbir's (none, for a failed item): skipped
+            continue
+    return paths
 
 
 def render(

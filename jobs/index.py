@@ -23,6 +23,7 @@ import pyarrow.dataset as ds
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from cbir.errors import CbirError
 from cbir.images import Failure, ImageRejected
 from cbir.lake import Lake, Table, checked_run_id, new_run_id
 from cbir.schemas import CAPTIONS
@@ -324,8 +325,12 @@ def encode_and_caption(context: IndexContext, rows: list[dict]):
     lake = context.lake
 
     def read(row: dict) -> bytes:
+        try:  # the row's image_id and format, read back from the manifest, are checked before they make a path
+            path = lake.image_path(row["image_id"], row["format"])
+        except CbirError as exc:
+            raise ImageRejected("bad-manifest-row", str(exc)) from None
         try:
-            with lake.fs.open_input_stream(lake.image_path(row["image_id"], row["format"])) as stream:
+            with lake.fs.open_input_stream(path) as stream:
                 return stream.read()
         except FileNotFoundError:
             raise ImageRejected("not-found", "the image is not in the lake's image store") from None

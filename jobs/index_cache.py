@@ -5,7 +5,7 @@
         meta.json            the key (what the index was built from), counts, max_order
         table.arrow          the rows hits show: image_id, uri, caption (and extra manifest columns)
         references.arrow     every reference text and its kind, grouped by row; counts.npy: how many each
-        image_ids.arrow      the engine's image ids, in engine order; vocabulary.arrow: its words by id
+        engine_rows.npy      the engine's images as the table's rows, in engine order; vocabulary.arrow: its words by id
         <array>.npy          the engine's arrays (BleuIndex.ARRAYS)
         visual.npy           the images' vectors in the captioner memory's space, when the captions have them
 
@@ -13,7 +13,10 @@ The key is everything the index depends on: the lake, the captioner version, the
 tables read (lake_state), the reference kinds, the n-gram order, the extra columns and FORMAT.
 Anything else means another key, so a stale index is never found. An entry is written into a
 temporary folder and renamed into place whole; one that does not load (truncated, wrong shapes,
-another format) is deleted and built again. Only the newest KEEP entries of each lake stay.
+another format, values out of range) is deleted and built again. Only the newest KEEP entries of each
+lake stay. Opening an entry checks more than shapes: the engine's kernels index arrays by other arrays'
+values without bounds checks, so each such value is checked to be in range first (BleuIndex.from_state),
+and so is every row number the Index looks up (here); a tampered entry is rebuilt, never run.
 No pickles: numpy's .npy (loaded copy-on-write memory-mapped) and Arrow IPC files.
 """
 
@@ -27,7 +30,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,7 @@ from jobs.searcher import Index, version_captions
 
 log = logging.getLogger("cbir.search")
 
-FORMAT = 3  # bump when the layout or the engine's arrays change
+FORMAT = 4  # bump when the layout or the engine's arrays change (4: engine_rows.npy, not image_ids.arrow)
 FOLDER = "search-index"
 KEEP = 4  # entries per lake: cbir search's and cbir web's (which holds a column more) of the two newest states
 STALE_TMP_S = 3600  # a temporary folder this old was left by a crash
@@ -138,7 +141,7 @@ def save(index: Index, folder: Path, key: dict) -> None:
             arrays, image_ids, vocabulary = index.engine.state()
             for name, array in arrays.items():
                 _write_npy(tmp / f"{name}.npy", array)
-            _write_arrow(tmp / "image_ids.arrow", pa.table({"value": pa.array(image_ids, pa.string())}))
+            _write_npy(tmp / "engine_rows.npy", np.fromiter(map(index.row_of.__getitem__, image_ids), np.int64))
             _write_arrow(tmp / "vocabulary.arrow", pa.table({"value": pa.array(vocabulary, pa.string())}))
             meta.update(max_order=index.engine.max_order, texts=len(references.texts), images=len(image_ids))
             if index.visual is not None:
@@ -205,8 +208,9 @@ def load(folder: Path, key: dict) -> Index:
     if meta.get("key") != key:
         raise ValueError("the entry was saved for another key or format")
     table = _read_arrow(folder / "table.arrow")
-    if table.num_rows != meta["rows"] or "image_id" not in table.column_names:
-        raise ValueError(f"table.arrow has {table.num_rows} rows, expected {meta['rows']}")
+    if table.num_rows != meta["rows"] or not {"image_id", "uri", "caption"} <= set(table.column_names):
+        raise ValueError(f"table.arrow has {table.num_rows} rows, expected {meta['rows']}, or lacks a column")
+    _array(table, "image_id")
     ids = table.column("image_id").to_pylist()
     row_of = dict(zip(ids, range(len(ids))))
     if len(row_of) != len(ids):
@@ -219,16 +223,44 @@ def load(folder: Path, key: dict) -> Index:
     counts = _read_npy(folder / "counts.npy")
     if counts.shape != (len(ids),) or counts.dtype != np.int64 or int(counts.sum()) != texts.num_rows:
         raise ValueError("the references do not match the rows")
+    if len(counts) and counts.min() < 1:
+        raise ValueError("an image without references")  # every image has one (an empty one when it has none)
     references = References(_array(texts, "text"), _array(texts, "kind"), counts)
     arrays = {name: _read_npy(folder / f"{name}.npy") for name in (*BleuIndex.ARRAYS, *BleuIndex.ARRAYS_2D)}
-    image_ids = _array(_read_arrow(folder / "image_ids.arrow"), "value").to_pylist()
+    image_ids = _engine_ids(_read_npy(folder / "engine_rows.npy"), ids)
     vocabulary = _array(_read_arrow(folder / "vocabulary.arrow"), "value").to_pylist()
-    if len(image_ids) != len(ids):
-        raise ValueError("the engine's images are not the table's")
-    engine = BleuIndex.from_state(arrays, image_ids, vocabulary, meta["max_order"])
+    if "max_order" in key and meta.get("max_order") != key["max_order"]:  # the order searches will ask for
+        raise ValueError(f"max_order {meta.get('max_order')!r} is not the key's {key['max_order']}")
+    engine = BleuIndex.from_state(arrays, image_ids, vocabulary, meta["max_order"])  # checks its arrays' values
     if len(engine.ref_lens) != texts.num_rows:
         raise ValueError("the engine's texts are not the references")
     return Index(table, references, engine, row_of, _read_visual(folder, meta, len(ids)))
+
+
+def _engine_ids(rows: np.ndarray, ids: list[str]) -> EngineIds:
+    """The engine's image ids: the table's (`ids`, distinct) in engine order. ValueError unless `rows` is a
+    permutation of the table's rows, so that every hit's image is one of the table's, once. Row numbers,
+    not strings: hashing a million ids to compare them would cost more than the rest of opening the entry."""
+    n = len(ids)
+    if rows.dtype != np.int64 or rows.shape != (n,):
+        raise ValueError(f"engine_rows.npy is {rows.dtype}{rows.shape}, expected int64({n},)")
+    if n and (rows.min() < 0 or rows.max() >= n or np.bincount(rows, minlength=n).max() != 1):
+        raise ValueError("engine_rows.npy is not a permutation of the table's rows")
+    return EngineIds(ids, rows)
+
+
+class EngineIds(Sequence):
+    """The engine's image ids as a view of the table's: a search reads k of them, and gathering a million
+    strings into engine order on every open would take longer than checking all the engine's arrays."""
+
+    def __init__(self, ids: list[str], rows: np.ndarray):
+        self.ids, self.rows = ids, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return [self.ids[r] for r in self.rows[i].tolist()] if isinstance(i, slice) else self.ids[self.rows[i]]
 
 
 def _read_visual(folder: Path, meta: dict, rows: int) -> np.ndarray | None:

@@ -11,7 +11,7 @@ from cbir.errors import UsageError
 from cbir.images import Failure
 from cbir.settings import MAX_K, Settings
 from cbir.text import too_many_words, words
-from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
+from jobs.reader import TooLarge, read_rows, resolve_source, resolve_uri, text_value
 
 
 @dataclass
@@ -35,11 +35,7 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
     if source.kind not in ("csv", "jsonl", "parquet"):
         raise UsageError(f"query file {uri}: expected CSV, JSONL or Parquet with query_id and text or image")
     queries, errors, seen = [], [], set()
-    try:
-        rows = list(read_rows(source))
-    except Exception as exc:  # noqa: BLE001 - any parser's failure is the file's
-        raise UsageError(f"query file {uri} cannot be read: {str(exc).splitlines()[0]}") from None
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(_rows(source, uri, settings), start=1):
         if row is None:
             continue
         if not isinstance(row, dict):
@@ -55,9 +51,7 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
             errors.append((query_id, Failure.of("duplicate-id", f"query_id {query_id} is used by an earlier row")))
             continue
         seen.add(query_id)
-        query, error = _query(source, query_id, row, settings.query.k)
-        if query and (long := too_many_words(query.text, settings.query.max_words)):
-            query, error = None, Failure.of("too-long", long)
+        query, error = _query(source, query_id, row, settings)
         if error:
             errors.append((query_id, error))
         else:
@@ -65,11 +59,31 @@ def read_queries(uri: str, settings: Settings) -> tuple[list[Query], list[tuple[
     return queries, errors
 
 
-def _query(source, query_id: str, row: dict, default_k: int) -> tuple[Query | None, Failure | None]:
+def _rows(source, uri: str, settings: Settings) -> list:
+    """The file's rows, read within query.max_file_bytes (decompressed) and query.max_rows."""
+    limits, rows, count = settings.query, [], 0
+    try:
+        for row in read_rows(source, max_bytes=limits.max_file_bytes):
+            count += row is not None
+            if count > limits.max_rows:
+                raise UsageError(f"query file {uri} has more than query.max_rows={limits.max_rows} rows")
+            rows.append(row)
+    except TooLarge:
+        raise UsageError(
+            f"query file {uri} is over query.max_file_bytes={limits.max_file_bytes} bytes (decompressed)"
+        ) from None
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser's failure is the file's
+        raise UsageError(f"query file {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    return rows
+
+
+def _query(source, query_id: str, row: dict, settings: Settings) -> tuple[Query | None, Failure | None]:
     text, image = text_value(row.get("text")), text_value(row.get("image"))
     k = row.get("k")
     if k is None or (isinstance(k, float) and k != k) or k == "":
-        k = default_k
+        k = settings.query.k
     try:
         k = int(str(k).strip())
         if not 1 <= k <= MAX_K:
@@ -85,6 +99,8 @@ def _query(source, query_id: str, row: dict, default_k: int) -> tuple[Query | No
             return None, Failure.of("unsupported-uri", str(exc))
     if text is None:
         return None, Failure.of("bad-row", "no text and no image")
+    if long := too_many_words(text, settings.query.max_words):  # before anything else reads the whole text
+        return None, Failure.of("too-long", long)
     if not words(text):
         return None, Failure.of("empty-text", "the text has no words")
     return Query(query_id, k, text=text), None

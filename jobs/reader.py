@@ -35,6 +35,7 @@ MANIFEST_FORMATS = {
     ".txt": "txt",
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst")
+CHUNK = 2**16  # bytes decompressed at a time when a file's size is capped
 
 
 class Entry(NamedTuple):
@@ -128,14 +129,21 @@ def _folder_entries(source: Source) -> Iterator[Entry]:
             yield Entry(source.uri_of(info.path))
 
 
-def read_rows(source: Source) -> Iterator[Any]:
-    """A manifest's rows: dicts, None for a blank line, an exception for a line that cannot be parsed."""
+def read_rows(source: Source, max_bytes: int | None = None) -> Iterator[Any]:
+    """A manifest's rows: dicts, None for a blank line, an exception for a line that cannot be parsed.
+    With max_bytes, TooLarge once the file holds more, decompressed (Parquet: its columns' stated sizes)."""
     if source.kind == "parquet":
         with source.fs.open_input_file(source.path) as raw:
-            for batch in pq.ParquetFile(raw).iter_batches(batch_size=10_000):
+            parquet = pq.ParquetFile(raw)
+            groups = [parquet.metadata.row_group(i) for i in range(parquet.metadata.num_row_groups)]
+            if max_bytes is not None and sum(group.total_byte_size for group in groups) > max_bytes:
+                raise TooLarge(max_bytes)
+            for batch in parquet.iter_batches(batch_size=10_000):
                 yield from batch.to_pylist()
         return
     with source.fs.open_input_stream(source.path) as raw:  # decompresses by file extension
+        if max_bytes is not None:  # read in bounded chunks, counted before they are parsed
+            raw = io.BufferedReader(_Capped(raw, max_bytes), buffer_size=CHUNK)
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
         if source.kind == "csv":
             yield from csv.DictReader(text)
@@ -145,6 +153,32 @@ def read_rows(source: Source) -> Iterator[Any]:
                 yield {"uri": line} if line and not line.startswith("#") else None
         else:
             yield from _json_rows(text)
+
+
+class TooLarge(ValueError):
+    """A file over its cap in bytes once decompressed."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(f"over {max_bytes} bytes decompressed")
+        self.max_bytes = max_bytes
+
+
+class _Capped(io.RawIOBase):
+    """A (decompressing) stream read in chunks of at most CHUNK bytes; TooLarge once over max_bytes."""
+
+    def __init__(self, raw: Any, max_bytes: int):
+        self.raw, self.max_bytes, self.seen = raw, max_bytes, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(min(len(buffer), CHUNK))
+        self.seen += len(data)
+        if self.seen > self.max_bytes:
+            raise TooLarge(self.max_bytes)
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _json_rows(text: io.TextIOBase) -> Iterator[Any]:

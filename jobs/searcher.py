@@ -163,13 +163,19 @@ OFF = PrototypeRanking()
 
 def load_prototypes(lake: Lake, version: str | None, settings: Settings) -> Prototypes | None:
     """The pictures text queries borrow from this captioner version's memory; None when it has none, the
-    ranking is off, or the lake holds captions but not their captioner (a copied table)."""
+    ranking is off, the lake holds captions but not their captioner (a copied table), or its memory.npz is
+    refused (damaged or foreign: one warning)."""
     ranking = PrototypeRanking.from_settings(settings)
     if version is None or not ranking.on:
         return None
     try:
-        memory = store.load_memory(lake, store.card(lake, version))
+        card = store.card(lake, version)
     except UsageError:
+        return None
+    try:
+        memory = store.load_memory(lake, card)
+    except UsageError as exc:  # a damaged or foreign memory: say so once, and rank by BLEU alone
+        log.warning("%s: text queries are ranked without pictures", exc)
         return None
     return Prototypes.of(memory, ranking.images, bleu_params(settings).max_order) if memory is not None else None
 

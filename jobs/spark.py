@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import resources
+from pathlib import Path
 
+from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
 from cbir.settings import Settings
 from cbir.stderr import lines_dropped
+from jobs.cluster import SECRET, Cluster
 
 # Spark 4 starts every JVM with the incubating Vector API module, and the JVM announces it on stderr as it
 # starts; no option stops that. Log4j (conf/log4j2.properties) keeps the rest of Spark's log to errors.
@@ -31,7 +35,9 @@ def spark_session(settings: Settings) -> Iterator[SparkSession]:
         spark.stop()
 
 
-def build_session(settings: Settings) -> SparkSession:
+def build_session(settings: Settings, cluster: Cluster | None = None) -> SparkSession:
+    """A new session (or the active one) for settings.spark; on the cluster that `cbir cluster start` runs in
+    <state_dir>/cluster (or `cluster`, when spark.master is its URL), with that cluster's secret."""
     # Workers must run this interpreter, so they import the same cbir, TensorFlow and Pillow.
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
@@ -50,11 +56,40 @@ def build_session(settings: Settings) -> SparkSession:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
     )
     builder = executors_configured(builder, settings)
+    cluster = cbir_cluster(settings, cluster)
+    launching = SparkContext._gateway is None  # this session starts the driver's JVM
+    if cluster and not launching:  # the JVM runs: the secret reaches it over py4j, on no command line
+        builder = builder.config("spark.authenticate", "true").config(SECRET, cluster.secret())
     for key, value in settings.spark.conf.items():
         builder = builder.config(key, value)
     # A JVM started here (and the Python workers it starts) writes to stderr through the filter for its life.
     with lines_dropped(lambda line: line == JVM_NOTICE, wait=False):
-        return builder.getOrCreate()
+        with submitted_with(cluster.properties) if cluster and launching else nullcontext():
+            return builder.getOrCreate()
+
+
+def cbir_cluster(settings: Settings, cluster: Cluster | None = None) -> Cluster | None:
+    """The cluster cbir started (`cluster`, else the one in <state_dir>/cluster) if spark.master names it."""
+    cluster = cluster or Cluster.load(Path(settings.state_dir, "cluster"))
+    if cluster is None or cluster.url != settings.spark.master or not cluster.properties.exists():
+        return None
+    return cluster
+
+
+@contextmanager
+def submitted_with(properties: Path) -> Iterator[None]:
+    """pyspark starts the driver's JVM with spark-submit: give it the cluster's properties file, since a --conf
+    (all of the builder's settings become one) would show the secret on its command line to every local user."""
+    before = os.environ.get("PYSPARK_SUBMIT_ARGS")
+    submit = f"--properties-file {shlex.quote(str(properties))} --load-spark-defaults"
+    os.environ["PYSPARK_SUBMIT_ARGS"] = f"{submit} {before or 'pyspark-shell'}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYSPARK_SUBMIT_ARGS", None)
+        else:
+            os.environ["PYSPARK_SUBMIT_ARGS"] = before
 
 
 def executors_configured(builder: SparkSession.Builder, settings: Settings) -> SparkSession.Builder:

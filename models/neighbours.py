@@ -13,6 +13,7 @@ Saved with numpy's npz without pickles: a foreign memory file can only be refuse
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +26,12 @@ from cbir.text import words
 
 PROJECTED_DIM = 256
 PCA_SAMPLE = 10_000  # rows the principal axes are fitted on: enough for 256 axes, seconds at 4096 dims
+MEMBERS = ("mean", "basis", "vectors", "texts")  # memory.npz's arrays
+# What a saved memory may inflate to: any file up to MEMORY_FLOOR (100,000 images with captions of up to 200
+# characters come to about 130 MB, much of it the texts' padding), beyond that MEMORY_RATIO times its file's
+# size (float vectors hardly compress: a real memory inflates two to five times; a zip bomb a thousand).
+MEMORY_FLOOR = 512 << 20
+MEMORY_RATIO = 64
 SAME_IMAGE = 0.999  # a cosine this close is the image itself (or its copy): its own text is not a neighbour's
 
 
@@ -96,24 +103,75 @@ class Memory:
 
     @classmethod
     def from_bytes(cls, data: bytes, feature_dim: int) -> Memory:
-        """Read a saved memory; ValueError says what is wrong with a file that is not one for these features."""
+        """Read a saved memory; ValueError says what is wrong with a file that is not one for these features.
+        The arrays' declared sizes are checked before any is inflated or allocated (_check_declared)."""
         try:
+            _check_declared(data, feature_dim)
             with np.load(io.BytesIO(data), allow_pickle=False) as saved:
-                mean, basis, vectors, texts = (saved[name] for name in ("mean", "basis", "vectors", "texts"))
+                mean, basis, vectors, texts = (saved[name] for name in MEMBERS)
         except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"not a neighbour memory ({exc})") from None
-        d = basis.shape[1] if basis.ndim == 2 else -1
-        if (
-            mean.shape != (feature_dim,)
-            or basis.shape != (feature_dim, d)
-            or vectors.ndim != 2
-            or vectors.shape[1] != d
-            or texts.shape != (len(vectors),)
-            or texts.dtype.kind != "U"
-            or not all(a.dtype.kind == "f" for a in (mean, basis, vectors))
-        ):
-            raise ValueError(f"its arrays do not fit {feature_dim} features per image")
+            raise ValueError(str(exc) if isinstance(exc, _Unfit) else f"not a neighbour memory ({exc})") from None
         return cls(mean.astype(np.float32), basis.astype(np.float32), vectors.astype(np.float16), texts)
+
+
+class _Unfit(ValueError):
+    """A memory whose arrays do not fit the captioner's features."""
+
+
+def _check_declared(data: bytes, feature_dim: int) -> None:
+    """A saved memory's sizes, as its zip directory and its .npy headers declare them, checked before anything
+    is inflated or allocated (np.load allocates what a header declares, then reads): ValueError for a memory
+    that would inflate past the limit (MEMORY_FLOOR, or MEMORY_RATIO times the file's size), that does not
+    hold what its headers declare, or whose arrays do not fit these features."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = {info.filename: info for info in archive.infolist()}  # the last of a name, as np.load reads
+        missing = [f"{name}.npy" for name in MEMBERS if f"{name}.npy" not in members]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        limit = max(MEMORY_FLOOR, MEMORY_RATIO * len(data))
+        inflated = sum(members[f"{name}.npy"].file_size for name in MEMBERS)  # the zip's own word, from its directory
+        if inflated > limit:
+            raise ValueError(
+                f"its arrays would inflate to {_size(inflated)}, over the {_size(limit)} allowed for a file of "
+                f"{_size(len(data))}"
+            )
+        out = {}
+        for name in MEMBERS:
+            info = members[f"{name}.npy"]
+            with archive.open(info) as member:  # a zip member is read (inflated) no further than asked
+                version = np.lib.format.read_magic(member)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{name}.npy is .npy format {version}")
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member)
+                header = member.tell()
+            if dtype.hasobject or not all(isinstance(size, int) and size >= 0 for size in shape):
+                raise ValueError(f"{name}.npy holds objects or a bad shape: {dtype} {shape}")
+            nbytes = dtype.itemsize * math.prod(shape)
+            if header + nbytes != info.file_size:
+                raise ValueError(
+                    f"{name}.npy declares {dtype} {shape} ({_size(nbytes)}) but holds {_size(info.file_size - header)}"
+                )
+            out[name] = (dtype, shape)
+    (mean, mean_shape), (basis, basis_shape), (vectors, vectors_shape), (texts, texts_shape) = out.values()
+    d = basis_shape[1] if len(basis_shape) == 2 else -1
+    if (
+        mean_shape != (feature_dim,)
+        or basis_shape != (feature_dim, d)
+        or len(vectors_shape) != 2
+        or vectors_shape[1] != d
+        or texts_shape != vectors_shape[:1]
+        or texts.kind != "U"
+        or not all(dtype.kind == "f" for dtype in (mean, basis, vectors))
+    ):
+        raise _Unfit(f"its arrays do not fit {feature_dim} features per image")
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,16 @@ from jobs import flickr, ingest
 from jobs.download import Downloader, refused_reason, target
 from jobs.reader import Listing, read_web_entries, resolve_url_list
 
-from conftest import cbir_process, image_bytes, make_settings, s3_lake, summary_count, task_runs, wait_until
+from conftest import (
+    cbir_process,
+    cluster_state_dir,
+    image_bytes,
+    make_settings,
+    s3_lake,
+    summary_count,
+    task_runs,
+    wait_until,
+)
 from fakeweb import GOOD_KEY, GOOD_SECRET, FakeWeb
 
 FAST = [
@@ -349,7 +358,18 @@ def test_a_name_that_rebinds_after_the_check_is_still_dialled_at_the_checked_add
 
 
 @pytest.mark.parametrize(
-    "address", ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "::7f00:1", "::ffff:10.0.0.1"]
+    "address",
+    [
+        "64:ff9b::7f00:1",
+        "64:ff9b:1::a00:1",
+        "2002:7f00:1::1",
+        "::7f00:1",
+        "::ffff:10.0.0.1",
+        "::ffff:0:7f00:1",  # SIIT's IPv4-translated ::ffff:0:0:0/96: 127.0.0.1
+        "::ffff:0:a9fe:a9fe",  # the same: 169.254.169.254, cloud metadata
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, whose client is 127.0.0.1
+        "fec0::1",  # site-local
+    ],
 )
 def test_ipv6_translations_of_ipv4_are_refused_unless_allowed(address):
     def resolve(host, port, *args, **kwargs):
@@ -385,6 +405,11 @@ def test_one_deadline_per_url_bounds_hops_retries_and_the_body(web, tmp_path, pa
         (["NoImageIndex"], [], True),
         (["otherbot: noai"], [], False),
         (["cbir: noai"], [], True),
+        (["none"], [], True),  # noindex, nofollow
+        (["cbir: none"], [], True),
+        (["otherbot: none"], [], False),
+        (["unavailable_after: 25 Jun 2030 15:00:00 PST, noai"], [], True),  # a date's colons name no agent
+        (["max-image-preview: large, NoAI"], [], True),
         (["all"], [], False),
         ([], [], False),
         (["noindex"], ["crawl.opt_out_tokens=noai"], False),
@@ -421,7 +446,7 @@ def test_a_lost_executor_mid_crawl_is_retried_and_each_url_stored_once(
         "crawl.allow_hosts=127.0.0.1",
         "crawl.concurrency=1",  # one download at a time: 8 tasks of 5, about a second each
         *s3_lake(bucket, s3_endpoint),
-        f"state_dir={tmp_path}/state",
+        f"state_dir={cluster_state_dir(cluster)}",  # where the driver finds the cluster's secret
         f"spark.master={cluster.url}",
     ]
     driver = cbir_process(cli_environment, tmp_path, "crawl", "urls", str(tmp_path / "urls.txt"), overrides=overrides)

@@ -47,6 +47,48 @@ def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server,
     assert task_runs(run.id) == {"list new items": "COMPLETED", "store images": "COMPLETED", "commit": "COMPLETED"}
 
 
+SECRETS = [
+    "s3.secret_key=s3-secret-value",
+    "spark.conf.spark.authenticate.secret=spark-auth-secret",
+    "spark.conf.spark.hadoop.fs.s3a.secret.key=s3a-secret-value",
+]
+
+
+def test_no_setting_is_a_parameter_prefect_records_for_a_run(prefect_server, tmp_path):
+    """The settings (spark.conf's secrets among them) reach the flow, never the run's recorded parameters."""
+    from flows.maintenance import maintenance_flow
+
+    settings = make_settings(tmp_path, *SECRETS)
+    state = maintenance_flow("vacuum", settings=settings, return_state=True)
+
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.parameters == {"action": "vacuum", "table": None}
+    assert "secret" not in json.dumps(run.parameters)
+
+
+def test_every_flow_leaves_its_settings_out_of_what_prefect_records(tmp_path):
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import flows
+    from flows.common import CbirFlow
+
+    found = []
+    for module in pkgutil.iter_modules(flows.__path__):
+        for value in vars(importlib.import_module(f"flows.{module.name}")).values():
+            if isinstance(value, Flow):
+                found.append(value)
+                assert isinstance(value, CbirFlow), f"{value.name} is not declared with flows.common.flow"
+                assert isinstance(value.with_options(retries=1), CbirFlow)
+    assert {f.name for f in found} >= {"ingest", "crawl-urls", "crawl-flickr", "index", "query", "train", "demo"}
+    settings = make_settings(tmp_path, *SECRETS)
+    assert ingest_flow.serialize_parameters({"source": "in", "settings": settings}) == {"source": "in"}
+
+
 def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
     import csv
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cbir.lake import Lake, new_run_id
 from cbir.parts import Part
 from cbir.schemas import MANIFEST
 from cbir.storage import put_bytes
-from jobs import index
+from jobs import index, maintenance
 from models import store
 
 from conftest import make_settings
@@ -190,3 +191,78 @@ def test_a_delta_table_of_a_newer_protocol_is_refused_and_left_alone(lake):
             action(lake.table("manifest"))
         assert "\n" not in str(error.value)
     assert _snapshot(lake.root) == before
+
+
+def _age(path: str, hours: float) -> None:
+    """Set a file's modification time `hours` back: what vacuum's retention is measured against."""
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))
+
+
+def test_a_short_retention_keeps_a_live_runs_parts_and_a_commit_never_names_a_missing_part(lake):
+    """maintenance.retention_hours=1 shortens only how long replaced files are kept: parts no version names yet
+    (a run in flight) stay 7 days, so a run that staged them 2 hours ago still commits a readable table. A part
+    that is gone anyway (by hand) is refused at the commit, which leaves the table as it was."""
+    table, done, live = lake.table("manifest"), new_run_id(), new_run_id()
+    table.commit(done, [part(table, done)])
+    in_flight = part(table, live)
+    _age(f"{table.path}/{in_flight.name}", 2)
+    dead_run = new_run_id()
+    dead = part(table, dead_run)
+    _age(f"{table.path}/{dead.name}", 24 * 8)  # a run that died 8 days ago: no run takes that long
+
+    assert maintenance.vacuum(lake, "manifest", retention_hours=1) == [{"table": "manifest", "files removed": 1}]
+    assert os.path.exists(f"{table.path}/{in_flight.name}") and not os.path.exists(f"{table.path}/{dead.name}")
+    table.commit(live, [in_flight])
+    assert lake.table("manifest").read().num_rows == 2
+
+    gone_run = new_run_id()
+    gone = part(table, gone_run)
+    os.remove(f"{table.path}/{gone.name}")
+    state = lake.table("manifest").state()
+    with pytest.raises(CbirError, match=rf"run {gone_run} cannot commit: its part {gone.name} is gone") as error:
+        lake.table("manifest").commit(gone_run, [gone])
+    assert "\n" not in str(error.value)
+    assert lake.table("manifest").state() == state and lake.table("manifest").read().num_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("image_id", "image_format"),
+    [
+        ("../../etc/", "/PASSWD"),
+        ("ab" * 32, "/../../../../etc/passwd"),
+        ("ab" * 32, "jpeg"),
+        ("ab" * 32, None),
+        ("AB" * 32, "JPEG"),
+        ("ab" * 31, "JPEG"),
+        ("../" + "ab" * 31, "PNG"),
+        (None, "PNG"),
+    ],
+)
+def test_an_image_path_takes_a_sha256_digest_and_a_stored_format_only(lake, image_id, image_format):
+    with pytest.raises(CbirError, match="not a sha256 hex digest|not a stored image format") as error:
+        lake.image_path(image_id, image_format)
+    assert "\n" not in str(error.value)
+    assert lake.image_path("ab" * 32, "MPO") == lake.path("images", "ab", "ab" * 32 + ".jpg")
+
+
+def test_the_gallery_makes_no_path_of_a_bad_manifest_row(lake):
+    """A query run's gallery shows stored images by the manifest's image_id and format: a bad row is skipped."""
+    from jobs.gallery import _image_paths
+
+    good, bad_format = "ab" * 32, "cd" * 32
+    rows = {good: "PNG", bad_format: "/../../../../victim", "../victim": "PNG"}
+    table, run_id = lake.table("manifest"), new_run_id()
+    data = {name: [None] * 3 for name in MANIFEST.names}
+    data.update(
+        image_id=list(rows),
+        format=list(rows.values()),
+        uri=[f"/img/{i}.png" for i in range(3)],
+        status=["ok"] * 3,
+        run_id=[run_id] * 3,
+        ingested_at=[datetime.now(UTC)] * 3,
+    )
+    writer = table.part_writer(run_id)
+    writer.write(pa.RecordBatch.from_pydict(data, schema=MANIFEST))
+    table.commit(run_id, [writer.close()])
+    assert _image_paths(lake, set(rows)) == {good: lake.path("images", "ab", f"{good}.png")}

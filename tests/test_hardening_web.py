@@ -12,6 +12,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 
@@ -84,6 +85,13 @@ def post_image(port: int, data: bytes, host: str = "127.0.0.1") -> int:
 
 @pytest.fixture
 def web_process(empty_lake):
+    with running_web(empty_lake, "web.max_uploads=48") as (process, port):  # all read: the decodes are the bound
+        yield process, port
+
+
+@contextmanager
+def running_web(empty_lake, *extra: str):
+    """cbir web in a process of its own (uvicorn on 127.0.0.1), on the settings of empty_lake and `extra`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -92,6 +100,7 @@ def web_process(empty_lake):
         f"state_dir={empty_lake.state_dir}",
         "ingest.max_pixels=89478485",
         "web.max_upload_bytes=10000000",
+        *extra,
         f"web.port={port}",
     ]
     root = str(Path(__file__).resolve().parents[1])
@@ -104,9 +113,11 @@ def web_process(empty_lake):
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, "cbir web did not start"
             time.sleep(0.2)
-    yield process, port
-    process.terminate()
-    process.wait(10)
+    try:
+        yield process, port
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_concurrent_bomb_uploads_decode_within_a_memory_bound(web_process):
@@ -277,3 +288,75 @@ def test_thumbnails_decode_a_large_jpeg_at_a_fraction_of_its_size(monkeypatch):
     with Image.open(io.BytesIO(thumbnail_jpeg(out.getvalue(), (240, 240)))) as thumb:
         assert thumb.size == (240, 180)
     assert loaded and max(w * h for w, h in loaded) <= 1000 * 750  # decoded at 1/4 scale or less, not 12 MP
+
+
+@pytest.mark.parametrize("weights", ["missing", "unreadable"])
+def test_a_local_weights_file_is_not_named_to_clients(tmp_path, monkeypatch, weights):
+    """encoder.weights set to a server path: the upload's 503, /api/status and the page say what failed,
+    not where the file is (the log has it)."""
+    path = tmp_path / "secret-weights" / "vgg16.h5"
+    settings, _ = indexed_lake(tmp_path, f"encoder.weights={path}")
+    if weights == "unreadable":  # the file is there, but Keras cannot read it: its error names the file
+        from jobs.searcher import ImageCaptioner
+
+        def broken(*args, **kwargs):
+            raise OSError(f"Unable to synchronously open file (name = '{path}', errno = 2)")
+
+        monkeypatch.setattr(ImageCaptioner, "from_settings", broken)
+    with TestClient(create_app(settings, warm_up=False), base_url="http://127.0.0.1") as client:
+        upload = client.post("/api/search", files={"image": ("x.png", one_colour_png(32, 32), "image/png")})
+        answers = [upload, client.get("/api/status"), client.get("/")]
+    assert upload.status_code == 503 and upload.json()["reason"] == "no-captioner", upload.text
+    assert "unavailable" in answers[1].json()["captioner"]
+    for answer in answers:
+        assert "secret-weights" not in answer.text and str(tmp_path) not in answer.text, answer.text
+
+
+def raw_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and body of one HTTP/1.1 answer read from a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"\r\n\r\n"  # closed before an answer: parsed as an empty one
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536) or b"x" * int(headers["content-length"])
+    return int(lines[0].split()[1]) if lines[0] else 0, headers, body
+
+
+def test_stalled_uploads_are_bounded_in_number_time_and_memory(empty_lake):
+    """20 clients each send 9 MiB of a 10 MB upload and stall: with web.max_uploads=2, two are read (and
+    answered 408 after web.upload_timeout_s), the others are refused at once (503, Retry-After) before their
+    bodies are read; memory holds two bodies, not twenty (180 MiB before the bound)."""
+    with running_web(empty_lake, "web.max_uploads=2", "web.upload_timeout_s=2") as (process, port):
+        assert post_image(port, one_colour_png(64, 64)) == 503  # warm: no captioner in an empty lake
+        before = peak_rss_mib(process.pid)
+        head = (
+            b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b'Content-Length: 10000000\r\n\r\n--b\r\nContent-Disposition: form-data; name="image"; '
+            b'filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+        )
+        part, sockets = b"\x89PNG" + bytes(9 * 2**20), []
+        started = time.monotonic()
+        for number in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=8)
+            sock.sendall(head + part)
+            sockets.append(sock)
+            if number == 1:
+                time.sleep(0.3)  # the first two are being read before the others come
+        time.sleep(0.5)
+        growth = peak_rss_mib(process.pid) - before
+        print(f"peak RSS growth under 20 stalled 9 MiB uploads: {growth:.0f} MiB")
+        try:
+            assert growth < 2 * 10_000_000 / 2**20 + 32, growth
+            answers = [raw_answer(sock) for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+        waited = time.monotonic() - started
+        assert post_image(port, one_colour_png(64, 64)) == 503  # the server goes on: no captioner, as before
+    assert [status for status, _, _ in answers] == [408] * 2 + [503] * 18, answers
+    assert all(headers["retry-after"] == "5" for _, headers, _ in answers[2:])
+    assert b"web.upload_timeout_s=2" in answers[0][2] and b'"reason":"busy"' in answers[2][2]
+    assert 2 <= waited < 6

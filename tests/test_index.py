@@ -9,13 +9,16 @@ import shutil
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
 from cbir.errors import UsageError
-from cbir.lake import Lake
+from cbir.lake import Lake, new_run_id
+from cbir.schemas import MANIFEST
 from jobs import index, ingest, train
 from jobs.cluster import parent_of
 from jobs.cluster import processes as cluster_processes
@@ -26,7 +29,7 @@ from jobs.searcher import search_one
 from models import store
 from models.captioner import Decoding
 
-from conftest import cbir_process, make_settings, s3_lake, shapes_dataset, summary_count, wait_until
+from conftest import cbir_process, cluster_state_dir, make_settings, s3_lake, shapes_dataset, summary_count, wait_until
 
 SMALL_MODEL = (
     "encoder.weights=random",
@@ -68,6 +71,24 @@ def stored_images(lake: Lake) -> dict[str, str]:
     return {r["image_id"]: lake.image_path(r["image_id"], r["format"]) for r in rows if r["status"] == "ok"}
 
 
+def add_manifest_rows(lake: Lake, formats: dict[str, str]) -> None:
+    """Commit "ok" manifest rows of these image ids and formats, as a writer of the lake could (uri /bad/<id>)."""
+    run_id, n = new_run_id(), len(formats)
+    data = {name: [None] * n for name in MANIFEST.names}
+    data.update(
+        image_id=list(formats),
+        format=list(formats.values()),
+        uri=[f"/bad/{image_id}" for image_id in formats],
+        status=["ok"] * n,
+        run_id=[run_id] * n,
+        ingested_at=[datetime.now(UTC)] * n,
+    )
+    table = lake.table("manifest")
+    writer = table.part_writer(run_id)
+    writer.write(pa.RecordBatch.from_pydict(data, schema=MANIFEST))
+    table.commit(run_id, [writer.close()], job="ingest")
+
+
 @pytest.fixture(scope="module")
 def prepared_local(spark, tmp_path_factory):
     """A local lake with a trained captioner and 36 ingested images, prepared once."""
@@ -104,17 +125,25 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
     with lake.fs.open_output_stream(images[broken]) as out:
         out.write(b"\x89PNG\r\n\x1a\n damaged after ingest")
     lake.fs.delete_file(images[missing])
+    # Manifest rows whose id or format is not cbir's: the first would read an image outside the lake's store.
+    (Path(settings.lake).parent / "victim.png").write_bytes(Path(images[sorted(images)[2]]).read_bytes())
+    bad = {"../victim": "PNG", "ab" * 32: "/../../../../victim.png"}
+    add_manifest_rows(lake, bad)
 
     summary = index.run(spark, lake, settings)
 
-    assert (summary.pending, summary.indexed, summary.reused) == (36, 34, 6)
-    assert summary.encoded == 28 and summary.failed == {"decode-failed": 1, "not-found": 1}
+    assert (summary.pending, summary.indexed, summary.reused) == (38, 34, 6)
+    assert summary.encoded == 28
+    assert summary.failed == {"decode-failed": 1, "not-found": 1, "bad-manifest-row": 2}  # one bad row, not the run
     assert all(summary.stages[stage] > 0 for stage in ("read", "decode", "encode", "caption", "write"))
     rows = captions_of(lake, card["version"])
-    assert sorted(row["image_id"] for row in rows) == sorted(images)  # each image exactly once
+    assert sorted(row["image_id"] for row in rows) == sorted([*images, *bad])  # each image exactly once
     by_id = {row["image_id"]: row for row in rows}
     assert by_id[broken]["status"] == "failed" and by_id[broken]["error"].startswith("decode-failed:")
     assert by_id[missing]["error"] == "not-found: the image is not in the lake's image store"
+    assert by_id["../victim"]["error"] == "bad-manifest-row: image id '../victim' is not a sha256 hex digest"
+    assert by_id["ab" * 32]["reason"] == "bad-manifest-row" and "'/../../../../victim.png'" in by_id["ab" * 32]["error"]
+    assert by_id["../victim"]["uri"] == "/bad/../victim" and by_id["../victim"]["status"] == "failed"
     assert_captions_are_the_captioners(lake, settings, [row for row in rows if row["status"] == "ok"], card["version"])
     assert_neighbours_are_the_training_texts(rows, source)
 
@@ -215,6 +244,7 @@ def on_cluster(cluster, settings) -> list[str]:
         f"s3.endpoint_url={settings.s3.endpoint_url}",
         "s3.region=us-east-1",
         f"spark.master={cluster.url}",
+        f"state_dir={cluster_state_dir(cluster)}",  # where the driver finds the cluster's secret
         "spark.ui=false",
         *SMALL_MODEL,
     ]
@@ -380,5 +410,5 @@ def test_a_run_killed_at_each_point_of_its_commit_then_rerun_captions_each_image
     assert len(features) == len(set(features))
     assert len(lake.table("captions").committed_runs()) == 1
     captions = lake.table("captions")
-    assert captions.vacuum(retention_hours=0)  # the killed runs' parts: in no version, removed
+    assert captions.vacuum(retention_hours=0, in_flight_hours=0)  # the killed runs' parts: in no version, removed
     assert sorted(row["image_id"] for row in captions_of(lake, version)) == sorted(stored_images(lake))

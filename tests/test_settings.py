@@ -134,6 +134,61 @@ def test_secrets_are_masked_in_public_settings_and_errors():
     assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
 
 
+SPARK_SECRETS = [
+    "spark.conf.spark.hadoop.fs.s3a.secret.key=s3a-secret-value",
+    "spark.conf.spark.authenticate.secret=spark-auth-secret",
+    "spark.conf.spark.ssl.keyStorePassword=keystore-password",
+    "spark.conf.spark.executor.memory=3g",
+    "s3.endpoint_url=http://minio-user:minio-password@minio.local:9000",
+]
+
+
+def test_secret_looking_keys_of_free_form_maps_and_url_userinfo_are_masked_wherever_settings_are_shown():
+    settings = load_settings(overrides=SPARK_SECRETS, environ={})
+    assert settings.spark.conf["spark.authenticate.secret"] == "spark-auth-secret"  # the job gets it
+    public = settings.public()
+    assert public["spark"]["conf"] == {
+        "spark.hadoop.fs.s3a.secret.key": "**********",
+        "spark.authenticate.secret": "**********",
+        "spark.ssl.keyStorePassword": "**********",
+        "spark.executor.memory": "3g",
+    }
+    assert public["s3"]["endpoint_url"] == "http://***@minio.local:9000"
+    assert public["crawl"]["opt_out_tokens"] == ["noai", "noimageai", "noindex", "noimageindex"]  # no secret
+    for shown in (str(public), repr(settings), str(settings), repr(settings.spark), str(settings.s3)):
+        assert not any(word in shown for word in ("secret-value", "auth-secret", "keystore-password", "minio-password"))
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message, secret",
+    [
+        ('s3: "AKIASECTIONVALUE"\n', "bad setting s3=<str> (from {conf}): Input should be", "AKIASECTIONVALUE"),
+        (
+            "s3: {endpoint_url: 'http://user:hunter2@host/path'}\n",
+            "bad setting s3.endpoint_url='http://***@host/path' (from {conf})",
+            "hunter2",
+        ),
+        (
+            "spark: {conf: 'spark.authenticate.secret=hunter2'}\n",
+            "bad setting spark.conf=<str> (from {conf})",
+            "hunter2",
+        ),
+        (
+            "spark: {conf: {spark.authenticate.secret: [hunter2]}}\n",
+            "bad setting spark.conf.spark.authenticate.secret='***' (from {conf})",
+            "hunter2",
+        ),
+        ("lake: 's3://user:hunter2@bucket/x'\n", "bad setting lake='s3://***@bucket/x' (from {conf})", "hunter2"),
+    ],
+)
+def test_error_lines_never_echo_a_secret(tmp_path, yaml_text, message, secret):
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml_text)
+    with pytest.raises(UsageError) as caught:
+        load_settings(conf_file=str(conf), environ={})
+    assert message.format(conf=conf) in str(caught.value) and secret not in str(caught.value)
+
+
 def test_variables_that_name_no_setting_belong_to_others():
     settings = load_settings(environ={"CBIR_HOME": "/opt/cbir", "CBIR_NOPE": "1", "CBIR_WEB__PORT": "9000"})
     assert settings.web.port == 9000

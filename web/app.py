@@ -62,13 +62,18 @@ def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bo
         app.add_exception_handler(exception, handler)
     # Only names this server is known by: a page that rebinds its own name to 127.0.0.1 is refused.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings))
-    limit = settings.web.max_upload_bytes
+    web = settings.web
+    refusals = {
+        "too-large": f"The upload is larger than web.max_upload_bytes={web.max_upload_bytes} bytes.",
+        "busy": f"The server is already taking web.max_uploads={web.max_uploads} uploads: try again in a few seconds.",
+        "upload-timeout": f"The upload did not arrive within web.upload_timeout_s={web.upload_timeout_s:g} seconds.",
+    }
     app.add_middleware(
         Guard,
-        max_body=limit + FORM_OVERHEAD,
-        too_large=lambda request: problem(
-            request, 413, "too-large", f"The upload is larger than web.max_upload_bytes={limit} bytes."
-        ),
+        max_body=web.max_upload_bytes + FORM_OVERHEAD,
+        max_uploads=web.max_uploads,
+        timeout_s=web.upload_timeout_s,
+        refuse=lambda request, status, reason: problem(request, status, reason, refusals[reason]),
     )
     return app
 

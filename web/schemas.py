@@ -89,5 +89,13 @@ FORM_K = Annotated[int | None, Form(ge=1, le=MAX_K, description="how many result
 UPLOAD = Annotated[UploadFile, File(description="a JPEG, PNG, GIF, WebP, BMP or TIFF image")]
 OPTIONAL_UPLOAD = Annotated[UploadFile | None, File(description="the image")]
 ERRORS = {status: {"model": ErrorOut} for status in (400, 404, 413, 415, 422)}
-UPLOAD_ERRORS = {**ERRORS, 503: {"model": ErrorOut, "description": "no captioner to describe images with"}}
+UPLOAD_ERRORS = {
+    **ERRORS,
+    408: {"model": ErrorOut, "description": "the upload did not arrive within web.upload_timeout_s"},
+    503: {
+        "model": ErrorOut,
+        "description": "no captioner to describe images with, or web.max_uploads uploads already in flight "
+        "(the Retry-After header says when to try again)",
+    },
+}
 IMAGE_RESPONSES = {200: {"content": {"image/*": {}}, "description": "the image bytes"}, 404: {"model": ErrorOut}}

@@ -14,6 +14,7 @@ a sentence for people.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from cbir.errors import UsageError
+from cbir.errors import CbirError, UsageError
 from cbir.images import ImageRejected, Limits, inspect_image
 from cbir.lake import Lake
 from cbir.settings import Settings
@@ -295,12 +296,27 @@ class Searcher:
                 captioner.load()
             except UsageError as exc:
                 log.warning("the captioner cannot be loaded: %s", exc)
-                reason = str(exc).replace(f" {self.lake.uri}", "")  # clients are not told where the lake is
+                reason = self._unplaced(str(exc))
                 self.captioner_state = f"unavailable: {reason}"
                 raise Refused(503, "no-captioner", f"Searching by image is unavailable: {reason}") from None
+            except Exception:  # a weights file Keras cannot read, a lake that fails: its message may name paths
+                log.exception("the captioner cannot be loaded")
+                reason = "the encoder or the captioner failed to load (the server's log says why)"
+                self.captioner_state = f"unavailable: {reason}"
+                raise Refused(503, "no-captioner", f"Searching by image is unavailable: {reason}.") from None
             self._captioner = captioner
             self.captioner_state = f"loaded {version}"
             return captioner
+
+    def _unplaced(self, message: str) -> str:
+        """A message as clients see it: where the lake, the state folder and a weights file are stays untold."""
+        places = {f" {self.lake.uri}": "", str(self.settings.state_dir): "(the state folder)"}
+        weights = self.settings.encoder.weights
+        if weights not in ("imagenet", "random"):
+            places.update({weights: "(a local file)", os.path.abspath(weights): "(a local file)"})
+        for place in sorted(places, key=len, reverse=True):  # a path before any shorter one inside it
+            message = message.replace(place, places[place])
+        return message
 
     def check_upload(self, data: bytes) -> None:
         """The checks ingest makes (format, pixels before decoding, a full decode), with the upload size limit."""
@@ -343,10 +359,10 @@ class Searcher:
         row = self.known(image_id)
         if not row["format"]:
             raise Refused(404, "missing-image", "The image is not in the lake's image store.")
-        try:
+        try:  # image_path checks the id and the format (a manifest row's) before they make a path
             with self.lake.fs.open_input_stream(self.lake.image_path(image_id, row["format"])) as stream:
                 data = stream.read()
-        except OSError:
+        except (OSError, CbirError):
             raise Refused(404, "missing-image", "The image is not in the lake's image store.") from None
         return data, MEDIA_TYPES.get(row["format"], "application/octet-stream")
 
