@@ -170,8 +170,8 @@ def child(listing: str, tmp: str, port: str, *overrides: str) -> None:
 
 def crawl(spark, settings, listing: str):
     from cbir.lake import Lake
+    from cbir.reader import Listing, read_web_entries, resolve_url_list
     from jobs import ingest
-    from jobs.reader import Listing, read_web_entries, resolve_url_list
 
     source = resolve_url_list(listing, settings)
     return ingest.run(spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)))

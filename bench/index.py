@@ -121,8 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
     args = parser.parse_args()
+    from cbir.reader import resolve_source
     from jobs import index, ingest
-    from jobs.reader import resolve_source
     from jobs.spark import build_session
     from models import store
 

@@ -59,8 +59,8 @@ def baseline(folder: Path, settings) -> float:
 
 
 def cbir_ingest(spark, folder: Path, settings) -> tuple[float, int]:
+    from cbir.reader import resolve_source
     from jobs import ingest
-    from jobs.reader import resolve_source
 
     lake = Lake.open(settings)
     lake.check()

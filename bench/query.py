@@ -210,10 +210,11 @@ def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
 
     from cbir.settings import load_settings
     from jobs.captions import table_captions
-    from jobs.queries import Query
     from jobs.search import search
-    from jobs.searcher import bleu_params
     from jobs.spark import build_session
+    from search.index import bleu_params
+    from search.queries import Query
+    from search.searcher import Rules, bleu_plans
 
     with tempfile.TemporaryDirectory() as tmp:
         # Row groups of 100,000 rows, as Parquet writers commonly make them.
@@ -223,7 +224,7 @@ def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
         asked = [Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
         started = time.perf_counter()
         captions = table_captions(spark, f"{tmp}/captions.parquet", settings)
-        rows = search(spark, captions, asked, bleu_params(settings), KINDS).collect()
+        rows = search(spark, captions, bleu_plans(asked), Rules(bleu_params(settings), KINDS)).collect()
         seconds = time.perf_counter() - started
         spark.stop()
     got: dict[str, list] = {}

@@ -46,14 +46,14 @@ import pyarrow.parquet as pq
 from bench.index import make_photos, rss
 from bench.query import corpus, images_with_references
 from cbir.bleu import BleuParams
+from cbir.cluster import Cluster, parent_of, processes, standalone_cluster
 from cbir.lake import Lake
+from cbir.reader import resolve_source
 from cbir.references import KINDS
 from cbir.settings import Settings, load_settings
 from jobs import index, ingest, train
-from jobs.cluster import Cluster, parent_of, processes, standalone_cluster
-from jobs.datasets import read_dataset
-from jobs.reader import resolve_source
 from jobs.spark import build_session
+from models.datasets import read_dataset
 
 SMALL_CAPTIONER = ["captioner.units=64", "captioner.embedding_dim=32", "captioner.min_word_count=1", "train.epochs=3"]
 STAGES = ("ingest", "index", "fault", "query")
@@ -194,14 +194,15 @@ def index_work(spark, settings) -> dict:
 
 def query_stage(captions_folder: Path, queries: list[list[str]], partitions: int):
     from jobs.captions import table_captions
-    from jobs.queries import Query
     from jobs.search import search
+    from search.queries import Query
+    from search.searcher import Rules, bleu_plans
 
     asked = [Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
 
     def work(spark, settings):
         captions = table_captions(spark, str(captions_folder), settings)
-        rows = search(spark, captions, asked, BleuParams(), KINDS, partitions=partitions).count()
+        rows = search(spark, captions, bleu_plans(asked), Rules(BleuParams(), KINDS), partitions=partitions).count()
         return {"items": captions.rows, "hits": rows, "tasks": partitions}
 
     return work
@@ -210,7 +211,7 @@ def query_stage(captions_folder: Path, queries: list[list[str]], partitions: int
 def partition_times(spark, captions_folder: Path, queries, partitions: int, settings) -> list[dict]:
     """Each partition's index build and query seconds and rows, as the query job's tasks spend them."""
     from jobs.captions import table_captions
-    from jobs.searcher import Index
+    from search.index import Index
 
     params = BleuParams()
 
@@ -236,16 +237,19 @@ def partition_times(spark, captions_folder: Path, queries, partitions: int, sett
 def merged_equals_single(spark, root: Path, queries, settings, sample: int = 20_000) -> bool:
     """On a sample: the job's top 10 over 4 partitions, merged, equals one engine over the whole sample."""
     from jobs.captions import table_captions
-    from jobs.queries import Query
     from jobs.search import search
-    from jobs.searcher import Index
+    from search.index import Index
+    from search.queries import Query
+    from search.searcher import Rules, bleu_plans
 
     folder = root / "sample"
     folder.mkdir(exist_ok=True)
     table = images_with_references(sample, 20_000, seed=7).append_column("uri", pa.array([""] * sample))
     pq.write_table(table, folder / "part.parquet", row_group_size=5_000)
     asked = [Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
-    rows = search(spark, table_captions(spark, str(folder), settings), asked, BleuParams(), KINDS, partitions=4)
+    rows = search(
+        spark, table_captions(spark, str(folder), settings), bleu_plans(asked), Rules(BleuParams(), KINDS), partitions=4
+    )
     got: dict[str, list] = {}
     for row in sorted(rows.collect(), key=lambda r: (r["query_id"], r["rank"])):
         got.setdefault(row["query_id"], []).append((row["image_id"], row["score"]))

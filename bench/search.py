@@ -33,8 +33,8 @@ from bench.web import VERSION, write_lake
 from cbir.lake import Lake
 from cbir.settings import load_settings
 from cbir.text import words
-from jobs.index_cache import FOLDER, cached_index
-from jobs.searcher import Index, bleu_params, version_captions
+from search.cache import FOLDER, cached_index
+from search.index import Index, bleu_params, version_captions
 
 
 def cbir_search(root: Path, text: str) -> tuple[float, str]:

@@ -46,9 +46,9 @@ from cbir.schemas import CAPTIONS
 from cbir.settings import load_settings
 from cbir.storage import put_bytes
 from cbir.text import words
-from jobs.searcher import bleu_params
 from models.card import EncoderInfo, ModelCard
 from models.neighbours import PROJECTED_DIM, Memory
+from search.index import bleu_params
 
 FEATURE_DIM = 32  # the card's encoder: text queries need no model
 MEMORY_IMAGES = 100_000  # captioner.memory_images' default

@@ -44,10 +44,6 @@ def denominators(query_length: int, max_order: int) -> tuple[int, ...]:
     return tuple(max(1, query_length - n + 1) for n in range(1, max_order + 1))
 
 
-def closest_ref_length(ref_lengths, query_length: int) -> int:
-    return min(ref_lengths, key=lambda length: (abs(length - query_length), length))
-
-
 def score(matches: tuple[int, ...], query_length: int, ref_length: int, params: BleuParams) -> float:
     """nltk's sentence_bleu from the clipped matches per order (1..max_order) and the closest reference length."""
     if matches[0] == 0:

@@ -152,7 +152,7 @@ class BleuIndex:
         self.meta[:-1, 1], self.meta[:-1, 2] = self.id_rank, shortest[order]
         self.meta[1:, 3] = np.cumsum(counts)
 
-    # What the index is, to save and load it again (jobs/index_cache.py): arrays, the image ids in
+    # What the index is, to save and load it again (search/cache.py): arrays, the image ids in
     # engine order and the vocabulary in id order. A loaded index answers exactly as the built one.
     ARRAYS = ("id_rank", "ref_lens", "renumbered", "codes", "code_offsets", "post_offsets", "post_images", "fwd_gids")
     ARRAYS_2D = ("meta",)

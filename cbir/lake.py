@@ -53,7 +53,7 @@ ROOTS = ("images", "models", "queries")
 KEYS = {"manifest": ("uri",), "captions": ("image_id", "model_version"), "features": ("image_id",)}
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # new_run_id()'s; captioner versions are run ids too
 PART = re.compile(r"part-[0-9A-Za-z_-]{1,80}\.parquet")
-RUN_PART = re.compile(rf"run[-=]({RUN_ID.pattern})/({PART.pattern})")  # run=<id>/: parts from before Delta
+RUN_PART = re.compile(rf"run-({RUN_ID.pattern})/({PART.pattern})")
 # The Delta protocol cbir reads and writes: no reader features (cbir reads the files a version lists,
 # so deletion vectors or column mapping would make it read wrong rows), writer features up to 7.
 READER_VERSION, WRITER_VERSION = 1, 7
@@ -138,28 +138,15 @@ class Lake:
             raise UsageError(f"lake {self.uri} is not reachable: {str(exc).splitlines()[0]}") from None
 
     def check_layout(self) -> None:
-        """Refuse, in one line and changing nothing, a lake in cbir's pre-Delta layout or a folder of Parquet files."""
+        """Refuse, in one line and changing nothing, a folder of Parquet files or tables cbir cannot use."""
         entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         if any(e.is_file and e.base_name.endswith(".parquet") for e in entries):
             raise UsageError(
                 f"lake {self.uri} is a folder of Parquet files, not a cbir lake: point `lake` at "
                 "an empty folder or an existing cbir lake"
             )
-        if self.legacy_tables():
-            raise UsageError(
-                f"lake {self.uri} is in cbir's old table layout (_commits/, run=<id>/): run "
-                "`cbir lake upgrade` once to convert it to Delta tables"
-            )
         for table in self.all_tables():  # a foreign folder or schema, a newer protocol: refused before any work
             table.delta()
-
-    def legacy_tables(self, include_queries: bool = False) -> list[Table]:
-        """The tables still in the pre-Delta layout: a _commits/ folder (`cbir lake upgrade` removes it last)."""
-        return [
-            t
-            for t in self.all_tables(include_queries=include_queries)
-            if self.fs.get_file_info(f"{t.path}/_commits").type == pafs.FileType.Directory
-        ]
 
     def all_tables(self, include_queries: bool = False) -> list[Table]:
         """Every table folder in the lake: manifest, captions, each encoder's features (and the query runs')."""
@@ -174,20 +161,10 @@ class Lake:
         return tables
 
     def _features_by_name(self, name: str) -> Table:
-        """A features table found in the lake: its vector type from the Delta schema, else from a part."""
+        """A features table found in the lake, by its folder's name (<encoder key>-<dtype>). Its dimension is left
+        at 1: a vector's stored type (cbir.parts.storage_type) has none, so history, optimize and vacuum need none."""
         key, _, dtype = name.rpartition("-")
-        table = Table(
-            f"features/{name}",
-            self.fs,
-            self.path("features", name),
-            features_schema(1, "float32"),
-            self.uri_of(self.path("features", name)),
-            self.storage_options,
-        )
-        dim = 1
-        for path in table._legacy_files()[:1]:
-            dim = pq.read_schema(path, filesystem=self.fs).field("vector").type.list_size
-        return self.features_table(key, dim, dtype if dtype in ("float16", "float32") else "float32")
+        return self.features_table(key, 1, dtype if dtype in ("float16", "float32") else "float32")
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -251,7 +228,6 @@ class Table:
     storage_options: dict = field(default_factory=dict, repr=False)
     key: tuple[str, ...] = ()
     version: int | None = None
-    upgrading: bool = field(default=False, repr=False)  # set by `cbir lake upgrade` only: the old layout is expected
     committed: dict[str, dict] = field(default_factory=dict, repr=False)  # this handle's commits, by run id
 
     # Opening.
@@ -263,8 +239,7 @@ class Table:
         if not self.uri:
             raise CbirError(f"table {self.name} has no URI")
         if self.fs.get_file_info(f"{self.path}/_delta_log").type == pafs.FileType.NotFound:
-            if not self.upgrading:
-                self._refuse_foreign_folder()
+            self._refuse_foreign_folder()
             return None
         try:
             table = DeltaTable(self.uri, version=version, storage_options=self.storage_options or None)
@@ -281,11 +256,6 @@ class Table:
     def _refuse_foreign_folder(self) -> None:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         names = {i.base_name for i in infos}
-        if "_commits" in names:
-            raise UsageError(
-                f"table {self.name} at {self.uri} is in cbir's old layout (_commits/): run "
-                "`cbir lake upgrade` once to convert the lake to Delta tables"
-            )
         if any(n.endswith(".parquet") for n in names) or any(n.startswith("run=") for n in names):
             raise UsageError(
                 f"table {self.name} at {self.uri} is a folder of Parquet files, not a Delta table: "
@@ -653,9 +623,6 @@ class Table:
         table = self.delta()
         return [] if table is None else list(reversed(table.history()))
 
-    def committed_runs(self) -> set[str]:
-        return {record["run_id"] for record in self.commits()}
-
     # Changes other than appends: each one Delta transaction, named in the history.
     def delete(self, predicate: str, **meta) -> int:
         """Delete the rows matching a SQL predicate (built by cbir from checked values); returns the rows deleted."""
@@ -666,34 +633,6 @@ class Table:
             return 0
         metrics = table.delete(predicate, commit_properties=CommitProperties(custom_metadata=meta))
         return int(metrics.get("num_deleted_rows", 0))
-
-    def drop_runs(self, run_ids: Iterable[str]) -> int:
-        """Remove committed runs: one Delta commit removing the files of their run folders, then a delete of
-        their rows (by run_id) that a compaction moved into shared files. Returns the rows removed."""
-        from deltalake.transaction import CommitProperties, RemoveAction
-
-        run_ids = sorted(set(map(checked_run_id, run_ids)))
-        table = self.delta() if run_ids else None
-        if table is None:
-            return 0
-        folders = tuple(f"run{sep}{r}/" for r in run_ids for sep in "-=")
-        files = pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes", "num_records"])
-        mine = [f for f in files.to_pylist() if f["path"].startswith(folders)]
-        rows = 0
-        if mine:
-            now = int(time.time() * 1000)
-            rows = sum(f["num_records"] or 0 for f in mine)
-            removes = [RemoveAction(f["path"], True, now, f["size_bytes"], {}) for f in mine]
-            table.create_write_transaction(
-                removes,
-                "append",
-                storage_schema(self.schema),
-                commit_properties=CommitProperties(
-                    custom_metadata={"job": "drop", "dropped_runs": run_ids, "deleted_rows": rows}
-                ),
-            )
-        listed = ", ".join(f"'{r}'" for r in run_ids)
-        return rows + self.delete(f"run_id IN ({listed})", job="drop", dropped_runs=run_ids)
 
     def optimize(self, target_size: int | None = None) -> dict:
         """Compact small files into bigger ones (a Delta OPTIMIZE; rows do not change)."""
@@ -738,21 +677,6 @@ class Table:
     def _relative(self, path: str) -> str:
         """A file of the table by its path within the table, however it is named."""
         return self._fs_path(path).removeprefix(f"{self.path}/")
-
-    def _legacy_files(self) -> list[str]:
-        """Parquet files of committed runs in the pre-Delta layout (run=<id>/ with a _commits/<id>.json)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_commits", allow_not_found=True))
-        runs = {
-            i.base_name[:-5]
-            for i in infos
-            if i.is_file and i.base_name.endswith(".json") and RUN_ID.fullmatch(i.base_name[:-5])
-        }
-        files = []
-        for run in sorted(runs):
-            for info in self.fs.get_file_info(pafs.FileSelector(f"{self.path}/run={run}", allow_not_found=True)):
-                if info.is_file and PART.fullmatch(info.base_name):
-                    files.append(info.path)
-        return files
 
 
 def _committed_since(table, since: int, run_id: str) -> dict | None:

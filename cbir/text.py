@@ -26,18 +26,6 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub("\ufffd", text)
 
 
-WORD_CHARS = 50  # a text query has at most this many characters per word of query.max_words
-
-
-def too_many_words(text: str | None, limit: int) -> str | None:
-    """Why a text query is refused for its length, or None; a text over limit * WORD_CHARS characters is
-    refused before its words are counted (one long "word" would pass the word cap)."""
-    if text and len(text) > (most := limit * WORD_CHARS):
-        return f"the text has {len(text)} characters, over {most} (query.max_words={limit} x {WORD_CHARS})"
-    count = len(words(text))
-    return f"the text has {count} words, over query.max_words={limit}" if count > limit else None
-
-
 def words(text: str | None) -> list[str]:
     """Lowercase, punctuation stripped, split on whitespace; the start/end markers are dropped."""
     if not text:

@@ -1,4 +1,4 @@
-"""The `cbir lake` verb: history, optimize, vacuum, upgrade. History prints without Prefect; the others run
+"""The `cbir lake` verb: history, optimize, vacuum. History prints without Prefect; the others run
 the maintenance flow."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from cbir.settings import Settings
 from cbir.text import render_table
 from jobs import maintenance
 
-ACTIONS = ("history", "optimize", "vacuum", "upgrade")
+ACTIONS = ("history", "optimize", "vacuum")
 
 
 def add_arguments(sub: argparse.ArgumentParser) -> None:
@@ -20,8 +20,7 @@ def add_arguments(sub: argparse.ArgumentParser) -> None:
         "action",
         choices=ACTIONS,
         help="history TABLE: versions, runs, rows, when; optimize [TABLE]: compact small files; "
-        "vacuum [TABLE]: remove files no version within maintenance.retention_hours needs; "
-        "upgrade: convert a lake in the old layout (once)",
+        "vacuum [TABLE]: remove files no version within maintenance.retention_hours needs",
     )
     sub.add_argument(
         "table",
@@ -40,9 +39,7 @@ def command(args, settings: Settings) -> int:
         rows = maintenance.history(lake, args.table)
         print(json.dumps(rows) if args.json else render_table(f"{args.table} history ({lake.uri})", rows))
         return 0
-    if args.action == "upgrade" and args.table:
-        raise UsageError("cbir lake upgrade converts the whole lake: it takes no TABLE")
-    from cli.main import run_flow
+    from cli.flow_runs import run_flow
     from flows.maintenance import maintenance_flow
 
     rows = run_flow(maintenance_flow, action=args.action, table=args.table, settings=settings)

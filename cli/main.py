@@ -1,4 +1,7 @@
-"""The cbir command: parse arguments, load settings, run the verb's flow.
+"""The cbir command: parse arguments, load settings, then run the verb's Prefect flow (ingest, crawl, train,
+index, query, eval, demo, and lake optimize|vacuum) or do the verb's work in this process without a flow run:
+search (the searcher), web (the app that holds one), info, cluster and lake history; ui runs the Prefect
+server, and serve runs the flows' deployments on it.
 
 Exit 0 when a run succeeds (bad items are rows, not failures), 2 on bad usage or settings,
 1 when a run fails. Errors are one line on stderr; CBIR_DEBUG=1 shows the traceback.
@@ -8,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -20,8 +22,9 @@ from cbir.errors import CbirError, UsageError
 from cbir.lake import Lake
 from cbir.samples import DEMO_EMOJI
 from cbir.settings import MAX_K, Settings, load_settings, masked, override_variables
-from cbir.text import printable, too_many_words
+from cbir.text import printable
 from cli import lake as lake_verb
+from cli.flow_runs import run_flow
 
 UI_PORT = 4200  # cbir ui's, and Prefect's, default
 
@@ -65,30 +68,6 @@ def prepare_environment(settings: Settings) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def run_flow(flow, **parameters):
-    """Run a flow (Prefect has set up its logging by the time one is imported) without printing
-    tracebacks for CbirErrors: their one line says it all, and the run's log in Prefect keeps the rest."""
-
-    def drop_traceback(record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], CbirError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-    def drop_temporary_server(record: logging.LogRecord) -> bool:
-        # Prefect's "Starting temporary server on http://127.0.0.1:PORT / See https://..." and "Stopping ...":
-        # the port is gone when the command ends, and `cbir ui` serves the runs it recorded.
-        return not (
-            record.name == "prefect"
-            and record.levelno == logging.INFO
-            and record.getMessage().startswith(("Starting temporary server", "Stopping temporary server"))
-        )
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(drop_traceback)
-        handler.addFilter(drop_temporary_server)
-    return flow(**parameters)
-
-
 # Verbs.
 def info(args, settings: Settings) -> None:
     tables = Lake.open(settings).table_uris()
@@ -102,8 +81,8 @@ def info(args, settings: Settings) -> None:
 
 
 def ingest(args, settings: Settings) -> None:
+    from cbir.reader import resolve_source
     from flows.ingest import ingest_flow
-    from jobs.reader import resolve_source
 
     Lake.open(settings).check()
     resolve_source(args.source, settings)  # a missing source is bad usage: say so before starting a run
@@ -113,14 +92,14 @@ def ingest(args, settings: Settings) -> None:
 def crawl(args, settings: Settings) -> None:
     Lake.open(settings).check()
     if args.source == "urls":
+        from cbir.reader import resolve_url_list
         from flows.crawl import crawl_urls_flow
-        from jobs.reader import resolve_url_list
 
         resolve_url_list(args.file, settings)
         run_flow(crawl_urls_flow, url_list=args.file, retry_failed=args.retry_failed, settings=settings)
         return
     from flows.crawl import crawl_flickr_flow
-    from jobs.flickr import client
+    from jobs.crawl.flickr import client
 
     search = _search(args)
     search.check()
@@ -138,7 +117,7 @@ def crawl(args, settings: Settings) -> None:
 
 
 def _search(args):
-    from jobs.flickr import Search
+    from jobs.crawl.flickr import Search
 
     return Search(
         args.text,
@@ -154,8 +133,8 @@ def _search(args):
 
 
 def train(args, settings: Settings) -> None:
+    from cbir.reader import resolve_source
     from flows.train import train_flow
-    from jobs.reader import resolve_source
 
     Lake.open(settings).check()
     resolve_source(args.dataset, settings, columns=("uri", "caption"), what="data set")
@@ -170,8 +149,8 @@ def index(args, settings: Settings) -> None:
 
 
 def query(args, settings: Settings) -> None:
+    from cbir.reader import resolve_source
     from flows.query import query_flow
-    from jobs.reader import resolve_source
 
     Lake.open(settings).check()
     resolve_source(args.file, settings, columns=("query_id",), what="query file")
@@ -182,15 +161,15 @@ def query(args, settings: Settings) -> None:
 def search(args, settings: Settings) -> None:
     """One query, answered by the searcher in this process: no Spark session, no flow run."""
     from cbir.text import render_table
-    from jobs.searcher import search_one
+    from search.searcher import Rules, search_one
 
     if (args.text is None) == (args.image is None):
         raise UsageError("search needs a text or --image PATH (one of them)")
     if args.k is not None and not 1 <= args.k <= MAX_K:
         raise UsageError(f"-k must be from 1 to {MAX_K}, got {args.k}")
-    if long := too_many_words(args.text, settings.query.max_words):
-        raise UsageError(f"the query is too long: {long}")
     image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
+    if args.text is not None:
+        Rules.from_settings(settings).words(args.text)  # refused before the lake is opened
     lake = Lake.open(settings)
     lake.check()
     caption, hits = search_one(lake, settings, args.k or settings.query.k, text=args.text, image=image)
@@ -211,8 +190,8 @@ def search(args, settings: Settings) -> None:
 
 
 def evaluate(args, settings: Settings) -> None:
+    from cbir.reader import resolve_source
     from flows.evaluate import eval_flow
-    from jobs.reader import resolve_source
 
     Lake.open(settings).check()
     resolve_source(args.table, settings, columns=("uri", "caption"), what="evaluation table")
@@ -268,7 +247,7 @@ def ui_environment(settings: Settings, host: str, port: int) -> dict[str, str]:
 
 
 def serve(args, settings: Settings) -> None:
-    from jobs.flickr import client
+    from jobs.crawl.flickr import client
 
     search = _search(args) if (args.text or args.tags or args.bbox) else None
     if search is not None:
@@ -320,7 +299,7 @@ def web(args, settings: Settings) -> None:
 
 def cluster(args, settings: Settings) -> int:
     """A standalone Spark cluster on this machine (master and workers from the installed pyspark)."""
-    from jobs import cluster as standalone
+    from cbir import cluster as standalone
 
     folder = Path(settings.state_dir) / "cluster"
     running = standalone.Cluster.load(folder)
@@ -382,9 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = verb("info", info, "print the active settings (secrets masked) and the lake's tables")
     sub.add_argument("--json", action="store_true", help="one JSON object: settings and tables")
-    lake_verb.add_arguments(
-        verb("lake", lake_verb.command, "the lake's Delta tables: history, optimize, vacuum, upgrade")
-    )
+    lake_verb.add_arguments(verb("lake", lake_verb.command, "the lake's Delta tables: history, optimize, vacuum"))
     sub = verb("ingest", ingest, "store the images of a folder, s3:// prefix or manifest file in the lake")
     sub.add_argument("source", help="folder, s3://bucket/prefix, image, or manifest (.csv .jsonl .parquet .txt)")
     sub.add_argument("--retry-failed", action="store_true", help="try again the items that failed before")

@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from cbir.reader import Listing, read_web_entries, resolve_url_list
 from cbir.settings import Settings, load_settings
 from flows.common import flow, stage
 from flows.ingest import store_images
-from jobs import flickr
-from jobs.reader import Listing, read_web_entries, resolve_url_list
+from jobs.crawl import flickr
 
 Sort = Literal[flickr.SORTS]  # Flickr's orders, a menu in the UI's form
 

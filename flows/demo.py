@@ -29,10 +29,10 @@ from flows.ingest import ingest_flow
 from flows.query import query_flow
 from flows.reporting import publish_summary
 from flows.train import train_flow
-from jobs.searcher import captions_of
 from jobs.spark import spark_session
 from models import store
 from models.encoders import encoder_key
+from search.index import captions_of
 
 DEMO_PROFILE = "offline"  # its encoder's weights come with a pip package: no download
 # Text queries a person might type; each is asked when the corpus's captions have one of its words.

@@ -6,11 +6,11 @@ from functools import partial
 
 from prefect.utilities.annotations import quote
 
+from cbir.reader import Listing, Source, resolve_source
 from cbir.settings import Settings, load_settings
 from flows.common import flow, open_lake, stage, stage_and_commit
 from flows.reporting import publish
 from jobs import ingest
-from jobs.reader import Listing, Source, resolve_source
 
 list_new = stage(ingest.plan, name="list new items")
 store_new = stage(ingest.store, name="store images")

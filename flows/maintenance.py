@@ -1,6 +1,6 @@
-"""Lake maintenance flow: compact and vacuum the Delta tables, or upgrade a lake in the old layout.
+"""Lake maintenance flow: compact and vacuum the Delta tables.
 
-`cbir lake optimize|vacuum|upgrade` runs it; `cbir serve` schedules it on maintenance.schedule.
+`cbir lake optimize|vacuum` runs it; `cbir serve` schedules it on maintenance.schedule.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flows.common import flow
 from flows.reporting import publish_summary
 from jobs import maintenance
 
-Action = Literal["optimize+vacuum", "optimize", "vacuum", "upgrade"]
+Action = Literal["optimize+vacuum", "optimize", "vacuum"]
 
 
 @flow(name="lake-maintenance", log_prints=True)
@@ -21,19 +21,14 @@ def maintenance_flow(
     action: Action = "optimize+vacuum", table: str | None = None, settings: Settings | None = None
 ) -> list[dict]:
     """Compact the tables' small files, then vacuum the files no version within maintenance.retention_hours
-    needs; or upgrade a lake in the pre-Delta layout. One summary table per step.
+    needs. One summary table per step.
 
     Args:
-        action: optimize, vacuum, optimize+vacuum, or upgrade
+        action: optimize, vacuum, or optimize+vacuum
         table: one table (manifest, captions, features/<encoder>-<dtype>), default all
     """
     settings = settings or load_settings()
     lake = Lake.open(settings)
-    if action == "upgrade":
-        rows = maintenance.upgrade(lake)
-        publish_summary("lake-upgrade", f"lake {lake.uri} upgraded to Delta tables", rows or [{"table": "none"}])
-        lake.check()
-        return rows
     lake.check()
     rows: list[dict] = []
     for step in action.split("+"):

@@ -17,7 +17,8 @@ from cbir.lake import Lake
 from cbir.settings import MAX_K, Settings
 from flows.common import flow, open_lake, spark_job, stage
 from flows.reporting import publish
-from jobs import gallery, query
+from jobs import query
+from search import gallery
 
 TOP_PER_QUERY = 3  # results per query in the Prefect table artifact
 ARTIFACT_ROWS = 300

@@ -6,8 +6,8 @@ import time
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from cbir.stats import RunSummary
 from cbir.text import render_table
-from jobs.stats import RunSummary
 
 
 class Progress:

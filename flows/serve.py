@@ -19,7 +19,7 @@ from flows.crawl import crawl_flickr_flow
 from flows.index import index_flow
 from flows.maintenance import maintenance_flow
 from flows.query import query_flow
-from jobs.flickr import Search
+from jobs.crawl.flickr import Search
 
 
 def deployments(settings: Settings, search: Search | None) -> list:

@@ -8,8 +8,8 @@ from cbir.settings import Settings
 from flows.common import flow, open_lake, spark_job, stage
 from flows.reporting import Progress, publish_summary
 from jobs import train
-from jobs.datasets import read_dataset
 from models.card import ModelCard
+from models.datasets import read_dataset
 
 features = stage(train.features, name="features")
 fit = stage(train.fit_captioner, name="fit")

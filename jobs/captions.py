@@ -21,7 +21,7 @@ from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
 from cbir.storage import delta_storage_options, open_filesystem
 from jobs.lakeio import read_table
-from jobs.searcher import CAPTION_COLUMNS
+from search.index import CAPTION_COLUMNS
 
 CAPTIONS_PER_READ = 250_000
 
@@ -37,7 +37,7 @@ class Captions:
 
 
 def lake_captions(spark: SparkSession, lake: Lake, version: str) -> Captions:
-    """The version's ok captions, as jobs.searcher.version_captions reads them, spread over the executors."""
+    """The version's ok captions, as search.index.version_captions reads them, spread over the executors."""
     table = lake.table("captions")  # one handle: the rows read and the rows counted are of one version
     captions = read_table(spark, table, [*CAPTION_COLUMNS, "model_version", "status"])
     captions = captions.where(

@@ -2,7 +2,7 @@
 
 identify() reads and checks each uri and names its bytes (sha256); embed() encodes the images
 the encoder's table lacks and commits them as one run. Vectors are written by the tasks
-themselves, never via Spark rows. The encoding itself, without Spark, is jobs/encoding.py.
+themselves, never via Spark rows. The encoding itself, without Spark, is models/encoding.py.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.images import Failure, Limits
 from cbir.lake import Lake, Table, new_run_id
+from cbir.reader import ENTRY_DDL, Entry, read_bytes
 from cbir.settings import Settings
-from jobs.encoding import EncoderConfig, encode_chunks
 from jobs.ingest import PROBED, probe_partition
 from jobs.lakeio import commit_or_abort, stage
 from jobs.progress import Report, tracked
-from jobs.reader import ENTRY_DDL, Entry, read_bytes
 from jobs.spark import default_partitions
+from models.encoding import EncoderConfig, encode_chunks
 
 IMAGES_PER_TASK = 256  # encoding is slow: small tasks spread the work and show progress
 

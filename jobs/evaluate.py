@@ -9,6 +9,7 @@ other images of its category among the top 10, and mAP@10 is their mean over que
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 
@@ -18,15 +19,17 @@ from pyspark.sql import SparkSession
 
 from cbir.errors import UsageError
 from cbir.lake import Lake
+from cbir.reader import read_rows, resolve_source, resolve_uri, text_value
 from cbir.references import GENERATED, reference_texts
 from cbir.settings import Settings
 from cbir.text import words
 from jobs.captions import lake_captions
-from jobs.queries import Query
-from jobs.reader import read_rows, resolve_source, resolve_uri, text_value
 from jobs.search import search
-from jobs.searcher import PrototypeRanking, bleu_params, load_prototypes, version_captions, with_pictures
 from models import store
+from search.index import version_captions
+from search.pictures import load_pictures
+from search.queries import Query
+from search.searcher import Rules
 
 RECALL_AT = (1, 5, 10)
 
@@ -112,16 +115,18 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     if not kinds:
         raise UsageError("cbir eval measures what cbir generated: bleu.references names neither caption nor label")
     captions = lake_captions(spark, lake, card["version"])
-    params = bleu_params(settings)
+    rules = dataclasses.replace(Rules.from_settings(settings), kinds=kinds)
+    pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)
 
     category = {row["image_id"]: row["category"] for row in rows if row["category"]}
     generated, vocabulary = _generated(lake, card["version"], [row["image_id"] for row in rows], kinds)
-    # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out).
+    # One search answers both kinds: texts are t<i>, images are asked by id (11: itself is left out) by their
+    # caption, by BLEU alone.
     texts = [Query(f"t{i}", 10, text=row["caption"]) for i, row in enumerate(rows)]
     images = [Query(image_id, 11, text=generated[image_id]) for image_id in sorted(category) if generated.get(image_id)]
-    with_pictures(texts, load_prototypes(lake, card["version"], settings), params)  # image queries go by BLEU
-    asked = [q for q in texts + images if q.words]
-    found = _ranked(search(spark, captions, asked, params, kinds, ranking=PrototypeRanking.from_settings(settings)))
+    plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures) for q in texts if q.words]
+    plans += [rules.plan(q.query_id, q.words, q.k, captions.rows, None) for q in images if q.words]
+    found = _ranked(search(spark, captions, plans, rules))
     ranks = [
         next((rank for image_id, rank in found.get(q.query_id, []) if image_id == row["image_id"]), None)
         for q, row in zip(texts, rows)

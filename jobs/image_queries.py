@@ -16,9 +16,9 @@ from cbir.images import Failure
 from cbir.lake import Lake
 from cbir.settings import Settings
 from jobs.embed import identify
-from jobs.queries import Query
-from jobs.searcher import ImageCaptioner, indexed, read_image
 from models import store
+from search.captioning import ImageCaptioner, indexed, read_image
+from search.queries import Query
 
 CAPTIONED = pa.schema(
     [

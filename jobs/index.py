@@ -28,15 +28,15 @@ from cbir.images import Failure, ImageRejected
 from cbir.lake import Lake, Table, checked_run_id, new_run_id
 from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
+from cbir.stats import ImagesSummary, TaskStats
 from jobs.embed import IMAGES_PER_TASK
-from jobs.encoding import EncoderConfig, encode_chunks, encoder_config, load_captioner, load_memory
 from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
-from jobs.stats import ImagesSummary, TaskStats
 from models import store
 from models.captioner import Decoding
 from models.encoders import encoder_key, labeler
+from models.encoding import EncoderConfig, encode_chunks, encoder_config, load_captioner, load_memory
 from models.labels import Labeler
 from models.neighbours import Memory
 

@@ -23,14 +23,14 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.images import ImageRejected, Limits, inspect_image, shrink
 from cbir.lake import Lake, Table, new_run_id
+from cbir.reader import ENTRY_DDL, Entry, Listing, Source, read_bytes, read_entries
 from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
-from jobs.download import Downloader
+from cbir.stats import ImagesSummary, TaskStats
+from jobs.crawl.download import Downloader
 from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
 from jobs.progress import Report, tracked
-from jobs.reader import ENTRY_DDL, Entry, Listing, Source, read_bytes, read_entries
 from jobs.spark import default_partitions
-from jobs.stats import ImagesSummary, TaskStats
 
 PROBED = pa.schema(
     [

@@ -20,7 +20,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.lake import Table
 from cbir.parts import Part
-from jobs.stats import TaskStats
+from cbir.stats import TaskStats
 
 PARTS_DDL = "table string, file string, rows long, size long, stats string, counts string"
 

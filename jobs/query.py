@@ -1,6 +1,6 @@
 """Query: a file of text and image queries -> the exact BLEU top k of every query over the captions.
 
-Stages, each a function of its own module: read the query file (jobs.queries, driver) -> caption
+Stages, each a function of its own module: read the query file (search.queries, driver) -> caption
 the image queries (jobs.image_queries, Spark tasks) -> search, and blend with visual similarity for
 hybrid image queries (jobs.search over jobs.captions, Spark tasks), writing the results' parts ->
 commit the results -> commit the errors, in the run's folder, queries/<run_id>/. `run` calls the
@@ -25,14 +25,14 @@ from cbir.lake import Lake, Table, new_run_id
 from cbir.schemas import ERRORS, RESULTS
 from cbir.settings import Settings
 from jobs.captions import lake_captions, table_captions
-from jobs.encoding import encoder_config
 from jobs.image_queries import caption_image_queries
-from jobs.lakeio import read_table, write_run
+from jobs.lakeio import write_run
 from jobs.progress import Report, tracked
-from jobs.queries import Query, read_queries
-from jobs.search import HIT_DDL, blend_visual, search
-from jobs.searcher import PrototypeRanking, bleu_params, load_prototypes, with_pictures
+from jobs.search import search
 from models import store
+from search.pictures import load_pictures
+from search.queries import Query, read_queries
+from search.searcher import Plan, Rules
 
 Stage = Callable[..., object]  # stage(name, function, *args) -> function(*args), run as the caller sees fit
 
@@ -126,43 +126,21 @@ def search_and_write(
     captions_table: str | None,
     run_id: str,
 ) -> tuple[list[tuple[str, int]], Counter]:
-    """Search the captions (a table's, or the lake's of the card's version), blend hybrid image queries, and
-    write the results' parts: (the parts to commit, results per query_id)."""
+    """Search the captions (a table's, or the lake's of the card's version) and write the results' parts:
+    (the parts to commit, results per query_id)."""
     if captions_table:
         captions = table_captions(spark, captions_table, settings)
     else:
         captions = lake_captions(spark, lake, card["version"])
-    hybrid = settings.query.hybrid and captions_table is None
-    pool = {q.query_id: q.k * settings.query.hybrid_pool for q in queries if hybrid and q.vector is not None}
-    ranking = PrototypeRanking.from_settings(settings)
-    if card is not None and captions_table is None:  # a captions table's images have no visual vectors
-        with_pictures(queries, load_prototypes(lake, card["version"], settings), bleu_params(settings))
-    ranked = (
-        search(
-            spark,
-            captions,
-            queries,
-            bleu_params(settings),
-            tuple(settings.bleu.references),
-            settings.spark.partitions,
-            pool,
-            ranking,
-        )
-        if queries
-        else spark.createDataFrame([], HIT_DDL + ", rank int")
-    )
-    rows = _with_query_columns(spark, ranked, queries, run_id)
-    if pool:
-        features = read_table(
-            spark, encoder_config(settings, spark.sparkContext.defaultParallelism).table(lake), ["image_id", "vector"]
-        )
-        blended = blend_visual(spark, ranked, features, queries, settings.query.visual_weight)
-        blended = _with_query_columns(spark, blended, queries, run_id)
-        rows = rows.where(~F.col("query_id").isin(list(pool))).unionByName(
-            blended.where(F.col("rank") <= F.col("k_wanted")), allowMissingColumns=True
-        )
+    rules = Rules.from_settings(settings)
+    pictures = None
+    if card is not None and captions_table is None and (rules.text_pictures or rules.image_pictures):
+        # (a captions table's images have no likeness vectors)
+        pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)
+    plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures, q.vector) for q in queries]
+    ranked = search(spark, captions, plans, rules, settings.spark.partitions)
     return write_run(
-        rows.select(*RESULTS.names),
+        _with_query_columns(spark, ranked, plans, queries, run_id).select(*RESULTS.names),
         lake.query_tables(run_id)[0],
         run_id,
         count=lambda batch: Counter(batch.column("query_id").to_pylist()),
@@ -185,13 +163,16 @@ def _card(lake: Lake, settings: Settings) -> dict | None:
         return None
 
 
-def _with_query_columns(spark, ranked: DataFrame, queries: list[Query], run_id: str) -> DataFrame:
-    """Add the query's generated caption, its k, the run id, and empty hybrid columns where none."""
+def _with_query_columns(spark, ranked: DataFrame, plans: list[Plan], queries: list[Query], run_id: str) -> DataFrame:
+    """Add the query's generated caption and the run id; the cosine and the blended score where a picture ranked."""
     info = spark.createDataFrame(
-        [(q.query_id, q.caption, q.k) for q in queries], "query_id string, query_caption string, k_wanted int"
+        [(q.query_id, q.caption, p.likeness is not None) for q, p in zip(queries, plans)],
+        "query_id string, query_caption string, pictured boolean",
     )
     out = ranked.join(F.broadcast(info), "query_id").withColumn("run_id", F.lit(run_id))
-    for name in ("visual_similarity", "blended_score"):
-        if name not in out.columns:
-            out = out.withColumn(name, F.lit(None).cast("double"))
-    return out.withColumn("rank", F.col("rank").cast("int"))
+    pictured = F.col("pictured") & F.col("cosine").isNotNull()
+    return (
+        out.withColumn("visual_similarity", F.when(pictured, F.col("cosine")))
+        .withColumn("blended_score", F.when(pictured, F.col("score")))
+        .withColumn("rank", F.col("rank").cast("int"))
+    )

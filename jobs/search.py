@@ -1,135 +1,68 @@
-"""Search in Spark tasks: the captions are spread over tasks by image; each task builds the searcher's
-index of its share and answers every query exactly (the queries are broadcast); the tasks' top k are
-merged into each query's global top k. A text query with a picture (jobs.searcher.Index.ranked) is
-re-ranked as in one process: each task gives its top pool by BLEU with the blended score, the merge
-keeps the global top pool by BLEU and ranks it by the blend. For hybrid image queries, visual
-similarity on the stored features re-ranks a wider pool."""
+"""Search in Spark tasks: the captions are spread over tasks by image; each task holds a searcher
+(search.searcher) over its share and gives every query's candidates (the plans are broadcast); the
+candidates of each query are ranked again, together, by the same function that ranks in one process
+(search.ranking.rank), so the query job, cbir eval, cbir search and cbir web rank alike."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
 
-import numpy as np
 import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession, Window
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame, SparkSession
 
-from cbir.bleu import BleuParams
 from cbir.lake import Lake
 from jobs.captions import Captions
-from jobs.queries import Query
-from jobs.searcher import HIT_SCHEMA, OFF, Index, PrototypeRanking, blend, first_per_image, with_sources
+from search.index import HIT_SCHEMA, Index, first_per_image, with_sources
+from search.ranking import Candidate, rank
+from search.searcher import Plan, Rules, Searcher
 
 CAPTIONS_PER_TASK = 500_000  # a task indexes its share once and answers every query: few, large shares
+# a task's candidates: what each hit shows, its BLEU and its cosine with the query's picture (null: none)
+CANDIDATES = HIT_SCHEMA.remove(HIT_SCHEMA.get_field_index("score")).append(pa.field("bleu", pa.float64()))
+CANDIDATES = CANDIDATES.append(pa.field("cosine", pa.float64()))
+RANKED = HIT_SCHEMA.append(pa.field("cosine", pa.float64())).append(pa.field("rank", pa.int32()))
 HIT_DDL = (
     "query_id string, image_id string, uri string, caption string, score double, matched_kind string, "
-    "matched_text string"
+    "matched_text string, cosine double, rank int"
 )
-# score is the blend when re-ranked; visual: the cosine with the query's picture
-TASK_SCHEMA = HIT_SCHEMA.append(pa.field("bleu", pa.float64())).append(pa.field("visual", pa.float64()))
 
 
-def search(
-    spark: SparkSession,
-    captions: Captions,
-    queries: list[Query],
-    params: BleuParams,
-    kinds: tuple[str, ...],
-    partitions: int = 0,
-    pool: dict[str, int] | None = None,
-    ranking: PrototypeRanking = OFF,
-) -> DataFrame:
-    """Each query's exact top k (or pool[query_id], when wider) over the images' references of these kinds,
-    as (query_id, rank, image_id, uri, caption, score, matched_kind, matched_text); queries with a picture
-    re-ranked by it (ranking)."""
-    wanted = []
-    for q in queries:
-        k = max(q.k, (pool or {}).get(q.query_id, 0))
-        picture = q.picture if ranking.on else None
-        wanted.append((q.query_id, q.words, k, k if picture is None else max(k, ranking.pool), picture))
+def search(spark: SparkSession, captions: Captions, plans: list[Plan], rules: Rules, partitions: int = 0) -> DataFrame:
+    """Each plan's top k over the images' references, as (query_id, image_id, uri, caption, score, matched_kind,
+    matched_text, cosine, rank)."""
+    if not plans:
+        return spark.createDataFrame([], HIT_DDL)
     tasks = partitions or max(spark.sparkContext.defaultParallelism, -(-captions.rows // CAPTIONS_PER_TASK))
-    everyone = ranking.everyone(captions.rows)  # for the whole index: every task decides alike
-    search_share = partial(
-        _search_partition,
-        spark.sparkContext.broadcast(wanted),
-        params,
-        tuple(kinds),
-        captions.sources,
-        ranking,
-        everyone,
-    )
-    hits = captions.frame.repartition(tasks, "image_id").mapInArrow(
-        search_share, HIT_DDL + ", bleu double, visual double"
-    )
-    limits = spark.createDataFrame(
-        [(query_id, k, limit) for query_id, _, k, limit, _ in wanted], "query_id string, k int, pool int"
-    )
-    hits = hits.join(F.broadcast(limits), "query_id")
-    if any(picture is not None for *_, picture in wanted):
-        # The global pool by BLEU keeps its blend; any other image (a task's pool or its most alike) ranks by
-        # likeness alone when every image is ranked, else not at all: as Index.ranked in one process.
-        by_bleu = Window.partitionBy("query_id").orderBy(F.col("bleu").desc(), F.col("image_id").asc())
-        in_pool = (F.row_number().over(by_bleu) <= F.col("pool")) & (F.col("bleu") > 0)
-        alone = F.lit(ranking.weight) * F.col("visual") if everyone else F.lit(None).cast("double")
-        hits = hits.withColumn("score", F.when(in_pool, F.col("score")).otherwise(alone)).where(
-            F.col("score").isNotNull()
-        )
-    order = Window.partitionBy("query_id").orderBy(F.col("score").desc(), F.col("image_id").asc())
-    ranked = hits.withColumn("rank", F.row_number().over(order))
-    return ranked.where(F.col("rank") <= F.col("k")).select(*HIT_SCHEMA.names, "rank")
+    share = partial(_candidates, spark.sparkContext.broadcast(plans), rules, captions.sources)
+    candidates = captions.frame.repartition(tasks, "image_id").mapInArrow(share, _ddl(CANDIDATES))
+    ranking = spark.sparkContext.broadcast({plan.query_id: (plan.k, plan.likeness) for plan in plans})
+    return candidates.groupBy("query_id").applyInArrow(partial(_rank, ranking), HIT_DDL)
 
 
-def _search_partition(
-    wanted,
-    params: BleuParams,
-    kinds: tuple[str, ...],
-    sources: Lake | None,
-    ranking: PrototypeRanking,
-    everyone: bool,
-    batches: Iterator[pa.RecordBatch],
-) -> Iterator[pa.RecordBatch]:
+def _candidates(plans, rules: Rules, sources: Lake | None, batches: Iterator[pa.RecordBatch]):
     batches = list(batches)
     table = pa.Table.from_batches(batches) if batches else None  # a share may be empty: the rows go by image_id
     if table is None or not table.num_rows:
         return
     table = first_per_image(table)  # all of an image's rows are in this task
-    table = table if sources is None else with_sources(sources, table, kinds)
-    index = Index.build(table, kinds, params.max_order).with_prototypes(None, ranking)
+    table = table if sources is None else with_sources(sources, table, rules.kinds)
+    searcher = Searcher(Index.build(table, rules.kinds, rules.params.max_order), rules)
     out = []
-    for query_id, query_words, _, limit, picture in wanted.value:
-        ranked = index.ranked(query_words, limit, params, picture, everyone, cut=False)
-        hits = index.hits(query_words, ranked, params)
-        out += [dict(query_id=query_id, bleu=bleu, visual=cos, **hit) for hit, (*_, bleu, cos) in zip(hits, ranked)]
-    yield pa.RecordBatch.from_pylist(out, schema=TASK_SCHEMA)
+    for plan in plans.value:
+        out += [dict(query_id=plan.query_id, bleu=c.bleu, cosine=c.cosine, **c.hit) for c in searcher.candidates(plan)]
+    yield pa.RecordBatch.from_pylist(out, schema=CANDIDATES)
 
 
-def blend_visual(
-    spark: SparkSession, ranked: DataFrame, features: DataFrame, queries: list[Query], weight: float
-) -> DataFrame:
-    """Hybrid ranking for image queries: cosine of features, blended with BLEU, re-ranked."""
-    vectors = {q.query_id: q.vector for q in queries if q.vector is not None}
-    pool = ranked.where(F.col("query_id").isin(list(vectors)))
-    scored = features.join(F.broadcast(pool), "image_id").mapInArrow(
-        partial(_cosines, spark.sparkContext.broadcast(vectors), weight),
-        HIT_DDL + ", visual_similarity double, blended_score double",
-    )
-    order = Window.partitionBy("query_id").orderBy(F.col("blended_score").desc(), F.col("image_id").asc())
-    return scored.withColumn("rank", F.row_number().over(order))
+def _rank(ranking, table: pa.Table) -> pa.Table:
+    """One query's candidates from every task, ranked."""
+    rows = table.to_pylist()
+    k, likeness = ranking.value[rows[0]["query_id"]]
+    found = [Candidate(row["image_id"], row["bleu"], row["cosine"], row) for row in rows]
+    ranked = [dict(c.hit, score=score, rank=n) for n, (score, c) in enumerate(rank(found, k, likeness), start=1)]
+    return pa.Table.from_pylist(ranked, schema=RANKED)
 
 
-def _cosines(vectors, weight: float, batches):
-    for batch in batches:
-        if not batch.num_rows:
-            continue
-        dim = len(batch.column("vector")[0])
-        images = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
-        queries = np.array([vectors.value[q] for q in batch.column("query_id").to_pylist()], np.float64)
-        cosine, blended = blend(batch.column("score").to_numpy(), images, queries, weight)
-        yield pa.RecordBatch.from_pydict(
-            {
-                **{name: batch.column(name) for name in HIT_SCHEMA.names},
-                "visual_similarity": cosine,
-                "blended_score": blended,
-            }
-        )
+def _ddl(schema: pa.Schema) -> str:
+    names = {pa.string(): "string", pa.float64(): "double", pa.int32(): "int"}
+    return ", ".join(f"{field.name} {names[field.type]}" for field in schema)

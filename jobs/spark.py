@@ -13,9 +13,9 @@ from pathlib import Path
 from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
+from cbir.cluster import SECRET, Cluster
 from cbir.settings import Settings
 from cbir.stderr import lines_dropped
-from jobs.cluster import SECRET, Cluster
 
 # Spark 4 starts every JVM with the incubating Vector API module, and the JVM announces it on stderr as it
 # starts; no option stops that. Log4j (conf/log4j2.properties) keeps the rest of Spark's log to errors.

@@ -19,14 +19,14 @@ from pyspark.sql import SparkSession
 from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.settings import Settings
-from jobs.datasets import Dataset
 from jobs.embed import embed, identify
-from jobs.encoding import EncoderConfig, encoder_config, read_features
 from jobs.progress import Report
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding
 from models.card import DatasetInfo, EncoderInfo, Metrics, ModelCard, Sizes, Training
+from models.datasets import Dataset
 from models.encoders import weights_label, weights_source
+from models.encoding import EncoderConfig, encoder_config, read_features
 from models.neighbours import Memory, consensus
 from models.tokenizer import Tokenizer
 from models.training import Split, evaluate, fit, split_references
@@ -63,7 +63,7 @@ def run(
 ) -> ModelCard:
     """Train, evaluate and save a captioner version (made current); returns its model card.
 
-    `dataset` comes from jobs.datasets.read_dataset, read before Spark starts so a wrong file fails fast.
+    `dataset` comes from models.datasets.read_dataset, read before Spark starts so a wrong file fails fast.
     """
     computed = features(spark, lake, settings, dataset, features_progress)
     return save(lake, settings, dataset, computed, fit_captioner(settings, computed, on_epoch))

@@ -179,10 +179,6 @@ class EfficientNetLite0:
         """uint8 pixels (n, 224, 224, 3) -> float32 features (n, 1280), the average-pooled top layer."""
         return np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
 
-    def classify(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 pixels (n, 224, 224, 3) -> ImageNet class probabilities (n, 1000)."""
-        return np.asarray(self.classifier.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
-
 
 def labeler(encoder) -> Labeler:
     """The encoder's ImageNet classifier as a Labeler of its stored features."""

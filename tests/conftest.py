@@ -113,10 +113,10 @@ def task_runs(flow_run_id) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory, s3_endpoint):
-    """A standalone Spark cluster of two one-core workers (jobs/cluster.py), shared by the session's tests: its
+    """A standalone Spark cluster of two one-core workers (cbir/cluster.py), shared by the session's tests: its
     start-up is costly. After s3_endpoint, so its daemons (and executors) have the S3 server's keys. It runs in
     STATE/cluster, as `cbir cluster start` does: a cbir driver given state_dir=STATE finds its secret."""
-    from jobs.cluster import standalone_cluster
+    from cbir.cluster import standalone_cluster
 
     folder = tmp_path_factory.mktemp("cluster-state") / "cluster"
     with standalone_cluster(folder, workers=2, cores=1, memory="2g") as running:
@@ -129,7 +129,7 @@ def cluster_state_dir(cluster) -> str:
 
 
 def free_port_pair() -> tuple[int, int]:
-    from jobs.cluster import free_port
+    from cbir.cluster import free_port
 
     return free_port(), free_port()
 

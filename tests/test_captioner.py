@@ -16,12 +16,12 @@ from PIL import Image
 from cbir.errors import UsageError
 from cbir.lake import Lake
 from jobs import train
-from jobs.datasets import read_dataset
-from jobs.encoding import encoder_config, read_features
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding, build_model, repeats, top_k
 from models.card import ModelCard
+from models.datasets import read_dataset
 from models.encoders import VGG16, load_encoder, pixels, weights_source
+from models.encoding import encoder_config, read_features
 from models.tokenizer import Tokenizer
 from models.training import caption_stats, corpus_bleu, degenerate
 

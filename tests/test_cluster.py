@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster import MASTER_CLASS, Cluster, processes
+from cbir.cluster import MASTER_CLASS, Cluster, processes
 
 from conftest import REPO, cluster_state_dir, free_port_pair
 

@@ -18,9 +18,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from cbir.errors import UsageError
 from cbir.images import ImageRejected
 from cbir.lake import Lake
-from jobs import flickr, ingest
-from jobs.download import Downloader, refused_reason, target
-from jobs.reader import Listing, read_web_entries, resolve_url_list
+from cbir.reader import Listing, read_web_entries, resolve_url_list
+from jobs import ingest
+from jobs.crawl import flickr
+from jobs.crawl.download import Downloader, refused_reason, target
 
 from conftest import (
     cbir_process,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -139,9 +140,9 @@ def shapes_lake(spark, tmp_path_factory):
     """A lake with a captioner trained on shapes and 24 more shapes ingested and indexed."""
     import csv
 
+    from cbir.reader import resolve_source
     from jobs import index, ingest, train
-    from jobs.datasets import read_dataset
-    from jobs.reader import resolve_source
+    from models.datasets import read_dataset
 
     from conftest import shapes_dataset
 
@@ -171,7 +172,7 @@ def shapes_lake(spark, tmp_path_factory):
 
 def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, shapes_lake):
     from flows.query import query_flow
-    from jobs.searcher import search_one
+    from search.searcher import search_one
 
     settings, tmp, _ = shapes_lake
     # picture: an indexed image (its caption is reused); unseen: one the lake does not have (captioned now).
@@ -270,16 +271,17 @@ def test_eval_flow_measures_recall_and_map(prefect_server, spark, shapes_lake):
     # answer every query by itself; eval searches only what cbir generated. Searching with it: all first.
     from cbir.references import KINDS
     from jobs.captions import lake_captions
-    from jobs.queries import Query
     from jobs.search import search
-    from jobs.searcher import bleu_params
     from models import store
+    from search.queries import Query
+    from search.searcher import Plan, Rules
 
     lake = Lake.open(settings)
     asked = [Query(f"t{i}", 1, text=row["caption"]) for i, row in enumerate(rows[::5])]
     assert {row["caption"] for row in lake.table("manifest").read().to_pylist()} >= {q.text for q in asked}
     with_given = lake_captions(spark, lake, store.card(lake)["version"])
-    found = search(spark, with_given, asked, bleu_params(settings), KINDS).collect()
+    rules = dataclasses.replace(Rules.from_settings(settings), kinds=KINDS)
+    found = search(spark, with_given, [Plan(q.query_id, q.words, q.k) for q in asked], rules).collect()
     assert all(hit["score"] == 1.0 for hit in found) and len(found) == 24
     assert metrics["r_at_1"] < 0.9
 
@@ -287,11 +289,12 @@ def test_eval_flow_measures_recall_and_map(prefect_server, spark, shapes_lake):
 def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake):
     """One searcher: the query job's Spark tasks, cbir search and cbir web rank alike and say why alike."""
     from jobs.captions import lake_captions
-    from jobs.queries import Query
     from jobs.search import search
-    from jobs.searcher import PrototypeRanking, bleu_params, load_prototypes, search_one, with_pictures
     from models import store
-    from web.searcher import Searcher
+    from search.pictures import load_pictures
+    from search.queries import Query
+    from search.searcher import Rules, search_one
+    from web.library import Library
 
     settings, _, _ = shapes_lake
     lake = Lake.open(settings)
@@ -299,14 +302,14 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
         Query(f"q{i}", 6, text=text)
         for i, text in enumerate(["a red circle", "a blue square on a black background", "yellow triangle", "green"])
     ]
-    version, params, kinds = store.card(lake)["version"], bleu_params(settings), tuple(settings.bleu.references)
-    prototypes = load_prototypes(lake, version, settings)
-    assert prototypes is not None  # text queries borrow pictures: every path must rank by them alike
-    with_pictures(asked, prototypes, params)  # in the driver, as the query job does
-    ranking = PrototypeRanking.from_settings(settings)
-    rows = search(spark, lake_captions(spark, lake, version), asked, params, kinds, partitions=3, ranking=ranking)
-    rows = rows.collect()
-    web = Searcher(settings, lake)
+    version, rules = store.card(lake)["version"], Rules.from_settings(settings)
+    captions = lake_captions(spark, lake, version)
+    pictures = load_pictures(lake, version, rules.prototype_images, rules.params.max_order)
+    assert pictures is not None  # text queries borrow pictures: every path must rank by them alike
+    plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures) for q in asked]  # as the query job does
+    assert all(plan.picture is not None for plan in plans[:3])
+    rows = search(spark, captions, plans, rules, partitions=3).collect()
+    web = Library(settings, lake)
     for q in asked:
         job = [
             (r["image_id"], r["score"], r["matched_kind"], r["matched_text"])
@@ -318,6 +321,44 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
             for h in search_one(lake, settings, q.k, text=q.text)[1]
         ]
         assert job and job == page == one, q.text
+
+
+def test_image_queries_with_the_blend_on_rank_alike_in_the_query_job_cbir_search_and_cbir_web(spark, shapes_lake):
+    """query.hybrid reaches every front door: an image query's BLEU pool re-ranked by likeness to its own
+    picture, with identical hits in the query job's Spark tasks, cbir search and cbir web."""
+    from jobs.captions import lake_captions
+    from jobs.image_queries import caption_image_queries
+    from jobs.search import search
+    from models import store
+    from search.pictures import load_pictures
+    from search.queries import Query
+    from search.searcher import Rules, search_one
+    from web.library import Library
+
+    settings, _, rows = shapes_lake
+    hybrid = settings.model_copy(update={"query": settings.query.model_copy(update={"hybrid": True})})
+    lake = Lake.open(hybrid)
+    card, rules = store.card(lake), Rules.from_settings(hybrid)
+    captions = lake_captions(spark, lake, card["version"])
+    pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)
+    web = Library(hybrid, lake)
+    blended = 0
+    for n, row in enumerate(rows[:4]):
+        (query,), _ = caption_image_queries(spark, lake, hybrid, [Query(f"i{n}", 6, image=row["uri"])], card)
+        plan = rules.plan(query.query_id, query.words, query.k, captions.rows, pictures, query.vector)
+        assert plan.picture is not None and plan.likeness.weight == hybrid.query.visual_weight
+        found = sorted(search(spark, captions, [plan], rules, partitions=3).collect(), key=lambda r: r["rank"])
+        job = [(r["image_id"], r["score"], r["matched_kind"], r["matched_text"]) for r in found]
+        caption, hits = search_one(lake, hybrid, 6, image=row["uri"])
+        one = [(h["image_id"], h["score"], h["matched_kind"], h["matched_text"]) for h in hits]
+        with open(row["uri"], "rb") as image:
+            answer = web.search_image(image.read(), 6)
+        page = [(r.image_id, r.score, r.matched_kind, r.matched_text) for r in answer.results]
+        assert caption == answer.caption == query.caption
+        assert job and job == one == page, row["uri"]
+        plain = [(h["image_id"], h["score"]) for h in search_one(lake, settings, 6, image=row["uri"])[1]]
+        blended += plain != [hit[:2] for hit in one]
+    assert blended  # the blend ranked them, not BLEU alone (query.hybrid off)
 
 
 def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):
@@ -335,7 +376,7 @@ def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):
     check = (
         "import sys; from cli.main import main; code = main(sys.argv[1:]); "
         "assert 'pyspark' not in sys.modules, 'pyspark was imported'; "
-        "import web.app, jobs.searcher; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
+        "import web.app, search.index; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
         "sys.exit(code)"
     )
     common = [f"--set=lake={settings.lake}", f"--set=state_dir={settings.state_dir}", "--set=encoder.weights=random"]

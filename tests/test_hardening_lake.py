@@ -248,7 +248,7 @@ def test_an_image_path_takes_a_sha256_digest_and_a_stored_format_only(lake, imag
 
 def test_the_gallery_makes_no_path_of_a_bad_manifest_row(lake):
     """A query run's gallery shows stored images by the manifest's image_id and format: a bad row is skipped."""
-    from jobs.gallery import _image_paths
+    from search.gallery import _image_paths
 
     good, bad_format = "ab" * 32, "cd" * 32
     rows = {good: "PNG", bad_format: "/../../../../victim", "../victim": "PNG"}

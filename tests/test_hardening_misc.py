@@ -10,7 +10,7 @@ from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.text import render_table
 from cli import main as cli
-from jobs.queries import read_queries
+from search.queries import read_queries
 from web.app import create_app
 
 from conftest import make_settings

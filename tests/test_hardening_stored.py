@@ -27,11 +27,12 @@ from cbir.bleu import BleuParams
 from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.schemas import REFERENCES
-from jobs import index_cache
-from jobs.searcher import Index, load_prototypes
 from models import store
 from models.card import EncoderInfo, ModelCard
 from models.neighbours import Memory
+from search import cache as index_cache
+from search.index import Index
+from search.pictures import load_pictures
 
 from conftest import make_settings
 
@@ -312,9 +313,8 @@ def test_search_says_once_that_a_refused_memory_leaves_text_queries_without_pict
     lake, info, path = lake_with_version
     (path.parent / "card.json").write_text(info.to_json())
     path.write_bytes(terabytes())
-    settings = make_settings(tmp_path)
     with caplog.at_level(logging.WARNING, logger="cbir.search"):
-        assert load_prototypes(lake, info.version, settings) is None  # MemoryError before
+        assert load_pictures(lake, info.version, 5, 4) is None  # MemoryError before
     (line,) = [r.getMessage() for r in caplog.records if r.name == "cbir.search"]
     assert line.startswith(f"captioner {info.version}: memory.npz is not a neighbour memory (vectors.npy declares")
-    assert line.endswith("text queries are ranked without pictures")
+    assert line.endswith("queries are ranked without pictures")

@@ -255,10 +255,10 @@ def test_answers_carry_no_server_paths(tmp_path):
 
 
 def test_a_failing_index_rebuild_backs_off(tmp_path):
-    from web.searcher import Searcher
+    from web.library import Library
 
     settings, _ = indexed_lake(tmp_path)
-    searcher = Searcher(settings)
+    searcher = Library(settings)
     attempts = []
 
     def broken():
@@ -278,7 +278,7 @@ def test_thumbnails_decode_a_large_jpeg_at_a_fraction_of_its_size(monkeypatch):
 
     from PIL import Image, ImageFile
 
-    from jobs.gallery import thumbnail_jpeg
+    from search.gallery import thumbnail_jpeg
 
     out = io.BytesIO()
     Image.new("RGB", (4000, 3000), (200, 30, 30)).save(out, "JPEG")
@@ -297,7 +297,7 @@ def test_a_local_weights_file_is_not_named_to_clients(tmp_path, monkeypatch, wei
     path = tmp_path / "secret-weights" / "vgg16.h5"
     settings, _ = indexed_lake(tmp_path, f"encoder.weights={path}")
     if weights == "unreadable":  # the file is there, but Keras cannot read it: its error names the file
-        from jobs.searcher import ImageCaptioner
+        from search.captioning import ImageCaptioner
 
         def broken(*args, **kwargs):
             raise OSError(f"Unable to synchronously open file (name = '{path}', errno = 2)")

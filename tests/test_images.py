@@ -79,7 +79,7 @@ def test_any_cut_of_an_image_is_refused_not_crashed(keep_percent, seed):
 
 
 def test_thumbnails_of_transparent_pngs_are_white_where_transparent():
-    from jobs.gallery import thumbnail_jpeg
+    from search.gallery import thumbnail_jpeg
 
     image = Image.new("RGBA", (64, 64), (0, 200, 0, 0))  # fully transparent green
     image.paste((200, 0, 0, 255), (16, 16, 48, 48))  # an opaque red square
@@ -118,7 +118,7 @@ def palette_png(width: int, height: int) -> bytes:
 DECODES = """
 import json, resource, sys
 from cbir.images import Limits, inspect_image
-from jobs.gallery import thumbnail, thumbnail_jpeg
+from search.gallery import thumbnail, thumbnail_jpeg
 from models.encoders import pixels
 data = open(sys.argv[1], "rb").read()
 calls = {

@@ -16,18 +16,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
+from cbir.cluster import parent_of
+from cbir.cluster import processes as cluster_processes
 from cbir.errors import UsageError
 from cbir.lake import Lake, new_run_id
+from cbir.reader import resolve_source
 from cbir.schemas import MANIFEST
 from jobs import index, ingest, train
-from jobs.cluster import parent_of
-from jobs.cluster import processes as cluster_processes
-from jobs.datasets import read_dataset
-from jobs.encoding import encoder_config, read_features
-from jobs.reader import resolve_source
-from jobs.searcher import search_one
 from models import store
 from models.captioner import Decoding
+from models.datasets import read_dataset
+from models.encoding import encoder_config, read_features
+from search.searcher import search_one
 
 from conftest import cbir_process, cluster_state_dir, make_settings, s3_lake, shapes_dataset, summary_count, wait_until
 
@@ -149,7 +149,7 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
 
     again = index.run(None, lake, settings)  # the driver knows nothing is pending: no Spark needed
     assert (again.pending, again.indexed) == (0, 0)
-    assert len(lake.table("captions").committed_runs()) == 1
+    assert len(lake.table("captions").commits()) == 1
 
 
 def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], version: str) -> None:
@@ -229,7 +229,7 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     runner.join(timeout=300)
 
     assert killed and "error" in outcome, "the run should have failed when a task's Python worker died"
-    assert captions_of(lake) == [] and lake.table("captions").committed_runs() == set()
+    assert captions_of(lake) == [] and lake.table("captions").commits() == []
     assert not _run_folders(lake, "captions")  # the failed run removed its parts
 
     summary = index.run(spark, lake, settings)
@@ -274,13 +274,13 @@ def test_a_killed_driver_then_a_lost_executor_leave_each_image_captioned_once(
     assert summary_count(out + err, "indexed") == 36 and summary_count(out + err, "tasks retried") >= 1
     rows = captions_of(lake)
     assert sorted(row["image_id"] for row in rows) == sorted(stored_images(lake))  # each image exactly once
-    assert len(lake.table("captions").committed_runs()) == 1  # committed once
+    assert len(lake.table("captions").commits()) == 1  # committed once
     features = encoder_config(settings, 1).table(lake).read(["image_id"])["image_id"].to_pylist()
     assert len(features) == len(set(features))  # and no image's features twice
     assert all(row["status"] == "ok" and row["caption"] is not None for row in rows)
     assert_captions_are_the_captioners(lake, settings, rows, version)  # what local[*] gives: the captioner's
     again = index.run(spark, lake, settings)  # a rerun (here in local mode) on the S3 lake finds nothing new
-    assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").committed_runs()) == 1
+    assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").commits()) == 1
 
     # The query job on the cluster answers as one process does (cbir search): the same images, ranks, scores.
     texts = sorted({row["caption"] for row in rows})[:3] + ["a small red circle"]
@@ -408,7 +408,7 @@ def test_a_run_killed_at_each_point_of_its_commit_then_rerun_captions_each_image
     assert sorted(ids) == sorted(stored_images(lake))
     features = _features_ids(lake, settings)
     assert len(features) == len(set(features))
-    assert len(lake.table("captions").committed_runs()) == 1
+    assert len(lake.table("captions").commits()) == 1
     captions = lake.table("captions")
     assert captions.vacuum(retention_hours=0, in_flight_hours=0)  # the killed runs' parts: in no version, removed
     assert sorted(row["image_id"] for row in captions_of(lake, version)) == sorted(stored_images(lake))

@@ -12,8 +12,8 @@ import pytest
 
 from cbir.errors import UsageError
 from cbir.lake import Lake, Table
+from cbir.reader import resolve_source
 from jobs import ingest
-from jobs.reader import resolve_source
 
 from conftest import image_bytes, make_settings
 
@@ -107,7 +107,7 @@ def test_rerun_adds_nothing_and_retry_failed_tries_failed_items_again(spark, set
 
     assert (again.found, again.skipped, again.probed) == (first.found, first.found, 0)
     assert _manifest(settings) == rows_before
-    assert lake.table("manifest").committed_runs() == {first.run_id}
+    assert [r["run_id"] for r in lake.table("manifest").commits()] == [first.run_id]
 
     (root / "empty.jpg").write_bytes(image_bytes(11))  # the user fixes one file
     retried = ingest.run(spark, lake, settings, source, retry_failed=True)

@@ -71,7 +71,7 @@ def test_parts_are_invisible_until_their_one_commit(settings):
     assert record["rows"] == 6 and len(record["files"]) == 2 and record["version"] == 1
     assert sorted(table.read().column("uri").to_pylist()) == expected
     assert _polars_uris(table) == expected and _delta_uris(table) == expected
-    assert table.committed_runs() == {run_id}
+    assert [r["run_id"] for r in table.commits()] == [run_id]
     leftovers = lake.fs.get_file_info(pafs.FileSelector(table.run_folder(run_id)))
     assert sorted(i.base_name for i in leftovers) == sorted(p.name.split("/")[1] for p in parts)  # the attempt is gone
     (last,) = [h for h in table.history() if h["operation"] == "WRITE"]
@@ -160,7 +160,8 @@ def test_float16_vectors_round_trip_and_other_tools_read_them(settings):
     assert np.array_equal(np.frombuffer(stored["vector"][1], "<f2"), vectors[1])  # dim little-endian halves
 
 
-def test_dropped_runs_are_removed_in_one_delta_commit(settings):
+def test_a_delete_naming_dropped_runs_is_one_delta_commit_and_hides_them(settings):
+    """What `cbir index --drop-version` does: one Delta delete, whose dropped_runs leave commits()."""
     lake = Lake.open(settings)
     lake.check()
     table = lake.table("manifest")
@@ -171,9 +172,9 @@ def test_dropped_runs_are_removed_in_one_delta_commit(settings):
         (first, "v1", 2),
         (second, "v2", 3),
     ]
-    assert table.drop_runs([first]) == 2
+    assert table.delete(f"run_id = '{first}'", job="drop", dropped_runs=[first]) == 2
 
-    assert table.committed_runs() == {second}
+    assert [r["run_id"] for r in table.commits()] == [second]
     expected = [f"/img/{i}.jpg" for i in (10, 11, 12)]
     assert sorted(table.read().column("uri").to_pylist()) == expected
     assert _polars_uris(table) == expected
@@ -181,7 +182,7 @@ def test_dropped_runs_are_removed_in_one_delta_commit(settings):
         ("CREATE TABLE", None, None),
         ("WRITE", None, None),
         ("WRITE", None, None),
-        ("WRITE", "drop", [first]),
+        ("DELETE", "drop", [first]),
     ]
 
 

@@ -163,8 +163,8 @@ def test_missing_tree_is_an_error_not_a_download(tmp_path):
 
 
 def test_train_and_eval_read_the_jsonl(tree, tmp_path, local_settings):
-    from jobs.datasets import read_dataset
     from jobs.evaluate import read_table_rows
+    from models.datasets import read_dataset
 
     out = tmp_path / "oc.jsonl"
     oc.main(["--cache", str(tree), "--out", str(out)])

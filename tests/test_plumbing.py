@@ -6,8 +6,8 @@ import time
 from collections import Counter
 
 from cbir import uris
-from jobs.pacing import Pacer
-from jobs.stats import TaskStats
+from cbir.stats import TaskStats
+from jobs.crawl.pacing import Pacer
 
 
 def test_task_stats_travel_as_json_and_sum():

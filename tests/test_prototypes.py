@@ -9,9 +9,11 @@ import pyarrow as pa
 import pytest
 
 from cbir.bleu import BleuParams
-from jobs import index_cache
-from jobs.searcher import Index, PrototypeRanking
 from models.neighbours import Memory, Prototypes
+from search import cache as index_cache
+from search.index import Index
+from search.pictures import Pictures
+from search.searcher import Rules, Searcher
 
 PARAMS = BleuParams()
 RED, GREEN = [1.0, 0.0], [0.0, 1.0]
@@ -36,10 +38,32 @@ def captions(column: pa.Array | None = None) -> pa.Table:
     return table if column is None else table.append_column("visual", column)
 
 
-def index(table: pa.Table, images: int = 1, weight: float = 0.5, pool: int = 50, all_images: int = 0) -> Index:
-    built = Index.build(table, ("caption",), 4)
-    ranking = PrototypeRanking(images, weight, pool, all_images)
-    return built.with_prototypes(Prototypes.of(memory(), images, 4), ranking)
+class Searched(Searcher):
+    """A searcher as cbir search holds one, asked as the tests ask: words, k (and an image query's features)."""
+
+    def search(self, query: list[str], k: int, params: BleuParams = PARAMS, by_text: bool = True) -> list[dict]:
+        hits = super().search(self.plan("q", query, k, None if by_text else [1.0, 0.0]))
+        return [{key: value for key, value in hit.items() if key != "rank"} for hit in hits]
+
+    @property
+    def engine(self):
+        return self.index.engine
+
+    @property
+    def visual(self):
+        return self.index.visual
+
+
+def rules(images: int = 1, weight: float = 0.5, pool: int = 50, all_images: int = 0) -> Rules:
+    return Rules(PARAMS, ("caption",), 100, images, weight, pool, all_images)
+
+
+def pictures(images: int = 1) -> Pictures:
+    return Pictures(memory(), Prototypes.of(memory(), images, 4))
+
+
+def index(table: pa.Table, images: int = 1, weight: float = 0.5, pool: int = 50, all_images: int = 0) -> Searched:
+    return Searched(Index.build(table, ("caption",), 4), rules(images, weight, pool, all_images), pictures(images))
 
 
 def ids(hits: list[dict]) -> list[str]:
@@ -113,8 +137,6 @@ def test_the_saved_index_keeps_the_visual_vectors(tmp_path):
     index_cache.save(built, tmp_path / "entry", key)
     loaded = index_cache.load(tmp_path / "entry", key)
     assert loaded.visual.dtype == np.float16 and np.array_equal(loaded.visual, built.visual)
-    ranking = PrototypeRanking(1, 0.5, 50)
-    prototypes = Prototypes.of(memory(), 1, 4)
-    assert loaded.with_prototypes(prototypes, ranking).search(["red", "apple"], 4, PARAMS) == built.with_prototypes(
-        prototypes, ranking
-    ).search(["red", "apple"], 4, PARAMS)
+    assert Searched(loaded, rules(), pictures()).search(["red", "apple"], 4) == Searched(
+        built, rules(), pictures()
+    ).search(["red", "apple"], 4)

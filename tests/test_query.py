@@ -15,19 +15,21 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from nltk.translate.bleu_score import SmoothingFunction, closest_ref_length, sentence_bleu
 
-from cbir.bleu import SMOOTHINGS, BleuParams, closest_ref_length, matches, score
+from cbir.bleu import SMOOTHINGS, BleuParams, matches, score
 from cbir.engine import BleuIndex
 from cbir.lake import Lake
 from cbir.references import GENERATED, KINDS, build_index, reference_texts
 from cbir.schemas import REFERENCES
 from cbir.text import words, words_array
-from jobs import gallery, query
+from jobs import query
 from jobs.captions import table_captions
-from jobs.queries import Query, read_queries
 from jobs.search import search
-from jobs.searcher import bleu_params
+from search import gallery
+from search.index import bleu_params
+from search.queries import Query, read_queries
+from search.searcher import Rules, bleu_plans
 
 from conftest import make_settings
 
@@ -57,7 +59,7 @@ def test_scores_equal_nltk_bit_for_bit(references, hypothesis, p):
     ours = score(
         matches(hypothesis, references, p.max_order),
         len(hypothesis),
-        closest_ref_length([len(r) for r in references], len(hypothesis)),
+        closest_ref_length(references, len(hypothesis)),  # nltk's own r
         p,
     )
     assert ours == nltk_score(references, hypothesis, p)
@@ -203,7 +205,7 @@ def test_the_spark_job_equals_the_engine(spark, tmp_path):
     asked = [Query(f"q{i}", k=7, text=" ".join(q)) for i, q in enumerate(zipf_corpus(15, 5) + zipf_corpus(5, 6, True))]
     params = bleu_params(settings)
 
-    rows = search(spark, table, asked, params, ("caption",), partitions=3).collect()
+    rows = search(spark, table, bleu_plans(asked), Rules(params, ("caption",)), partitions=3).collect()
 
     index = BleuIndex.from_texts(ids, [[c] for c in captions])
     for q in asked:

@@ -67,8 +67,8 @@ def test_the_corpus_is_the_photos_then_the_emoji_deterministic_and_capped():
 
 
 def test_the_corpus_is_a_manifest_that_ingest_train_and_eval_read(tmp_path):
-    from jobs.datasets import read_dataset
     from jobs.evaluate import read_table_rows
+    from models.datasets import read_dataset
 
     settings = load_settings(overrides=[f"lake={tmp_path}/lake", f"state_dir={tmp_path}/state"], environ={})
     manifest = write_jsonl(sample_corpus(emoji=5), tmp_path / "corpus.jsonl")
@@ -111,7 +111,7 @@ def test_the_demo_runs_on_the_offline_profile_unless_told_otherwise(argv, encode
 
 def test_a_data_set_keeps_its_splits_wherever_it_is_installed(tmp_path):
     """The split comes from each image's name: the demo's corpus, under another site-packages, splits alike."""
-    from jobs.datasets import read_dataset
+    from models.datasets import read_dataset
 
     settings = load_settings(overrides=[f"lake={tmp_path}/lake", f"state_dir={tmp_path}/state"], environ={})
     rows = sample_corpus(emoji=40)

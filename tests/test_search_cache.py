@@ -1,4 +1,4 @@
-"""The search index cache (jobs/index_cache.py): a second search loads what the first built, answers
+"""The search index cache (search/cache.py): a second search loads what the first built, answers
 exactly alike, and any change of what the index depends on (a new index run, another captioner
 version, other reference kinds, another format) builds a new one; a damaged entry is built again."""
 
@@ -24,9 +24,10 @@ from bench.web import VERSION, write_lake
 from cbir.lake import Lake
 from cbir.schemas import REFERENCES
 from cbir.text import words
-from jobs import index_cache
-from jobs.index_cache import FOLDER, cached_index, digest, index_key
-from jobs.searcher import Index, bleu_params, search_one, version_captions
+from search import cache as index_cache
+from search.cache import FOLDER, cached_index, digest, index_key
+from search.index import Index, bleu_params, version_captions
+from search.searcher import search_one
 
 from conftest import make_settings
 
@@ -216,14 +217,14 @@ def test_a_saved_and_loaded_index_equals_nltk_brute_force(tmp_path_factory, text
 
 
 def test_cbir_web_loads_the_saved_index_and_rebuilds_when_a_run_is_committed(lake_root, settings, stats):
-    from web.searcher import Searcher
+    from web.library import Library
 
-    first = Searcher(settings)
+    first = Library(settings)
     assert stats["built"] == 1
-    second = Searcher(settings)  # a restart: the same lake state
+    second = Library(settings)  # a restart: the same lake state
     assert stats["loaded"] == 1 and stats["built"] == 1
     assert second.search_text("w1 w2 w30", 10).results == first.search_text("w1 w2 w30", 10).results
-    assert second.snapshot.index.table.column_names == ["image_id", "uri", "caption", "format"]
+    assert second.snapshot.searcher.index.table.column_names == ["image_id", "uri", "caption", "format"]
     write_lake(lake_root, N)  # a new index run: the next reload must not find the old index
     assert second.reload()
     assert stats["built"] == 2 and second.snapshot.marker != first.snapshot.marker

@@ -44,13 +44,13 @@ from cbir.images import image_id
 from cbir.lake import Lake, new_run_id
 from cbir.schemas import CAPTIONS, MANIFEST
 from cbir.text import words
-from jobs.encoding import encode_chunks, encoder_config
-from jobs.searcher import bleu_params
 from models import store
 from models.captioner import Decoding
 from models.card import ModelCard
+from models.encoding import encode_chunks, encoder_config
 from models.tokenizer import Tokenizer
 from models.training import Split, fit
+from search.index import bleu_params
 from web.app import create_app
 
 from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
@@ -456,7 +456,7 @@ def test_a_newer_index_run_is_picked_up_without_a_restart(built, tmp_path):
         assert lake.table("captions").commits()[-1]["run_id"] == run_id
         assert_error(client.get(f"/img/{newcomer}"), 404, "missing-image")  # indexed, but not in the image store
 
-        lake.table("captions").drop_runs([run_id])  # dropped runs disappear the same way
+        lake.table("captions").delete(f"image_id = '{newcomer}'", dropped_runs=[run_id])  # deletes are noticed too
         deadline = time.monotonic() + 20
         while client.get("/api/status").json()["captions"] != 12:
             assert time.monotonic() < deadline, "the dropped run was never noticed"

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from web.deps import SEARCHER, checked_id, read_upload, shown_details, shown_uri
+from web.library import Answer
 from web.schemas import (
     ERRORS,
     FORM_K,
@@ -20,7 +21,6 @@ from web.schemas import (
     SearchOut,
     StatusOut,
 )
-from web.searcher import Answer
 
 router = APIRouter()
 CACHED = {"cache-control": "public, max-age=86400, immutable"}  # an image id names its bytes

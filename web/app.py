@@ -1,7 +1,7 @@
 """cbir web: a search page for people and the JSON API behind it, over the lake's index.
 
 FastAPI with Jinja2 templates (every text escaped), served by uvicorn. The index is built once
-at start-up and swapped for a new one when a newer index run is committed (web/searcher.py);
+at start-up and swapped for a new one when a newer index run is committed (web/library.py);
 the captioner for uploads is loaded once, in the background, as the server starts.
 
 Pages (web/pages.py): `/` (search box, image upload, results grid), `/image/{id}` (an image and its
@@ -26,17 +26,17 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir.settings import Settings
 from web import api, pages
+from web.library import Library, Refused
 from web.middleware import FORM_OVERHEAD, Guard, trusted_hosts
-from web.searcher import Refused, Searcher
 
 log = logging.getLogger("cbir.web")
 
 API_PREFIXES = ("/api/", "/img/", "/thumb/", "/openapi")
 
 
-def create_app(settings: Settings, searcher: Searcher | None = None, warm_up: bool = True) -> FastAPI:
-    """The application; building the Searcher loads the index (once, at start-up)."""
-    searcher = searcher or Searcher(settings)
+def create_app(settings: Settings, searcher: Library | None = None, warm_up: bool = True) -> FastAPI:
+    """The application; building the Library loads the index (once, at start-up)."""
+    searcher = searcher or Library(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

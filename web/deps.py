@@ -8,17 +8,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
 
-from web.searcher import Refused, Searcher
+from web.library import Library, Refused
 
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
-def searcher(request: Request) -> Searcher:
+def searcher(request: Request) -> Library:
     """The application's searcher, looked up per request (tests swap its methods)."""
     return request.app.state.searcher
 
 
-SEARCHER = Annotated[Searcher, Depends(searcher)]
+SEARCHER = Annotated[Library, Depends(searcher)]
 
 
 def checked_id(image_id: str) -> str:
@@ -27,7 +27,7 @@ def checked_id(image_id: str) -> str:
     return image_id
 
 
-def read_upload(searcher: Searcher, upload: UploadFile) -> bytes:
+def read_upload(searcher: Library, upload: UploadFile) -> bytes:
     return upload.file.read(searcher.settings.web.max_upload_bytes + 1)
 
 

@@ -12,8 +12,8 @@ from fastapi.templating import Jinja2Templates
 
 from cbir.text import highlight
 from web.deps import SEARCHER, checked_id, read_upload, shown_details
+from web.library import Refused
 from web.schemas import FORM_K, MAX_QUERY, OPTIONAL_Q, OPTIONAL_UPLOAD, K
-from web.searcher import Refused
 
 router = APIRouter(include_in_schema=False)
 _environment = jinja2.Environment(loader=jinja2.PackageLoader("web", "templates"), autoescape=True)

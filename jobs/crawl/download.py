@@ -31,7 +31,7 @@ from urllib3.util import parse_url
 
 from cbir.images import ImageRejected, first_line
 from cbir.settings import Crawl
-from jobs.pacing import Pacer
+from jobs.crawl.pacing import Pacer
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 # Public-looking IPv6 ranges that reach IPv4 hosts (NAT64, local-use NAT64, 6to4, IPv4-compatible, SIIT's

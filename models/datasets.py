@@ -24,8 +24,8 @@ from typing import NamedTuple
 import pyarrow.fs as pafs
 
 from cbir.errors import UsageError
+from cbir.reader import Source, read_rows, resolve_source, resolve_uri, text_value
 from cbir.settings import Settings
-from jobs.reader import Source, read_rows, resolve_source, resolve_uri, text_value
 
 SPLITS = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev", "test": "test"}
 IMAGE_FOLDERS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images", ".")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from cbir.errors import UsageError
 from cbir.images import Failure
+from cbir.reader import TooLarge, read_rows, resolve_source, resolve_uri, text_value
 from cbir.settings import MAX_K, Settings
-from cbir.text import too_many_words, words
-from jobs.reader import TooLarge, read_rows, resolve_source, resolve_uri, text_value
+from cbir.text import words
+from search.rules import too_long
 
 
 @dataclass
@@ -21,8 +20,7 @@ class Query:
     text: str | None = None
     image: str | None = None
     caption: str | None = None  # generated for an image query
-    vector: list[float] | None = None  # the image query's features, for hybrid ranking
-    picture: np.ndarray | None = None  # a text query's picture borrowed from the memory (jobs.searcher)
+    vector: list[float] | None = None  # the image query's features: its picture, with query.hybrid
 
     @property
     def words(self) -> list[str]:
@@ -99,7 +97,7 @@ def _query(source, query_id: str, row: dict, settings: Settings) -> tuple[Query 
             return None, Failure.of("unsupported-uri", str(exc))
     if text is None:
         return None, Failure.of("bad-row", "no text and no image")
-    if long := too_many_words(text, settings.query.max_words):  # before anything else reads the whole text
+    if long := too_long(text, settings.query.max_words):  # before anything else reads the whole text
         return None, Failure.of("too-long", long)
     if not words(text):
         return None, Failure.of("empty-text", "the text has no words")

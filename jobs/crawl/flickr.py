@@ -2,7 +2,7 @@
 
 Runs on the driver (a few hundred photos a call); the downloads then run in Spark tasks.
 One call per page asks for everything the manifest keeps (title, tags, owner, license, date
-taken and the size URLs). Calls are paced under flickr.calls_per_hour (jobs.pacing). The key and secret only
+taken and the size URLs). Calls are paced under flickr.calls_per_hour (jobs.crawl.pacing). The key and secret only
 travel in the OAuth-signed request; they are never logged or returned.
 """
 
@@ -20,9 +20,9 @@ import requests
 from flickrapi.exceptions import FlickrError
 
 from cbir.errors import CbirError, UsageError
+from cbir.reader import Entry
 from cbir.settings import Flickr
-from jobs.pacing import Pacer
-from jobs.reader import Entry
+from jobs.crawl.pacing import Pacer
 
 logging.getLogger("flickrapi").setLevel(logging.WARNING)  # its INFO and DEBUG lines echo every call
 KEY_ERRORS = {"96", "97", "98", "100"}  # signature, missing or invalid key

@@ -1,9 +1,10 @@
-"""What cbir web searches: the lake's captions as one BLEU index, rebuilt when a newer index run is
-committed, and the captioner that describes uploaded images, loaded once.
+"""What cbir web serves: a searcher (search.searcher) over the lake's captions, opened again when a newer
+index run is committed, the captioner that describes uploaded images, loaded once, and the stored
+images, their thumbnails and details.
 
-The index is built at start-up from the committed captions of the captioner version in use, joined
-with the manifest for each image's stored format, by jobs/searcher.py: the search `cbir search` and
-each Spark task of `cbir query` run too. It is loaded from the index cache (jobs/index_cache.py) when
+The searcher is opened at start-up over the committed captions of the captioner version in use, joined
+with the manifest for each image's stored format: the searcher `cbir search` holds, and each Spark task
+of `cbir query` over its share. It is loaded from the index cache (search/cache.py) when
 one was saved for the same lake state, and saved there after a build. Requests
 look at the commit records at most every `web.reload_s`; when they changed, a background thread
 builds the new index and swaps it in whole, so a search never waits for a rebuild and never sees
@@ -30,11 +31,12 @@ from cbir.errors import CbirError, UsageError
 from cbir.images import ImageRejected, Limits, inspect_image
 from cbir.lake import Lake
 from cbir.settings import Settings
-from cbir.text import too_many_words, words
-from jobs.gallery import thumbnail, thumbnail_jpeg
-from jobs.index_cache import cached_index
-from jobs.searcher import ImageCaptioner, Index, PrototypeRanking, bleu_params, load_prototypes
+from cbir.text import words
 from models import store
+from search.captioning import ImageCaptioner
+from search.gallery import thumbnail, thumbnail_jpeg
+from search.rules import QueryRefused
+from search.searcher import Searcher
 
 log = logging.getLogger("cbir.web")
 
@@ -103,16 +105,17 @@ class Marker:
 @dataclass
 class Snapshot:
     marker: Marker
-    index: Index  # of image_id, uri, caption, format
+    searcher: Searcher  # its index of image_id, uri, caption, format
     loaded_at: datetime
     seconds: float
     sources: tuple[pa.Table, np.ndarray] | None = None  # manifest rows of the indexed images, by image_id
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.searcher)
 
     def row(self, image_id: str) -> dict | None:
-        at, table = self.index.row_of.get(image_id), self.index.table
+        index = self.searcher.index
+        at, table = index.row_of.get(image_id), index.table
         return None if at is None else {name: table.column(name)[at].as_py() for name in table.column_names}
 
 
@@ -138,13 +141,12 @@ class Answer:
     extra: dict = field(default_factory=dict)
 
 
-class Searcher:
+class Library:
     """The index and the captioner behind cbir web; thread-safe, searches run side by side."""
 
     def __init__(self, settings: Settings, lake: Lake | None = None):
         self.settings = settings
         self.lake = lake or Lake.open(settings)
-        self.params = bleu_params(settings)
         self._build_lock = threading.Lock()
         self._reloading = threading.Lock()  # held while a background reload runs
         self._captioner_lock = threading.Lock()
@@ -175,16 +177,11 @@ class Searcher:
 
     def _build(self, marker: Marker) -> Snapshot:
         started = time.perf_counter()
-        kinds = self.settings.bleu.references
-        index = cached_index(
-            self.lake, self.settings.state_dir, marker.version, kinds, self.params.max_order, extra=("format",)
-        )
-        ranking = PrototypeRanking.from_settings(self.settings)
-        index = index.with_prototypes(load_prototypes(self.lake, marker.version, self.settings), ranking)
-        sources = self._sources(index.table.column("image_id"))
+        searcher = Searcher.open(self.lake, self.settings, marker.version, extra=("format",))
+        sources = self._sources(searcher.index.table.column("image_id"))
         seconds = time.perf_counter() - started
-        log.info("index of %d images (captioner %s) ready in %.1f s", len(index), marker.version, seconds)
-        return Snapshot(marker, index, datetime.now(UTC), seconds, sources)
+        log.info("index of %d images (captioner %s) ready in %.1f s", len(searcher), marker.version, seconds)
+        return Snapshot(marker, searcher, datetime.now(UTC), seconds, sources)
 
     def _sources(self, indexed: pa.ChunkedArray) -> tuple[pa.Table, np.ndarray]:
         """The manifest rows of the indexed images, sorted by image_id, with the ids as fixed-width bytes to
@@ -229,40 +226,45 @@ class Searcher:
 
     # Searching.
     def search_text(self, text: str, k: int) -> Answer:
-        query = words(text)
-        if not query:
-            raise Refused(400, "empty-query", "The query has no words: type a few words that describe a picture.")
-        if long := too_many_words(text, self.settings.query.max_words):
-            raise Refused(400, "too-long", f"The query is too long: {long}.")
-        return self._answer(self.snapshot, query, k)
+        snapshot = self.snapshot
+        try:
+            query = snapshot.searcher.rules.words(text)
+        except QueryRefused as exc:
+            hint = ": type a few words that describe a picture" if exc.reason == "empty-text" else ""
+            reason = "empty-query" if exc.reason == "empty-text" else exc.reason
+            raise Refused(400, reason, f"{str(exc).capitalize()}{hint}.") from None
+        return self._answer(snapshot, query, k)
 
     def search_image(self, data: bytes, k: int) -> Answer:
         snapshot = self.snapshot
         started = time.perf_counter()
-        caption = self.describe(data, snapshot.marker.version)
+        caption, features = self.describe(data, snapshot.marker.version)
         seconds = time.perf_counter() - started
         query = words(caption)
         if not query:
             raise Refused(
                 404, "no-match", "The captioner found no words for this image, so there is nothing to search for."
             )
-        answer = self._answer(snapshot, query, k, caption)
+        answer = self._answer(snapshot, query, k, caption, features)
         answer.extra["caption_ms"] = round(seconds * 1000, 1)
         return answer
 
-    def _answer(self, snapshot: Snapshot, query: list[str], k: int, caption: str | None = None) -> Answer:
-        if not snapshot.index:
+    def _answer(
+        self, snapshot: Snapshot, query: list[str], k: int, caption: str | None = None, features=None
+    ) -> Answer:
+        searcher = snapshot.searcher
+        if not searcher.index:
             raise Refused(
                 404,
                 "empty-index",
                 "Nothing is indexed yet: run `cbir index`; this page picks up the new index by itself.",
             )
-        if not snapshot.index.knows_any(query):
+        if not searcher.index.knows_any(query):
             said = f"the caption \u201c{caption}\u201d" if caption is not None else "the query"
             raise Refused(404, "no-match", f"No indexed caption has any word of {said}.")
         started = time.perf_counter()
-        hits = snapshot.index.search(query, k, self.params, by_text=caption is None)
-        results = [Result(rank, **hit) for rank, hit in enumerate(hits, start=1)]
+        hits = searcher.search(searcher.plan("query", query, k, features))
+        results = [Result(**hit) for hit in hits]
         took = (time.perf_counter() - started) * 1000
         return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
 
@@ -334,18 +336,18 @@ class Searcher:
             )
             raise Refused(UPLOAD_STATUS.get(exc.reason, 400), exc.reason, f"Not a usable image ({message}).") from None
 
-    def describe(self, data: bytes, version: str | None = None) -> str:
-        """The caption of an uploaded image, as the index job would write it: the same encoder,
-        preprocessing, rounding of the features and decoding."""
+    def describe(self, data: bytes, version: str | None = None) -> tuple[str, list[float]]:
+        """The caption and features of an uploaded image, as the index job would write them: the same
+        encoder, preprocessing, rounding of the features and decoding."""
         self.check_upload(data)
         captioner = self._load_captioner(version or self.snapshot.marker.version)
         with self._decode_lock:
-            _, caption, _, reason = self.decode(
+            _, caption, features, reason = self.decode(
                 lambda: next(captioner.caption([{"image_id": "upload"}], lambda row: data))
             )
         if reason:
             raise Refused(400, "unreadable-image", f"The image cannot be read: {reason}")
-        return caption
+        return caption, features.tolist()
 
     # Stored images.
     def known(self, image_id: str) -> dict:

@@ -40,7 +40,7 @@ from cbir.engine import BleuIndex
 from cbir.lake import Lake
 from cbir.references import SOURCE, References
 from cbir.storage import fsync_dir, fsync_file
-from jobs.searcher import Index, version_captions
+from search.index import Index, version_captions
 
 log = logging.getLogger("cbir.search")
 
