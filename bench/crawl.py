@@ -172,9 +172,12 @@ def crawl(spark, settings, listing: str):
     from cbir.lake import Lake
     from cbir.reader import Listing, read_web_entries, resolve_url_list
     from jobs import ingest
+    from jobs.job import run as run_job
 
     source = resolve_url_list(listing, settings)
-    return ingest.run(spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)))
+    return run_job(
+        ingest.IngestJob(Lake.open(settings), settings, Listing(source.uri, read_web_entries(source))), spark
+    )
 
 
 def baseline(port: int, count: int) -> float:

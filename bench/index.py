@@ -123,6 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     from cbir.reader import resolve_source
     from jobs import index, ingest
+    from jobs.job import run as run_job
     from jobs.spark import build_session
     from models import store
 
@@ -159,10 +160,10 @@ def main() -> None:
         spark = build_session(settings)
         lake = Lake.open(settings)
         make_photos(tmp / "warmup-index", 16, first=2 * 10**6)
-        ingest.run(spark, lake, settings, resolve_source(str(tmp / "warmup-index"), settings))
-        warm = index.run(spark, lake, settings)
-        ingest.run(spark, lake, settings, resolve_source(str(tmp / "photos"), settings))
-        job = index.run(spark, lake, settings)
+        run_job(ingest.IngestJob(lake, settings, resolve_source(str(tmp / "warmup-index"), settings)), spark)
+        warm = run_job(index.IndexJob(lake, settings), spark)
+        run_job(ingest.IngestJob(lake, settings, resolve_source(str(tmp / "photos"), settings)), spark)
+        job = run_job(index.IndexJob(lake, settings), spark)
         spark.stop()
         memory.stop.set()
         memory.join()

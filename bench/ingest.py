@@ -61,10 +61,11 @@ def baseline(folder: Path, settings) -> float:
 def cbir_ingest(spark, folder: Path, settings) -> tuple[float, int]:
     from cbir.reader import resolve_source
     from jobs import ingest
+    from jobs.job import run as run_job
 
     lake = Lake.open(settings)
     lake.check()
-    summary = ingest.run(spark, lake, settings, resolve_source(str(folder), settings))
+    summary = run_job(ingest.IngestJob(lake, settings, resolve_source(str(folder), settings)), spark)
     return summary.seconds, summary.ingested
 
 

@@ -52,8 +52,8 @@ from cbir.reader import resolve_source
 from cbir.references import KINDS
 from cbir.settings import Settings, load_settings
 from jobs import index, ingest, train
+from jobs.job import run as run_job
 from jobs.spark import build_session
-from models.datasets import read_dataset
 
 SMALL_CAPTIONER = ["captioner.units=64", "captioner.embedding_dim=32", "captioner.min_word_count=1", "train.epochs=3"]
 STAGES = ("ingest", "index", "fault", "query")
@@ -161,7 +161,7 @@ def ingest_stage(bucket: str):
     def work(spark, settings):
         lake = Lake.open(settings)
         lake.check()
-        summary = ingest.run(spark, lake, settings, resolve_source(f"s3://{bucket}/photos", settings))
+        summary = run_job(ingest.IngestJob(lake, settings, resolve_source(f"s3://{bucket}/photos", settings)), spark)
         return {"items": summary.probed, "bytes_written": summary.bytes, "retried_tasks": summary.retried_tasks}
 
     return work
@@ -173,8 +173,8 @@ def index_warm_up(photos: Path):
 
     def warm_up(spark, settings):
         lake = Lake.open(settings)
-        index.run(spark, lake, settings)
-        ingest.run(spark, lake, settings, resolve_source(str(photos), settings))
+        run_job(index.IndexJob(lake, settings), spark)
+        run_job(ingest.IngestJob(lake, settings, resolve_source(str(photos), settings)), spark)
 
     return warm_up
 
@@ -182,7 +182,7 @@ def index_warm_up(photos: Path):
 def index_work(spark, settings) -> dict:
     lake = Lake.open(settings)
     before = folder_bytes(Path(settings.lake))
-    summary = index.run(spark, lake, settings)
+    summary = run_job(index.IndexJob(lake, settings), spark)
     return {
         "items": summary.indexed + sum(summary.failed.values()),
         "task_s": sum(summary.stages.values()),
@@ -288,11 +288,11 @@ def prepare_index_lake(root: Path, encoder: str, photos: Path) -> Path:
             writer = csv.DictWriter(handle, ["uri", "caption"])
             writer.writeheader()
             writer.writerows(train_rows)
-        train.run(spark, lake, settings, read_dataset(str(root / "train.csv"), settings))
+        run_job(train.TrainJob(lake, settings, str(root / "train.csv")), spark)
         # The training features are cached: drop them, so every image is encoded by the measured run.
         shutil.rmtree(Path(settings.lake) / "features")
         make_photos(root / "warm-up", 16, first=10**6)
-        ingest.run(spark, lake, settings, resolve_source(str(root / "warm-up"), settings))
+        run_job(ingest.IngestJob(lake, settings, resolve_source(str(root / "warm-up"), settings)), spark)
     finally:
         spark.stop()
     return root

@@ -1,4 +1,4 @@
-"""What every flow does around its job: settings, the checked lake, Spark with progress, stage tasks, the commit.
+"""What every flow does around its job: settings, the checked lake, and the job run the one way (run_job).
 
 A flow's stages are Prefect tasks (`stage`), so a run's timeline shows where the time went and
 which stage failed. Stages pass Spark sessions, lakes and staged runs, which Prefect can neither
@@ -20,12 +20,14 @@ from typing import Any
 
 from prefect import Flow, task
 from prefect.cache_policies import NONE
+from prefect.utilities.annotations import quote
 from pyspark.sql import SparkSession
 
 from cbir.lake import Lake
 from cbir.settings import Settings, load_settings
 from flows.reporting import Progress
-from jobs.lakeio import StagedRun, commit_or_abort
+from jobs.job import Job, S
+from jobs.job import run as jobs_run
 from jobs.spark import spark_session
 
 # @stage(name=...) or stage(job_function, name=...): a task whose inputs are not hashed and whose result is not stored.
@@ -68,21 +70,12 @@ def spark_job(settings: Settings, kind: str, description: str) -> Iterator[tuple
     progress.finish()
 
 
-@stage(name="commit", retries=2, retry_delay_seconds=5)
-def _commit(staged: StagedRun) -> None:
-    """Publish a staged run; a retry is safe, a commit being idempotent."""
-    staged.commit()
+def run_job(job: Job[Any, Any, S], settings: Settings) -> S:
+    """A job of jobs.job's shape, its plan, work and commit as tasks (the commit retried), with a Spark session
+    and the `<kind>-progress` artifact only when there is work."""
 
+    def as_task(name: str, function: Callable, *args, retries: int = 0):
+        task_of = stage(function, name=name, retries=retries, retry_delay_seconds=5)
+        return task_of(*(quote(arg) for arg in args))
 
-def stage_and_commit(
-    settings: Settings, kind: str, description: str, write: Callable[..., StagedRun] | None
-) -> StagedRun | None:
-    """The job's Spark stage, `write(spark, progress=...)` (None: nothing to do), then the commit of what it
-    staged, in the retrying task; if that fails for good, its parts are dropped."""
-    staged = None
-    with spark_job(settings, kind, description) as (spark, progress):
-        if write is not None:
-            staged = write(spark, progress=progress)
-    if staged is not None:
-        commit_or_abort(staged, _commit)
-    return staged
+    return jobs_run(job, partial(spark_job, settings, job.kind, job.describe()), as_task)

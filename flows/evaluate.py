@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from prefect.utilities.annotations import quote
-
 from cbir.settings import Settings
-from flows.common import flow, open_lake, stage
+from flows.common import flow, open_lake, run_job, stage
 from flows.index import index_flow
 from flows.ingest import ingest_flow
 from flows.reporting import publish
 from jobs import evaluate
-from jobs.spark import spark_session
 
 read_rows = stage(evaluate.read_table_rows, name="read the table")
-measure = stage(evaluate.run, name="measure retrieval")
 
 
 @flow(name="eval", log_prints=True)
@@ -25,6 +21,5 @@ def eval_flow(table: str, prepare: bool = True, settings: Settings | None = None
     if prepare:
         ingest_flow(table, settings=settings)
         index_flow(settings=settings)
-    with spark_session(settings) as spark:
-        summary = measure(spark, lake, settings, quote(rows))
+    summary = run_job(evaluate.EvalJob(lake, settings, rows), settings)
     return publish("eval", f"retrieval quality on {table}", summary)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from cbir.settings import Settings
-from flows.common import flow, open_lake, stage, stage_and_commit
+from flows.common import flow, open_lake, run_job
 from flows.reporting import publish
 from jobs import index
-
-find_pending = stage(index.plan, name="find pending images")
-caption = stage(index.caption, name="caption and write")
 
 
 @flow(name="index", log_prints=True)
@@ -21,8 +16,5 @@ def index_flow(drop_version: str | None = None, settings: Settings | None = None
         runs, rows = index.drop_version(lake, drop_version)
         print(f"dropped {rows} captions of captioner {drop_version} ({runs} runs); features are kept")
         return {"dropped_version": drop_version, "runs": runs, "rows": rows}
-    summary, todo, captions = find_pending(lake, settings)
-    write = partial(caption, lake=lake, settings=settings, summary=summary, todo=todo, captions=captions)
-    staged = stage_and_commit(settings, "index", "index", write if todo.num_rows else None)
-    summary = index.tally(summary, staged)
+    summary = run_job(index.IndexJob(lake, settings), settings)
     return publish("index", f"index with captioner {summary.version} (run {summary.run_id})", summary)

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-from prefect.utilities.annotations import quote
-
 from cbir.reader import Listing, Source, resolve_source
 from cbir.settings import Settings, load_settings
-from flows.common import flow, open_lake, stage, stage_and_commit
+from flows.common import flow, open_lake, run_job
 from flows.reporting import publish
 from jobs import ingest
-
-list_new = stage(ingest.plan, name="list new items")
-store_new = stage(ingest.store, name="store images")
 
 
 @flow(name="ingest", log_prints=True)
@@ -26,15 +19,5 @@ def ingest_flow(source: str, retry_failed: bool = False, settings: Settings | No
 def store_images(kind: str, source: Source | Listing, settings: Settings, retry_failed: bool) -> dict:
     """The ingest job's stages on a source (or a crawl's listing), with the progress and summary artifacts of `kind`."""
     settings, lake = open_lake(settings)
-    summary, entries, manifest = list_new(lake, quote(source), retry_failed)
-    write = partial(
-        store_new,
-        lake=lake,
-        settings=settings,
-        source=quote(source),
-        entries=quote(entries),
-        table=manifest,
-        run_id=summary.run_id,
-    )
-    staged = stage_and_commit(settings, kind, f"{kind} {source.uri}", write if entries else None)
-    return publish(kind, f"{kind} {source.uri} (run {summary.run_id})", ingest.tally(summary, staged))
+    summary = run_job(ingest.IngestJob(lake, settings, source, retry_failed, kind), settings)
+    return publish(kind, f"{kind} {source.uri} (run {summary.run_id})", summary)

@@ -1,8 +1,7 @@
 """Query flow: a batch query file -> results, errors and a gallery in the lake.
 
-Each stage of the job (read the query file, caption image queries, search, commit the results,
-commit the errors) and the gallery is a Prefect task, so the run's timeline shows where time went
-and what failed. Only the commits retry: jobs.query.commit does nothing once a run is committed.
+The job's steps (read the query file; caption and search; commit) and the gallery are Prefect tasks, so
+the run's timeline shows where time went and what failed. Only the commit retries: a commit is idempotent.
 """
 
 from __future__ import annotations
@@ -15,19 +14,13 @@ from pydantic import Field
 
 from cbir.lake import Lake
 from cbir.settings import MAX_K, Settings
-from flows.common import flow, open_lake, spark_job, stage
+from flows.common import flow, open_lake, run_job, stage
 from flows.reporting import publish
 from jobs import query
 from search import gallery
 
 TOP_PER_QUERY = 3  # results per query in the Prefect table artifact
 ARTIFACT_ROWS = 300
-
-
-def as_task(name: str, function, *args):
-    """Run a stage as a Prefect task (quoted arguments: a Spark session, a lake, rows); commits retry."""
-    retries = 2 if name.startswith("commit") else 0
-    return stage(function, name=name, retries=retries, retry_delay_seconds=5)(*(quote(arg) for arg in args))
 
 
 @flow(name="query", log_prints=True)
@@ -48,12 +41,9 @@ def query_flow(
     settings, lake = open_lake(settings)
     if k is not None:
         settings = settings.model_copy(update={"query": settings.query.model_copy(update={"k": k})})
-    with spark_job(settings, "query", f"query {query_file}") as (spark, progress):
-        summary = query.run(
-            spark, lake, settings, query_file, captions_table=captions, progress=progress, stage=as_task
-        )
+    summary = run_job(query.QueryJob(lake, settings, query_file, captions), settings)
     results = lake.query_tables(summary.run_id)[0].read().to_pylist()
-    gallery_uri = as_task("gallery", write_gallery, lake, settings, summary, results)
+    gallery_uri = stage(write_gallery, name="gallery")(quote(lake), quote(settings), quote(summary), quote(results))
 
     publish("query", f"query {query_file} (run {summary.run_id})", summary)
     top = [

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from prefect.utilities.annotations import quote
-
 from cbir.settings import Settings
-from flows.common import flow, open_lake, spark_job, stage
+from flows.common import flow, open_lake, run_job
 from flows.reporting import Progress, publish_summary
 from jobs import train
 from models.card import ModelCard
-from models.datasets import read_dataset
-
-features = stage(train.features, name="features")
-fit = stage(train.fit_captioner, name="fit")
-save = stage(train.save, name="save")
 
 
 @flow(name="train", log_prints=True)
@@ -28,14 +21,7 @@ def train_flow(dataset: str, images: str | None = None, settings: Settings | Non
         epochs(epoch, settings.train.epochs)
         print(f"epoch {epoch}/{settings.train.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 
-    data = read_dataset(dataset, settings, images)
-    print(
-        f"{data.kind} data set: {len(data.rows)} captions" + (f", skipped {dict(data.skipped)}" if data.skipped else "")
-    )
-    with spark_job(settings, "train-features", "features") as (spark, progress):
-        computed = features(spark, lake, settings, quote(data), progress)
-        fitted = fit(settings, quote(computed), on_epoch)
-    card = save(lake, settings, quote(data), quote(computed), fitted)
+    card = run_job(train.TrainJob(lake, settings, dataset, images, on_epoch), settings)
     epochs.finish()
     publish_summary("train-summary", f"captioner {card.version} (now current)", summary_rows(card))
     return card.as_dict()

@@ -94,9 +94,43 @@ def average_precision_at(relevant: list[bool], total_relevant: int, k: int = 10)
     return sum(precisions) / min(total_relevant, k) if total_relevant else 0.0
 
 
-def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[dict]) -> EvalSummary:
-    """Measure; the images must be ingested and indexed already (the flow does both first)."""
-    started = time.monotonic()
+@dataclass
+class EvalJob:
+    """Measure retrieval on a captioned table's images, ingested and indexed already (the flow does both
+    first), in jobs.job's shape: plan finds the images, work searches in Spark and measures; nothing is
+    committed."""
+
+    lake: Lake
+    settings: Settings
+    table_rows: list[dict]
+    kind: str = "eval"
+    steps = {"plan": "find the images", "work": "measure retrieval", "commit": "commit"}
+
+    def describe(self) -> str:
+        return "eval"
+
+    def plan(self) -> tuple[dict, list[dict], tuple[str, ...]]:
+        return plan(self.lake, self.settings, self.table_rows)
+
+    def has_work(self, planned) -> bool:
+        return True
+
+    def work(self, spark: SparkSession, planned, progress) -> EvalSummary:
+        return measure(spark, self.lake, self.settings, *planned)
+
+    def commit(self, summary: EvalSummary) -> None:
+        pass  # a measurement writes nothing
+
+    def abort(self, summary: EvalSummary) -> None:
+        pass
+
+    def tally(self, planned, summary: EvalSummary | None) -> EvalSummary:
+        return summary
+
+
+def plan(lake: Lake, settings: Settings, table_rows: list[dict]) -> tuple[dict, list[dict], tuple[str, ...]]:
+    """The captioner's card, the table's rows whose images the lake has (with their image_id), and the
+    reference kinds searched."""
     card = store.card(lake, settings.captioner.version)
     uris = pa.array(sorted({row["uri"] for row in table_rows}), pa.string())
     manifest = (
@@ -114,6 +148,14 @@ def run(spark: SparkSession, lake: Lake, settings: Settings, table_rows: list[di
     kinds = tuple(kind for kind in settings.bleu.references if kind in GENERATED)
     if not kinds:
         raise UsageError("cbir eval measures what cbir generated: bleu.references names neither caption nor label")
+    return card, rows, kinds
+
+
+def measure(
+    spark: SparkSession, lake: Lake, settings: Settings, card: dict, rows: list[dict], kinds: tuple[str, ...]
+) -> EvalSummary:
+    """Every caption asked as a text query, every categorised image by its caption, in one Spark search."""
+    started = time.monotonic()
     captions = lake_captions(spark, lake, card["version"])
     rules = dataclasses.replace(Rules.from_settings(settings), kinds=kinds)
     pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)

@@ -30,7 +30,7 @@ from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from cbir.stats import ImagesSummary, TaskStats
 from jobs.embed import IMAGES_PER_TASK
-from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
+from jobs.lakeio import StagedRun, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
 from models import store
@@ -185,12 +185,36 @@ class IndexSummary(ImagesSummary):
         return rows
 
 
-def run(spark: SparkSession, lake: Lake, settings: Settings, progress: Report | None = None) -> IndexSummary:
-    summary, todo, captions = plan(lake, settings)
-    staged = caption(spark, lake, settings, summary, todo, captions, progress) if todo.num_rows else None
-    if staged:
-        commit_or_abort(staged)
-    return tally(summary, staged)
+@dataclass
+class IndexJob:
+    """Caption every image of the manifest that the current captioner has not captioned (jobs.job's shape)."""
+
+    lake: Lake
+    settings: Settings
+    kind: str = "index"
+    steps = {"plan": "find pending images", "work": "caption and write", "commit": "commit"}
+
+    def describe(self) -> str:
+        return "index"
+
+    def plan(self) -> tuple[IndexSummary, pa.Table, Table]:
+        return plan(self.lake, self.settings)
+
+    def has_work(self, planned) -> bool:
+        return bool(planned[1].num_rows)
+
+    def work(self, spark: SparkSession, planned, progress: Report | None) -> StagedRun:
+        summary, todo, captions = planned
+        return caption(spark, self.lake, self.settings, summary, todo, captions, progress)
+
+    def commit(self, staged: StagedRun) -> None:
+        staged.commit()
+
+    def abort(self, staged: StagedRun) -> None:
+        staged.abort()
+
+    def tally(self, planned, staged: StagedRun | None) -> IndexSummary:
+        return tally(planned[0], staged)
 
 
 def plan(lake: Lake, settings: Settings) -> tuple[IndexSummary, pa.Table, Table]:

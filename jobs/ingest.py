@@ -28,7 +28,7 @@ from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
 from cbir.stats import ImagesSummary, TaskStats
 from jobs.crawl.download import Downloader
-from jobs.lakeio import StagedRun, commit_or_abort, read_table, stage
+from jobs.lakeio import StagedRun, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
 
@@ -96,21 +96,38 @@ class IngestSummary(ImagesSummary):
         return rows
 
 
-def run(
-    spark: SparkSession,
-    lake: Lake,
-    settings: Settings,
-    source: Source | Listing,
-    *,
-    retry_failed: bool = False,
-    progress: Report | None = None,
-) -> IngestSummary:
-    """Store what is new in SOURCE; a Listing (a crawl's finds) is downloaded from the web."""
-    summary, entries, manifest = plan(lake, source, retry_failed)
-    staged = store(spark, lake, settings, source, entries, manifest, summary.run_id, progress) if entries else None
-    if staged:
-        commit_or_abort(staged)
-    return tally(summary, staged)
+@dataclass
+class IngestJob:
+    """Store what is new in a source; a Listing (a crawl's finds) is downloaded from the web (jobs.job's shape)."""
+
+    lake: Lake
+    settings: Settings
+    source: Source | Listing
+    retry_failed: bool = False
+    kind: str = "ingest"
+    steps = {"plan": "list new items", "work": "store images", "commit": "commit"}
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.source.uri}"
+
+    def plan(self) -> tuple[IngestSummary, list[Entry], Table]:
+        return plan(self.lake, self.source, self.retry_failed)
+
+    def has_work(self, planned) -> bool:
+        return bool(planned[1])
+
+    def work(self, spark: SparkSession, planned, progress: Report | None) -> StagedRun:
+        summary, entries, manifest = planned
+        return store(spark, self.lake, self.settings, self.source, entries, manifest, summary.run_id, progress)
+
+    def commit(self, staged: StagedRun) -> None:
+        staged.commit()
+
+    def abort(self, staged: StagedRun) -> None:
+        staged.abort()
+
+    def tally(self, planned, staged: StagedRun | None) -> IngestSummary:
+        return tally(planned[0], staged)
 
 
 def plan(lake: Lake, source: Source | Listing, retry_failed: bool = False) -> tuple[IngestSummary, list[Entry], Table]:

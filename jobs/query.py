@@ -1,19 +1,15 @@
 """Query: a file of text and image queries -> the exact BLEU top k of every query over the captions.
 
-Stages, each a function of its own module: read the query file (search.queries, driver) -> caption
-the image queries (jobs.image_queries, Spark tasks) -> search, and blend with visual similarity for
-hybrid image queries (jobs.search over jobs.captions, Spark tasks), writing the results' parts ->
-commit the results -> commit the errors, in the run's folder, queries/<run_id>/. `run` calls the
-stages in order through `stage`, so a flow can run each as a task of its own.
+The job's shape (jobs.job): plan reads the query file (search.queries, driver); work captions the image
+queries (jobs.image_queries, Spark tasks), searches (jobs.search over jobs.captions, Spark tasks) and
+writes the results' and errors' parts; commit publishes both in the run's folder, queries/<run_id>/.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
@@ -33,13 +29,6 @@ from models import store
 from search.pictures import load_pictures
 from search.queries import Query, read_queries
 from search.searcher import Plan, Rules
-
-Stage = Callable[..., object]  # stage(name, function, *args) -> function(*args), run as the caller sees fit
-
-
-def run_stage(name: str, function, *args):
-    """A stage run as it is (a flow runs each as a task: flows/query.py)."""
-    return function(*args)
 
 
 @dataclass
@@ -68,53 +57,89 @@ class QuerySummary:
         return rows
 
 
-def run(
-    spark: SparkSession,
-    lake: Lake,
-    settings: Settings,
-    query_file: str,
-    *,
-    captions_table: str | None = None,
-    progress: Report | None = None,
-    stage: Stage = run_stage,
-) -> QuerySummary:
-    """Answer a query file; the results and errors are committed in queries/<run_id>/."""
-    clock = time.monotonic()
-    run_id = new_run_id()
-    summary = QuerySummary(run_id, lake.uri_of(lake.path("queries", run_id)))
-    queries, errors = stage("read the query file", read_queries, query_file, settings)
-    summary.queries = len(queries) + len(errors)
-    stages = Counter(read=time.monotonic() - clock)
-    results, errors_table = lake.query_tables(run_id)
+@dataclass
+class QueryPlan:
+    summary: QuerySummary
+    queries: list[Query]
+    errors: list[tuple[str, Failure]]  # the query file's bad rows
+    card: dict | None
 
-    with tracked(spark, f"query {query_file}", progress):
+
+@dataclass
+class Answered:
+    """What the work staged: the results' and the errors' parts, and what they hold."""
+
+    run_id: str
+    results: list
+    errors: list
+    queries: list[Query]  # searched: text, and images with their caption
+    counts: Counter  # results per query_id
+    error_rows: list[tuple[str, Failure]]
+    stages: dict[str, float]
+
+
+@dataclass
+class QueryJob:
+    """Answer a query file; its results and errors are committed in queries/<run_id>/ (jobs.job's shape)."""
+
+    lake: Lake
+    settings: Settings
+    query_file: str
+    captions_table: str | None = None
+    kind: str = "query"
+    steps = {"plan": "read the query file", "work": "caption and search", "commit": "commit"}
+
+    def describe(self) -> str:
+        return f"query {self.query_file}"
+
+    def plan(self) -> QueryPlan:
+        run_id = new_run_id()
+        summary = QuerySummary(run_id, self.lake.uri_of(self.lake.path("queries", run_id)))
         clock = time.monotonic()
-        card = _card(lake, settings) if captions_table else store.card(lake, settings.captioner.version)
-        queries, failed = stage("caption image queries", caption_image_queries, spark, lake, settings, queries, card)
-        errors += failed
-        stages["caption images"] = time.monotonic() - clock
+        queries, errors = read_queries(self.query_file, self.settings)
+        summary.queries, summary.stages = len(queries) + len(errors), {"read": time.monotonic() - clock}
+        settings = self.settings
+        card = _card(self.lake, settings) if self.captions_table else store.card(self.lake, settings.captioner.version)
+        return QueryPlan(summary, queries, errors, card)
 
-        clock = time.monotonic()
-        parts, counts = stage("search", search_and_write, spark, lake, settings, queries, card, captions_table, run_id)
-        stage(
-            "commit the results", partial(results.commit, job="query"), run_id, parts
-        )  # a retry is safe: commits are idempotent
-        stages["search"] = time.monotonic() - clock
+    def has_work(self, planned: QueryPlan) -> bool:
+        return True  # even a file of bad rows commits its errors
 
-    answered = set(counts)
-    errors += [
-        (q.query_id, Failure.of("no-match", "no word of the query is in any indexed text"))
-        for q in queries
-        if q.query_id not in answered
-    ]
-    stage("commit the errors", write_errors, errors_table, errors, run_id)
-    summary.answered = len(answered)
-    summary.answered_queries = [q for q in queries if q.query_id in answered]
-    summary.error_rows = errors
-    summary.results = sum(n for key, n in counts.items() if key in answered)
-    summary.errors = dict(Counter(error.reason for _, error in errors))
-    summary.stages = dict(stages)
-    return summary
+    def work(self, spark: SparkSession, planned: QueryPlan, progress: Report | None) -> Answered:
+        lake, settings, run_id = self.lake, self.settings, planned.summary.run_id
+        with tracked(spark, self.describe(), progress):
+            clock = time.monotonic()
+            queries, failed = caption_image_queries(spark, lake, settings, planned.queries, planned.card)
+            captioned = time.monotonic()
+            parts, counts = search_and_write(spark, lake, settings, queries, planned.card, self.captions_table, run_id)
+        stages = {"caption images": captioned - clock, "search": time.monotonic() - captioned}
+        errors = planned.errors + failed
+        errors += [
+            (q.query_id, Failure.of("no-match", "no word of the query is in any indexed text"))
+            for q in queries
+            if q.query_id not in counts
+        ]
+        error_part = write_errors(lake.query_tables(run_id)[1], errors, run_id)
+        return Answered(run_id, parts, [error_part], queries, counts, errors, stages)
+
+    def commit(self, answered: Answered) -> None:
+        results, errors = self.lake.query_tables(answered.run_id)
+        results.commit(answered.run_id, answered.results, job="query")
+        errors.commit(answered.run_id, answered.errors, job="query")
+
+    def abort(self, answered: Answered) -> None:
+        for table in self.lake.query_tables(answered.run_id):
+            table.abort(answered.run_id)
+
+    def tally(self, planned: QueryPlan, answered: Answered | None) -> QuerySummary:
+        summary = planned.summary
+        summary.answered = len(answered.counts)
+        summary.answered_queries = [q for q in answered.queries if q.query_id in answered.counts]
+        summary.error_rows = answered.error_rows
+        summary.results = sum(answered.counts.values())
+        summary.errors = dict(Counter(error.reason for _, error in answered.error_rows))
+        summary.stages = {**summary.stages, **answered.stages}
+        return summary
 
 
 def search_and_write(
@@ -147,12 +172,12 @@ def search_and_write(
     )
 
 
-def write_errors(table: Table, errors: list[tuple[str, Failure]], run_id: str) -> None:
-    """Write and commit the error rows. Safe to retry: an unfinished try's part is left out of the commit."""
+def write_errors(table: Table, errors: list[tuple[str, Failure]], run_id: str):
+    """Write the error rows' part, to commit with the results."""
     writer = table.part_writer(run_id)
     rows = [{"query_id": q, "error": error, "reason": error.reason, "run_id": run_id} for q, error in errors]
     writer.write(pa.RecordBatch.from_pylist(rows, schema=ERRORS))
-    table.commit(run_id, [writer.close()], job="query")
+    return writer.close()
 
 
 def _card(lake: Lake, settings: Settings) -> dict | None:

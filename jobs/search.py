@@ -37,7 +37,11 @@ def search(spark: SparkSession, captions: Captions, plans: list[Plan], rules: Ru
     share = partial(_candidates, spark.sparkContext.broadcast(plans), rules, captions.sources)
     candidates = captions.frame.repartition(tasks, "image_id").mapInArrow(share, _ddl(CANDIDATES))
     ranking = spark.sparkContext.broadcast({plan.query_id: (plan.k, plan.likeness) for plan in plans})
-    return candidates.groupBy("query_id").applyInArrow(partial(_rank, ranking), HIT_DDL)
+
+    def rank_query(table: pa.Table) -> pa.Table:  # a plain function: pyspark 4.0 fails to inspect a partial
+        return _rank(ranking, table)
+
+    return candidates.groupBy("query_id").applyInArrow(rank_query, HIT_DDL)
 
 
 def _candidates(plans, rules: Rules, sources: Lake | None, batches: Iterator[pa.RecordBatch]):

@@ -24,7 +24,7 @@ from jobs.progress import Report
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding
 from models.card import DatasetInfo, EncoderInfo, Metrics, ModelCard, Sizes, Training
-from models.datasets import Dataset
+from models.datasets import Dataset, read_dataset
 from models.encoders import weights_label, weights_source
 from models.encoding import EncoderConfig, encoder_config, read_features
 from models.neighbours import Memory, consensus
@@ -42,6 +42,7 @@ class Features:
     computed: int
     splits: dict[str, Split]
     started: float
+    dataset: Dataset
 
 
 @dataclass
@@ -52,21 +53,54 @@ class Fitted:
     metrics: dict
 
 
-def run(
-    spark: SparkSession,
-    lake: Lake,
-    settings: Settings,
-    dataset: Dataset,
-    *,
-    features_progress: Report | None = None,
-    on_epoch: EpochReport | None = None,
-) -> ModelCard:
-    """Train, evaluate and save a captioner version (made current); returns its model card.
+@dataclass
+class Trained:
+    """What training staged: the features, the fitted captioner, and its card once saved."""
 
-    `dataset` comes from models.datasets.read_dataset, read before Spark starts so a wrong file fails fast.
-    """
-    computed = features(spark, lake, settings, dataset, features_progress)
-    return save(lake, settings, dataset, computed, fit_captioner(settings, computed, on_epoch))
+    features: Features
+    fitted: Fitted
+    card: ModelCard | None = None
+
+
+@dataclass
+class TrainJob:
+    """Train, evaluate and save a captioner version, made current (jobs.job's shape): plan reads the data set
+    (before Spark starts, so a wrong file fails fast), work encodes it in Spark tasks and fits the captioner
+    on the driver, commit saves the version with its card."""
+
+    lake: Lake
+    settings: Settings
+    dataset_uri: str
+    images: str | None = None
+    on_epoch: EpochReport | None = None
+    kind: str = "train"
+    steps = {"plan": "read the data set", "work": "features and fit", "commit": "save"}
+
+    def describe(self) -> str:
+        return "features"
+
+    def plan(self) -> Dataset:
+        dataset = read_dataset(self.dataset_uri, self.settings, self.images)
+        skipped = f", skipped {dict(dataset.skipped)}" if dataset.skipped else ""
+        print(f"{dataset.kind} data set: {len(dataset.rows)} captions{skipped}")
+        return dataset
+
+    def has_work(self, dataset: Dataset) -> bool:
+        return True
+
+    def work(self, spark: SparkSession, dataset: Dataset, progress: Report | None) -> Trained:
+        computed = features(spark, self.lake, self.settings, dataset, progress)
+        return Trained(computed, fit_captioner(self.settings, computed, self.on_epoch))
+
+    def commit(self, trained: Trained) -> None:
+        if trained.card is None:  # a retry after the save: saved already
+            trained.card = save(self.lake, self.settings, trained.features, trained.fitted)
+
+    def abort(self, trained: Trained) -> None:
+        pass  # a version is written whole or not made current: nothing to drop
+
+    def tally(self, dataset: Dataset, trained: Trained | None) -> ModelCard:
+        return trained.card
 
 
 def features(
@@ -81,7 +115,7 @@ def features(
     if not splits["train"].captions:
         skipped = ", ".join(f"{reason} {n}" for reason, n in dataset.skipped.most_common()) or "none"
         raise UsageError(f"data set {dataset.uri} has no usable training rows (skipped: {skipped})")
-    return Features(config, computed, splits, started)
+    return Features(config, computed, splits, started, dataset)
 
 
 def fit_captioner(settings: Settings, data: Features, on_epoch: EpochReport | None = None) -> Fitted:
@@ -120,8 +154,9 @@ def fit_captioner(settings: Settings, data: Features, on_epoch: EpochReport | No
     )
 
 
-def save(lake: Lake, settings: Settings, dataset: Dataset, data: Features, fitted: Fitted) -> ModelCard:
+def save(lake: Lake, settings: Settings, data: Features, fitted: Fitted) -> ModelCard:
     """Save the captioner as a new version, made current, with its model card; returns the card."""
+    dataset = data.dataset
     c, t, config, splits, history = settings.captioner, settings.train, data.config, data.splits, fitted.history
     memory = _memory(splits, settings)
     card = ModelCard(

@@ -16,6 +16,7 @@ from PIL import Image
 from cbir.errors import UsageError
 from cbir.lake import Lake
 from jobs import train
+from jobs.job import run as run_job
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding, build_model, repeats, top_k
 from models.card import ModelCard
@@ -64,9 +65,7 @@ def trained(spark, tmp_path_factory):
     lake = Lake.open(settings)
     lake.check()
     epochs = []
-    card = train.run(
-        spark, lake, settings, read_dataset(dataset, settings), on_epoch=lambda epoch, logs: epochs.append(epoch)
-    )
+    card = run_job(train.TrainJob(lake, settings, dataset, on_epoch=lambda epoch, logs: epochs.append(epoch)), spark)
     captioner, _ = store.load(lake, encoder="vgg16-random")
     return dict(settings=settings, lake=lake, card=card, captioner=captioner, dataset=dataset, epochs=epochs, tmp=tmp)
 
@@ -302,7 +301,7 @@ def test_retraining_reuses_cached_features(trained, spark):
     settings = trained["settings"].model_copy(
         update={"train": trained["settings"].train.model_copy(update={"epochs": 1})}
     )
-    card = train.run(spark, trained["lake"], settings, read_dataset(trained["dataset"], settings))
+    card = run_job(train.TrainJob(trained["lake"], settings, trained["dataset"]), spark)
     assert card["encoder"]["features_computed"] == 0 and trained["card"]["encoder"]["features_computed"] == 168
     assert store.resolve(trained["lake"]) == card["version"] != trained["card"]["version"]
 
@@ -321,14 +320,12 @@ def test_bad_rows_are_skipped_and_counted(spark, tmp_path):
     rows += [{"uri": str(tmp_path / "missing.png"), "caption": "gone"}, {"uri": rows[0]["uri"], "caption": "  "}]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     rows.append({"uri": str(tmp_path / "broken.png"), "caption": "a broken file"})
-    card = train.run(spark, Lake.open(settings), settings, read_dataset(write_csv(tmp_path / "d.csv", rows), settings))
+    card = run_job(train.TrainJob(Lake.open(settings), settings, write_csv(tmp_path / "d.csv", rows)), spark)
     assert card["dataset"]["skipped"] == {"empty-caption": 1, "image not-found": 1, "image not-an-image": 1}
 
     nothing = [{"uri": str(tmp_path / "missing.png"), "caption": "gone"}]
     with pytest.raises(UsageError, match=r"has no usable training rows \(skipped: image not-found 1\)"):
-        train.run(
-            spark, Lake.open(settings), settings, read_dataset(write_csv(tmp_path / "none.csv", nothing), settings)
-        )
+        run_job(train.TrainJob(Lake.open(settings), settings, write_csv(tmp_path / "none.csv", nothing)), spark)
 
 
 def test_flickr8k_and_coco_layouts_are_read(local_settings, tmp_path):

@@ -22,6 +22,7 @@ from cbir.reader import Listing, read_web_entries, resolve_url_list
 from jobs import ingest
 from jobs.crawl import flickr
 from jobs.crawl.download import Downloader, refused_reason, target
+from jobs.job import run as run_job
 
 from conftest import (
     cbir_process,
@@ -71,8 +72,11 @@ def manifest(settings) -> dict[str, dict]:
 
 def crawl_list(spark, settings, path: Path, retry_failed: bool = False):
     source = resolve_url_list(str(path), settings)
-    return ingest.run(
-        spark, Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)), retry_failed=retry_failed
+    return run_job(
+        ingest.IngestJob(
+            Lake.open(settings), settings, Listing(source.uri, read_web_entries(source)), retry_failed=retry_failed
+        ),
+        spark,
     )
 
 

@@ -122,8 +122,8 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
     by_key = {artifact.key: artifact for artifact in artifacts}
     assert by_key["train-epochs-progress"].data == 100.0
     assert task_runs(state.state_details.flow_run_id) == {
-        "features": "COMPLETED",
-        "fit": "COMPLETED",
+        "read the data set": "COMPLETED",
+        "features and fit": "COMPLETED",
         "save": "COMPLETED",
     }
     table = by_key["train-summary"].data
@@ -142,7 +142,7 @@ def shapes_lake(spark, tmp_path_factory):
 
     from cbir.reader import resolve_source
     from jobs import index, ingest, train
-    from models.datasets import read_dataset
+    from jobs.job import run as run_job
 
     from conftest import shapes_dataset
 
@@ -163,10 +163,10 @@ def shapes_lake(spark, tmp_path_factory):
         writer.writeheader()
         writer.writerows(shapes_dataset(tmp / "train", 72, seed=5))
     lake = Lake.open(settings)
-    train.run(spark, lake, settings, read_dataset(str(tmp / "train.csv"), settings))
+    run_job(train.TrainJob(lake, settings, str(tmp / "train.csv")), spark)
     rows = shapes_dataset(tmp / "new", 24, seed=6)
-    ingest.run(spark, lake, settings, resolve_source(str(tmp / "new"), settings))
-    index.run(spark, lake, settings)
+    run_job(ingest.IngestJob(lake, settings, resolve_source(str(tmp / "new"), settings)), spark)
+    run_job(index.IndexJob(lake, settings), spark)
     return settings, tmp, rows
 
 

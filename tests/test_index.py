@@ -23,9 +23,9 @@ from cbir.lake import Lake, new_run_id
 from cbir.reader import resolve_source
 from cbir.schemas import MANIFEST
 from jobs import index, ingest, train
+from jobs.job import run as run_job
 from models import store
 from models.captioner import Decoding
-from models.datasets import read_dataset
 from models.encoding import encoder_config, read_features
 from search.searcher import search_one
 
@@ -51,11 +51,11 @@ def prepare(spark, settings, tmp: Path, new_images: int = 30) -> dict:
         writer = csv.DictWriter(handle, ["uri", "caption", "split"])
         writer.writeheader()
         writer.writerows(rows)
-    card = train.run(spark, lake, settings, read_dataset(str(tmp / "train.csv"), settings))
+    card = run_job(train.TrainJob(lake, settings, str(tmp / "train.csv")), spark)
     shapes_dataset(tmp / "new", new_images, seed=2)
     for path in sorted((tmp / "train").glob("*.png"))[:6]:
         (tmp / "new" / f"seen-{path.name}").write_bytes(path.read_bytes())
-    summary = ingest.run(spark, lake, settings, resolve_source(str(tmp / "new"), settings))
+    summary = run_job(ingest.IngestJob(lake, settings, resolve_source(str(tmp / "new"), settings)), spark)
     assert summary.ingested == new_images + 6
     return {"lake": lake, "card": card}
 
@@ -130,7 +130,7 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
     bad = {"../victim": "PNG", "ab" * 32: "/../../../../victim.png"}
     add_manifest_rows(lake, bad)
 
-    summary = index.run(spark, lake, settings)
+    summary = run_job(index.IndexJob(lake, settings), spark)
 
     assert (summary.pending, summary.indexed, summary.reused) == (38, 34, 6)
     assert summary.encoded == 28
@@ -147,7 +147,7 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
     assert_captions_are_the_captioners(lake, settings, [row for row in rows if row["status"] == "ok"], card["version"])
     assert_neighbours_are_the_training_texts(rows, source)
 
-    again = index.run(None, lake, settings)  # the driver knows nothing is pending: no Spark needed
+    again = run_job(index.IndexJob(lake, settings), None)  # the driver knows nothing is pending: no Spark needed
     assert (again.pending, again.indexed) == (0, 0)
     assert len(lake.table("captions").commits()) == 1
 
@@ -191,11 +191,11 @@ def assert_neighbours_are_the_training_texts(rows: list[dict], source: Path) -> 
 def test_a_new_version_keeps_the_old_captions_until_dropped(spark, fresh_local):
     settings, prepared, _ = fresh_local
     lake, first = prepared["lake"], prepared["card"]["version"]
-    index.run(spark, lake, settings)
+    run_job(index.IndexJob(lake, settings), spark)
     captioner, card = store.load(lake)
     second = store.save(lake, captioner, card)  # a new version (the same weights), made current
 
-    summary = index.run(spark, lake, settings)
+    summary = run_job(index.IndexJob(lake, settings), spark)
 
     assert summary.version == second and summary.encoded == 0 and summary.reused == 36  # features are reused
     assert len(captions_of(lake, first)) == len(captions_of(lake, second)) == 36
@@ -205,7 +205,7 @@ def test_a_new_version_keeps_the_old_captions_until_dropped(spark, fresh_local):
 
 def test_no_model_is_one_clear_line(spark, local_settings):
     with pytest.raises(UsageError, match=r"no captioner in the lake .* train one with `cbir train DATASET`"):
-        index.run(spark, Lake.open(local_settings), local_settings)
+        run_job(index.IndexJob(Lake.open(local_settings), local_settings), spark)
 
 
 def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fresh_local):
@@ -216,7 +216,7 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
 
     def run_index():
         try:
-            outcome["summary"] = index.run(spark, lake, settings)
+            outcome["summary"] = run_job(index.IndexJob(lake, settings), spark)
         except Exception as exc:  # noqa: BLE001 - the failure is what this test wants
             outcome["error"] = exc
 
@@ -232,7 +232,7 @@ def test_a_run_whose_tasks_fail_leaves_nothing_and_the_rerun_completes(spark, fr
     assert captions_of(lake) == [] and lake.table("captions").commits() == []
     assert not _run_folders(lake, "captions")  # the failed run removed its parts
 
-    summary = index.run(spark, lake, settings)
+    summary = run_job(index.IndexJob(lake, settings), spark)
     assert summary.indexed == 36
     assert sorted(row["image_id"] for row in captions_of(lake)) == sorted(stored_images(lake))
 
@@ -279,7 +279,9 @@ def test_a_killed_driver_then_a_lost_executor_leave_each_image_captioned_once(
     assert len(features) == len(set(features))  # and no image's features twice
     assert all(row["status"] == "ok" and row["caption"] is not None for row in rows)
     assert_captions_are_the_captioners(lake, settings, rows, version)  # what local[*] gives: the captioner's
-    again = index.run(spark, lake, settings)  # a rerun (here in local mode) on the S3 lake finds nothing new
+    again = run_job(
+        index.IndexJob(lake, settings), spark
+    )  # a rerun (here in local mode) on the S3 lake finds nothing new
     assert (again.pending, again.indexed) == (0, 0) and len(lake.table("captions").commits()) == 1
 
     # The query job on the cluster answers as one process does (cbir search): the same images, ranks, scores.
@@ -343,7 +345,7 @@ def test_two_index_runs_at_once_caption_each_image_once(spark, where, request, m
 
     def run():
         try:
-            summaries.append(index.run(spark, lake, settings))
+            summaries.append(run_job(index.IndexJob(lake, settings), spark))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -362,7 +364,7 @@ def test_two_index_runs_at_once_caption_each_image_once(spark, where, request, m
     frame = pl.scan_delta(captions.uri, storage_options=captions.storage_options or None).collect()
     assert frame.group_by("image_id", "model_version").len()["len"].max() == 1 and frame.height == 36
     monkeypatch.setattr(index, "pending", real)
-    assert index.run(None, lake, settings).pending == 0
+    assert run_job(index.IndexJob(lake, settings), None).pending == 0
 
 
 class Killed(BaseException):
@@ -392,16 +394,16 @@ def test_a_run_killed_at_each_point_of_its_commit_then_rerun_captions_each_image
     for point in ("features", "captions"):
         monkeypatch.setattr(Table, "commit", killed_before(point))
         with pytest.raises(Killed):
-            index.run(spark, lake, settings)
+            run_job(index.IndexJob(lake, settings), spark)
         assert captions_of(lake) == []
     # 3. both committed, killed before its own clean-up (and before it could report)
     monkeypatch.setattr(Table, "commit", real_commit)
     monkeypatch.setattr(Table, "_remove_uncommitted", lambda *args: (_ for _ in ()).throw(Killed("after commit")))
     with pytest.raises(Killed):
-        index.run(spark, lake, settings)
+        run_job(index.IndexJob(lake, settings), spark)
     monkeypatch.setattr(Table, "_remove_uncommitted", real_cleanup)
 
-    again = index.run(spark, lake, settings)
+    again = run_job(index.IndexJob(lake, settings), spark)
 
     assert again.pending == 0
     ids = [row["image_id"] for row in captions_of(lake, version)]

@@ -14,6 +14,7 @@ from cbir.errors import UsageError
 from cbir.lake import Lake, Table
 from cbir.reader import resolve_source
 from jobs import ingest
+from jobs.job import run as run_job
 
 from conftest import image_bytes, make_settings
 
@@ -63,7 +64,7 @@ def test_folder_ingest_records_every_item_and_stores_good_images_once(spark, set
     lake = Lake.open(settings)
     lake.check()
 
-    summary = ingest.run(spark, lake, settings, resolve_source(str(root), settings))
+    summary = run_job(ingest.IngestJob(lake, settings, resolve_source(str(root), settings)), spark)
 
     rows = {row["uri"]: row for row in _manifest(settings)}
     assert {uri: (row["status"], (row["error"] or "").split(":")[0] or None) for uri, row in rows.items()} == expected
@@ -100,17 +101,17 @@ def test_rerun_adds_nothing_and_retry_failed_tries_failed_items_again(spark, set
     lake = Lake.open(settings)
     lake.check()
     source = resolve_source(str(root), settings)
-    first = ingest.run(spark, lake, settings, source)
+    first = run_job(ingest.IngestJob(lake, settings, source), spark)
     rows_before = _manifest(settings)
 
-    again = ingest.run(None, lake, settings, source)  # the driver knows nothing is new: no Spark needed
+    again = run_job(ingest.IngestJob(lake, settings, source), None)  # the driver knows nothing is new: no Spark needed
 
     assert (again.found, again.skipped, again.probed) == (first.found, first.found, 0)
     assert _manifest(settings) == rows_before
     assert [r["run_id"] for r in lake.table("manifest").commits()] == [first.run_id]
 
     (root / "empty.jpg").write_bytes(image_bytes(11))  # the user fixes one file
-    retried = ingest.run(spark, lake, settings, source, retry_failed=True)
+    retried = run_job(ingest.IngestJob(lake, settings, source, retry_failed=True), spark)
     failed_before = sum(1 for status, _ in expected.values() if status == "failed")
     assert retried.probed == failed_before and retried.ingested == 1
     latest = [r for r in _manifest(settings) if r["run_id"] == retried.run_id and r["uri"].endswith("empty.jpg")]
@@ -129,13 +130,13 @@ def test_a_failed_commit_leaves_nothing_visible_and_a_rerun_completes(spark, set
 
     monkeypatch.setattr(Table, "commit", crash)
     with pytest.raises(RuntimeError):
-        ingest.run(spark, lake, settings, source)
+        run_job(ingest.IngestJob(lake, settings, source), spark)
     assert _manifest(settings) == []
     parts = lake.fs.get_file_info(pafs.FileSelector(lake.path("manifest"), recursive=True, allow_not_found=True))
     assert [info.path for info in parts if info.is_file] == []  # the failed run cleaned up after itself
 
     monkeypatch.setattr(Table, "commit", original)
-    summary = ingest.run(spark, lake, settings, source)
+    summary = run_job(ingest.IngestJob(lake, settings, source), spark)
     assert summary.probed == len(expected)
     uris = [row["uri"] for row in _manifest(settings)]
     assert sorted(uris) == sorted(expected)
@@ -148,7 +149,9 @@ def test_ingest_from_an_s3_prefix_and_a_manifest_with_bad_rows(spark, s3_setting
     s3_client.put_object(Bucket=bucket, Key="incoming/.hidden/x.jpg", Body=image_bytes(1))
     lake = Lake.open(s3_settings)
 
-    summary = ingest.run(spark, lake, s3_settings, resolve_source(f"s3://{bucket}/incoming", s3_settings))
+    summary = run_job(
+        ingest.IngestJob(lake, s3_settings, resolve_source(f"s3://{bucket}/incoming", s3_settings)), spark
+    )
     assert (summary.ingested, summary.failed) == (4, {"not-an-image": 1})
 
     s3_client.put_object(Bucket=bucket, Key="incoming/copy.jpg", Body=image_bytes(100))
@@ -164,7 +167,9 @@ def test_ingest_from_an_s3_prefix_and_a_manifest_with_bad_rows(spark, s3_setting
     body = "\n".join(json.dumps(line) for line in lines) + "\n{not json\n"
     s3_client.put_object(Bucket=bucket, Key="lists/batch.jsonl", Body=body.encode())
 
-    second = ingest.run(spark, lake, s3_settings, resolve_source(f"s3://{bucket}/lists/batch.jsonl", s3_settings))
+    second = run_job(
+        ingest.IngestJob(lake, s3_settings, resolve_source(f"s3://{bucket}/lists/batch.jsonl", s3_settings)), spark
+    )
 
     rows = {row["uri"]: row for row in _manifest(s3_settings) if row["run_id"] == second.run_id}
     manifest_uri = f"s3://{bucket}/lists/batch.jsonl"
@@ -195,7 +200,9 @@ def test_manifest_files_carry_captions_titles_and_tags(spark, local_settings, tm
         f"{folder},a folder is not an image,,\n"
     )
     lake = Lake.open(local_settings)
-    summary = ingest.run(spark, lake, local_settings, resolve_source(str(folder / "manifest.csv"), local_settings))
+    summary = run_job(
+        ingest.IngestJob(lake, local_settings, resolve_source(str(folder / "manifest.csv"), local_settings)), spark
+    )
 
     rows = {row["uri"]: row for row in _manifest(local_settings)}
     first = rows[str(folder / "0.jpg")]
@@ -230,8 +237,9 @@ def test_other_manifest_formats(spark, local_settings, tmp_path, kind):
     else:
         manifest = tmp_path / "m.json"
         manifest.write_text(json.dumps([{"uri": p, "caption": "one" if i == 0 else None} for i, p in enumerate(paths)]))
-    summary = ingest.run(
-        spark, Lake.open(local_settings), local_settings, resolve_source(str(manifest), local_settings)
+    summary = run_job(
+        ingest.IngestJob(Lake.open(local_settings), local_settings, resolve_source(str(manifest), local_settings)),
+        spark,
     )
     assert (summary.found, summary.ingested, summary.failed) == (2, 2, {})
     if kind != "txt":
@@ -259,7 +267,7 @@ def test_other_tools_read_the_manifest_as_a_delta_table(spark, local_settings, m
 
     root, expected = messy_folder
     lake = Lake.open(local_settings)
-    summary = ingest.run(spark, lake, local_settings, resolve_source(str(root), local_settings))
+    summary = run_job(ingest.IngestJob(lake, local_settings, resolve_source(str(root), local_settings)), spark)
     table_dir = lake.path("manifest")
 
     frame = pl.scan_delta(table_dir).select("uri", "run_id").collect()
@@ -298,7 +306,7 @@ def test_two_ingests_of_one_folder_at_once_leave_each_uri_once(spark, settings, 
 
     def run():
         try:
-            summaries.append(ingest.run(spark, lake, settings, source))
+            summaries.append(run_job(ingest.IngestJob(lake, settings, source), spark))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

@@ -25,6 +25,7 @@ from cbir.schemas import REFERENCES
 from cbir.text import words, words_array
 from jobs import query
 from jobs.captions import table_captions
+from jobs.job import run as run_job
 from jobs.search import search
 from search import gallery
 from search.index import bleu_params
@@ -233,12 +234,14 @@ def test_bad_query_rows_land_in_the_errors_table(spark, tmp_path):
         "picture,,no-such.jpg,\n"
     )
     settings = make_settings(tmp_path)
-    summary = query.run(
+    summary = run_job(
+        query.QueryJob(
+            Lake.open(settings),
+            settings,
+            str(tmp_path / "queries.csv"),
+            captions_table=str(tmp_path / "captions.parquet"),
+        ),
         spark,
-        Lake.open(settings),
-        settings,
-        str(tmp_path / "queries.csv"),
-        captions_table=str(tmp_path / "captions.parquet"),
     )
 
     results, errors = Lake.open(settings).query_tables(summary.run_id)
