@@ -59,7 +59,7 @@ BASELINE = [
     "captioner.min_word_count=2",
     "captioner.dropout=0.5",
     "train.label_smoothing=0",
-    "query.prototype_images=0",
+    "likeness.text_images=0",
 ]
 METRICS = (
     "bleu1",

@@ -68,11 +68,16 @@ CAPTIONS = pa.schema(
 RESULTS = pa.schema(
     [
         _field("query_id", pa.string(), "the query's id from the query file"),
-        _field("rank", pa.int32(), "1 is best: by blended score when present, else score; ties by image_id"),
+        _field("rank", pa.int32(), "1 is best: by score; ties by image_id"),
         _field("image_id", pa.string(), "sha256 of the image bytes"),
         _field("uri", pa.string(), "where the image came from"),
         _field("caption", pa.string(), "the image's indexed caption"),
-        _field("score", pa.float64(), "BLEU of the query against the image's texts (nltk sentence_bleu)"),
+        _field(
+            "score",
+            pa.float64(),
+            "BLEU of the query against the image's texts (nltk sentence_bleu); for a query with a picture, "
+            "(1 - w) x BLEU + w x the image's likeness to it",
+        ),
         _field(
             "matched_kind",
             pa.string(),
@@ -80,8 +85,11 @@ RESULTS = pa.schema(
         ),
         _field("matched_text", pa.string(), "that text"),
         _field("query_caption", pa.string(), "the caption generated for an image query; null for text"),
-        _field("visual_similarity", pa.float64(), "cosine of the image features (hybrid image queries only)"),
-        _field("blended_score", pa.float64(), "(1 - w) * score + w * visual_similarity (hybrid only)"),
+        _field(
+            "likeness",
+            pa.float64(),
+            "the image's likeness (cosine) to the query's picture, where one ranked it; null otherwise",
+        ),
         _field("run_id", pa.string(), "the query run"),
     ]
 )

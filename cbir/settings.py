@@ -361,26 +361,31 @@ class Bleu(Section):
         return value
 
 
-class Query(Section):
-    k: int = Field(10, ge=1, le=MAX_K, description="results per query, unless a query row says otherwise")
-    hybrid: bool = Field(False, description="for image queries, blend BLEU with visual similarity")
-    visual_weight: float = Field(0.5, ge=0, le=1, description="the share of visual similarity in the blend")
-    hybrid_pool: int = Field(5, ge=1, le=100, description="BLEU candidates per result that the blend re-ranks")
-    prototype_images: int = Field(
+class Likeness(Section):
+    """Likeness: how much an image looks like a query's picture (the cosine of its stored likeness vector, in
+    the captioner memory's space, with the picture), which re-ranks the query's pool by BLEU."""
+
+    text_images: int = Field(
         3,
         ge=0,
         le=100,
-        description="text queries: the remembered images whose texts match best, averaged into a picture; 0: off",
+        description="text queries borrow a picture: the remembered images whose texts match best, averaged; 0: off",
     )
-    prototype_weight: float = Field(
-        0.25, ge=0, le=1, description="the share of likeness to that picture in the ranking"
-    )
-    prototype_pool: int = Field(50, ge=0, le=10_000, description="BLEU candidates that the picture re-ranks")
-    prototype_all_images: int = Field(
+    text_weight: float = Field(0.25, ge=0, le=1, description="text queries: the share of likeness in the ranking")
+    text_pool: int = Field(50, ge=0, le=10_000, description="text queries: BLEU candidates that the picture re-ranks")
+    all_images: int = Field(
         100_000,
         ge=0,
-        description="an index of at most this many images has every image ranked by likeness, not only the pool",
+        description="an index of at most this many images has every image ranked by likeness to a text query's "
+        "picture, not only the pool",
     )
+    image: bool = Field(False, description="image queries re-rank their BLEU pool by likeness to their own picture")
+    image_weight: float = Field(0.5, ge=0, le=1, description="image queries: the share of likeness in the ranking")
+    image_pool: int = Field(5, ge=1, le=100, description="image queries: BLEU candidates per result re-ranked")
+
+
+class Query(Section):
+    k: int = Field(10, ge=1, le=MAX_K, description="results per query, unless a query row says otherwise")
     gallery_queries: int = Field(200, ge=1, description="queries shown in a run's gallery")
     max_words: int = Field(
         100,
@@ -466,6 +471,7 @@ class Settings(BaseSettings):
     train: Train = Train()
     bleu: Bleu = Bleu()
     query: Query = Query()
+    likeness: Likeness = Likeness()
     web: Web = Web()
     ui: Ui = Ui()
 

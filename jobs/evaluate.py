@@ -158,7 +158,7 @@ def measure(
     started = time.monotonic()
     captions = lake_captions(spark, lake, card["version"])
     rules = dataclasses.replace(Rules.from_settings(settings), kinds=kinds)
-    pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)
+    pictures = load_pictures(lake, card["version"], rules.text_images, rules.params.max_order)
 
     category = {row["image_id"]: row["category"] for row in rows if row["category"]}
     generated, vocabulary = _generated(lake, card["version"], [row["image_id"] for row in rows], kinds)

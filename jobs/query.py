@@ -161,7 +161,7 @@ def search_and_write(
     pictures = None
     if card is not None and captions_table is None and (rules.text_pictures or rules.image_pictures):
         # (a captions table's images have no likeness vectors)
-        pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)
+        pictures = load_pictures(lake, card["version"], rules.text_images, rules.params.max_order)
     plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures, q.vector) for q in queries]
     ranked = search(spark, captions, plans, rules, settings.spark.partitions)
     return write_run(
@@ -189,15 +189,11 @@ def _card(lake: Lake, settings: Settings) -> dict | None:
 
 
 def _with_query_columns(spark, ranked: DataFrame, plans: list[Plan], queries: list[Query], run_id: str) -> DataFrame:
-    """Add the query's generated caption and the run id; the cosine and the blended score where a picture ranked."""
+    """Add the query's generated caption, the run id, and the likeness where a picture ranked."""
     info = spark.createDataFrame(
         [(q.query_id, q.caption, p.likeness is not None) for q, p in zip(queries, plans)],
         "query_id string, query_caption string, pictured boolean",
     )
     out = ranked.join(F.broadcast(info), "query_id").withColumn("run_id", F.lit(run_id))
     pictured = F.col("pictured") & F.col("cosine").isNotNull()
-    return (
-        out.withColumn("visual_similarity", F.when(pictured, F.col("cosine")))
-        .withColumn("blended_score", F.when(pictured, F.col("score")))
-        .withColumn("rank", F.col("rank").cast("int"))
-    )
+    return out.withColumn("likeness", F.when(pictured, F.col("cosine"))).withColumn("rank", F.col("rank").cast("int"))

@@ -116,9 +116,10 @@ def render(
         )
         for row in by_query.get(query.query_id, []):
             image = thumbs.get(row["image_id"], "")
-            scores = f"BLEU {row['score']:.4f}"
-            if row.get("blended_score") is not None:
-                scores += f" &middot; visual {row['visual_similarity']:.3f} &middot; blended {row['blended_score']:.4f}"
+            if row.get("likeness") is None:
+                scores = f"BLEU {row['score']:.4f}"
+            else:
+                scores = f"score {row['score']:.4f} &middot; likeness {row['likeness']:.3f}"
             matched = ""
             if row.get("matched_text"):
                 marked = "".join(

@@ -38,7 +38,7 @@ class Pictures:
         return self.memory.project(features[None])[0]
 
 
-def load_pictures(lake: Lake, version: str | None, prototype_images: int, max_order: int) -> Pictures | None:
+def load_pictures(lake: Lake, version: str | None, text_images: int, max_order: int) -> Pictures | None:
     """The pictures of this captioner version's memory; None when it has none, the lake holds captions but
     not their captioner (a copied table), or its memory.npz is refused (damaged or foreign: one warning)."""
     if version is None:
@@ -54,5 +54,5 @@ def load_pictures(lake: Lake, version: str | None, prototype_images: int, max_or
         return None
     if memory is None:
         return None
-    prototypes = Prototypes.of(memory, prototype_images, max_order) if prototype_images > 0 else None
+    prototypes = Prototypes.of(memory, text_images, max_order) if text_images > 0 else None
     return Pictures(memory, prototypes)

@@ -20,7 +20,7 @@ class Query:
     text: str | None = None
     image: str | None = None
     caption: str | None = None  # generated for an image query
-    vector: list[float] | None = None  # the image query's features: its picture, with query.hybrid
+    vector: list[float] | None = None  # the image query's features: its picture, with likeness.image
 
     @property
     def words(self) -> list[str]:

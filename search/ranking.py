@@ -2,7 +2,7 @@
 
 A query's picture is a unit vector in the space of the images' stored likeness vectors: borrowed from
 the captioner's memory for a text query (search.pictures), or the query image's own for an image query
-with `query.hybrid`. Its `Likeness` says how it re-ranks: the top `pool` images by BLEU rank by
+with `likeness.image`. Its `Likeness` says how it re-ranks: the top `pool` images by BLEU rank by
 weight * cosine + (1 - weight) * BLEU; with `everyone` (a small index), any other image ranks by
 weight * cosine alone.
 

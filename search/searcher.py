@@ -28,12 +28,12 @@ from search.rules import query_words
 @dataclass(frozen=True)
 class Rules:
     """How queries are checked and ranked, from the settings: a text query re-ranks its BLEU pool by the
-    picture it borrows from the memory (query.prototype_*); with query.hybrid, an image query by its own."""
+    picture it borrows from the memory (likeness.text_*); with likeness.image, an image query by its own."""
 
     params: BleuParams
     kinds: tuple[str, ...]
     max_words: int = 100
-    prototype_images: int = 0
+    text_images: int = 0
     text_weight: float = 0.0
     text_pool: int = 0
     all_images: int = 0  # an index this small ranks every image by likeness too: words miss many targets
@@ -42,22 +42,22 @@ class Rules:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
-        q = settings.query
+        like = settings.likeness
         return cls(
             bleu_params(settings),
             tuple(settings.bleu.references),
-            q.max_words,
-            q.prototype_images,
-            q.prototype_weight,
-            q.prototype_pool,
-            q.prototype_all_images,
-            q.visual_weight if q.hybrid else 0.0,
-            q.hybrid_pool if q.hybrid else 0,
+            settings.query.max_words,
+            like.text_images,
+            like.text_weight,
+            like.text_pool,
+            like.all_images,
+            like.image_weight if like.image else 0.0,
+            like.image_pool if like.image else 0,
         )
 
     @property
     def text_pictures(self) -> bool:
-        return self.prototype_images > 0 and Likeness(self.text_weight, self.text_pool).on
+        return self.text_images > 0 and Likeness(self.text_weight, self.text_pool).on
 
     @property
     def image_pictures(self) -> bool:
@@ -115,7 +115,7 @@ class Searcher:
         index = cached_index(lake, settings.state_dir, version, rules.kinds, rules.params.max_order, extra)
         pictures = None
         if index.visual is not None and ((by_text and rules.text_pictures) or rules.image_pictures):
-            pictures = load_pictures(lake, version, rules.prototype_images, rules.params.max_order)
+            pictures = load_pictures(lake, version, rules.text_images, rules.params.max_order)
         return cls(index, rules, pictures)
 
     def __len__(self) -> int:

@@ -181,8 +181,8 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
         f"unseen,,{tmp}/train/0001.png,2\nbroken,,/no/such.png,\n"
     )
 
-    hybrid = settings.model_copy(update={"query": settings.query.model_copy(update={"hybrid": True})})
-    state = query_flow(str(tmp / "queries.csv"), settings=hybrid, return_state=True)
+    with_likeness = settings.model_copy(update={"likeness": settings.likeness.model_copy(update={"image": True})})
+    state = query_flow(str(tmp / "queries.csv"), settings=with_likeness, return_state=True)
 
     assert state.is_completed()
     summary = state.result()
@@ -193,21 +193,21 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
     ] + [("unseen", 1), ("unseen", 2)]
     indexed = {r["uri"]: r["caption"] for r in Lake.open(settings).table("captions").read().to_pylist()}
     assert {r["query_caption"] for r in rows if r["query_id"] == "picture"} == {indexed[f"{tmp}/new/0001.png"]}
-    # Hybrid ranking: image queries blend BLEU with the cosine of their features; the picture finds itself first.
+    # Image queries blend BLEU with likeness to their own picture; the picture finds itself first.
     picture_id = next(
         r["image_id"]
         for r in Lake.open(settings).table("manifest").read().to_pylist()
         if r["uri"] == f"{tmp}/new/0001.png"
     )
     first = next(r for r in rows if r["query_id"] == "picture" and r["rank"] == 1)
-    assert (first["image_id"], first["score"], first["visual_similarity"], first["blended_score"]) == (
+    assert (first["image_id"], first["score"], first["likeness"]) == (
         picture_id,
-        1.0,
         pytest.approx(1.0),
         pytest.approx(1.0),
     )
-    assert all(r["blended_score"] is not None for r in rows if r["query_id"] in ("picture", "unseen"))
-    assert all(r["visual_similarity"] is None for r in rows if r["query_id"] == "red")
+    assert all(r["likeness"] is not None for r in rows if r["query_id"] in ("picture", "unseen"))
+    # A text query ranks by likeness to the picture it borrows: the same column says how alike.
+    assert all(r["likeness"] is not None for r in rows if r["query_id"] == "red")
     assert all(r["query_caption"] for r in rows if r["query_id"] == "unseen")
     assert [(r["query_id"], r["reason"]) for r in errors.read().to_pylist()] == [("broken", "not-found")]
     page = Path(summary["gallery"]).read_text()
@@ -304,7 +304,7 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
     ]
     version, rules = store.card(lake)["version"], Rules.from_settings(settings)
     captions = lake_captions(spark, lake, version)
-    pictures = load_pictures(lake, version, rules.prototype_images, rules.params.max_order)
+    pictures = load_pictures(lake, version, rules.text_images, rules.params.max_order)
     assert pictures is not None  # text queries borrow pictures: every path must rank by them alike
     plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures) for q in asked]  # as the query job does
     assert all(plan.picture is not None for plan in plans[:3])
@@ -324,7 +324,7 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
 
 
 def test_image_queries_with_the_blend_on_rank_alike_in_the_query_job_cbir_search_and_cbir_web(spark, shapes_lake):
-    """query.hybrid reaches every front door: an image query's BLEU pool re-ranked by likeness to its own
+    """likeness.image reaches every front door: an image query's BLEU pool re-ranked by likeness to its own
     picture, with identical hits in the query job's Spark tasks, cbir search and cbir web."""
     from jobs.captions import lake_captions
     from jobs.image_queries import caption_image_queries
@@ -336,20 +336,20 @@ def test_image_queries_with_the_blend_on_rank_alike_in_the_query_job_cbir_search
     from web.library import Library
 
     settings, _, rows = shapes_lake
-    hybrid = settings.model_copy(update={"query": settings.query.model_copy(update={"hybrid": True})})
-    lake = Lake.open(hybrid)
-    card, rules = store.card(lake), Rules.from_settings(hybrid)
+    with_likeness = settings.model_copy(update={"likeness": settings.likeness.model_copy(update={"image": True})})
+    lake = Lake.open(with_likeness)
+    card, rules = store.card(lake), Rules.from_settings(with_likeness)
     captions = lake_captions(spark, lake, card["version"])
-    pictures = load_pictures(lake, card["version"], rules.prototype_images, rules.params.max_order)
-    web = Library(hybrid, lake)
+    pictures = load_pictures(lake, card["version"], rules.text_images, rules.params.max_order)
+    web = Library(with_likeness, lake)
     blended = 0
     for n, row in enumerate(rows[:4]):
-        (query,), _ = caption_image_queries(spark, lake, hybrid, [Query(f"i{n}", 6, image=row["uri"])], card)
+        (query,), _ = caption_image_queries(spark, lake, with_likeness, [Query(f"i{n}", 6, image=row["uri"])], card)
         plan = rules.plan(query.query_id, query.words, query.k, captions.rows, pictures, query.vector)
-        assert plan.picture is not None and plan.likeness.weight == hybrid.query.visual_weight
+        assert plan.picture is not None and plan.likeness.weight == with_likeness.likeness.image_weight
         found = sorted(search(spark, captions, [plan], rules, partitions=3).collect(), key=lambda r: r["rank"])
         job = [(r["image_id"], r["score"], r["matched_kind"], r["matched_text"]) for r in found]
-        caption, hits = search_one(lake, hybrid, 6, image=row["uri"])
+        caption, hits = search_one(lake, with_likeness, 6, image=row["uri"])
         one = [(h["image_id"], h["score"], h["matched_kind"], h["matched_text"]) for h in hits]
         with open(row["uri"], "rb") as image:
             answer = web.search_image(image.read(), 6)
@@ -358,7 +358,7 @@ def test_image_queries_with_the_blend_on_rank_alike_in_the_query_job_cbir_search
         assert job and job == one == page, row["uri"]
         plain = [(h["image_id"], h["score"]) for h in search_one(lake, settings, 6, image=row["uri"])[1]]
         blended += plain != [hit[:2] for hit in one]
-    assert blended  # the blend ranked them, not BLEU alone (query.hybrid off)
+    assert blended  # the blend ranked them, not BLEU alone (likeness.image off)
 
 
 def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):

@@ -292,8 +292,7 @@ def test_the_gallery_escapes_every_text(local_settings):
             "caption": evil,
             "score": 0.5,
             "query_caption": None,
-            "visual_similarity": None,
-            "blended_score": None,
+            "likeness": None,
         }
     ]
     page = gallery.render(lake, local_settings, f"run {evil}", rows, asked, [(evil, f"bad-row: {evil}")], 10)

@@ -22,9 +22,10 @@ class ResultOut(BaseModel):
     rank: int = Field(description="1 is best; ties by image_id")
     image_id: str = Field(description="sha256 of the image bytes")
     score: float = Field(
-        description="BLEU of the query against the image's texts (nltk sentence_bleu); for a text query with a "
-        "picture (from the captioner's memory), (1 - query.prototype_weight) x BLEU + query.prototype_weight x "
-        "the image's cosine with that picture, or the weighted cosine alone for an image found by likeness"
+        description="BLEU of the query against the image's texts (nltk sentence_bleu); for a query with a picture "
+        "(a text query's from the captioner's memory; an image query's own, with likeness.image), (1 - w) x BLEU "
+        "+ w x the image's likeness (cosine) to that picture, w being likeness.text_weight or likeness.image_weight, "
+        "or the weighted likeness alone for an image found by likeness"
     )
     caption: str = Field(description="the image's indexed caption")
     matched_kind: str | None = Field(
