@@ -2,9 +2,9 @@
 the query checks, how pictures re-rank), an index, and the pictures of the captioner's memory; a
 query is planned once (its words, its k, its picture and how that ranks) and answered by one ranking.
 
-cbir search, cbir eval's checks and cbir web open one over the lake's whole index; each Spark task of
-the query job holds one over its share of the captions and gives its candidates, which the job ranks
-again with the same function (search.ranking.rank): every way of searching ranks alike.
+cbir search and cbir web open one over the lake's whole index; each Spark task of the query job and of
+cbir eval (jobs.search) holds one over its share of the captions and gives its candidates, which the job
+ranks again with the same function (search.ranking.rank): every way of searching ranks alike.
 """
 
 from __future__ import annotations
