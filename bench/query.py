@@ -10,13 +10,19 @@
    build it) and exact top-10 for every query (BleuIndex.search_many: all cores), with time per
    stage and peak memory; the same queries on one thread are timed apart. Its pairs/s (images x queries / seconds) is
    engine_pairs_per_s: pruning decides most pairs without scoring them.
+   Warm: the same index saved as cbir search saves it (search.cache), then opened (memory-mapped)
+   and asked the same queries, as cbir search and cbir web do while the lake is unchanged.
 3. The same queries through the Spark job (jobs.search.search over a captions table with those
-   references), local[*].
+   references), local[*], each run in a new session: without a state folder (every task builds its
+   share's index, nothing saved: the job before shares were saved), cold (each task builds its
+   share's index and saves it under the state folder) and warm (each task opens its saved share,
+   and no caption is read).
 
     .venv/bin/python -m bench.query [--captions N] [--queries Q]
 
 Prints a table, then one JSON line: engine_pairs_per_s, nltk_pairs_per_s, speedup, max_abs_diff,
-big_captions, big_queries, big_run_s, big_spark_run_s, big_peak_rss_gb.
+big_captions, big_queries, big_run_s, big_warm_run_s, big_spark_run_s, big_spark_cold_run_s,
+big_spark_warm_run_s, big_peak_rss_gb.
 """
 
 from __future__ import annotations
@@ -150,14 +156,15 @@ def main() -> None:
     t3 = time.perf_counter()
     one_thread = [big_index.search(q, 10, params) for q in queries]
     one_thread_s = time.perf_counter() - t3
+    warm_s, warm_load_s, warm_same = warm_run(big, big_references, big_index, queries, results, params)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     top10_rate = len(big) * len(queries) / (t3 - t2)  # caption-query pairs decided per second
     index_gb = big_index.nbytes / 2**30
     answered = sum(1 for r in results if r)
 
-    spark_s, spark_same = None, None
+    spark_s, spark_cold_s, spark_warm_s, spark_same = None, None, None, None
     if not args.skip_spark:
-        spark_s, spark_same = spark_run(big, queries, results)
+        spark_s, spark_cold_s, spark_warm_s, spark_same = spark_run(big, queries, results)
 
     print(f"{'stage':<52}{'seconds':>10}")
     print(f"{'generate captions and queries (not counted)':<52}{t1 - t0:>10.2f}")
@@ -166,9 +173,14 @@ def main() -> None:
     print(f"{'engine total (build + queries)':<52}{t3 - t1:>10.2f}")
     print(f"{'  the same queries on one thread (not counted)':<52}{one_thread_s:>10.2f}")
     print(f"one thread's results equal all cores': {one_thread == results}")
+    print(f"{'warm: open the saved index':<52}{warm_load_s:>10.2f}")
+    print(f"{'warm engine total (open + queries)':<52}{warm_s:>10.2f}")
+    print(f"the saved index's results equal the built one's: {warm_same}")
     if spark_s is not None:
-        print(f"{'Spark job, local[*], same captions and queries':<52}{spark_s:>10.2f}")
-        print(f"Spark job's results equal the engine's: {spark_same}")
+        print(f"{'Spark job, local[*], nothing saved (as before)':<52}{spark_s:>10.2f}")
+        print(f"{'Spark job, local[*], cold: shares built and saved':<52}{spark_cold_s:>10.2f}")
+        print(f"{'Spark job, local[*], warm: saved shares opened':<52}{spark_warm_s:>10.2f}")
+        print(f"Spark job's results (cold and warm) equal the engine's: {spark_same}")
     print(
         f"pairs/s: nltk loop {nltk_rate:,.0f}; engine scoring every pair {engine_rate:,.0f} "
         f"({engine_rate / nltk_rate:,.0f}x); engine exact top-10 at scale {top10_rate:,.0f} "
@@ -193,7 +205,12 @@ def main() -> None:
                 "big_queries_s": round(t3 - t2, 2),
                 "big_queries_one_thread_s": round(one_thread_s, 2),
                 "big_run_s": round(t3 - t1, 2),
+                "big_warm_run_s": round(warm_s, 2),
+                "big_warm_load_s": round(warm_load_s, 2),
+                "warm_equals_built": warm_same,
                 "big_spark_run_s": round(spark_s, 2) if spark_s is not None else None,
+                "big_spark_cold_run_s": round(spark_cold_s, 2) if spark_cold_s is not None else None,
+                "big_spark_warm_run_s": round(spark_warm_s, 2) if spark_warm_s is not None else None,
                 "spark_equals_engine": spark_same,
                 "big_peak_rss_gb": round(peak_gb, 2),
                 "big_index_gb": round(index_gb, 2),
@@ -202,8 +219,34 @@ def main() -> None:
     )
 
 
-def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
-    """The same search as a Spark job over a Parquet file of the captions; (seconds, same results?)."""
+def warm_run(table: pa.Table, references, engine, queries, expected, params) -> tuple[float, float, bool]:
+    """The index saved as search.cache saves it, then opened and asked the queries: (seconds in all, seconds to
+    open, same results?)."""
+    import tempfile
+    from pathlib import Path
+
+    from search import cache
+    from search.index import Index
+
+    ids = table.column("image_id").to_pylist()
+    shown = table.select(["image_id", "caption"]).append_column("uri", pa.nulls(table.num_rows, pa.string()))
+    key = {"bench": "query", "rows": table.num_rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "entry"
+        cache.save(Index(shown, references, engine, dict(zip(ids, range(len(ids))))), folder, key)
+        started = time.perf_counter()
+        index = cache.load(folder, key)
+        opened = time.perf_counter() - started
+        results = index.engine.search_many(queries, 10, params)
+        seconds = time.perf_counter() - started
+        del index
+    return seconds, opened, results == expected
+
+
+def spark_run(table: pa.Table, queries, expected) -> tuple[float, float, float, bool]:
+    """The same search as a Spark job over a Parquet file of the captions, each run in a new session: without a
+    state folder (nothing saved, as before), cold (shares built and saved), warm (the saved shares opened);
+    (seconds of each, same results every time?)."""
     import tempfile
 
     import pyarrow.parquet as pq
@@ -220,18 +263,23 @@ def spark_run(table: pa.Table, queries, expected) -> tuple[float, bool]:
         # Row groups of 100,000 rows, as Parquet writers commonly make them.
         pq.write_table(table, f"{tmp}/captions.parquet", row_group_size=100_000)
         settings = load_settings(overrides=[f"lake={tmp}/lake", f"state_dir={tmp}/state"], environ={})
-        spark = build_session(settings)
         asked = [Query(f"q{i}", 10, text=" ".join(q)) for i, q in enumerate(queries)]
-        started = time.perf_counter()
-        captions = table_captions(spark, f"{tmp}/captions.parquet", settings)
-        rows = search(spark, captions, bleu_plans(asked), Rules(bleu_params(settings), KINDS)).collect()
-        seconds = time.perf_counter() - started
-        spark.stop()
-    got: dict[str, list] = {}
-    for row in sorted(rows, key=lambda r: (r["query_id"], r["rank"])):
-        got.setdefault(row["query_id"], []).append((row["image_id"], row["score"]))
-    same = all(got.get(f"q{i}", []) == [(h.image_id, h.score) for h in hits] for i, hits in enumerate(expected))
-    return seconds, same
+        runs = []
+        for state_dir in (None, settings.state_dir, settings.state_dir):  # nothing saved (as before), cold, warm
+            spark = build_session(settings)
+            started = time.perf_counter()
+            captions = table_captions(spark, f"{tmp}/captions.parquet", settings)
+            rules = Rules(bleu_params(settings), KINDS)
+            rows = search(spark, captions, bleu_plans(asked), rules, state_dir=state_dir).collect()
+            runs.append((time.perf_counter() - started, rows))
+            spark.stop()
+    same = True
+    for _, rows in runs:
+        got: dict[str, list] = {}
+        for row in sorted(rows, key=lambda r: (r["query_id"], r["rank"])):
+            got.setdefault(row["query_id"], []).append((row["image_id"], row["score"]))
+        same &= all(got.get(f"q{i}", []) == [(h.image_id, h.score) for h in hits] for i, hits in enumerate(expected))
+    return runs[0][0], runs[1][0], runs[2][0], same
 
 
 if __name__ == "__main__":

@@ -299,6 +299,11 @@ class Table:
         table = self.delta()
         return None if table is None else f"{table.metadata().id}@{table.version()}"
 
+    def pinned_state(self) -> str | None:
+        """state() of the version this handle reads (pinned by files()); None before anything is pinned."""
+        table = None if self.version in (None, -1) else self.delta(self.version)
+        return None if table is None else f"{table.metadata().id}@{self.version}"
+
     # Reading: one version's files.
     def files(self) -> list[str]:
         """The Parquet files of the pinned version (the latest, pinned on first read), as filesystem paths."""

@@ -34,6 +34,7 @@ class Captions:
     frame: DataFrame
     rows: int
     sources: Lake | None = None
+    identity: dict | None = None  # what the rows are, for the saved index shares (search.cache.share_key)
 
 
 def lake_captions(spark: SparkSession, lake: Lake, version: str) -> Captions:
@@ -47,7 +48,8 @@ def lake_captions(spark: SparkSession, lake: Lake, version: str) -> Captions:
         & F.col("image_id").isNotNull()
     )
     count = table.dataset().count_rows(filter=ds.field("model_version") == version)
-    return Captions(captions.select(*CAPTION_COLUMNS), count, lake)
+    identity = {"lake": lake.uri, "version": version, "tables": {"captions": table.pinned_state()}}
+    return Captions(captions.select(*CAPTION_COLUMNS), count, lake, identity)
 
 
 def table_captions(spark: SparkSession, uri: str, settings: Settings) -> Captions:
@@ -70,7 +72,12 @@ def table_captions(spark: SparkSession, uri: str, settings: Settings) -> Caption
     reads = spark.createDataFrame(tasks, "path string, row_groups array<int>").repartition(max(1, min(len(tasks), 64)))
     schema = subschema(CAPTIONS, CAPTION_COLUMNS)
     frame = reads.mapInArrow(partial(_read_row_groups, fs, present, schema), from_arrow_schema(schema))
-    return Captions(frame, sum(rows for *_, rows in pieces))
+    return Captions(frame, sum(rows for *_, rows in pieces), identity=_files_identity(fs, uri, dataset.files))
+
+
+def _files_identity(fs: pafs.FileSystem, uri: str, files: list[str]) -> dict:
+    """A foreign table's identity: its files' paths, sizes and modification times (a rewrite is another table)."""
+    return {"captions": uri, "files": [[i.path, i.size, i.mtime_ns] for i in fs.get_file_info(sorted(files))]}
 
 
 def _reads(pieces: list[tuple[str, int, int]]) -> list[tuple[str, list[int]]]:

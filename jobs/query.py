@@ -163,7 +163,7 @@ def search_and_write(
         # (a captions table's images have no likeness vectors)
         pictures = load_pictures(lake, card["version"], rules.text_images, rules.params.max_order)
     plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures, q.vector) for q in queries]
-    ranked = search(spark, captions, plans, rules, settings.spark.partitions)
+    ranked = search(spark, captions, plans, rules, settings.spark.partitions, settings.state_dir)
     return write_run(
         _with_query_columns(spark, ranked, plans, queries, run_id).select(*RESULTS.names),
         lake.query_tables(run_id)[0],

@@ -18,6 +18,13 @@ lake stay. Opening an entry checks more than shapes: the engine's kernels index 
 values without bounds checks, so each such value is checked to be in range first (BleuIndex.from_state),
 and so is every row number the Index looks up (here); a tampered entry is rebuilt, never run.
 No pickles: numpy's .npy (loaded copy-on-write memory-mapped) and Arrow IPC files.
+
+The query job's Spark tasks save their shares the same way, one entry per share, under
+`<state_dir>/search-index/shares/<key>/` of the machine that runs the task (share_key, open_share,
+save_share): the key is the captions' identity (the lake, the captioner version and the captions
+table's pinned Delta version, or a foreign table's files), the reference kinds, max_order, the
+number of shares and the share's number. Only the newest KEEP states of each captions source keep
+their shares. A share that is not there, or does not load, is built by the task that needs it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ log = logging.getLogger("cbir.search")
 
 FORMAT = 4  # bump when the layout or the engine's arrays change (4: engine_rows.npy, not image_ids.arrow)
 FOLDER = "search-index"
+SHARES = "shares"  # the query job's shares: <state_dir>/search-index/shares/<key>/
 KEEP = 4  # entries per lake: cbir search's and cbir web's (which holds a column more) of the two newest states
 STALE_TMP_S = 3600  # a temporary folder this old was left by a crash
 STATS: Counter = Counter()  # built, loaded, discarded, saved: what this process did (tests read it)
@@ -88,18 +96,14 @@ def cached_index(
     key = index_key(lake, version, kinds, max_order, extra)
     folder = root / digest(key)
     started = time.perf_counter()
-    if folder.is_dir():
-        try:
-            index = load(folder, key)
-        except Exception as exc:  # noqa: BLE001 - any damage (truncated, wrong shapes, old format): build again
-            STATS["discarded"] += 1
-            log.warning("search index cache %s does not load (%s): building it again", folder, _short(exc))
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            STATS["loaded"] += 1
-            _touch(folder)
-            log.info("search index loaded from %s in %.2f s", folder, time.perf_counter() - started)
-            return index
+    index, damage = _open(folder, key)
+    if damage is not None:
+        STATS["discarded"] += 1
+        log.warning("search index cache %s does not load (%s): building it again", folder, damage)
+    if index is not None:
+        STATS["loaded"] += 1
+        log.info("search index loaded from %s in %.2f s", folder, time.perf_counter() - started)
+        return index
     index = Index.build(version_captions(lake, version, kinds, extra=extra), kinds, max_order)
     STATS["built"] += 1
     log.info("search index built in %.1f s (%d images)", time.perf_counter() - started, len(index))
@@ -111,6 +115,56 @@ def cached_index(
     except OSError as exc:
         log.warning("search index not cached in %s: %s", root, exc)
     return index
+
+
+def _open(folder: Path, key: dict) -> tuple[Index | None, str | None]:
+    """(the entry's index, None); (None, None) when there is none; (None, why) when it does not load: then
+    it is deleted, to be built again."""
+    if not folder.is_dir():
+        return None, None
+    try:
+        index = load(folder, key)
+    except Exception as exc:  # noqa: BLE001 - any damage (truncated, wrong shapes, old format): build again
+        shutil.rmtree(folder, ignore_errors=True)
+        return None, _short(exc)
+    _touch(folder)
+    return index, None
+
+
+# The query job's shares.
+def share_key(identity: dict, kinds: Iterable[str], max_order: int, shares: int) -> dict:
+    """What the index of every share of captions spread over `shares` Spark tasks by image_id depends on
+    (a share's own key adds its number: share_of)."""
+    return {"format": FORMAT, **identity, "kinds": sorted(set(kinds)), "max_order": max_order, "shares": shares}
+
+
+def share_of(key: dict, share: int) -> dict:
+    return {**key, "share": share}
+
+
+def open_share(state_dir: str, key: dict) -> tuple[Index | None, str | None]:
+    """A share's saved index under this machine's state folder: (index, None); (None, None): not saved;
+    (None, why): it did not load and was deleted."""
+    return _open(Path(state_dir) / FOLDER / SHARES / digest(key), key)
+
+
+def save_share(state_dir: str, key: dict, index: Index) -> None:
+    """Save a share's index (a failure is a warning: the next run builds it again)."""
+    root = Path(state_dir) / FOLDER / SHARES
+    folder = root / digest(key)
+    try:
+        save(index, folder, key)
+        prune(root, _source(key), keep=folder, group=_state)
+    except OSError as exc:
+        log.warning("search share not saved in %s: %s", root, exc)
+
+
+def _source(key: dict) -> str:
+    return key.get("lake") or key.get("captions") or ""
+
+
+def _state(key: dict) -> str:
+    return digest({name: value for name, value in key.items() if name != "share"})
 
 
 def _short(exc: BaseException) -> str:
@@ -178,8 +232,9 @@ def _write_arrow(path: Path, table: pa.Table) -> None:
     fsync_file(str(path))
 
 
-def prune(root: Path, lake_uri: str, keep: Path) -> None:
-    """Delete all but the KEEP most recently used entries of this lake, and temporary folders left by crashes."""
+def prune(root: Path, lake_uri: str, keep: Path, group=None) -> None:
+    """Delete all but the KEEP most recently used entries of this lake (with `group`, a function of an entry's
+    key: all but those of the KEEP most recently used groups), and temporary folders left by crashes."""
     entries = []
     for entry in root.iterdir():
         if entry.name.startswith(".tmp-"):
@@ -191,13 +246,15 @@ def prune(root: Path, lake_uri: str, keep: Path) -> None:
             continue
         try:
             meta = entry / "meta.json"
-            if json.loads(meta.read_text())["key"]["lake"] == lake_uri:
-                entries.append((meta.stat().st_mtime, entry))
-        except (OSError, ValueError, KeyError, TypeError):
+            key = json.loads(meta.read_text())["key"]
+            if (_source(key) if group else key["lake"]) == lake_uri:
+                entries.append((meta.stat().st_mtime, entry, group(key) if group else entry.name))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not an entry of this lake (or being deleted)
     entries.sort(reverse=True)
-    for _, entry in entries[KEEP:]:
-        if entry != keep:
+    kept = list(dict.fromkeys(name for _, _, name in entries))[:KEEP]
+    for _, entry, name in entries:
+        if entry != keep and name not in kept:
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -243,3 +243,68 @@ def test_cbir_search_prints_no_matched_text_for_an_image_found_by_likeness_alone
     assert all(cells[2].split(":")[0] in ("caption", "title") for cells in ranked[:2])
     assert all(cells[2] == "" and cells[3] and float(cells[1]) > 0 for cells in ranked[2:])
     assert "None" not in out  # neither 'None: None' nor a missing uri
+
+
+# The query job's shares: each Spark task opens its share of the captions saved by the first run.
+QUERIES = ["w1 w2 w30 w5", "w5000", "w7 w3", "w12 w40 w2 w9 w1"]
+
+
+def query_run(spark, settings, tmp: Path) -> dict[str, list[tuple]]:
+    """Run the query job on QUERIES: query_id -> its (rank, image_id, score)."""
+    from jobs import query
+
+    (tmp / "queries.csv").write_text("query_id,text\n" + "".join(f"q{i},{t}\n" for i, t in enumerate(QUERIES)))
+    summary = query.run(spark, Lake.open(settings), settings, str(tmp / "queries.csv"))
+    results = Lake.open(settings).query_tables(summary.run_id)[0].read().to_pylist()
+    found: dict[str, list[tuple]] = {}
+    for row in sorted(results, key=lambda row: (row["query_id"], row["rank"])):
+        found.setdefault(row["query_id"], []).append((row["rank"], row["image_id"], row["score"]))
+    return found
+
+
+def shares(settings) -> list[Path]:
+    root = Path(settings.state_dir) / FOLDER / index_cache.SHARES
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+@pytest.fixture
+def shared(lake_root):
+    return make_settings(lake_root, "spark.partitions=3")
+
+
+def test_the_query_job_opens_the_shares_the_first_run_saved(spark, lake_root, shared, stats):
+    first = query_run(spark, shared, lake_root)
+    assert stats["shares built"] == 3 and not stats["shares opened"] and len(shares(shared)) == 3
+    second = query_run(spark, shared, lake_root)
+    assert stats["shares opened"] == 3 and stats["shares built"] == 3  # no share built again
+    assert first == second and len(first) == len(QUERIES)
+    lake = Lake.open(shared)
+    for i, text in enumerate(QUERIES):  # as cbir search ranks over the whole index
+        alone = search_one(lake, shared, 10, text=text)[1]
+        assert first[f"q{i}"] == [(hit["rank"], hit["image_id"], hit["score"]) for hit in alone], text
+    # Every image is in one share: the images that hash to it.
+    tables = [index_cache._read_arrow(share / "table.arrow") for share in shares(shared)]
+    ids = [image_id for table in tables for image_id in table.column("image_id").to_pylist()]
+    assert sorted(ids) == sorted(version_captions(lake, VERSION, ()).column("image_id").to_pylist())
+
+
+def test_a_damaged_share_is_built_again_with_one_warning(spark, lake_root, shared, stats, caplog):
+    first = query_run(spark, shared, lake_root)
+    damaged = shares(shared)[1] / "post_images.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-40])
+    with caplog.at_level(logging.WARNING, logger="cbir.search"):
+        again = query_run(spark, shared, lake_root)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cbir.search"]
+    assert len(lines) == 1 and "does not load" in lines[0] and "building it again" in lines[0], lines
+    assert (stats["shares opened"], stats["shares built"], stats["shares discarded"]) == (2, 4, 1)
+    assert again == first
+    assert query_run(spark, shared, lake_root) == first
+    assert stats["shares opened"] == 5 and stats["shares built"] == 4
+
+
+def test_a_new_index_run_builds_new_shares(spark, lake_root, shared, stats):
+    first = query_run(spark, shared, lake_root)
+    write_lake(lake_root, N)  # another index run of the same images
+    assert query_run(spark, shared, lake_root) == first
+    assert stats["shares built"] == 6 and not stats["shares opened"]
+    assert len(shares(shared)) == 6
