@@ -227,10 +227,8 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
         )
     assert {run.name.rsplit("-", 1)[0] for run in tasks if run.state.is_completed()} == {
         "read the query file",
-        "caption image queries",
-        "search",
-        "commit the results",
-        "commit the errors",
+        "caption and search",
+        "commit",
         "gallery",
     }
 

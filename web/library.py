@@ -28,12 +28,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from cbir.errors import CbirError, UsageError
-from cbir.images import ImageRejected, Limits, inspect_image
+from cbir.images import ImageRejected, Limits, image_id, inspect_image
 from cbir.lake import Lake
 from cbir.settings import Settings
 from cbir.text import words
 from models import store
-from search.captioning import ImageCaptioner
+from search.captioning import ImageCaptioner, indexed
 from search.gallery import thumbnail, thumbnail_jpeg
 from search.rules import QueryRefused
 from search.searcher import Searcher
@@ -337,10 +337,14 @@ class Library:
             raise Refused(UPLOAD_STATUS.get(exc.reason, 400), exc.reason, f"Not a usable image ({message}).") from None
 
     def describe(self, data: bytes, version: str | None = None) -> tuple[str, list[float]]:
-        """The caption and features of an uploaded image, as the index job would write them: the same
-        encoder, preprocessing, rounding of the features and decoding."""
+        """The caption and features of an uploaded image: the stored ones when the captioner in use indexed
+        these bytes (as the query job and cbir search take them), else made as the index job would make
+        them (the same encoder, preprocessing, rounding of the features and decoding)."""
         self.check_upload(data)
         captioner = self._load_captioner(version or self.snapshot.marker.version)
+        known = indexed(self.lake, captioner.encoder, captioner.version, [image_id(data)])
+        if known:
+            return next(iter(known.values()))
         with self._decode_lock:
             _, caption, features, reason = self.decode(
                 lambda: next(captioner.caption([{"image_id": "upload"}], lambda row: data))
