@@ -252,9 +252,10 @@ QUERIES = ["w1 w2 w30 w5", "w5000", "w7 w3", "w12 w40 w2 w9 w1"]
 def query_run(spark, settings, tmp: Path) -> dict[str, list[tuple]]:
     """Run the query job on QUERIES: query_id -> its (rank, image_id, score)."""
     from jobs import query
+    from jobs.job import run as run_job
 
     (tmp / "queries.csv").write_text("query_id,text\n" + "".join(f"q{i},{t}\n" for i, t in enumerate(QUERIES)))
-    summary = query.run(spark, Lake.open(settings), settings, str(tmp / "queries.csv"))
+    summary = run_job(query.QueryJob(Lake.open(settings), settings, str(tmp / "queries.csv")), spark)
     results = Lake.open(settings).query_tables(summary.run_id)[0].read().to_pylist()
     found: dict[str, list[tuple]] = {}
     for row in sorted(results, key=lambda row: (row["query_id"], row["rank"])):
