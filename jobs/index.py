@@ -30,6 +30,7 @@ from cbir.schemas import CAPTIONS
 from cbir.settings import Settings
 from cbir.stats import ImagesSummary, TaskStats
 from jobs.embed import IMAGES_PER_TASK
+from jobs.job import StagedCommit
 from jobs.lakeio import StagedRun, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
@@ -186,7 +187,7 @@ class IndexSummary(ImagesSummary):
 
 
 @dataclass
-class IndexJob:
+class IndexJob(StagedCommit):
     """Caption every image of the manifest that the current captioner has not captioned (jobs.job's shape)."""
 
     lake: Lake
@@ -206,12 +207,6 @@ class IndexJob:
     def work(self, spark: SparkSession, planned, progress: Report | None) -> StagedRun:
         summary, todo, captions = planned
         return caption(spark, self.lake, self.settings, summary, todo, captions, progress)
-
-    def commit(self, staged: StagedRun) -> None:
-        staged.commit()
-
-    def abort(self, staged: StagedRun) -> None:
-        staged.abort()
 
     def tally(self, planned, staged: StagedRun | None) -> IndexSummary:
         return tally(planned[0], staged)

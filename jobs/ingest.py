@@ -28,6 +28,7 @@ from cbir.schemas import MANIFEST
 from cbir.settings import S3, Crawl, Settings
 from cbir.stats import ImagesSummary, TaskStats
 from jobs.crawl.download import Downloader
+from jobs.job import StagedCommit
 from jobs.lakeio import StagedRun, read_table, stage
 from jobs.progress import Report, tracked
 from jobs.spark import default_partitions
@@ -97,7 +98,7 @@ class IngestSummary(ImagesSummary):
 
 
 @dataclass
-class IngestJob:
+class IngestJob(StagedCommit):
     """Store what is new in a source; a Listing (a crawl's finds) is downloaded from the web (jobs.job's shape)."""
 
     lake: Lake
@@ -119,12 +120,6 @@ class IngestJob:
     def work(self, spark: SparkSession, planned, progress: Report | None) -> StagedRun:
         summary, entries, manifest = planned
         return store(spark, self.lake, self.settings, self.source, entries, manifest, summary.run_id, progress)
-
-    def commit(self, staged: StagedRun) -> None:
-        staged.commit()
-
-    def abort(self, staged: StagedRun) -> None:
-        staged.abort()
 
     def tally(self, planned, staged: StagedRun | None) -> IngestSummary:
         return tally(planned[0], staged)

@@ -40,6 +40,16 @@ class Job(Protocol, Generic[P, W, S]):
     def tally(self, plan: P, work: W | None) -> S: ...
 
 
+class StagedCommit:
+    """commit and abort for a job whose work stages a jobs.lakeio.StagedRun."""
+
+    def commit(self, staged) -> None:
+        staged.commit()
+
+    def abort(self, staged) -> None:
+        staged.abort()
+
+
 Step = Callable[..., Any]  # step(name, function, *args, retries=N) -> function(*args)
 Sessions = Callable[[], AbstractContextManager[tuple[SparkSession, Report | None]]]
 
