@@ -27,7 +27,6 @@ from jobs.captions import lake_captions
 from jobs.search import search
 from models import store
 from search.index import version_captions
-from search.pictures import load_pictures
 from search.queries import Query
 from search.searcher import Rules
 
@@ -158,7 +157,7 @@ def measure(
     started = time.monotonic()
     captions = lake_captions(spark, lake, card["version"])
     rules = dataclasses.replace(Rules.from_settings(settings), kinds=kinds)
-    pictures = load_pictures(lake, card["version"], rules.text_images, rules.params.max_order)
+    pictures = rules.pictures(lake, card["version"])
 
     category = {row["image_id"]: row["category"] for row in rows if row["category"]}
     generated, vocabulary = _generated(lake, card["version"], [row["image_id"] for row in rows], kinds)

@@ -26,7 +26,6 @@ from jobs.lakeio import write_run
 from jobs.progress import Report, tracked
 from jobs.search import search
 from models import store
-from search.pictures import load_pictures
 from search.queries import Query, read_queries
 from search.searcher import Plan, Rules
 
@@ -158,10 +157,8 @@ def search_and_write(
     else:
         captions = lake_captions(spark, lake, card["version"])
     rules = Rules.from_settings(settings)
-    pictures = None
-    if card is not None and captions_table is None and (rules.text_pictures or rules.image_pictures):
-        # (a captions table's images have no likeness vectors)
-        pictures = load_pictures(lake, card["version"], rules.text_images, rules.params.max_order)
+    # A captions table's images have no likeness vectors.
+    pictures = rules.pictures(lake, card["version"]) if card is not None and captions_table is None else None
     plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures, q.vector) for q in queries]
     ranked = search(spark, captions, plans, rules, settings.spark.partitions, settings.state_dir)
     return write_run(

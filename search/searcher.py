@@ -63,6 +63,12 @@ class Rules:
     def image_pictures(self) -> bool:
         return Likeness(self.image_weight, self.image_pool).on
 
+    def pictures(self, lake: Lake, version: str | None, by_text: bool = True) -> Pictures | None:
+        """The memory's pictures when a query may use them (not `by_text`: image queries only), else None."""
+        if (by_text and self.text_pictures) or self.image_pictures:
+            return load_pictures(lake, version, self.text_images, self.params.max_order)
+        return None
+
     def words(self, text: str | None, what: str = "the query") -> list[str]:
         """The words of a text query, checked (search.rules)."""
         return query_words(text, self.max_words, what)
@@ -113,9 +119,7 @@ class Searcher:
         and saved), and the memory's pictures when a query may use them (not `by_text`: image queries only)."""
         rules = Rules.from_settings(settings)
         index = cached_index(lake, settings.state_dir, version, rules.kinds, rules.params.max_order, extra)
-        pictures = None
-        if index.visual is not None and ((by_text and rules.text_pictures) or rules.image_pictures):
-            pictures = load_pictures(lake, version, rules.text_images, rules.params.max_order)
+        pictures = rules.pictures(lake, version, by_text) if index.visual is not None else None
         return cls(index, rules, pictures)
 
     def __len__(self) -> int:
