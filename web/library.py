@@ -342,9 +342,11 @@ class Library:
         them (the same encoder, preprocessing, rounding of the features and decoding)."""
         self.check_upload(data)
         captioner = self._load_captioner(version or self.snapshot.marker.version)
-        known = indexed(self.lake, captioner.encoder, captioner.version, [image_id(data)])
-        if known:
-            return next(iter(known.values()))
+        upload_id = image_id(data)
+        if self.snapshot.row(upload_id) is not None:  # the index knows it: read its stored caption, no other upload
+            known = indexed(self.lake, captioner.encoder, captioner.version, [upload_id])
+            if known:
+                return known[upload_id]
         with self._decode_lock:
             _, caption, features, reason = self.decode(
                 lambda: next(captioner.caption([{"image_id": "upload"}], lambda row: data))
