@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 DEFAULT_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
 SMOOTHINGS = ("method0", "method1", "method2", "method3")
@@ -44,6 +46,7 @@ def denominators(query_length: int, max_order: int) -> tuple[int, ...]:
     return tuple(max(1, query_length - n + 1) for n in range(1, max_order + 1))
 
 
+@lru_cache(maxsize=1 << 16)  # few distinct arguments: hits show the texts that matched by it
 def score(matches: tuple[int, ...], query_length: int, ref_length: int, params: BleuParams) -> float:
     """nltk's sentence_bleu from the clipped matches per order (1..max_order) and the closest reference length."""
     if matches[0] == 0:
@@ -80,8 +83,6 @@ def _smooth(matches, dens, smoothing: str) -> list[float]:
 
 def matches(query: list[str], references: list[list[str]], max_order: int) -> tuple[int, ...]:
     """Clipped n-gram matches per order: the slow, obvious way (for tests and tiny inputs)."""
-    from collections import Counter
-
     out = []
     for n in range(1, max_order + 1):
         wanted = Counter(tuple(query[i : i + n]) for i in range(len(query) - n + 1))

@@ -20,8 +20,9 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from numba import njit
 
-from cbir.bleu import BleuParams, matches, score
+from cbir.bleu import BleuParams, score
 from cbir.engine import BleuIndex
 from cbir.text import words_array
 
@@ -48,9 +49,9 @@ class References:
         at, n = int(self.starts[row]), int(self.counts[row])
         return list(zip(self.kinds[at : at + n].to_pylist(), self.texts[at : at + n].to_pylist()))
 
-    def matched(self, query: list[str], rows: list[int], params: BleuParams) -> list[tuple[str, str] | None]:
-        """Why each of these images (rows) matched the query: its (kind, text) that shares the most words with
-        it, among equals the one that alone scores best, then the first; None when none shares a word."""
+    def take(self, rows) -> References:
+        """These images' references (rows of this one, in this order; a row may come twice)."""
+        rows = np.asarray(rows, np.int64)
         counts = self.counts[rows]
         at = (
             np.arange(counts.sum())
@@ -58,22 +59,127 @@ class References:
             + np.repeat(self.starts[rows], counts)
         )
         at = pa.array(at, pa.int64())
-        taken = self.texts.take(at)
-        texts, kinds = taken.to_pylist(), self.kinds.take(at).to_pylist()
-        split = words_array(taken).to_pylist()  # one Arrow call, not a regex per text
-        asked, out, first = set(query), [], 0
-        for n in counts.tolist():
-            shared = [len(asked.intersection(split[i])) for i in range(first, first + n)]
-            most = max(shared, default=0)
-            tied = [first + i for i, count in enumerate(shared) if count == most] if most else []
-            if len(tied) > 1:  # few: the texts that share as many words; BLEU decides between them
-                scores = [
-                    score(matches(query, [split[i]], params.max_order), len(query), len(split[i]), params) for i in tied
-                ]
-                tied = [tied[scores.index(max(scores))]]
-            out.append((kinds[tied[0]], texts[tied[0]]) if tied else None)
-            first += n
-        return out
+        return References(self.texts.take(at), self.kinds.take(at), counts)
+
+    def lists(self) -> tuple[pa.ListArray, pa.ListArray]:
+        """(texts, kinds) as one list per image: how they travel in a column."""
+        offsets = pa.array(np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, self.texts), pa.ListArray.from_arrays(offsets, self.kinds)
+
+    @classmethod
+    def from_lists(cls, texts: pa.ListArray, kinds: pa.ListArray) -> References:
+        counts = pc.list_value_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
+        return cls(texts.flatten().cast(pa.string()), kinds.flatten().cast(pa.string()), counts)
+
+    def matched(self, queries: list[list[str]], params: BleuParams) -> list[tuple[str, str] | None]:
+        """Why image i matched queries[i]: its (kind, text) that shares the most distinct words with the query,
+        among equals the one that alone scores best by BLEU, then the first; None when none shares a word.
+        The words shared are counted in Arrow and numpy for every image at once (the query job shows a hundred
+        thousand hits a run); only the ties are scored, in Python."""
+        texts = len(self.texts)
+        if not texts:
+            return [None] * len(queries)
+        split = words_array(self.texts)  # one Arrow call, not a regex per text
+        asked = [list(dict.fromkeys(query)) for query in queries]
+        vocabulary = pc.unique(pa.array([w for words in asked for w in words], pa.string()))
+        size = max(len(vocabulary), 1)
+        # (image, word) keys of each query's words, and of each text's words that some query has
+        owner = np.repeat(np.arange(len(queries), dtype=np.int64), [len(words) for words in asked])
+        wanted = owner * size + pc.index_in(
+            pa.array([w for words in asked for w in words], pa.string()), vocabulary
+        ).to_numpy(zero_copy_only=False)
+        code = pc.index_in(split.flatten(), vocabulary)
+        text_of_word = pc.list_parent_indices(split).filter(code.is_valid()).to_numpy()
+        code = code.drop_null().to_numpy().astype(np.int64)
+        image_of_text = np.repeat(np.arange(len(self.counts), dtype=np.int64), self.counts)
+        hits = np.isin(image_of_text[text_of_word] * size + code, wanted)
+        shared_words = np.unique(text_of_word[hits] * size + code[hits])  # each word once per text
+        shared = np.bincount(shared_words // size, minlength=texts)
+        starts, counts = self.starts, self.counts
+        most = np.zeros(len(counts), np.int64)  # per image: the most words one of its texts shares
+        some = counts > 0
+        most[some] = np.maximum.reduceat(shared, starts[some])
+        tied = (shared == np.repeat(most, counts)) & (shared > 0)
+        first = np.flatnonzero(tied)
+        best = np.full(len(counts), -1, np.int64)
+        best[most > 0] = first[np.searchsorted(first, starts[most > 0])]  # each image's first text of the most
+        contested = np.flatnonzero(tied & (np.repeat(np.add.reduceat(tied, starts[some]), counts[some]) > 1))
+        if len(contested):  # few per query: BLEU decides between the texts that share as many words
+            at = _bleu_of_texts(split.take(pa.array(contested)), [queries[i] for i in image_of_text[contested]], params)
+            for image, group in _grouped(np.arange(len(contested)), image_of_text[contested]):
+                best[image] = contested[group[int(np.argmax(at[group]))]]  # the first of equal scores
+        found = best >= 0
+        at = pa.array(best[found])
+        why = iter(zip(self.kinds.take(at).to_pylist(), self.texts.take(at).to_pylist()))
+        return [next(why) if ok else None for ok in found.tolist()]
+
+
+def _grouped(values: np.ndarray, keys: np.ndarray) -> list[tuple[int, list[int]]]:
+    """(key, its values) for sorted keys, in order."""
+    bounds = np.flatnonzero(np.diff(keys)) + 1
+    return [(int(ks[0]), group.tolist()) for group, ks in zip(np.split(values, bounds), np.split(keys, bounds))]
+
+
+def _bleu_of_texts(texts: pa.ListArray, queries: list[list[str]], params: BleuParams) -> np.ndarray:
+    """BLEU of each text (its words) alone against its query: the clipped matches counted by a kernel, the
+    score by cbir.bleu.score (few distinct match counts: cached)."""
+    distinct = {id(query): query for query in queries}
+    number = {key: n for n, key in enumerate(distinct)}
+    asked = list(distinct.values())
+    vocabulary = pc.unique(pa.array([w for query in asked for w in query], pa.string()))
+    query_codes = pc.index_in(pa.array([w for query in asked for w in query], pa.string()), vocabulary)
+    text_codes = pc.fill_null(pc.index_in(texts.flatten(), vocabulary), -1)  # -1: a word no query has
+    query_lengths = np.array([len(query) for query in asked], np.int64)
+    text_lengths = pc.list_value_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
+    found = _clipped_matches(
+        query_codes.to_numpy(zero_copy_only=False).astype(np.int64),
+        np.concatenate([[0], np.cumsum(query_lengths)]),
+        text_codes.to_numpy(zero_copy_only=False).astype(np.int64),
+        np.concatenate([[0], np.cumsum(text_lengths)]),
+        np.array([number[id(query)] for query in queries], np.int64),
+        params.max_order,
+    )
+    return np.array(
+        [
+            score(tuple(m), len(query), length, params)
+            for m, query, length in zip(found.tolist(), queries, text_lengths.tolist())
+        ]
+    )
+
+
+@njit(cache=True, nogil=True)
+def _clipped_matches(query_codes, query_offsets, text_codes, text_offsets, query_of_text, max_order):
+    """cbir.bleu.matches of each text against its query (word codes; -1 in a text: no query has the word)."""
+    out = np.zeros((len(query_of_text), max_order), np.int64)
+    for t in range(len(query_of_text)):
+        q = query_of_text[t]
+        qs, qe, ts, te = query_offsets[q], query_offsets[q + 1], text_offsets[t], text_offsets[t + 1]
+        for n in range(1, max_order + 1):
+            total = 0
+            for i in range(ts, te - n + 1):  # each distinct n-gram of the text, at its first place
+                if _count(text_codes, ts, i, text_codes, i, n) > 0:
+                    continue
+                in_query = _count(query_codes, qs, qe - n + 1, text_codes, i, n)
+                if in_query:
+                    total += min(in_query, _count(text_codes, i, te - n + 1, text_codes, i, n))
+            out[t, n - 1] = total
+            if total == 0:  # no longer n-gram can match
+                break
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _count(codes, start, end, gram_codes, at, n):
+    """How many times the n-gram at gram_codes[at:at + n] starts in codes[start:end]."""
+    found = 0
+    for i in range(start, end):
+        same = True
+        for j in range(n):
+            if codes[i + j] != gram_codes[at + j]:
+                same = False
+                break
+        found += same
+    return found
 
 
 def reference_texts(table: pa.Table, kinds: tuple[str, ...] | list[str] = KINDS) -> References:

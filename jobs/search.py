@@ -1,7 +1,8 @@
 """Search in Spark tasks: the captions are spread over tasks by image; each task holds a searcher
-(search.searcher) over its share and gives every query's candidates (the plans are broadcast); the
-candidates of each query are ranked again, together, by the same function that ranks in one process
-(search.ranking.rank), so the query job, cbir eval, cbir search and cbir web rank alike.
+(search.searcher) over its share and gives every query's candidates (the plans are broadcast), each with
+its texts; the candidates of each query are ranked again, together, by the same function that ranks in
+one process (search.ranking.rank), so the query job, cbir eval, cbir search and cbir web rank alike. Only
+the final top k are then shown (the text of each that matched: References.matched, as cbir search does).
 
 Saved shares: with a state folder, a share's index is built once and saved (search.cache.save_share,
 the format and checks of cbir search's cache) under `<state_dir>/search-index/shares/` of the machine
@@ -22,33 +23,45 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from cbir.lake import Lake
-from cbir.references import SOURCE
+from cbir.references import SOURCE, References
 from jobs.captions import Captions
 from search import cache
-from search.index import HIT_SCHEMA, Index, first_per_image, with_sources
+from search.index import HIT_SCHEMA, Index, first_per_image, hit_rows, with_sources
 from search.ranking import Candidate, rank
 from search.searcher import Plan, Rules, Searcher
 
 log = logging.getLogger("cbir.search")
 
-CAPTIONS_PER_TASK = 500_000  # a task indexes its share once and answers every query: few, large shares
-# a task's candidates: what each hit shows, its BLEU and its cosine with the query's picture (null: none)
-CANDIDATES = HIT_SCHEMA.remove(HIT_SCHEMA.get_field_index("score")).append(pa.field("bleu", pa.float64()))
-CANDIDATES = CANDIDATES.append(pa.field("cosine", pa.float64()))
-# a saved share's candidates, or one row without a query_id when the share is not there (damage: why)
-OPENED = CANDIDATES.append(pa.field("share", pa.int32())).append(pa.field("damage", pa.string()))
-RANKED = HIT_SCHEMA.append(pa.field("cosine", pa.float64())).append(pa.field("rank", pa.int32()))
-HIT_DDL = (
-    "query_id string, image_id string, uri string, caption string, score double, matched_kind string, "
-    "matched_text string, cosine double, rank int"
+# A share's search costs about as much over half its images as over all of them (the engine's pruning
+# reads about as much either way): saved shares stay large, and several tasks search one, each for a
+# slice of the queries. Without a state folder each task builds a share of its own.
+CAPTIONS_PER_SHARE = 1_000_000
+# a task's candidates: BLEU, the cosine with the query's picture (null: none), and what a hit needs to show
+# itself (the image's texts, to find the one that matched: only for the final top k, once ranked)
+CANDIDATES = pa.schema(
+    [
+        *[HIT_SCHEMA.field(name) for name in ("query_id", "image_id", "uri", "caption")],
+        pa.field("bleu", pa.float64()),
+        pa.field("cosine", pa.float64()),
+        pa.field("texts", pa.list_(pa.string())),
+        pa.field("kinds", pa.list_(pa.string())),
+    ]
 )
+# a saved share's candidates for a slice of the queries, or one row without a query_id when the share is not
+# there (damage: why)
+OPENED = pa.schema(
+    [*CANDIDATES, pa.field("share", pa.int32()), pa.field("slice", pa.int32()), pa.field("damage", pa.string())]
+)
+RANKED = HIT_SCHEMA.append(pa.field("cosine", pa.float64())).append(pa.field("rank", pa.int32()))
 
 
 def search(
@@ -62,20 +75,24 @@ def search(
     """Each plan's top k over the images' references, as (query_id, image_id, uri, caption, score, matched_kind,
     matched_text, cosine, rank). With a state folder, the shares' indexes are saved and opened again."""
     if not plans:
-        return spark.createDataFrame([], HIT_DDL)
-    tasks = partitions or max(spark.sparkContext.defaultParallelism, -(-captions.rows // CAPTIONS_PER_TASK))
+        return spark.createDataFrame([], from_arrow_schema(RANKED))
+    parallelism = spark.sparkContext.defaultParallelism
+    needed = -(-captions.rows // CAPTIONS_PER_SHARE)
     broadcast = spark.sparkContext.broadcast(plans)
     opened = None
     if state_dir is None or captions.identity is None:
-        candidates = _built(captions, tasks, partial(_candidates, broadcast, rules, captions.sources, None, None))
+        shares = partitions or max(parallelism, needed)
+        candidates = _built(
+            captions, shares, partial(_candidates, broadcast, rules, captions.sources, None, None, None)
+        )
     else:
-        opened, candidates = _saved_or_built(spark, captions, broadcast, rules, tasks, state_dir)
-    ranking = spark.sparkContext.broadcast({plan.query_id: (plan.k, plan.likeness) for plan in plans})
-
-    def ranked_query(table: pa.Table) -> pa.Table:  # a function, not a partial: pyspark 4.3 reads its type hints
-        return _rank(ranking, table)
-
-    ranked = candidates.groupBy("query_id").applyInArrow(ranked_query, HIT_DDL)
+        shares = partitions or max(1, needed)
+        slices = -(-parallelism // shares)
+        opened, candidates = _saved_or_built(spark, captions, broadcast, rules, shares, slices, state_dir)
+    # every task's candidates of a query meet in one task, which ranks its queries one after another (a
+    # grouped map would call Python once per query, with Arrow batches of a few rows each)
+    ranking = candidates.repartition(max(parallelism, shares), "query_id")  # a number: adaptive execution keeps it
+    ranked = ranking.mapInArrow(partial(_rank, broadcast, rules), from_arrow_schema(RANKED))
     if opened is not None:  # the opened shares' candidates are held until the results are no longer asked for
         weakref.finalize(ranked, opened.unpersist)
     return ranked
@@ -83,54 +100,71 @@ def search(
 
 def _built(captions: Captions, tasks: int, share, saved: bool = False) -> DataFrame:
     """The shares' candidates, each task's share built from its rows (saved: with its number, in `_share`)."""
-    rows = captions.frame.repartition(tasks, "image_id")
+    # one share: its task reads the rows itself (no shuffle to write and read again)
+    rows = captions.frame.coalesce(1) if tasks == 1 else captions.frame.repartition(tasks, "image_id")
     if saved:  # the shuffle's partition: a task's own partition id is another in a union's stage
-        rows = rows.withColumn("_share", F.spark_partition_id())
-    return rows.mapInArrow(share, _ddl(CANDIDATES))
+        rows = rows.withColumn("_share", F.lit(0) if tasks == 1 else F.spark_partition_id())
+    return rows.mapInArrow(share, from_arrow_schema(CANDIDATES))
 
 
 def _saved_or_built(
-    spark: SparkSession, captions: Captions, plans, rules: Rules, tasks: int, state_dir: str
+    spark: SparkSession, captions: Captions, plans, rules: Rules, shares: int, slices: int, state_dir: str
 ) -> tuple[DataFrame, DataFrame]:
-    """(the saved shares' candidates, persisted; those and the missed shares' candidates, built and saved)."""
+    """(the saved shares' candidates, persisted; those and the missed shares' candidates, built and saved).
+    Each saved share is searched by `slices` tasks, task n for the queries n, n + slices, n + 2 * slices..."""
     kinds = rules.kinds
     identity = captions.identity
     if captions.sources is not None and any(kind in SOURCE for kind in kinds):  # the source texts are read too
         identity = {**identity, "tables": {**identity["tables"], **cache.lake_state(captions.sources, ["manifest"])}}
-    key = cache.share_key(identity, kinds, rules.params.max_order, tasks)
-    shares = spark.range(0, tasks, 1, tasks)  # one task per share: it reads no caption
-    opened = shares.mapInArrow(partial(_open_shares, plans, rules, state_dir, key), _ddl(OPENED)).persist()
-    missed = opened.where(F.col("query_id").isNull()).select("share", "damage").collect()
-    for row in sorted(missed, key=lambda row: row.share):
+    key = cache.share_key(identity, kinds, rules.params.max_order, shares)
+    tasks = spark.range(0, shares * slices, 1, shares * slices)  # a task per share and slice: it reads no caption
+    opened = tasks.mapInArrow(
+        partial(_open_shares, plans, rules, state_dir, key, slices), from_arrow_schema(OPENED)
+    ).persist()
+    missed: dict[int, set[int]] = {}  # share -> its slices not answered
+    damage: dict[int, str] = {}
+    for row in opened.where(F.col("query_id").isNull()).select("share", "slice", "damage").collect():
+        missed.setdefault(row.share, set()).add(row.slice)
         if row.damage is not None:
-            log.warning("search share %d of %d does not load (%s): building it again", row.share, tasks, row.damage)
-    cache.STATS["shares opened"] += tasks - len(missed)
+            damage.setdefault(row.share, row.damage)
+    for share, why in sorted(damage.items()):
+        log.warning("search share %d of %d does not load (%s): building it again", share, shares, why)
+    cache.STATS["shares opened"] += shares - len(missed)
     cache.STATS["shares built"] += len(missed)
-    cache.STATS["shares discarded"] += sum(row.damage is not None for row in missed)
+    cache.STATS["shares discarded"] += len(damage)
     found = opened.where(F.col("query_id").isNotNull()).select(*CANDIDATES.names)
     if not missed:
         return opened, found
     rows = captions.frame
-    if len(missed) < tasks:  # the rows of the missed shares only: the partitioner's own hash
-        rows = rows.where(F.pmod(F.hash("image_id"), F.lit(tasks)).isin([row.share for row in missed]))
-    build = partial(_candidates, plans, rules, captions.sources, state_dir, key)
-    built = _built(Captions(rows, captions.rows), tasks, build, saved=True)
+    if len(missed) < shares:  # the rows of the missed shares only: the partitioner's own hash
+        rows = rows.where(F.pmod(F.hash("image_id"), F.lit(shares)).isin(sorted(missed)))
+    # share -> the plans of its missed slices: its task answers them on as many threads (while a share is
+    # built, the cores that would have searched its other slices have no task)
+    asked = {share: [i for i, _ in enumerate(plans.value) if i % slices in gone] for share, gone in missed.items()}
+    threads = {share: len(gone) for share, gone in missed.items()}
+    build = partial(_candidates, plans, rules, captions.sources, state_dir, key, (asked, threads))
+    built = _built(Captions(rows, captions.rows), shares, build, saved=True)
     return opened, found.unionByName(built)
 
 
-def _open_shares(plans, rules: Rules, state_dir: str, key: dict, batches: Iterator[pa.RecordBatch]):
+def _open_shares(plans, rules: Rules, state_dir: str, key: dict, slices: int, batches: Iterator[pa.RecordBatch]):
     for batch in batches:
-        for share in batch.column(0).to_pylist():
+        for task in batch.column(0).to_pylist():
+            share, part = divmod(task, slices)
             index, damage = cache.open_share(state_dir, cache.share_of(key, share))
             if index is None:
-                yield pa.RecordBatch.from_pylist([dict(share=share, damage=damage)], schema=OPENED)
+                yield pa.RecordBatch.from_pylist([dict(share=share, slice=part, damage=damage)], schema=OPENED)
             else:
-                yield _batch(Searcher(index, rules), plans, OPENED, share=share)
+                yield _found(Searcher(index, rules), plans.value[part::slices], share, part)
 
 
-def _candidates(plans, rules: Rules, sources: Lake | None, state_dir: str | None, key: dict | None, batches):
-    """A share's candidates; with a key, its index is saved too. A share without images is not: it has no rows
-    to tell its number (only a lake with fewer images than shares has one, and reading it again is cheap)."""
+def _candidates(
+    plans, rules: Rules, sources: Lake | None, state_dir: str | None, key: dict | None, asked: tuple | None, batches
+):
+    """A share's candidates (with a key: of the plans `asked` of its share, on its threads; and its index is
+    saved). A share
+    without images is not saved: it has no rows to tell its number (only a lake with fewer images than shares
+    has one, and reading it again is cheap)."""
     batches = list(batches)
     table = pa.Table.from_batches(batches) if batches else None  # a share may be empty: the rows go by image_id
     if table is None or not table.num_rows:
@@ -144,32 +178,75 @@ def _candidates(plans, rules: Rules, sources: Lake | None, state_dir: str | None
     index = Index.build(table, rules.kinds, rules.params.max_order)
     if key is not None:
         cache.save_share(state_dir, cache.share_of(key, share), index)
-    yield _batch(Searcher(index, rules), plans, CANDIDATES)
+    if asked is None:
+        yield _found(Searcher(index, rules), plans.value)
+    else:
+        wanted, threads = asked
+        yield _found(Searcher(index, rules), [plans.value[i] for i in wanted[share]], threads=threads[share])
 
 
-def _batch(searcher: Searcher, plans, schema: pa.Schema, **extra) -> pa.RecordBatch:
-    out = []
-    for plan in plans.value:
-        out += [
-            dict(query_id=plan.query_id, bleu=c.bleu, cosine=c.cosine, **c.hit, **extra)
-            for c in searcher.candidates(plan)
-        ]
-    return pa.RecordBatch.from_pylist(out, schema=schema)
+def _found(
+    searcher: Searcher, plans: list[Plan], share: int | None = None, part: int = 0, threads: int = 1
+) -> pa.RecordBatch:
+    """Every plan's candidates in this share, with what each needs to be shown (Arrow takes, no row loop).
+    The engine's kernel releases the GIL: on `threads` threads, plans are searched side by side."""
+    with ThreadPoolExecutor(threads) as pool:
+        each = list(pool.map(searcher.candidates, plans))
+    query_ids = [plan.query_id for plan, candidates in zip(plans, each) for _ in candidates]
+    found = [c for candidates in each for c in candidates]
+    schema = CANDIDATES if share is None else OPENED
+    if not found:
+        return pa.RecordBatch.from_pylist([], schema=schema)
+    rows = [c.row for c in found]
+    index = searcher.index
+    texts, kinds = index.references.take(rows).lists()
+    columns = {
+        "query_id": pa.array(query_ids, pa.string()),
+        **index.table.select(["image_id", "uri", "caption"]).take(pa.array(rows, pa.int64())).to_pydict(),
+        "bleu": pa.array([c.bleu for c in found], pa.float64()),
+        "cosine": pa.array([c.cosine for c in found], pa.float64()),
+        "texts": texts,
+        "kinds": kinds,
+    }
+    if share is not None:
+        columns |= {
+            "share": pa.array([share] * len(found), pa.int32()),
+            "slice": pa.array([part] * len(found), pa.int32()),
+            "damage": pa.nulls(len(found), pa.string()),
+        }
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
-def _rank(ranking, table: pa.Table) -> pa.Table:
-    """One query's candidates from every task, ranked (an image given twice, by a share opened and built
-    again when Spark recomputes a lost partition, counts once)."""
-    first: dict[str, dict] = {}
-    for row in table.to_pylist():
-        first.setdefault(row["image_id"], row)
-    rows = list(first.values())
-    k, likeness = ranking.value[rows[0]["query_id"]]
-    found = [Candidate(row["image_id"], row["bleu"], row["cosine"], row) for row in rows]
-    ranked = [dict(c.hit, score=score, rank=n) for n, (score, c) in enumerate(rank(found, k, likeness), start=1)]
-    return pa.Table.from_pylist(ranked, schema=RANKED)
-
-
-def _ddl(schema: pa.Schema) -> str:
-    names = {pa.string(): "string", pa.float64(): "double", pa.int32(): "int"}
-    return ", ".join(f"{field.name} {names[field.type]}" for field in schema)
+def _rank(plans, rules: Rules, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The queries' candidates from every task, each query ranked and its top k shown (an image given twice,
+    by a share opened and built again when Spark recomputes a lost partition, counts once)."""
+    batches = [batch for batch in batches if batch.num_rows]
+    if not batches:
+        return
+    table = pa.Table.from_batches(batches)
+    asked = {plan.query_id: plan for plan in plans.value}
+    found: dict[str, dict[str, Candidate]] = {}
+    columns = zip(*(table.column(name).to_pylist() for name in ("query_id", "image_id", "bleu", "cosine")))
+    for row, (query_id, image_id, bleu, cosine) in enumerate(columns):
+        found.setdefault(query_id, {}).setdefault(image_id, Candidate(image_id, bleu, cosine, row))
+    winners, scores, ranks = [], [], []
+    for query_id, candidates in found.items():
+        plan = asked[query_id]
+        for n, (score, c) in enumerate(rank(candidates.values(), plan.k, plan.likeness), start=1):
+            winners.append(c.row)
+            scores.append(score)
+            ranks.append(n)
+    taken = table.take(pa.array(winners, pa.int64()))
+    words = [asked[query_id].words for query_id in taken.column("query_id").to_pylist()]
+    references = References.from_lists(taken.column("texts").combine_chunks(), taken.column("kinds").combine_chunks())
+    hits = hit_rows(taken, references.matched(words, rules.params))
+    ranked = {
+        **{
+            name: [hit[name] for hit in hits] for name in ("image_id", "uri", "caption", "matched_kind", "matched_text")
+        },
+        "query_id": taken.column("query_id"),
+        "score": scores,
+        "cosine": taken.column("cosine"),
+        "rank": ranks,
+    }
+    yield from pa.Table.from_pydict(ranked, schema=RANKED).to_batches()

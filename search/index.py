@@ -199,7 +199,10 @@ class Index:
         if self.engine is None:
             return []
         if likeness is None or not self.compares(picture):
-            return [Candidate(hit.image_id, hit.score) for hit in self.engine.search(query, k, params)]
+            return [
+                Candidate(hit.image_id, hit.score, None, self.row_of[hit.image_id])
+                for hit in self.engine.search(query, k, params)
+            ]
         pool = self.engine.search(query, max(k, likeness.pool), params)
         bleu = {self.row_of[hit.image_id]: hit.score for hit in pool}
         rows = list(bleu)
@@ -210,28 +213,20 @@ class Index:
         else:
             cosine = cosines(self.visual[rows], picture)
         ids = self.table.column("image_id")
-        return [Candidate(ids[row].as_py(), bleu.get(row, 0.0), float(c)) for row, c in zip(rows, cosine.tolist())]
+        return [Candidate(ids[row].as_py(), bleu.get(row, 0.0), float(c), row) for row, c in zip(rows, cosine.tolist())]
 
-    def shown(self, query: list[str], image_ids: list[str], params: BleuParams) -> list[dict]:
-        """What each image shows as a hit: its uri and caption, and the text of it that matched the query best."""
-        if not image_ids:
+    def shown(self, query: list[str], rows: list[int], params: BleuParams) -> list[dict]:
+        """What each image (its row) shows as a hit for the query: its id, uri and caption, and the text of it
+        that matched the query best."""
+        if not rows:
             return []
-        rows = [self.row_of[image_id] for image_id in image_ids]
-        shown = self.table.select(["uri", "caption"]).take(pa.array(rows, pa.int64())).to_pylist()
-        matched = self.references.matched(query, rows, params)
-        return [
-            dict(
-                image_id=image_id,
-                uri=row["uri"],
-                caption=row["caption"],
-                matched_kind=why[0] if why else None,
-                matched_text=why[1] if why else None,
-            )
-            for image_id, row, why in zip(image_ids, shown, matched)
-        ]
+        taken = self.table.select(["image_id", "uri", "caption"]).take(pa.array(rows, pa.int64()))
+        return hit_rows(taken, self.references.take(rows).matched([query] * len(rows), params))
 
-    def search(self, query: list[str], k: int, params: BleuParams) -> list[dict]:
-        """The top k by BLEU alone, best first, as hits with their score (a Searcher ranks with pictures)."""
-        found = self.candidates(query, k, params, None, None)
-        shown = self.shown(query, [c.image_id for c in found], params)
-        return [dict(hit, score=c.bleu) for c, hit in zip(found, shown)]
+
+def hit_rows(table: pa.Table, matched: list[tuple[str, str] | None]) -> list[dict]:
+    """Rows of image_id, uri and caption, each with the (kind, text) of it that matched, as hits show them."""
+    return [
+        dict(row, matched_kind=why[0] if why else None, matched_text=why[1] if why else None)
+        for row, why in zip(table.select(["image_id", "uri", "caption"]).to_pylist(), matched)
+    ]

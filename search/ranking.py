@@ -34,13 +34,13 @@ class Likeness:
 
 @dataclass(frozen=True)
 class Candidate:
-    """An image a query may rank: its BLEU, its cosine with the picture (None: no picture), and what its hit
-    shows (`hit`, carried along untouched)."""
+    """An image a query may rank: its BLEU, its cosine with the picture (None: no picture), and where its
+    holder keeps it (`row`: of an index, or of the query job's candidates), carried along untouched."""
 
     image_id: str
     bleu: float
     cosine: float | None = None
-    hit: dict | None = None
+    row: int = -1
 
 
 def rank(candidates: Iterable[Candidate], k: int, likeness: Likeness | None) -> list[tuple[float, Candidate]]:

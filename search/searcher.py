@@ -129,20 +129,15 @@ class Searcher:
         return self.rules.plan(query_id, query, k, len(self.index), self.pictures, features)
 
     def candidates(self, plan: Plan) -> list[Candidate]:
-        """The plan's candidates in this index, each with what its hit shows (a Spark task's share of a query)."""
-        found = self.index.candidates(plan.words, plan.k, self.rules.params, plan.picture, plan.likeness)
-        shown = self.index.shown(plan.words, [c.image_id for c in found], self.rules.params)
-        return [Candidate(c.image_id, c.bleu, c.cosine, hit) for c, hit in zip(found, shown)]
+        """The plan's candidates in this index (a Spark task's share of a query), each with its row."""
+        return self.index.candidates(plan.words, plan.k, self.rules.params, plan.picture, plan.likeness)
 
     def search(self, plan: Plan) -> list[dict]:
         """The plan's top k, best first: rank, image_id, uri, caption, score (BLEU, or its blend with the
         likeness to the picture), matched_kind and matched_text of each."""
-        return hits(rank(self.candidates(plan), plan.k, plan.likeness))
-
-
-def hits(ranked: list[tuple[float, Candidate]]) -> list[dict]:
-    """Ranked candidates as the hits a front door shows, numbered from 1."""
-    return [dict(rank=n, score=score, **c.hit) for n, (score, c) in enumerate(ranked, start=1)]
+        ranked = rank(self.candidates(plan), plan.k, plan.likeness)
+        shown = self.index.shown(plan.words, [c.row for _, c in ranked], self.rules.params)
+        return [dict(rank=n, score=score, **hit) for n, ((score, _), hit) in enumerate(zip(ranked, shown), start=1)]
 
 
 def search_one(

@@ -269,7 +269,7 @@ def test_labels_from_stored_features_are_the_classifiers_and_a_one_word_query_fi
     texts = reference_texts(table)
     hits = build_index(ids, texts).search(["espresso"], 3, BleuParams())
     assert [hit.image_id for hit in hits] == ["coffee"]
-    assert texts.matched(["espresso"], [1, 0], BleuParams()) == [("label", "espresso"), None]
+    assert texts.take([1, 0]).matched([["espresso"], ["espresso"]], BleuParams()) == [("label", "espresso"), None]
     assert build_index(ids, reference_texts(table, ["caption"])).search(["espresso"], 3, BleuParams()) == []
 
 

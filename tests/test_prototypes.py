@@ -105,7 +105,7 @@ def test_a_small_index_ranks_every_image_by_likeness_the_pool_by_its_blend_too()
 
 def test_bleu_order_stays_without_a_picture_an_image_query_or_the_ranking_off():
     table = captions(visual(GREEN, RED, GREEN, RED))
-    plain = Index.build(table, ("caption",), 4)
+    plain = Searched(Index.build(table, ("caption",), 4), Rules(PARAMS, ("caption",)))  # BLEU alone
     assert index(table).search(["table"], 4, PARAMS) == plain.search(["table"], 4, PARAMS)  # no remembered text has it
     assert index(table).search(["red", "apple"], 4, PARAMS, by_text=False) == plain.search(["red", "apple"], 4, PARAMS)
     off = index(table, weight=0.0)
@@ -115,9 +115,8 @@ def test_bleu_order_stays_without_a_picture_an_image_query_or_the_ranking_off():
 def test_a_table_without_visual_vectors_still_searches_by_bleu():
     old = index(captions())  # written before the column
     assert old.visual is None
-    assert old.search(["red", "apple"], 4, PARAMS) == Index.build(captions(), ("caption",), 4).search(
-        ["red", "apple"], 4, PARAMS
-    )
+    plain = Searched(Index.build(captions(), ("caption",), 4), Rules(PARAMS, ("caption",)))  # BLEU alone
+    assert old.search(["red", "apple"], 4, PARAMS) == plain.search(["red", "apple"], 4, PARAMS)
     assert index(captions(visual(None, None, None, None))).visual is None
 
 

@@ -20,7 +20,7 @@ from nltk.translate.bleu_score import SmoothingFunction, closest_ref_length, sen
 from cbir.bleu import SMOOTHINGS, BleuParams, matches, score
 from cbir.engine import BleuIndex
 from cbir.lake import Lake
-from cbir.references import GENERATED, KINDS, build_index, reference_texts
+from cbir.references import GENERATED, KINDS, References, build_index, reference_texts
 from cbir.schemas import REFERENCES
 from cbir.text import words, words_array
 from jobs import query
@@ -78,6 +78,30 @@ def test_engine_top_k_equals_nltk_brute_force(texts, hypothesis, p, k):
 
 kinds = st.sampled_from(KINDS)
 image_texts = st.lists(st.tuples(kinds, sentences), min_size=0, max_size=5)
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(image_texts, queries), min_size=1, max_size=12), params)
+def test_the_matched_text_of_a_hit_shares_the_most_words_then_scores_best(images, p):
+    """References.matched (counted for every image at once) equals the rule read plainly, text by text: the most
+    distinct query words shared, then the best BLEU of the text alone, then the first; None: no word shared."""
+    texts = pa.array([[" ".join(t) for _, t in refs] for refs, _ in images], pa.list_(pa.string()))
+    kinds_ = pa.array([[k for k, _ in refs] for refs, _ in images], pa.list_(pa.string()))
+    asked = [query for _, query in images]
+
+    got = References.from_lists(texts, kinds_).matched(asked, p)
+
+    expected = []
+    for refs, asked_words in images:
+        shared = [len(set(asked_words) & set(text)) for _, text in refs]
+        most = max(shared, default=0)
+        tied = [i for i, n in enumerate(shared) if n == most and most]
+        scores = [
+            score(matches(asked_words, [refs[i][1]], p.max_order), len(asked_words), len(refs[i][1]), p) for i in tied
+        ]
+        best = tied[scores.index(max(scores))] if tied else None
+        expected.append(None if best is None else (refs[best][0], " ".join(refs[best][1])))
+    assert got == expected
 
 
 @hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
