@@ -33,6 +33,7 @@ from models.neighbours import Memory
 from search import cache as index_cache
 from search.index import Index
 from search.pictures import load_pictures
+from search.searcher import Plan, Rules, Searcher
 
 from conftest import make_settings
 
@@ -115,9 +116,9 @@ def test_a_loaded_entry_answers_as_the_built_index(tmp_path):
     built = small_index()
     index_cache.save(built, tmp_path / "entry", KEY)
     loaded = index_cache.load(tmp_path / "entry", KEY)
-    params = BleuParams()
+    rules = Rules(BleuParams(), ("caption",))
     for query in (["a", "red", "ball"], ["kite"], ["dogs", "in", "the", "water"], ["zebra"]):
-        assert loaded.search(query, 5, params) == built.search(query, 5, params)
+        assert Searcher(loaded, rules).search(Plan("q", query, 5)) == Searcher(built, rules).search(Plan("q", query, 5))
     assert list(loaded.engine.image_ids) == built.engine.image_ids
 
 

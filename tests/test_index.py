@@ -254,11 +254,13 @@ def on_cluster(cluster, settings) -> list[str]:
 def test_a_killed_driver_then_a_lost_executor_leave_each_image_captioned_once(
     spark, cluster, fresh_s3, tmp_path, cli_environment
 ):
-    """cbir index on a standalone cluster of two workers over the S3 lake: its driver killed mid-run; the
-    rerun loses one worker's executor mid-run and completes."""
+    """cbir index over the S3 lake, its driver killed mid-run (with a local master: what a killed run leaves
+    is the commit protocol's, whatever runs the tasks); the rerun, on a standalone cluster of two workers,
+    loses one worker's executor mid-run and completes."""
     settings, prepared, _ = fresh_s3
     lake, version = prepared["lake"], prepared["card"]["version"]
-    driver = cbir_process(cli_environment, tmp_path, "index", overrides=on_cluster(cluster, settings))
+    local = [*on_cluster(cluster, settings), "spark.master=local[2]"]  # the last --set wins
+    driver = cbir_process(cli_environment, tmp_path, "index", overrides=local)
     wait_until(lambda: _run_folders(lake, "captions"), driver)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver's Python and its JVM
     driver.wait(timeout=60)
