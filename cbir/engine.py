@@ -859,6 +859,12 @@ def compile_kernels() -> None:
         index.search(["a", "red", "ball", "on", "the"], 1, BleuParams(smoothing=smoothing))
     index.search_many([["dogs"], ["zebra"]], 2, BleuParams(auto_reweigh=False))
     BleuIndex.from_texts(["a"], [[["a", "red", "ball"], ["red", "ball"]]], 4).search(["red"], 1, BleuParams())
+    from cbir.references import References  # it imports this module: the matched text's kernel, compiled too
+
+    tied = pa.array([["a red ball", "red ball"]], pa.list_(pa.string()))
+    References.from_lists(tied, pa.array([["caption", "label"]], pa.list_(pa.string()))).matched(
+        [["red"]], BleuParams()
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class References:
         """Why image i matched queries[i]: its (kind, text) that shares the most distinct words with the query,
         among equals the one that alone scores best by BLEU, then the first; None when none shares a word.
         The words shared are counted in Arrow and numpy for every image at once (the query job shows a hundred
-        thousand hits a run); only the ties are scored, in Python."""
+        thousand hits a run); only the ties are scored (their matches counted by a kernel)."""
         texts = len(self.texts)
         if not texts:
             return [None] * len(queries)
