@@ -81,13 +81,12 @@ class References:
             return [None] * len(queries)
         split = words_array(self.texts)  # one Arrow call, not a regex per text
         asked = [list(dict.fromkeys(query)) for query in queries]
-        vocabulary = pc.unique(pa.array([w for words in asked for w in words], pa.string()))
+        asked_words = pa.array([w for words in asked for w in words], pa.string())
+        vocabulary = pc.unique(asked_words)
         size = max(len(vocabulary), 1)
         # (image, word) keys of each query's words, and of each text's words that some query has
         owner = np.repeat(np.arange(len(queries), dtype=np.int64), [len(words) for words in asked])
-        wanted = owner * size + pc.index_in(
-            pa.array([w for words in asked for w in words], pa.string()), vocabulary
-        ).to_numpy(zero_copy_only=False)
+        wanted = owner * size + pc.index_in(asked_words, vocabulary).to_numpy(zero_copy_only=False)
         code = pc.index_in(split.flatten(), vocabulary)
         text_of_word = pc.list_parent_indices(split).filter(code.is_valid()).to_numpy()
         code = code.drop_null().to_numpy().astype(np.int64)
@@ -105,7 +104,8 @@ class References:
         best[most > 0] = first[np.searchsorted(first, starts[most > 0])]  # each image's first text of the most
         contested = np.flatnonzero(tied & (np.repeat(np.add.reduceat(tied, starts[some]), counts[some]) > 1))
         if len(contested):  # few per query: BLEU decides between the texts that share as many words
-            at = _bleu_of_texts(split.take(pa.array(contested)), [queries[i] for i in image_of_text[contested]], params)
+            asked_of = [queries[i] for i in image_of_text[contested]]
+            at = _bleu_of_texts(split.take(pa.array(contested)), asked_of, vocabulary, params)
             for image, group in _grouped(np.arange(len(contested)), image_of_text[contested]):
                 best[image] = contested[group[int(np.argmax(at[group]))]]  # the first of equal scores
         found = best >= 0
@@ -120,13 +120,14 @@ def _grouped(values: np.ndarray, keys: np.ndarray) -> list[tuple[int, list[int]]
     return [(int(ks[0]), group.tolist()) for group, ks in zip(np.split(values, bounds), np.split(keys, bounds))]
 
 
-def _bleu_of_texts(texts: pa.ListArray, queries: list[list[str]], params: BleuParams) -> np.ndarray:
-    """BLEU of each text (its words) alone against its query: the clipped matches counted by a kernel, the
-    score by cbir.bleu.score (few distinct match counts: cached)."""
+def _bleu_of_texts(
+    texts: pa.ListArray, queries: list[list[str]], vocabulary: pa.Array, params: BleuParams
+) -> np.ndarray:
+    """BLEU of each text (its words) alone against its query (every query's words are in `vocabulary`): the
+    clipped matches counted by a kernel, the score by cbir.bleu.score (few distinct match counts: cached)."""
     distinct = {id(query): query for query in queries}
     number = {key: n for n, key in enumerate(distinct)}
     asked = list(distinct.values())
-    vocabulary = pc.unique(pa.array([w for query in asked for w in query], pa.string()))
     query_codes = pc.index_in(pa.array([w for query in asked for w in query], pa.string()), vocabulary)
     text_codes = pc.fill_null(pc.index_in(texts.flatten(), vocabulary), -1)  # -1: a word no query has
     query_lengths = np.array([len(query) for query in asked], np.int64)

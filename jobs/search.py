@@ -138,11 +138,7 @@ def _saved_or_built(
     rows = captions.frame
     if len(missed) < shares:  # the rows of the missed shares only: the partitioner's own hash
         rows = rows.where(F.pmod(F.hash("image_id"), F.lit(shares)).isin(sorted(missed)))
-    # share -> the plans of its missed slices: its task answers them on as many threads (while a share is
-    # built, the cores that would have searched its other slices have no task)
-    asked = {share: [i for i, _ in enumerate(plans.value) if i % slices in gone] for share, gone in missed.items()}
-    threads = {share: len(gone) for share, gone in missed.items()}
-    build = partial(_candidates, plans, rules, captions.sources, state_dir, key, (asked, threads))
+    build = partial(_candidates, plans, rules, captions.sources, state_dir, key, (missed, slices))
     built = _built(Captions(rows, captions.rows), shares, build, saved=True)
     return opened, found.unionByName(built)
 
@@ -159,10 +155,11 @@ def _open_shares(plans, rules: Rules, state_dir: str, key: dict, slices: int, ba
 
 
 def _candidates(
-    plans, rules: Rules, sources: Lake | None, state_dir: str | None, key: dict | None, asked: tuple | None, batches
+    plans, rules: Rules, sources: Lake | None, state_dir: str | None, key: dict | None, missed: tuple | None, batches
 ):
-    """A share's candidates (with a key: of the plans `asked` of its share, on its threads; and its index is
-    saved). A share
+    """A share's candidates. With a key its index is saved, and `missed` (share -> its slices not answered,
+    and the number of slices) says which plans it answers: those of its missed slices, on as many threads
+    (while a share is built, the cores that would have searched its other slices have no task). A share
     without images is not saved: it has no rows to tell its number (only a lake with fewer images than shares
     has one, and reading it again is cheap)."""
     batches = list(batches)
@@ -178,11 +175,12 @@ def _candidates(
     index = Index.build(table, rules.kinds, rules.params.max_order)
     if key is not None:
         cache.save_share(state_dir, cache.share_of(key, share), index)
-    if asked is None:
+    if missed is None:
         yield _found(Searcher(index, rules), plans.value)
     else:
-        wanted, threads = asked
-        yield _found(Searcher(index, rules), [plans.value[i] for i in wanted[share]], threads=threads[share])
+        gone, slices = missed[0][share], missed[1]
+        asked = [plan for i, plan in enumerate(plans.value) if i % slices in gone]
+        yield _found(Searcher(index, rules), asked, threads=len(gone))
 
 
 def _found(
