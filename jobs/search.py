@@ -1,8 +1,9 @@
 """Search in Spark tasks: the captions are spread over tasks by image; each task holds a searcher
 (search.searcher) over its share and gives every query's candidates (the plans are broadcast), each with
-its texts; the candidates of each query are ranked again, together, by the same function that ranks in
-one process (search.ranking.rank), so the query job, cbir eval, cbir search and cbir web rank alike. Only
-the final top k are then shown (the text of each that matched: References.matched, as cbir search does).
+its texts; the candidates of each query are ranked again, together (with one share, by the task that
+found them), by the same function that ranks in one process (search.ranking.rank), so the query job,
+cbir eval, cbir search and cbir web rank alike. Only the final top k are then shown (the text of each
+that matched: References.matched, as cbir search does).
 
 Saved shares: with a state folder, a share's index is built once and saved (search.cache.save_share,
 the format and checks of cbir search's cache) under `<state_dir>/search-index/shares/` of the machine
@@ -89,10 +90,12 @@ def search(
         shares = partitions or max(1, needed)
         slices = -(-parallelism // shares)
         opened, candidates = _saved_or_built(spark, captions, broadcast, rules, shares, slices, state_dir)
-    # every task's candidates of a query meet in one task, which ranks its queries one after another (a
-    # grouped map would call Python once per query, with Arrow batches of a few rows each)
-    ranking = candidates.repartition(max(parallelism, shares), "query_id")  # a number: adaptive execution keeps it
-    ranked = ranking.mapInArrow(partial(_rank, broadcast, rules), from_arrow_schema(RANKED))
+    # Every task's candidates of a query meet in one task, which ranks its queries one after another (a
+    # grouped map would call Python once per query, with Arrow batches of a few rows each). With one share
+    # they are met already: each task searched the whole share for its queries, and ranks where it is.
+    if shares > 1:
+        candidates = candidates.repartition(max(parallelism, shares), "query_id")  # a number: AQE keeps it
+    ranked = candidates.mapInArrow(partial(_rank, broadcast, rules), from_arrow_schema(RANKED))
     if opened is not None:  # the opened shares' candidates are held until the results are no longer asked for
         weakref.finalize(ranked, opened.unpersist)
     return ranked

@@ -27,6 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+# Tests whose subject is not the encoder use EfficientNet-Lite0 with the ImageNet weights its pip package ships
+# (no download): VGG16 costs about three times as much per image and seconds more to build in each process that
+# encodes. test_captioner's encoder checks and test_encoders keep VGG16, the default, covered.
+LIGHT_ENCODER = ("encoder.name=efficientnet_lite0", "encoder.weights=imagenet")
+LIGHT_ENCODER_KEY = "efficientnet_lite0-imagenet"
+
+
 def make_settings(tmp: Path, *overrides: str) -> Settings:
     defaults = [
         f"lake={tmp}/lake",

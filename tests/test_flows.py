@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from cbir.lake import Lake
 from flows.ingest import ingest_flow
 
-from conftest import image_bytes, make_settings, task_runs
+from conftest import LIGHT_ENCODER, image_bytes, make_settings, task_runs
 
 
 def test_ingest_flow_publishes_its_summary_and_never_its_secrets(prefect_server, spark, tmp_path):
@@ -97,7 +97,7 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
 
     settings = make_settings(
         tmp_path,
-        "encoder.weights=random",
+        *LIGHT_ENCODER,
         "captioner.units=32",
         "captioner.embedding_dim=16",
         "captioner.min_word_count=1",
@@ -128,7 +128,7 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
     }
     table = by_key["train-summary"].data
     rows = {row["what"]: row["value"] for row in (json.loads(table) if isinstance(table, str) else table)}
-    assert rows["encoder"].startswith("vgg16 (random (tests only")
+    assert rows["encoder"].startswith("efficientnet_lite0 (imagenet")
     greedy, configured = card["metrics"]["greedy"], card["metrics"]["configured"]
     assert rows["BLEU-1..4, plain greedy"] == " ".join(f"{greedy[f'bleu{n}']:.3f}" for n in range(1, 5))
     assert rows["BLEU-1..4, beam (width 3)"] == " ".join(f"{configured[f'bleu{n}']:.3f}" for n in range(1, 5))
@@ -149,7 +149,7 @@ def shapes_lake(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shapes-lake")
     settings = make_settings(
         tmp,
-        "encoder.weights=random",
+        *LIGHT_ENCODER,
         "captioner.units=64",
         "captioner.embedding_dim=32",
         "captioner.min_word_count=1",
@@ -377,7 +377,8 @@ def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):
         "import web.app, search.index; assert 'pyspark' not in sys.modules, 'web imports pyspark'; "
         "sys.exit(code)"
     )
-    common = [f"--set=lake={settings.lake}", f"--set=state_dir={settings.state_dir}", "--set=encoder.weights=random"]
+    common = [f"--set=lake={settings.lake}", f"--set=state_dir={settings.state_dir}"]
+    common += [f"--set={item}" for item in LIGHT_ENCODER]
     for query in (["a red circle", "-k", "2"], ["--image", f"{tmp}/new/0001.png", "-k", "2"]):
         result = subprocess.run(
             [sys.executable, "-c", check, *common, "search", *query],

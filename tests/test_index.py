@@ -29,10 +29,20 @@ from models.captioner import Decoding
 from models.encoding import encoder_config, read_features
 from search.searcher import search_one
 
-from conftest import cbir_process, cluster_state_dir, make_settings, s3_lake, shapes_dataset, summary_count, wait_until
+from conftest import (
+    LIGHT_ENCODER,
+    LIGHT_ENCODER_KEY,
+    cbir_process,
+    cluster_state_dir,
+    make_settings,
+    s3_lake,
+    shapes_dataset,
+    summary_count,
+    wait_until,
+)
 
 SMALL_MODEL = (
-    "encoder.weights=random",
+    *LIGHT_ENCODER,
     "captioner.units=64",
     "captioner.embedding_dim=32",
     "captioner.min_word_count=1",
@@ -155,7 +165,7 @@ def test_index_captions_each_image_once_as_the_captioner_would(spark, fresh_loca
 def assert_captions_are_the_captioners(lake: Lake, settings, ok: list[dict], version: str) -> None:
     """Each caption is what the captioner says of that image alone, from its stored features; its n best
     distinct captions, then its sure enough ImageNet labels, are its references."""
-    captioner, _ = store.load(lake, encoder="vgg16-random")
+    captioner, _ = store.load(lake, encoder=LIGHT_ENCODER_KEY)
     vectors = read_features(lake, encoder_config(settings, 1), [row["image_id"] for row in ok])
     for row in ok:
         best = captioner.decode(vectors[row["image_id"]][None, :], Decoding.from_settings(settings.captioner))[0]

@@ -53,10 +53,10 @@ from models.training import Split, fit
 from search.index import bleu_params
 from web.app import create_app
 
-from conftest import headless_chromium, image_bytes, make_settings, shapes_dataset
+from conftest import LIGHT_ENCODER, headless_chromium, image_bytes, make_settings, shapes_dataset
 
 SMALL = (
-    "encoder.weights=random",
+    *LIGHT_ENCODER,
     "encoder.batch_size=12",
     "captioner.units=48",
     "captioner.embedding_dim=24",
@@ -523,8 +523,7 @@ def test_cbir_web_serves_on_the_port_of_its_setting(built, tmp_path):
             f"state_dir={tmp_path}/state",
             "--set",
             f"web.port={port}",
-            "--set",
-            "encoder.weights=random",
+            *(argument for item in LIGHT_ENCODER for argument in ("--set", item)),
         ],
         cwd=tmp_path,
         env=environ,
