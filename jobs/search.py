@@ -84,7 +84,7 @@ def search(
     if state_dir is None or captions.identity is None:
         shares = partitions or max(parallelism, needed)
         candidates = _built(
-            captions, shares, partial(_candidates, broadcast, rules, captions.sources, None, None, None)
+            captions, shares, partial(_candidates, broadcast, rules, captions.sources, None, None, None, 1)
         )
     else:
         shares = partitions or max(1, needed)
@@ -141,7 +141,7 @@ def _saved_or_built(
     rows = captions.frame
     if len(missed) < shares:  # the rows of the missed shares only: the partitioner's own hash
         rows = rows.where(F.pmod(F.hash("image_id"), F.lit(shares)).isin(sorted(missed)))
-    build = partial(_candidates, plans, rules, captions.sources, state_dir, key, (missed, slices))
+    build = partial(_candidates, plans, rules, captions.sources, state_dir, key, missed, slices)
     built = _built(Captions(rows, captions.rows), shares, build, saved=True)
     return opened, found.unionByName(built)
 
@@ -158,10 +158,17 @@ def _open_shares(plans, rules: Rules, state_dir: str, key: dict, slices: int, ba
 
 
 def _candidates(
-    plans, rules: Rules, sources: Lake | None, state_dir: str | None, key: dict | None, missed: tuple | None, batches
+    plans,
+    rules: Rules,
+    sources: Lake | None,
+    state_dir: str | None,
+    key: dict | None,
+    missed: dict[int, set[int]] | None,
+    slices: int,
+    batches,
 ):
-    """A share's candidates. With a key its index is saved, and `missed` (share -> its slices not answered,
-    and the number of slices) says which plans it answers: those of its missed slices, on as many threads
+    """A share's candidates. With a key its index is saved, and `missed` (share -> its slices not answered, of
+    `slices`) says which plans it answers: those of its missed slices, on as many threads
     (while a share is built, the cores that would have searched its other slices have no task). A share
     without images is not saved: it has no rows to tell its number (only a lake with fewer images than shares
     has one, and reading it again is cheap)."""
@@ -181,7 +188,7 @@ def _candidates(
     if missed is None:
         yield _found(Searcher(index, rules), plans.value)
     else:
-        gone, slices = missed[0][share], missed[1]
+        gone = missed[share]
         asked = [plan for i, plan in enumerate(plans.value) if i % slices in gone]
         yield _found(Searcher(index, rules), asked, threads=len(gone))
 
