@@ -11,7 +11,8 @@ Corpora (held-out images are never trained on):
                20% of every category held out, 10% dev.
 Recipes (settings over the `offline` profile, EfficientNet-Lite0 with its ImageNet weights):
   baseline     the recipe as it was before issue 14: greedy decoding without loop blocking, one
-               caption per image, no labels, images ranked by their caption alone, text queries by BLEU alone
+               caption per image, no labels, images ranked by their caption alone, text queries by
+               BLEU alone, the raw likeness space (no learned head)
   default      today's defaults
   --recipe NAME KEY=VALUE ...   more, to compare (settings keys, as --set takes them)
 
@@ -27,6 +28,10 @@ never by their human text. Reported per recipe, on the held-out images:
   image_r_at_10      image->image: queries with another image of their category in their top 10
   reachable          the best recall any ranking of the stored references could reach: the
                      target shares at least one word with the query
+  example_map_at_10, example_r_at_10   by example: each held-out image as the query by its own
+                     picture (no text), the others ranked by the cosine of their stored likeness
+                     vectors (the raw space, or the learned head's): mAP@10 and recall@10 by category
+  head_used          1 when the recipe's captioner keeps the learned likeness (models/likeness.py)
 Prints a table per corpus, then one JSON line: {corpus: {recipe: {metric: value}}}.
 """
 
@@ -44,6 +49,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pyarrow.compute as pc
+
 from cbir.lake import Lake
 from cbir.samples import sample_corpus, write_jsonl
 from cbir.settings import load_settings
@@ -60,6 +67,7 @@ BASELINE = [
     "captioner.dropout=0.5",
     "train.label_smoothing=0",
     "likeness.text_images=0",
+    "train.likeness_head=false",
 ]
 METRICS = (
     "bleu1",
@@ -74,6 +82,9 @@ METRICS = (
     "map_at_10",
     "image_r_at_10",
     "reachable",
+    "example_map_at_10",
+    "example_r_at_10",
+    "head_used",
 )
 TEST_FRACTION, DEV_FRACTION, SEED = 0.2, 0.1, 0
 QUICK_EMOJI = 72  # 8 of each emoji group (5 flags)
@@ -135,10 +146,13 @@ def measure(lake: Lake, settings, train: Path, heldout: Path, rows: list[dict], 
     }
     found = [row for row in rows if row["uri"] in generated]
     said = [generated[row["uri"]] for row in found]
+    likeness = card.get("likeness") or {}
     return {
         **corpus_bleu([human_texts(row) for row in found], said),
         **caption_stats(said),
         **retrieval,
+        **by_example(lake, card["version"], rows),
+        "head_used": int(bool(likeness.get("used"))),
         "captioned": len(found),
         "epochs": card["training"]["epochs_run"],
         "vocabulary": card["sizes"]["vocabulary"],
@@ -146,6 +160,38 @@ def measure(lake: Lake, settings, train: Path, heldout: Path, rows: list[dict], 
         "eval_s": evaluated - trained,
         "examples": [(row["caption"], generated[row["uri"]]) for row in found[:: max(1, len(found) // 12)][:12]],
     }
+
+
+def by_example(lake: Lake, version: str, rows: list[dict]) -> dict:
+    """Each held-out image as a query by its own picture alone (no text): the other held-out images ranked by
+    the cosine of their stored likeness vectors (the captioner memory's space: raw, or the learned head's);
+    mAP@10 and recall@10 (another image of its category in the top 10) by category."""
+    import numpy as np
+
+    from search.index import visual_vectors
+
+    table = lake.table("captions").read(["uri", "model_version", "status", "visual"])
+    table = table.filter((pc.field("model_version") == version) & (pc.field("status") == "ok"))
+    category = {row["uri"]: row.get("category") or "" for row in rows}
+    kept = [i for i, uri in enumerate(table.column("uri").to_pylist()) if uri in category]
+    vectors = visual_vectors(table.take(kept))
+    if vectors is None or len(kept) < 2:
+        return {"example_map_at_10": 0.0, "example_r_at_10": 0.0}
+    labels = np.array([category[uri] for uri in table.take(kept).column("uri").to_pylist()])
+    similarity = vectors.astype(np.float32) @ vectors.astype(np.float32).T
+    np.fill_diagonal(similarity, -np.inf)
+    aps, hits = [], []
+    for row in range(len(labels)):
+        relevant = labels == labels[row]
+        relevant[row] = False
+        if not relevant.any():
+            continue
+        top = np.argsort(-similarity[row], kind="stable")[:10]
+        found = relevant[top]
+        precision = np.cumsum(found) / np.arange(1, len(top) + 1)
+        aps.append(float((precision * found).sum() / min(relevant.sum(), 10)))
+        hits.append(float(found.any()))
+    return {"example_map_at_10": float(np.mean(aps)), "example_r_at_10": float(np.mean(hits))}
 
 
 def training_rows(rows: list[dict], texts: str) -> list[dict]:

@@ -320,6 +320,11 @@ class Train(Section):
         "loss", description="what early stopping watches on the dev split: BLEU of its decoded captions, or the loss"
     )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="share of each target spread over the vocabulary")
+    likeness_head: bool = Field(
+        False, description="fit the learned likeness (models.likeness) on the memory's space; false: the raw space"
+    )
+    likeness_epochs: int = Field(20, ge=1, le=1000, description="epochs of the learned likeness's triplet loss")
+    likeness_margin: float = Field(0.2, gt=0, le=2, description="the triplet loss's margin, in cosine")
     dev_fraction: float = Field(0.1, ge=0, lt=0.5, description="for data sets without splits")
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
     seed: int = 0

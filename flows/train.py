@@ -47,4 +47,13 @@ def summary_rows(card: ModelCard) -> list[dict]:
             bleu = " ".join(f"{scores[f'bleu{n}']:.3f}" for n in range(1, 5))
             rows.append({"what": f"BLEU-1..4, {label}", "value": bleu})
             rows.append({"what": f"loops, {label}", "value": f"{scores['degenerate']:.0%} of captions"})
+    if card.likeness is not None:
+        head, scores = card.likeness, card.likeness.map_at_10
+        verdict = "used" if head.used else "not used: the raw space measured better"
+        rows.append(
+            {
+                "what": f"likeness mAP@10 ({head.measured_on}), raw -> learned",
+                "value": f"{scores['raw']:.3f} -> {scores['learned']:.3f} ({verdict})",
+            }
+        )
     return rows

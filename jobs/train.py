@@ -23,10 +23,11 @@ from jobs.embed import embed, identify
 from jobs.progress import Report
 from models import store
 from models.captioner import GREEDY, Captioner, Decoding
-from models.card import DatasetInfo, EncoderInfo, Metrics, ModelCard, Sizes, Training
+from models.card import DatasetInfo, EncoderInfo, LikenessInfo, Metrics, ModelCard, Sizes, Training
 from models.datasets import Dataset, read_dataset
 from models.encoders import weights_label, weights_source
 from models.encoding import EncoderConfig, encoder_config, read_features
+from models.likeness import Head, fit_head
 from models.neighbours import Memory, consensus
 from models.tokenizer import Tokenizer
 from models.training import Split, evaluate, fit, split_references
@@ -55,10 +56,13 @@ class Fitted:
 
 @dataclass
 class Trained:
-    """What training staged: the features, the fitted captioner, and its card once saved."""
+    """What training staged: the features, the fitted captioner, its memory (and learned likeness, None: off),
+    and its card once saved."""
 
     features: Features
     fitted: Fitted
+    memory: Memory
+    head: Head | None
     card: ModelCard | None = None
 
 
@@ -90,11 +94,12 @@ class TrainJob:
 
     def work(self, spark: SparkSession, dataset: Dataset, progress: Report | None) -> Trained:
         computed = features(spark, self.lake, self.settings, dataset, progress)
-        return Trained(computed, fit_captioner(self.settings, computed, self.on_epoch))
+        fitted = fit_captioner(self.settings, computed, self.on_epoch)
+        return Trained(computed, fitted, *fit_memory(self.settings, computed.splits))
 
     def commit(self, trained: Trained) -> None:
         if trained.card is None:  # a retry after the save: saved already
-            trained.card = save(self.lake, self.settings, trained.features, trained.fitted)
+            trained.card = save(self.lake, self.settings, trained)
 
     def abort(self, trained: Trained) -> None:
         pass  # a version is written whole or not made current: nothing to drop
@@ -154,11 +159,11 @@ def fit_captioner(settings: Settings, data: Features, on_epoch: EpochReport | No
     )
 
 
-def save(lake: Lake, settings: Settings, data: Features, fitted: Fitted) -> ModelCard:
+def save(lake: Lake, settings: Settings, trained: Trained) -> ModelCard:
     """Save the captioner as a new version, made current, with its model card; returns the card."""
+    data, fitted, memory = trained.features, trained.fitted, trained.memory
     dataset = data.dataset
     c, t, config, splits, history = settings.captioner, settings.train, data.config, data.splits, fitted.history
-    memory = _memory(splits, settings)
     card = ModelCard(
         created_at=datetime.now(UTC).isoformat(),
         dataset=DatasetInfo(
@@ -198,6 +203,7 @@ def save(lake: Lake, settings: Settings, data: Features, fitted: Fitted) -> Mode
             seconds=round(time.monotonic() - data.started, 1),
         ),
         metrics=Metrics(**fitted.metrics),
+        likeness=LikenessInfo(**trained.head.summary()) if trained.head else None,
         software=_versions(),
     )
     card.version = store.save(lake, fitted.captioner, card, memory)
@@ -241,17 +247,35 @@ def _splits(dataset: Dataset, image_of: dict[str, str], features: dict[str, np.n
     return splits
 
 
-def _memory(splits: dict[str, Split], settings: Settings) -> Memory:
-    """The train and dev images, each with the caption its annotators agree on most: the images whose
-    texts the index job gives as references to the images that look most like them."""
-    features, texts = [], []
-    for split in (splits["train"], splits["dev"]):
-        by_image: dict[int, list[str]] = defaultdict(list)
-        for image, caption in zip(split.image_index.tolist(), split.captions):
-            by_image[image].append(caption)
-        features += [split.features[image] for image in sorted(by_image)]
-        texts += [consensus(by_image[image]) for image in sorted(by_image)]
-    return Memory.build(np.stack(features), texts, settings.captioner.memory_images, settings.train.seed)
+def fit_memory(settings: Settings, splits: dict[str, Split]) -> tuple[Memory, Head | None]:
+    """The memory: the train and dev images, each with the caption its annotators agree on most (the images
+    whose texts the index job gives as references to the images that look most like them); in the learned
+    likeness's space when the head is on and measures better than the raw space."""
+    t = settings.train
+    train, dev = _captions_per_image(splits["train"]), _captions_per_image(splits["dev"])
+    features = np.stack([splits["train"].features[i] for i in train] + [splits["dev"].features[i] for i in dev])
+    texts = [consensus(captions) for captions in [*train.values(), *dev.values()]]
+    memory = Memory.build(features, texts, settings.captioner.memory_images, t.seed)
+    if not t.likeness_head:
+        return memory, None
+    head = fit_head(
+        memory.project(features[: len(train)]),
+        list(train.values()),
+        memory.project(features[len(train) :]),
+        list(dev.values()),
+        epochs=t.likeness_epochs,
+        margin=t.likeness_margin,
+        seed=t.seed,
+    )
+    return (memory.learned(head.weights) if head.used else memory), head
+
+
+def _captions_per_image(split: Split) -> dict[int, list[str]]:
+    """A split's images (feature rows, ascending) -> their captions."""
+    by_image: dict[int, list[str]] = defaultdict(list)
+    for image, caption in zip(split.image_index.tolist(), split.captions):
+        by_image[image].append(caption)
+    return dict(sorted(by_image.items()))
 
 
 def _best_epoch(history: list[dict]) -> int:

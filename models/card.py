@@ -71,6 +71,18 @@ class Metrics(_Part):
     configured: dict[str, float] | None = None
 
 
+class LikenessInfo(_Part):
+    """The learned likeness (models.likeness): image-to-image mAP@10 of the raw space and of the head."""
+
+    used: bool  # false: the raw space measured better, and the memory keeps it
+    dim: int
+    epochs_run: int
+    best_epoch: int
+    measured_on: str  # dev, or train when no dev pair was relevant
+    map_at_10: dict[str, float]  # raw, learned
+    history: list[dict[str, float]]  # per epoch from 0 (the raw space): loss, map_at_10
+
+
 class ModelCard(_Part):
     created_at: str | None = None
     dataset: DatasetInfo | None = None
@@ -78,6 +90,7 @@ class ModelCard(_Part):
     sizes: Sizes | None = None
     training: Training | None = None
     metrics: Metrics | None = None
+    likeness: LikenessInfo | None = None  # cards of captioners trained without the head lack it
     software: dict[str, str] | None = None
     version: str | None = None  # set when saved: the version's run id
 

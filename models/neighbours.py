@@ -66,6 +66,13 @@ class Memory:
             basis = np.eye(features.shape[1], dtype=np.float32)
         return cls(mean, basis.astype(np.float32), _unit(centred @ basis).astype(np.float16), np.array(texts, str))
 
+    def learned(self, weights: np.ndarray) -> Memory:
+        """The memory in a learned space (models.likeness): its unit vectors @ weights, L2-normalised. A linear
+        map keeps a direction's scale out of it, so it folds into the basis and project() gives the same space."""
+        weights = np.asarray(weights, np.float32)
+        vectors = _unit(self.vectors.astype(np.float32) @ weights).astype(np.float16)
+        return Memory(self.mean, (self.basis @ weights).astype(np.float32), vectors, self.texts)
+
     @cached_property
     def _columns(self) -> np.ndarray:
         """The vectors as float32 columns, once: every batch of nearest() multiplies by them."""

@@ -103,6 +103,7 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
         "captioner.min_word_count=1",
         "train.epochs=3",
         "train.patience=3",
+        "train.likeness_head=true",
     )
     with open(tmp_path / "shapes.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["uri", "caption", "split"])
@@ -129,6 +130,15 @@ def test_train_flow_reports_epochs_and_bleu(prefect_server, spark, tmp_path):
     table = by_key["train-summary"].data
     rows = {row["what"]: row["value"] for row in (json.loads(table) if isinstance(table, str) else table)}
     assert rows["encoder"].startswith("efficientnet_lite0 (imagenet")
+    likeness = card["likeness"]  # the learned likeness: every epoch measured, from the raw space (epoch 0) on
+    assert len(likeness["history"]) == 21 and likeness["epochs_run"] == 20
+    scores = likeness["map_at_10"]
+    assert scores["raw"] == likeness["history"][0]["map_at_10"]
+    assert scores["learned"] == max(epoch["map_at_10"] for epoch in likeness["history"]) >= scores["raw"]
+    assert likeness["used"] == (likeness["best_epoch"] > 0)
+    assert rows[f"likeness mAP@10 ({likeness['measured_on']}), raw -> learned"].startswith(
+        f"{scores['raw']:.3f} -> {scores['learned']:.3f} ("
+    )
     greedy, configured = card["metrics"]["greedy"], card["metrics"]["configured"]
     assert rows["BLEU-1..4, plain greedy"] == " ".join(f"{greedy[f'bleu{n}']:.3f}" for n in range(1, 5))
     assert rows["BLEU-1..4, beam (width 3)"] == " ".join(f"{configured[f'bleu{n}']:.3f}" for n in range(1, 5))
