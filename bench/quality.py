@@ -168,6 +168,7 @@ def by_example(lake: Lake, version: str, rows: list[dict]) -> dict:
     mAP@10 and recall@10 (another image of its category in the top 10) by category."""
     import numpy as np
 
+    from models.likeness import ranked_at_10
     from search.index import visual_vectors
 
     table = lake.table("captions").read(["uri", "model_version", "status", "visual"])
@@ -178,20 +179,8 @@ def by_example(lake: Lake, version: str, rows: list[dict]) -> dict:
     if vectors is None or len(kept) < 2:
         return {"example_map_at_10": 0.0, "example_r_at_10": 0.0}
     labels = np.array([category[uri] for uri in table.take(kept).column("uri").to_pylist()])
-    similarity = vectors.astype(np.float32) @ vectors.astype(np.float32).T
-    np.fill_diagonal(similarity, -np.inf)
-    aps, hits = [], []
-    for row in range(len(labels)):
-        relevant = labels == labels[row]
-        relevant[row] = False
-        if not relevant.any():
-            continue
-        top = np.argsort(-similarity[row], kind="stable")[:10]
-        found = relevant[top]
-        precision = np.cumsum(found) / np.arange(1, len(top) + 1)
-        aps.append(float((precision * found).sum() / min(relevant.sum(), 10)))
-        hits.append(float(found.any()))
-    return {"example_map_at_10": float(np.mean(aps)), "example_r_at_10": float(np.mean(hits))}
+    found = ranked_at_10(vectors, labels[:, None] == labels[None, :])
+    return dict(zip(("example_map_at_10", "example_r_at_10"), found))
 
 
 def training_rows(rows: list[dict], texts: str) -> list[dict]:

@@ -60,9 +60,6 @@ class TextWeights:
                 (np.array([ids[word] for word in bag], np.int64), weights / max(np.linalg.norm(weights), 1e-12))
             )
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def relevance(self, rows) -> np.ndarray:
         """(b, b) float32: the TF-IDF cosine of each pair of these rows' content words."""
         picked = [self.rows[i] for i in rows]
@@ -77,20 +74,20 @@ class TextWeights:
         return matrix @ matrix.T
 
 
-def map_at_10(vectors: np.ndarray, related: np.ndarray) -> float:
-    """Image-to-image mAP@10 over the images with a positive: each image's ten most alike others (cosine of
-    unit vectors) against its positives (related >= POSITIVE)."""
+def ranked_at_10(vectors: np.ndarray, relevant: np.ndarray) -> tuple[float, float]:
+    """Image to image, over the images with a relevant other: each one's ten most alike others (cosine of unit
+    vectors) against relevant[i] (bool, (n, n)): (mAP@10, recall@10: a relevant image among the ten)."""
     similarity = vectors.astype(np.float32) @ vectors.astype(np.float32).T
     np.fill_diagonal(similarity, -np.inf)
-    positive = related >= POSITIVE
-    np.fill_diagonal(positive, False)
-    scores = []
-    for row in np.flatnonzero(positive.any(axis=1)):
-        top = np.argsort(-similarity[row], kind="stable")[:10]
-        hits = positive[row, top]
-        precision = np.cumsum(hits) / np.arange(1, len(top) + 1)
-        scores.append(float((precision * hits).sum() / min(positive[row].sum(), 10)))
-    return float(np.mean(scores)) if scores else 0.0
+    relevant = relevant.copy()
+    np.fill_diagonal(relevant, False)
+    precisions, found = [], []
+    for row in np.flatnonzero(relevant.any(axis=1)):
+        hits = relevant[row, np.argsort(-similarity[row], kind="stable")[:10]]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        precisions.append(float((precision * hits).sum() / min(relevant[row].sum(), 10)))
+        found.append(float(hits.any()))
+    return (float(np.mean(precisions)), float(np.mean(found))) if precisions else (0.0, 0.0)
 
 
 @dataclass
@@ -153,7 +150,7 @@ def fit_head(
         return loss
 
     def measure() -> float:
-        return map_at_10(_unit(check @ layer.kernel.numpy()), check_related)
+        return ranked_at_10(_unit(check @ layer.kernel.numpy()), check_related >= POSITIVE)[0]
 
     history = [{"loss": float("nan"), "map_at_10": measure()}]
     best, best_weights = 0, layer.kernel.numpy()
