@@ -203,9 +203,10 @@ def save(lake: Lake, settings: Settings, trained: Trained) -> ModelCard:
             seconds=round(time.monotonic() - data.started, 1),
         ),
         metrics=Metrics(**fitted.metrics),
-        likeness=LikenessInfo(**trained.head.summary()) if trained.head else None,
         software=_versions(),
     )
+    if trained.head is not None:  # set only when fitted: a card keeps absent the keys it does not have
+        card.likeness = LikenessInfo(**trained.head.summary())
     card.version = store.save(lake, fitted.captioner, card, memory)
     return card
 
