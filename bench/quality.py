@@ -174,11 +174,11 @@ def by_example(lake: Lake, version: str, rows: list[dict]) -> dict:
     table = lake.table("captions").read(["uri", "model_version", "status", "visual"])
     table = table.filter((pc.field("model_version") == version) & (pc.field("status") == "ok"))
     category = {row["uri"]: row.get("category") or "" for row in rows}
-    kept = [i for i, uri in enumerate(table.column("uri").to_pylist()) if uri in category]
-    vectors = visual_vectors(table.take(kept))
-    if vectors is None or len(kept) < 2:
+    table = table.take([i for i, uri in enumerate(table.column("uri").to_pylist()) if uri in category])
+    vectors = visual_vectors(table)
+    if vectors is None or table.num_rows < 2:
         return {"example_map_at_10": 0.0, "example_r_at_10": 0.0}
-    labels = np.array([category[uri] for uri in table.take(kept).column("uri").to_pylist()])
+    labels = np.array([category[uri] for uri in table.column("uri").to_pylist()])
     found = ranked_at_10(vectors, labels[:, None] == labels[None, :])
     return dict(zip(("example_map_at_10", "example_r_at_10"), found))
 

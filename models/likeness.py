@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbir.text import words
+from models.neighbours import _unit  # the memory's own normalisation: the head's space is the memory's
 
 MEASURED = 2_000  # images whose mAP@10 picks the epoch: every pair of them is compared
 POSITIVE = 0.3  # the TF-IDF cosine of content words from which two images are a positive pair
@@ -190,7 +191,3 @@ def semi_hard_loss(similarity, related, margin: float):
     valid = positive & tf.reduce_any(negative, axis=1)[:, None]
     losses = tf.where(valid, tf.nn.relu(margin - similarity + chosen), 0.0)
     return tf.reduce_sum(losses) / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
