@@ -31,6 +31,11 @@ never by their human text. Reported per recipe, on the held-out images:
   example_map_at_10, example_r_at_10   by example: each held-out image as the query by its own
                      picture (no text), the others ranked by the cosine of their stored likeness
                      vectors (the raw space, or the learned head's): mAP@10 and recall@10 by category
+  feedback_*         relevance feedback (search.examples): each human text as the query over the held-out
+                     images, then one round where its top 10 are marked by category (its target's
+                     category positive, the others negative) and the same text asked again with them:
+                     recall@10 of its target and mAP@10 by category, before (what a user gets today)
+                     and after the round
   head_used          1 when the recipe's captioner keeps the learned likeness (models/likeness.py)
 Prints a table per corpus, then one JSON line: {corpus: {recipe: {metric: value}}}.
 """
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -84,6 +90,10 @@ METRICS = (
     "reachable",
     "example_map_at_10",
     "example_r_at_10",
+    "feedback_before_r_at_10",
+    "feedback_r_at_10",
+    "feedback_before_map_at_10",
+    "feedback_map_at_10",
     "head_used",
 )
 TEST_FRACTION, DEV_FRACTION, SEED = 0.2, 0.1, 0
@@ -152,6 +162,7 @@ def measure(lake: Lake, settings, train: Path, heldout: Path, rows: list[dict], 
         **caption_stats(said),
         **retrieval,
         **by_example(lake, card["version"], rows),
+        **by_feedback(lake, settings, card["version"], rows),
         "head_used": int(bool(likeness.get("used"))),
         "captioned": len(found),
         "epochs": card["training"]["epochs_run"],
@@ -181,6 +192,63 @@ def by_example(lake: Lake, version: str, rows: list[dict]) -> dict:
     labels = np.array([category[uri] for uri in table.column("uri").to_pylist()])
     found = ranked_at_10(vectors, labels[:, None] == labels[None, :])
     return dict(zip(("example_map_at_10", "example_r_at_10"), found))
+
+
+def by_feedback(lake: Lake, settings, version: str, rows: list[dict]) -> dict:
+    """One round of relevance feedback over the held-out images, as the page's "more like this" and "less like
+    this" boxes give it: each human text, then the same text with its top 10 marked by category."""
+    import numpy as np
+
+    from cbir.references import GENERATED
+    from search.index import Index, version_captions
+    from search.pictures import load_pictures
+    from search.rules import QueryRefused
+    from search.searcher import Rules, Searcher
+
+    rules = Rules.from_settings(settings)  # as cbir eval: what cbir generated, never the human texts asked
+    rules = dataclasses.replace(rules, kinds=tuple(kind for kind in rules.kinds if kind in GENERATED))
+    table = version_captions(lake, version, rules.kinds)
+    category = {row["uri"]: row.get("category") or "" for row in rows}
+    table = table.take([i for i, uri in enumerate(table.column("uri").to_pylist()) if uri in category])
+    searcher = Searcher(
+        Index.build(table, rules.kinds, rules.params.max_order),
+        rules,
+        load_pictures(lake, version, rules.text_images, rules.params.max_order),
+    )
+    group = dict(zip(table.column("image_id").to_pylist(), (category[u] for u in table.column("uri").to_pylist())))
+    sizes = {name: list(group.values()).count(name) for name in set(group.values())}
+    target_of = {
+        uri: image_id for image_id, uri in zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist())
+    }
+    found = {"before": [], "after": []}
+    for row in rows:
+        target = target_of.get(row["uri"])
+        for text in human_texts(row) if target else ():
+            try:
+                words = rules.words(text)
+            except QueryRefused:  # a text with no words, or too long
+                continue
+            hits = searcher.search(searcher.plan("q", words, 10))
+            found["before"].append(_judged(hits, target, group, sizes))
+            like = [h["image_id"] for h in hits if group[h["image_id"]] == group[target]]
+            unlike = [h["image_id"] for h in hits if group[h["image_id"]] != group[target]]
+            examples, _ = searcher.examples(like, unlike)
+            found["after"].append(
+                _judged(searcher.search(searcher.plan("q", words, 10, examples=examples)), target, group, sizes)
+            )
+    out = {}
+    for when, prefix in (("before", "feedback_before"), ("after", "feedback")):
+        judged = np.array(found[when] or [(0.0, 0.0)])
+        out[f"{prefix}_r_at_10"], out[f"{prefix}_map_at_10"] = (float(v) for v in judged.mean(axis=0))
+    return out
+
+
+def _judged(hits: list[dict], target: str, group: dict, sizes: dict) -> tuple[float, float]:
+    """(the target in the top 10, AP@10 of its category's images)."""
+    relevant = [group[h["image_id"]] == group[target] for h in hits[:10]]
+    precision = [sum(relevant[: n + 1]) / (n + 1) for n in range(len(relevant))]
+    ap = sum(p for p, r in zip(precision, relevant) if r) / min(sizes[group[target]], 10)
+    return float(target in [h["image_id"] for h in hits[:10]]), ap
 
 
 def training_rows(rows: list[dict], texts: str) -> list[dict]:

@@ -40,7 +40,7 @@ MANIFEST = pa.schema(
 
 # Columns added since the tables became Delta tables: a table without them reads them as nulls, and the next
 # write adds them to its schema (a table missing any other column of cbir's is foreign).
-ADDED_LATER = frozenset({"visual"})
+ADDED_LATER = frozenset({"visual", "example"})
 CAPTIONS = pa.schema(
     [
         _field("image_id", pa.string(), "sha256 of the image bytes"),
@@ -89,6 +89,11 @@ RESULTS = pa.schema(
             "likeness",
             pa.float64(),
             "the image's likeness (cosine) to the query's picture, where one ranked it; null otherwise",
+        ),
+        _field(
+            "example",
+            pa.string(),
+            "for a query with positive example images: the one this image resembles most (as the query named it)",
         ),
         _field("run_id", pa.string(), "the query run"),
     ]

@@ -387,6 +387,24 @@ class Likeness(Section):
     image: bool = Field(False, description="image queries re-rank their BLEU pool by likeness to their own picture")
     image_weight: float = Field(0.5, ge=0, le=1, description="image queries: the share of likeness in the ranking")
     image_pool: int = Field(5, ge=1, le=100, description="image queries: BLEU candidates per result re-ranked")
+    example_weight: float = Field(
+        0.5, ge=0, le=1, description="queries with example images: the share of likeness in the ranking"
+    )
+    rocchio: tuple[float, float, float] = Field(
+        (1.0, 0.75, 0.25),
+        description="queries with example images: the picture is a x the text's + b x the positives' mean - "
+        "c x the negatives' mean, (a, b, c)",
+    )
+
+
+class Duplicates(Section):
+    """Near-duplicates: images whose likeness vectors (the captions' `visual` column) have a cosine of at least
+    the threshold (search.duplicates): `cbir duplicates` lists them, the page folds them under the first."""
+
+    threshold: float = Field(
+        0.995, gt=0, le=1, description="the least cosine of two images' likeness vectors that makes them copies"
+    )
+    fold: bool = Field(True, description="fold a result under a higher-ranked one it copies (the page and the API)")
 
 
 class Query(Section):
@@ -404,6 +422,9 @@ class Query(Section):
         64 * 2**20, gt=0, description="larger query files (decompressed) are refused, read no further"
     )
     max_rows: int = Field(100_000, ge=1, description="query files with more rows are refused")
+    max_examples: int = Field(
+        20, ge=1, le=1000, description="a query with more example images (positive and negative) is refused"
+    )
 
 
 class Web(Section):
@@ -477,6 +498,7 @@ class Settings(BaseSettings):
     bleu: Bleu = Bleu()
     query: Query = Query()
     likeness: Likeness = Likeness()
+    duplicates: Duplicates = Duplicates()
     web: Web = Web()
     ui: Ui = Ui()
 

@@ -161,18 +161,28 @@ def query(args, settings: Settings) -> None:
 def search(args, settings: Settings) -> None:
     """One query, answered by the searcher in this process: no Spark session, no flow run."""
     from cbir.text import render_table
+    from search.examples import check_examples
     from search.searcher import Rules, search_one
 
-    if (args.text is None) == (args.image is None):
-        raise UsageError("search needs a text or --image PATH (one of them)")
+    if args.text is not None and args.image is not None:
+        raise UsageError("search takes a text or --image PATH, not both")
+    if args.image is not None and (args.like or args.unlike):
+        raise UsageError("give the image as --like PATH, beside the other examples")
+    if args.text is None and args.image is None and not args.like:
+        raise UsageError("search needs a text, --image PATH or --like IMAGE")
     if args.k is not None and not 1 <= args.k <= MAX_K:
         raise UsageError(f"-k must be from 1 to {MAX_K}, got {args.k}")
-    image = args.image if args.image is None or "://" in args.image else os.path.abspath(args.image)
+    image = args.image and _local(args.image)
+    like, unlike = (tuple(map(_example, names)) for names in (args.like, args.unlike))
     if args.text is not None:
         Rules.from_settings(settings).words(args.text)  # refused before the lake is opened
+    check_examples(like, unlike, settings.query.max_examples, has_text=args.text is not None)
     lake = Lake.open(settings)
     lake.check()
-    caption, hits = search_one(lake, settings, args.k or settings.query.k, text=args.text, image=image)
+    k = args.k or settings.query.k
+    caption, hits, failures = search_one(lake, settings, k, text=args.text, image=image, like=like, unlike=unlike)
+    for failure in failures:
+        print(f"left out: {failure}", file=sys.stderr)
     if caption is not None:
         print(f"caption of the query image: {caption}")
     rows = [
@@ -183,10 +193,78 @@ def search(args, settings: Settings) -> None:
             "matched": f"{h['matched_kind']}: {h['matched_text']}" if h["matched_text"] is not None else "",
             "caption": h["caption"],
             "uri": h["uri"] or "",
+            **({"like": h["example"] or ""} if like else {}),
         }
         for h in hits
     ]
-    print(render_table(f"top {len(rows)} for \u201c{args.text or caption}\u201d", rows) if rows else "no results")
+    asked = args.text or caption or f"{len(like)} example(s)"
+    print(render_table(f"top {len(rows)} for \u201c{asked}\u201d", rows) if rows else "no results")
+
+
+def _local(name: str) -> str:
+    """A path as the searcher reads it (absolute), a URI as given."""
+    return name if "://" in name else os.path.abspath(name)
+
+
+def _example(name: str) -> str:
+    """An example image: an image id of the lake, or a file (search.examples)."""
+    from search.examples import is_image_id
+
+    return name if is_image_id(name) else _local(name)
+
+
+def duplicates(args, settings: Settings) -> None:
+    """The groups of near-duplicate images of the captioner in use (search.duplicates on the captions' stored
+    likeness vectors): a table, and with --out a gallery to review; in this process, no Spark, no flow run."""
+    from cbir.text import render_table
+    from models import store
+    from search.duplicates import groups
+    from search.gallery import duplicates_page
+    from search.index import version_captions, visual_vectors
+
+    if args.limit < 1:
+        raise UsageError(f"--limit must be 1 or more, got {args.limit}")
+    lake = Lake.open(settings)
+    lake.check()
+    version = store.resolve(lake, settings.captioner.version)
+    table = version_captions(lake, version, ())
+    vectors = visual_vectors(table)
+    if vectors is None and table.num_rows:
+        raise UsageError(
+            f"the captions of captioner {version} have no likeness vectors: run `cbir index --drop-version {version}` "
+            "and then `cbir index` (a captioner saved without a memory needs `cbir train` first)"
+        )
+    threshold = settings.duplicates.threshold
+    found = _members(table, vectors, groups(table.column("image_id").to_pylist(), vectors, threshold))
+    title = f"{len(found)} groups of near-duplicates among {table.num_rows} images (cosine >= {threshold}, {version})"
+    rows = [
+        {"group": n, "image_id": m["image_id"][:12], "uri": m["uri"] or "", "caption": m["caption"] or ""}
+        for n, group in enumerate(found, start=1)
+        for m in group
+    ]
+    print(
+        render_table(title, rows)
+        if rows
+        else f"no near-duplicates among {table.num_rows} images (cosine >= {threshold})"
+    )
+    if args.out:
+        page = duplicates_page(lake, settings, title, found, args.limit)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "duplicates.html")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(page)
+        print(f"gallery: {os.path.abspath(path)}")
+
+
+def _members(table, vectors, found: list[list[str]]) -> list[list[dict]]:
+    """Each group's images as image_id, uri, caption and cosine with the group's first."""
+    row_of = {image_id: n for n, image_id in enumerate(table.column("image_id").to_pylist())}
+    shown = table.select(["image_id", "uri", "caption"]).to_pylist()
+    out = []
+    for group in found:
+        first = vectors[row_of[group[0]]].astype("float64")
+        out.append([{**shown[row_of[i]], "cosine": float(vectors[row_of[i]].astype("float64") @ first)} for i in group])
+    return out
 
 
 def evaluate(args, settings: Settings) -> None:
@@ -386,7 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("search", search, "one query by text or by example image, printed as a table")
     sub.add_argument("text", nargs="?", help="the words to search for")
     sub.add_argument("--image", metavar="PATH", help="search by this image's caption instead")
+    sub.add_argument(
+        "--like", action="append", default=[], metavar="IMAGE", help="more like this: an image file or an image id"
+    )
+    sub.add_argument("--unlike", action="append", default=[], metavar="IMAGE", help="less like this (as --like)")
     sub.add_argument("-k", type=int, help="how many results (default query.k)")
+    sub = verb("duplicates", duplicates, "list the groups of near-duplicate images (settings duplicates.*)")
+    sub.add_argument("--out", metavar="DIR", help="also write DIR/duplicates.html, a gallery of the groups to review")
+    sub.add_argument("--limit", type=int, default=200, help="groups shown in the gallery (default 200)")
     sub = verb("eval", evaluate, "measure retrieval: recall@1/5/10 (text to image) and mAP@10 (image to image)")
     sub.add_argument("table", help="CSV, JSONL or Parquet with uri, caption and optional category")
     sub.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")

@@ -12,12 +12,15 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
+from cbir.errors import UsageError
 from cbir.lake import Lake
 from cbir.settings import MAX_K, Settings
 from flows.common import flow, open_lake, run_job, stage
 from flows.reporting import publish
 from jobs import query
+from models import store
 from search import gallery
+from search.index import likeness_vectors
 
 TOP_PER_QUERY = 3  # results per query in the Prefect table artifact
 ARTIFACT_ROWS = 300
@@ -65,6 +68,14 @@ def query_flow(
     return {**summary.as_dict(), "gallery": gallery_uri}
 
 
+def _version(lake: Lake, settings: Settings) -> str | None:
+    """The captioner in use (its images' likeness vectors fold the gallery's near-duplicates); None: none yet."""
+    try:
+        return store.resolve(lake, settings.captioner.version)
+    except UsageError:
+        return None
+
+
 def write_gallery(lake: Lake, settings: Settings, summary: query.QuerySummary, results: list[dict]) -> str:
     """The run's gallery page, written beside its results; returns its URI."""
     page = gallery.render(
@@ -75,5 +86,6 @@ def write_gallery(lake: Lake, settings: Settings, summary: query.QuerySummary, r
         summary.answered_queries,
         summary.error_rows,
         settings.query.gallery_queries,
+        likeness_vectors(lake, _version(lake, settings), {r["image_id"] for r in results}),
     )
     return gallery.write(lake, summary.run_id, page)

@@ -1,6 +1,7 @@
 """Image queries: each image of a query file is named by its bytes (Spark tasks); an image the captioner
 in use indexed keeps its stored caption and features, the others are captioned in Spark tasks, in
-batches, by the searcher's ImageCaptioner (as the index job would caption them)."""
+batches, by the searcher's ImageCaptioner (as the index job would caption them). Example images (search.examples)
+are resolved the same way: an image id by its stored caption and likeness vector, a file as an image query."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from cbir.settings import Settings
 from jobs.embed import identify
 from models import store
 from search.captioning import ImageCaptioner, indexed, read_image
+from search.examples import SIDES, Examples, example_of, is_image_id
+from search.index import version_captions, visual_vectors
+from search.pictures import Pictures
 from search.queries import Query
 
 CAPTIONED = pa.schema(
@@ -30,6 +34,10 @@ CAPTIONED = pa.schema(
     ]
 )
 NO_CAPTIONER = Failure.of("no-captioner", "image queries need a captioner in the lake: train one with `cbir train`")
+NO_LIKENESS = Failure.of(
+    "no-likeness",
+    "example images need the captioner's memory (likeness vectors): train with train.memory_images above 0",
+)
 
 
 def caption_image_queries(
@@ -61,10 +69,72 @@ def caption_image_queries(
         errors += failed
     dropped = {query_id for query_id, _ in errors}
     return [
-        dataclasses.replace(q, caption=found[q.query_id][0], vector=found[q.query_id][1]) if q.image else q
+        dataclasses.replace(q, caption=found[q.query_id][0], vector=found[q.query_id][1], image_id=ids[q.image][0])
+        if q.image
+        else q
         for q in queries
         if q.query_id not in dropped
     ], errors
+
+
+def resolve_examples(
+    spark: SparkSession,
+    lake: Lake,
+    settings: Settings,
+    queries: list[Query],
+    card: dict | None,
+    pictures: Pictures | None,
+) -> tuple[list[Query], list[tuple[str, Failure]]]:
+    """The queries with their examples resolved (search.examples.Example), and an error row for each example
+    that cannot be used (not in the lake, not an image, too large): the rest of its query is answered."""
+    asked = [q for q in queries if q.positive or q.negative]
+    if not asked:
+        return queries, []
+    if card is None or pictures is None:
+        failure = NO_CAPTIONER if card is None else NO_LIKENESS
+        return [q for q in queries if not (q.positive or q.negative)], [(q.query_id, failure) for q in asked]
+    names = sorted({name for q in asked for name in (*q.positive, *q.negative)})
+    found, failed = _stored_examples(lake, card["version"], [n for n in names if is_image_id(n)])
+    files = [Query(name, 1, image=name) for name in names if not is_image_id(name)]
+    captioned, errors = caption_image_queries(spark, lake, settings, files, card)
+    for q in captioned:
+        found[q.image] = example_of(q.image, q.caption, pictures.of_features(q.vector), q.image_id)
+    failed.update(errors)
+    resolved, rows = [], []
+    for q in queries:
+        if q.positive or q.negative:
+            sides = {side: tuple(found[n] for n in getattr(q, side) if n in found) for side in SIDES}
+            rows += [
+                (q.query_id, _of_example(failed[n], side, n)) for side in SIDES for n in getattr(q, side) if n in failed
+            ]
+            q = dataclasses.replace(q, examples=Examples(sides["positive"], sides["negative"]))
+            if q.text is None and not q.examples.positive:
+                continue  # its positives all failed: nothing left to ask
+        resolved.append(q)
+    return resolved, rows
+
+
+def _of_example(failure: Failure, side: str, name: str) -> Failure:
+    """An example's failure as its query's error row: which example, and why."""
+    return Failure.of(failure.reason, f"{side} example {name}: {failure.removeprefix(failure.reason + ': ')}")
+
+
+def _stored_examples(lake: Lake, version: str, image_ids: list[str]) -> tuple[dict, dict]:
+    """Examples named by image id: their stored caption and likeness vector; not-found for the others."""
+    table = version_captions(lake, version, (), image_ids)
+    vectors = visual_vectors(table)
+    found = {
+        image_id: example_of(image_id, caption, None if vectors is None else vectors[i], image_id)
+        for i, (image_id, caption) in enumerate(
+            zip(table.column("image_id").to_pylist(), table.column("caption").to_pylist())
+        )
+    }
+    missing = {
+        image_id: Failure.of("not-found", "no image of the lake has this id (with a caption of the captioner in use)")
+        for image_id in image_ids
+        if image_id not in found
+    }
+    return found, missing
 
 
 def _caption(

@@ -21,11 +21,12 @@ from cbir.lake import Lake, Table, new_run_id
 from cbir.schemas import ERRORS, RESULTS
 from cbir.settings import Settings
 from jobs.captions import lake_captions, table_captions
-from jobs.image_queries import caption_image_queries
+from jobs.image_queries import caption_image_queries, resolve_examples
 from jobs.lakeio import write_run
 from jobs.progress import Report, tracked
 from jobs.search import search
 from models import store
+from search.pictures import Pictures
 from search.queries import Query, read_queries
 from search.searcher import Plan, Rules
 
@@ -109,10 +110,14 @@ class QueryJob:
         with tracked(spark, self.describe(), progress):
             clock = time.monotonic()
             queries, failed = caption_image_queries(spark, lake, settings, planned.queries, planned.card)
+            pictures = self._pictures(planned.card, queries)
+            queries, unusable = resolve_examples(spark, lake, settings, queries, planned.card, pictures)
             captioned = time.monotonic()
-            parts, counts = search_and_write(spark, lake, settings, queries, planned.card, self.captions_table, run_id)
+            parts, counts = search_and_write(
+                spark, lake, settings, queries, planned.card, pictures, self.captions_table, run_id
+            )
         stages = {"caption images": captioned - clock, "search": time.monotonic() - captioned}
-        errors = planned.errors + failed
+        errors = planned.errors + failed + unusable
         errors += [
             (q.query_id, Failure.of("no-match", "no word of the query is in any indexed text"))
             for q in queries
@@ -120,6 +125,13 @@ class QueryJob:
         ]
         error_part = write_errors(lake.query_tables(run_id)[1], errors, run_id)
         return Answered(run_id, parts, [error_part], queries, counts, errors, stages)
+
+    def _pictures(self, card: dict | None, queries: list[Query]) -> Pictures | None:
+        """The memory's pictures for these queries; none for a captions table (its images have no vectors)."""
+        if card is None or self.captions_table:
+            return None
+        examples = any(q.positive or q.negative for q in queries)
+        return Rules.from_settings(self.settings).pictures(self.lake, card["version"], examples=examples)
 
     def commit(self, answered: Answered) -> None:
         results, errors = self.lake.query_tables(answered.run_id)
@@ -147,6 +159,7 @@ def search_and_write(
     settings: Settings,
     queries: list[Query],
     card: dict | None,
+    pictures: Pictures | None,
     captions_table: str | None,
     run_id: str,
 ) -> tuple[list[tuple[str, int]], Counter]:
@@ -157,9 +170,7 @@ def search_and_write(
     else:
         captions = lake_captions(spark, lake, card["version"])
     rules = Rules.from_settings(settings)
-    # A captions table's images have no likeness vectors.
-    pictures = rules.pictures(lake, card["version"]) if card is not None and captions_table is None else None
-    plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures, q.vector) for q in queries]
+    plans = [rules.plan(q.query_id, q.words, q.k, captions.rows, pictures, q.vector, q.examples) for q in queries]
     ranked = search(spark, captions, plans, rules, settings.spark.partitions, settings.state_dir)
     return write_run(
         _with_query_columns(spark, ranked, plans, queries, run_id).select(*RESULTS.names),
@@ -186,11 +197,17 @@ def _card(lake: Lake, settings: Settings) -> dict | None:
 
 
 def _with_query_columns(spark, ranked: DataFrame, plans: list[Plan], queries: list[Query], run_id: str) -> DataFrame:
-    """Add the query's generated caption, the run id, and the likeness where a picture ranked."""
+    """Add the query's generated caption, the run id, the likeness where a picture ranked, and the positive
+    example each image resembles."""
     info = spark.createDataFrame(
-        [(q.query_id, q.caption, p.likeness is not None) for q, p in zip(queries, plans)],
-        "query_id string, query_caption string, pictured boolean",
+        [(q.query_id, q.caption, p.likeness is not None, list(p.names)) for q, p in zip(queries, plans)],
+        "query_id string, query_caption string, pictured boolean, names array<string>",
     )
     out = ranked.join(F.broadcast(info), "query_id").withColumn("run_id", F.lit(run_id))
     pictured = F.col("pictured") & F.col("cosine").isNotNull()
-    return out.withColumn("likeness", F.when(pictured, F.col("cosine"))).withColumn("rank", F.col("rank").cast("int"))
+    example = F.when(F.col("resembles") >= 0, F.get(F.col("names"), F.col("resembles")))
+    return (
+        out.withColumn("likeness", F.when(pictured, F.col("cosine")))
+        .withColumn("example", example)
+        .withColumn("rank", F.col("rank").cast("int"))
+    )

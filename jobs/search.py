@@ -53,6 +53,7 @@ CANDIDATES = pa.schema(
         *[HIT_SCHEMA.field(name) for name in ("query_id", "image_id", "uri", "caption")],
         pa.field("bleu", pa.float64()),
         pa.field("cosine", pa.float64()),
+        pa.field("resembles", pa.int32()),
         pa.field("texts", pa.list_(pa.string())),
         pa.field("kinds", pa.list_(pa.string())),
     ]
@@ -62,7 +63,9 @@ CANDIDATES = pa.schema(
 OPENED = pa.schema(
     [*CANDIDATES, pa.field("share", pa.int32()), pa.field("slice", pa.int32()), pa.field("damage", pa.string())]
 )
-RANKED = HIT_SCHEMA.append(pa.field("cosine", pa.float64())).append(pa.field("rank", pa.int32()))
+RANKED = pa.schema(
+    [*HIT_SCHEMA, pa.field("cosine", pa.float64()), pa.field("resembles", pa.int32()), pa.field("rank", pa.int32())]
+)
 
 
 def search(
@@ -74,7 +77,7 @@ def search(
     state_dir: str | None = None,
 ) -> DataFrame:
     """Each plan's top k over the images' references, as (query_id, image_id, uri, caption, score, matched_kind,
-    matched_text, cosine, rank). With a state folder, the shares' indexes are saved and opened again."""
+    matched_text, cosine, resembles, rank). With a state folder, the shares' indexes are saved and opened again."""
     if not plans:
         return spark.createDataFrame([], from_arrow_schema(RANKED))
     parallelism = spark.sparkContext.defaultParallelism
@@ -213,6 +216,7 @@ def _found(
         **index.table.select(["image_id", "uri", "caption"]).take(pa.array(rows, pa.int64())).to_pydict(),
         "bleu": pa.array([c.bleu for c in found], pa.float64()),
         "cosine": pa.array([c.cosine for c in found], pa.float64()),
+        "resembles": pa.array([c.resembles for c in found], pa.int32()),
         "texts": texts,
         "kinds": kinds,
     }
@@ -234,9 +238,11 @@ def _rank(plans, rules: Rules, batches: Iterator[pa.RecordBatch]) -> Iterator[pa
     table = pa.Table.from_batches(batches)
     asked = {plan.query_id: plan for plan in plans.value}
     found: dict[str, dict[str, Candidate]] = {}
-    columns = zip(*(table.column(name).to_pylist() for name in ("query_id", "image_id", "bleu", "cosine")))
-    for row, (query_id, image_id, bleu, cosine) in enumerate(columns):
-        found.setdefault(query_id, {}).setdefault(image_id, Candidate(image_id, bleu, cosine, row))
+    names = ("query_id", "image_id", "bleu", "cosine", "resembles")
+    for row, (query_id, image_id, bleu, cosine, resembles) in enumerate(
+        zip(*(table.column(name).to_pylist() for name in names))
+    ):
+        found.setdefault(query_id, {}).setdefault(image_id, Candidate(image_id, bleu, cosine, row, resembles))
     winners, scores, ranks = [], [], []
     for query_id, candidates in found.items():
         plan = asked[query_id]
@@ -255,6 +261,7 @@ def _rank(plans, rules: Rules, batches: Iterator[pa.RecordBatch]) -> Iterator[pa
         "query_id": taken.column("query_id"),
         "score": scores,
         "cosine": taken.column("cosine"),
+        "resembles": taken.column("resembles"),
         "rank": ranks,
     }
     yield from pa.Table.from_pydict(ranked, schema=RANKED).to_batches()

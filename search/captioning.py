@@ -65,18 +65,27 @@ def read_image(uri: str, settings: Settings, filesystems: dict | None = None) ->
 
 
 def caption_image(lake: Lake, settings: Settings, card: dict, uri: str) -> tuple[str, list[float]]:
-    """The caption and features of an example image: its stored ones when this captioner indexed it, else
+    """The caption and features of a query image: its stored ones when this captioner indexed it, else
     made now."""
+    try:
+        caption, features, _ = describe_file(lake, settings, card, uri)
+    except UsageError as exc:
+        raise UsageError(f"{uri}: {exc}") from None
+    return caption, features
+
+
+def describe_file(lake: Lake, settings: Settings, card: dict, uri: str) -> tuple[str, list[float], str]:
+    """(caption, features, image_id) of an image file, as caption_image; UsageError says why not."""
     captioner = ImageCaptioner.from_settings(lake, card["version"], settings)
     store.check_encoder(card, captioner.encoder.key)
     try:
         image_id, data = read_image(uri, settings)
     except ImageRejected as exc:
-        raise UsageError(f"{uri}: {exc}") from None
+        raise UsageError(str(exc)) from None
     known = indexed(lake, captioner.encoder, card["version"], [image_id])
     if image_id in known:
-        return known[image_id]
+        return (*known[image_id], image_id)
     ((_, caption, features, reason),) = captioner.caption([{"image_id": image_id}], lambda row: data)
     if reason:
-        raise UsageError(f"{uri}: {reason}")
-    return caption, features.tolist()
+        raise UsageError(reason)
+    return caption, features.tolist(), image_id

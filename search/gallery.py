@@ -8,6 +8,7 @@ import html
 import io
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 from PIL import Image
@@ -18,6 +19,7 @@ from cbir.lake import Lake
 from cbir.settings import Settings
 from cbir.storage import open_filesystem, put_bytes
 from cbir.text import highlight, words
+from search.duplicates import fold
 
 THUMBNAIL = (160, 160)
 PAGE = """<!doctype html>
@@ -87,12 +89,19 @@ def render(
     queries: list,
     errors: list[tuple[str, str]],
     limit: int,
+    vectors: dict[str, np.ndarray] | None = None,
 ) -> str:
-    """The page: `results` are rows of the results table; `queries` the answered Query objects."""
+    """The page: `results` are rows of the results table; `queries` the answered Query objects. With the results'
+    likeness `vectors` (by image_id) and duplicates.fold, each near-duplicate folds under the first of them."""
     shown = queries[:limit]
     by_query: dict[str, list[dict]] = {}
     for row in sorted(results, key=lambda r: (r["query_id"], r["rank"])):
         by_query.setdefault(row["query_id"], []).append(row)
+    if vectors is not None and settings.duplicates.fold:
+        threshold = settings.duplicates.threshold
+        by_query = {
+            q: fold(rows, [vectors.get(r["image_id"]) for r in rows], threshold) for q, rows in by_query.items()
+        }
     stored = _image_paths(lake, {r["image_id"] for q in shown for r in by_query.get(q.query_id, [])})
     sources = {q.query_id: q.image for q in shown if q.image}
     sources.update(
@@ -109,7 +118,9 @@ def render(
     for query in shown:
         said = query.text if query.text is not None else query.caption
         picture = f'<img src="{thumbs[query.query_id]}" alt="">' if query.query_id in thumbs else ""
-        kind = "image, captioned" if query.image else "text"
+        kind = "image, captioned" if query.image else "text" if query.text is not None else "examples"
+        if query.positive or query.negative:
+            kind += f", {len(query.positive)} more like, {len(query.negative)} less like"
         body.append(
             f'<section><h2 class="query">{picture}{html.escape(query.query_id)} ({kind}): '
             f'&ldquo;{html.escape(said or "")}&rdquo;</h2><div class="grid">'
@@ -127,6 +138,14 @@ def render(
                     for piece, hit in highlight(row["matched_text"], words(said))
                 )
                 matched = f'<span class="matched">{html.escape(row["matched_kind"] or "")}: {marked}</span><br>'
+            if row.get("example"):
+                matched += f'<span class="matched">looks like {html.escape(row["example"][-40:])}</span><br>'
+            if row.get("folded"):
+                matched += (
+                    f"<small>{len(row['folded'])} more like this: "
+                    + ", ".join(f"{c['rank']}. {html.escape(c['caption'] or '')}" for c in row["folded"])
+                    + "</small><br>"
+                )
             body.append(
                 f'<figure><img src="{image}" alt="{html.escape(row["caption"] or "")}">'
                 f"<figcaption>{row['rank']}. {html.escape(row['caption'] or '')}<br>{matched}"
@@ -142,6 +161,33 @@ def render(
         body.append('<section><h2>Not answered</h2><table class="errors">')
         body += [f"<tr><td>{html.escape(q)}</td><td>{html.escape(reason)}</td></tr>" for q, reason in errors]
         body.append("</table></section>")
+    return PAGE.format(title=html.escape(title), body="\n".join(body))
+
+
+def duplicates_page(lake: Lake, settings: Settings, title: str, groups: list[list[dict]], limit: int) -> str:
+    """The page of `cbir duplicates`, for a person to review: each group of near-duplicates a row of
+    thumbnails, its representative first, every member with its caption, uri and cosine with the first.
+    `groups` hold image_id, uri, caption and cosine; the first `limit` are shown."""
+    shown = groups[:limit]
+    stored = _image_paths(lake, {m["image_id"] for group in shown for m in group})
+    sources = {m["image_id"]: m["uri"] for group in shown for m in group if m["image_id"] not in stored and m["uri"]}
+    thumbs = _thumbnails(lake, settings, stored, sources)
+    body = []
+    for number, group in enumerate(shown, start=1):
+        body.append(f'<section><h2>group {number}: {len(group)} images</h2><div class="grid">')
+        for n, member in enumerate(group):
+            caption, uri = html.escape(member["caption"] or ""), html.escape(member["uri"] or "")
+            like = "representative" if n == 0 else f"cosine {member['cosine']:.3f}"
+            body.append(
+                f'<figure><img src="{thumbs.get(member["image_id"], "")}" alt="{caption}"><figcaption>{caption}<br>'
+                f'<span class="score">{like}</span><br><small>{uri}</small><br>'
+                f"<small>{html.escape(member['image_id'][:12])}</small></figcaption></figure>"
+            )
+        body.append("</div></section>")
+    if not groups:
+        body.append("<p>No near-duplicates.</p>")
+    if len(groups) > limit:
+        body.append(f"<p>{len(groups) - limit} more groups are in the table that cbir duplicates printed.</p>")
     return PAGE.format(title=html.escape(title), body="\n".join(body))
 
 

@@ -14,13 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from cbir.bleu import BleuParams
+from cbir.bleu import BleuParams, sentence_bleu
 from cbir.engine import BleuIndex
 from cbir.lake import Lake
 from cbir.references import SOURCE, SOURCE_COLUMNS, References, build_index, reference_texts
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
-from search.ranking import Candidate, Likeness, cosines, top
+from cbir.text import words as text_words
+from search.ranking import Candidate, cosines, top
 
 log = logging.getLogger("cbir.search")
 
@@ -70,6 +71,13 @@ def captions_of(lake: Lake, version: str, image_ids: Iterable[str]) -> dict[str,
     """image_id -> the caption this captioner version gave it (images it did not caption are left out)."""
     table = version_captions(lake, version, (), image_ids)
     return dict(zip(table.column("image_id").to_pylist(), table.column("caption").to_pylist()))
+
+
+def likeness_vectors(lake: Lake, version: str | None, image_ids: Iterable[str]) -> dict[str, np.ndarray] | None:
+    """image_id -> its stored likeness vector (this captioner version's), or None when it has none."""
+    table = version_captions(lake, version, (), image_ids)
+    vectors = visual_vectors(table)
+    return None if vectors is None else dict(zip(table.column("image_id").to_pylist(), vectors))
 
 
 def first_per_image(table: pa.Table) -> pa.Table:
@@ -190,30 +198,55 @@ class Index:
         """Whether this index has likeness vectors of the picture's space."""
         return picture is not None and self.visual is not None and len(picture) == self.visual.shape[1]
 
-    def candidates(
-        self, query: list[str], k: int, params: BleuParams, picture: np.ndarray | None, likeness: Likeness | None
-    ) -> list[Candidate]:
-        """The images that may rank in the query's top k (search.ranking.rank orders them): its top k by BLEU;
+    def candidates(self, plan, params: BleuParams) -> list[Candidate]:
+        """The images that may rank in the plan's top k (search.ranking.rank orders them): its top k by BLEU;
         with a picture, the top max(k, likeness.pool) by BLEU and, for likeness.everyone, the top k + pool by
-        cosine too (a target outside the pool ranks by likeness alone, behind at most pool + k others)."""
+        cosine too (a target outside the pool ranks by likeness alone, behind at most pool + k others). A plan
+        with examples leaves out its negatives' images and says which positive each candidate resembles."""
         if self.engine is None:
             return []
+        picture, likeness = plan.picture, plan.likeness
         if likeness is None or not self.compares(picture):
-            return [
-                Candidate(hit.image_id, hit.score, None, self.row_of[hit.image_id])
-                for hit in self.engine.search(query, k, params)
-            ]
-        pool = self.engine.search(query, max(k, likeness.pool), params)
-        bleu = {self.row_of[hit.image_id]: hit.score for hit in pool}
-        rows = list(bleu)
-        if likeness.everyone:
-            every = cosines(self.visual, picture)
-            rows = list(dict.fromkeys([*rows, *top(every, k + len(pool)).tolist()]))
-            cosine = every[rows]
+            bleu = self._bleu(plan, plan.k, params)
+            rows, cosine = list(bleu), [None] * len(bleu)
         else:
-            cosine = cosines(self.visual[rows], picture)
+            bleu = self._bleu(plan, max(plan.k, likeness.pool), params)
+            rows = list(bleu)
+            if likeness.everyone:
+                every = cosines(self.visual, picture)
+                rows = list(dict.fromkeys([*rows, *top(every, plan.k + len(bleu) + len(plan.excluded)).tolist()]))
+                cosine = every[rows].tolist()
+            else:
+                cosine = cosines(self.visual[rows], picture).tolist()
         ids = self.table.column("image_id")
-        return [Candidate(ids[row].as_py(), bleu.get(row, 0.0), float(c), row) for row, c in zip(rows, cosine.tolist())]
+        found = [
+            Candidate(ids[row].as_py(), bleu.get(row, 0.0), c, row, resembles)
+            for row, c, resembles in zip(rows, cosine, self._resembles(plan, rows))
+        ]
+        return [c for c in found if c.image_id not in plan.excluded] if plan.excluded else found
+
+    def _bleu(self, plan, n: int, params: BleuParams) -> dict[int, float]:
+        """row -> BLEU of the plan's top n: by its words, or with examples the best of its words' and each
+        positive's caption's, scored exactly for every image any of them found (a share and the whole index
+        give an image the same score)."""
+        hits = {self.row_of[hit.image_id]: hit.score for hit in self.engine.search(plan.words, n, params)}
+        if not plan.also:
+            return hits
+        texts = [plan.words, *map(list, plan.also)]
+        for words in texts[1:]:
+            hits.update({self.row_of[hit.image_id]: hit.score for hit in self.engine.search(words, n, params)})
+        return {row: max(sentence_bleu(words, self._texts(row), params) for words in texts) for row in hits}
+
+    def _texts(self, row: int) -> list[list[str]]:
+        return [text_words(text) for _, text in self.references.of(row)]
+
+    def _resembles(self, plan, rows: list[int]) -> list[int]:
+        """For each row, the positive example its likeness vector is nearest (-1: none, or no vector)."""
+        if plan.likes is None or self.visual is None or plan.likes.shape[1] != self.visual.shape[1] or not rows:
+            return [-1] * len(rows)
+        vectors = self.visual[rows].astype(np.float32)
+        nearest = (vectors @ plan.likes.T).argmax(axis=1)
+        return np.where(np.abs(vectors).sum(axis=1) > 0, nearest, -1).tolist()
 
     def shown(self, query: list[str], rows: list[int], params: BleuParams) -> list[dict]:
         """What each image (its row) shows as a hit for the query: its id, uri and caption, and the text of it

@@ -1,5 +1,6 @@
-"""Queries: a query file (CSV, JSONL or Parquet of query_id, text or image, optional k) -> the queries, and
-an error row (query_id, reason) for each bad row; a file that cannot be read at all is a UsageError."""
+"""Queries: a query file (CSV, JSONL or Parquet of query_id, text or image, optional k, optional positive and
+negative example images) -> the queries, and an error row (query_id, reason) for each bad row; a file that
+cannot be read at all is a UsageError."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from cbir.images import Failure
 from cbir.reader import TooLarge, read_rows, resolve_source, resolve_uri, text_value
 from cbir.settings import MAX_K, Settings
 from cbir.text import words
-from search.rules import too_long
+from search.examples import SIDES, Examples, check_examples, example_refs, is_image_id
+from search.rules import QueryRefused, too_long
 
 
 @dataclass
@@ -21,6 +23,10 @@ class Query:
     image: str | None = None
     caption: str | None = None  # generated for an image query
     vector: list[float] | None = None  # the image query's features: its picture, with likeness.image
+    image_id: str | None = None  # the image query's, once read
+    positive: tuple[str, ...] = ()  # example images: image ids of the lake, or absolute paths and URIs
+    negative: tuple[str, ...] = ()
+    examples: Examples | None = None  # once the examples are resolved (search.examples)
 
     @property
     def words(self) -> list[str]:
@@ -90,6 +96,15 @@ def _query(source, query_id: str, row: dict, settings: Settings) -> tuple[Query 
         return None, Failure.of("bad-k", f"k must be a whole number from 1 to {MAX_K}, got {row.get('k')!r}")
     if text and image:
         return None, Failure.of("bad-row", "give text or image, not both")
+    try:
+        positive, negative = (_examples(source, row.get(side), side) for side in SIDES)
+        check_examples(positive, negative, settings.query.max_examples, has_text=bool(text))
+    except QueryRefused as exc:
+        return None, Failure.of(exc.reason, str(exc))
+    if (positive or negative) and image:
+        return None, Failure.of("bad-row", "give the image as a positive example, beside the others")
+    if positive and not text:
+        return Query(query_id, k, positive=positive, negative=negative), None
     if image:
         try:
             return Query(query_id, k, image=resolve_uri(source, image)), None
@@ -101,4 +116,15 @@ def _query(source, query_id: str, row: dict, settings: Settings) -> tuple[Query 
         return None, Failure.of("too-long", long)
     if not words(text):
         return None, Failure.of("empty-text", "the text has no words")
-    return Query(query_id, k, text=text), None
+    return Query(query_id, k, text=text, positive=positive, negative=negative), None
+
+
+def _examples(source, value, side: str) -> tuple[str, ...]:
+    """A row's examples of one side: image ids kept, paths and URIs made absolute (as an image's)."""
+    names = []
+    for name in example_refs(value, f"{side} examples"):
+        try:
+            names.append(name if is_image_id(name) else resolve_uri(source, name))
+        except ValueError as exc:
+            raise QueryRefused("unsupported-uri", f"{side} example {name}: {exc}") from None
+    return tuple(names)

@@ -41,6 +41,7 @@ class Candidate:
     bleu: float
     cosine: float | None = None
     row: int = -1
+    resembles: int = -1  # the positive example it is most like (search.examples), -1: none
 
 
 def rank(candidates: Iterable[Candidate], k: int, likeness: Likeness | None) -> list[tuple[float, Candidate]]:

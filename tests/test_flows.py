@@ -242,7 +242,7 @@ def test_query_flow_writes_results_gallery_and_artifacts(prefect_server, spark, 
         "gallery",
     }
 
-    _, hits = search_one(Lake.open(settings), settings, 2, text="a red circle")
+    _, hits, _ = search_one(Lake.open(settings), settings, 2, text="a red circle")
     assert [h["rank"] for h in hits] == [1, 2]
     assert hits[0]["score"] == max(r["score"] for r in rows if r["query_id"] == "red")
 
@@ -357,7 +357,7 @@ def test_image_queries_with_the_blend_on_rank_alike_in_the_query_job_cbir_search
         assert plan.picture is not None and plan.likeness.weight == with_likeness.likeness.image_weight
         found = sorted(search(spark, captions, [plan], rules, partitions=3).collect(), key=lambda r: r["rank"])
         job = [(r["image_id"], r["score"], r["matched_kind"], r["matched_text"]) for r in found]
-        caption, hits = search_one(lake, with_likeness, 6, image=row["uri"])
+        caption, hits, _ = search_one(lake, with_likeness, 6, image=row["uri"])
         one = [(h["image_id"], h["score"], h["matched_kind"], h["matched_text"]) for h in hits]
         with open(row["uri"], "rb") as image:
             answer = web.search_image(image.read(), 6)
@@ -367,6 +367,48 @@ def test_image_queries_with_the_blend_on_rank_alike_in_the_query_job_cbir_search
         plain = [(h["image_id"], h["score"]) for h in search_one(lake, settings, 6, image=row["uri"])[1]]
         blended += plain != [hit[:2] for hit in one]
     assert blended  # the blend ranked them, not BLEU alone (likeness.image off)
+
+
+def test_queries_with_examples_rank_alike_in_the_query_job_cbir_search_and_cbir_web(spark, shapes_lake):
+    """Positive and negative example images reach every front door: a query file's columns (the query job,
+    its examples as image ids and files), cbir search and the web; identical hits, each naming the positive
+    it resembles, the negative never a result, and an unknown example an error row with the rest answered."""
+    from jobs.job import run as run_job
+    from jobs.query import QueryJob
+    from search.searcher import search_one
+    from web.library import Library
+
+    settings, tmp, rows = shapes_lake
+    lake = Lake.open(settings)
+    captions = lake.table("captions").read().to_pylist()
+    by_uri = {r["uri"]: r["image_id"] for r in captions}
+    red, blue = (next(by_uri[r["uri"]] for r in rows if colour in r["caption"]) for colour in ("red", "blue"))
+    asked = {
+        "ids": ("a circle", [red], [blue]),
+        "file": (None, [rows[2]["uri"]], []),
+        "unknown": ("a circle", [red, "f" * 64], []),
+    }
+    with open(tmp / "examples.jsonl", "w") as handle:
+        for query_id, (text, positive, negative) in asked.items():
+            row = {"query_id": query_id, "text": text, "positive": positive, "negative": negative, "k": 6}
+            handle.write(json.dumps(row) + "\n")
+    summary = run_job(QueryJob(lake, settings, str(tmp / "examples.jsonl")), spark)
+    results, errors = lake.query_tables(summary.run_id)
+    found = sorted(results.read().to_pylist(), key=lambda r: (r["query_id"], r["rank"]))
+    assert [(e["query_id"], e["reason"]) for e in errors.read().to_pylist()] == [("unknown", "not-found")]
+    assert "positive example " + "f" * 64 in errors.read().to_pylist()[0]["error"]
+    web = Library(settings, lake)
+    for query_id, (text, positive, negative) in asked.items():
+        job = [(r["image_id"], r["score"], r["example"]) for r in found if r["query_id"] == query_id]
+        _, hits, left_out = search_one(lake, settings, 6, text=text, like=tuple(positive), unlike=tuple(negative))
+        one = [(h["image_id"], h["score"], h["example"]) for h in hits]
+        assert job and job == one, query_id
+        assert all(hit[2] for hit in job) and (blue not in [hit[0] for hit in job] or not negative)
+        assert len(left_out) == (query_id == "unknown")
+        if query_id != "file":  # the page and the API take image ids of the index
+            page = web.search(text, 6, positive, negative)
+            assert [(r.image_id, r.score, r.example) for r in page.results] == one
+    assert found[0]["query_id"] == "file" and found[0]["image_id"] == by_uri[rows[2]["uri"]]  # finds itself first
 
 
 def test_cbir_search_answers_without_spark_or_a_flow_run(shapes_lake):

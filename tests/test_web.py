@@ -148,6 +148,7 @@ def build_lake(tmp: Path) -> dict:
                 image_id=i,
                 uri=images[i]["uri"],
                 caption=images[i]["caption"],
+                visual=colour_vector(images[i]["tags"][0], i),
                 logprob=-1.0,
                 model_version=version,
                 status="ok",
@@ -161,6 +162,14 @@ def build_lake(tmp: Path) -> dict:
         model_version=version,
     )
     return {"settings": settings, "lake": lake, "images": images, "version": version, "tmp": tmp}
+
+
+def colour_vector(colour: str, key: str) -> bytes:
+    """A likeness vector that tells the colours apart (as a memory's space tells what images look like), with a
+    little of each image's own: images of one colour are alike (cosine about 0.97), not copies."""
+    vector = np.random.default_rng(int(key[:8], 16)).random(8).astype(np.float32) * 0.25
+    vector[sum(map(ord, colour)) % 8] = 1.0
+    return (vector / np.linalg.norm(vector)).astype("<f2").tobytes()
 
 
 def write_run(lake: Lake, name: str, rows: list[dict], schema: pa.Schema, **meta) -> str:
@@ -271,7 +280,7 @@ def test_bad_input_is_a_4xx_with_a_reason_and_the_server_keeps_serving(client, b
     assert_error(client.get("/api/search", params={"q": "  ?! -- "}), 400, "empty-query")
     body = assert_error(client.get("/api/search", params={"q": "zyzzyva quux"}), 404, "no-match")
     assert "No indexed caption" in body["error"]
-    assert_error(client.get("/api/search"), 422, "bad-request")
+    assert_error(client.get("/api/search"), 400, "empty-query")  # no text and no example
     assert_error(client.get("/api/search", params={"q": "red", "k": 0}), 422, "bad-request")
     assert_error(client.get("/api/search", params={"q": "red", "k": "many"}), 422, "bad-request")
     assert_error(client.get("/api/search", params={"q": "red " * 300}), 422, "bad-request")
@@ -304,9 +313,61 @@ def test_bad_input_is_a_4xx_with_a_reason_and_the_server_keeps_serving(client, b
     assert client.get("/api/search", params={"q": "red circle"}).status_code == 200  # still serving
 
 
+def test_examples_in_the_api_move_results_toward_positives_and_away_from_negatives(client, built):
+    colour = {key: image["tags"][0] for key, image in built["images"].items()}
+    ids = sorted(colour)
+    liked = next(key for key in ids if colour[key] == "blue")
+    body = client.get("/api/search", params={"like": liked, "k": 12}).json()
+    blues = sum(colour[key] == "blue" for key in ids)
+    assert [colour[r["image_id"]] for r in body["results"][:blues]] == ["blue"] * blues
+    assert body["like"] == [liked] and all(r["example"] == liked for r in body["results"])
+    text = "a red circle on a white background"
+    unliked = next(key for key in ids if colour[key] == "red")
+    body = client.get("/api/search", params={"q": text, "unlike": unliked, "like": liked, "k": 12}).json()
+    assert unliked not in [r["image_id"] for r in body["results"]] and body["unlike"] == [unliked]
+    body = client.get("/api/search", params={"q": text, "like": ["f" * 64, "<b>x</b>"]}).json()
+    assert body["results"] and [line.split(":")[0] for line in body["left_out"]] == [
+        f"positive example {'f' * 64}",
+        "positive example <b>x</b>",
+    ]
+    assert_error(client.get("/api/search", params={"q": text, "like": liked, "unlike": liked}), 400, "bad-examples")
+    assert_error(
+        client.get("/api/search", params={"q": text, "like": [f"{n:064x}" for n in range(21)]}),
+        400,
+        "too-many-examples",
+    )
+    assert_error(client.get("/api/search", params={"unlike": liked}), 400, "bad-examples")
+    assert_error(client.get("/api/search", params={"like": "f" * 64}), 404, "not-found")
+    page = client.get("/", params={"q": text, "like": "<b>x</b>"}).text
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page  # what the user sent is escaped too
+
+
+def test_near_duplicates_fold_under_the_first_of_them_unless_asked_not_to(built):
+    """Alike past duplicates.threshold (here: one colour's images): each folds under the first of them."""
+    settings = built["settings"]
+    loose = settings.model_copy(update={"duplicates": settings.duplicates.model_copy(update={"threshold": 0.9})})
+    colour = {key: image["tags"][0] for key, image in built["images"].items()}
+    with TestClient(create_app(loose, warm_up=False)) as client:
+        text = {"q": "a red circle on a white background", "k": 12}
+        plain = client.get("/api/search", params={**text, "fold": "false"}).json()["results"]
+        folded = client.get("/api/search", params=text).json()["results"]
+        page = client.get("/", params=text).text
+    assert all(not r["folded"] for r in plain) and len({colour[r["image_id"]] for r in plain}) > 1
+    assert len(folded) == len({colour[r["image_id"]] for r in plain})  # one per colour
+    firsts = {}
+    for r in plain:
+        firsts.setdefault(colour[r["image_id"]], r["image_id"])
+    assert [r["image_id"] for r in folded] == [i for i in firsts.values()]
+    for r in folded:
+        assert [c["image_id"] for c in r["folded"]] == [
+            p["image_id"] for p in plain if colour[p["image_id"]] == colour[r["image_id"]]
+        ][1:]
+    assert page.count('<details class="folded">') == sum(bool(r["folded"]) for r in folded)
+
+
 def test_server_failures_answer_without_a_traceback(built):
     app = create_app(built["settings"], warm_up=False)
-    app.state.searcher.search_text = lambda text, k: 1 / 0
+    app.state.searcher.search = lambda text, k, like=(), unlike=(): 1 / 0
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.get("/api/search", params={"q": "red"})
         page = client.get("/", params={"q": "red"})
@@ -382,7 +443,7 @@ def test_the_page_shows_results_and_messages_with_every_text_escaped(client, bui
     assert "12 captions indexed" in home.text and home.headers["content-security-policy"].startswith("default-src")
 
     page = client.get("/", params={"q": f"{XSS} red circle"})
-    assert page.status_code == 200 and page.text.count('<figure class="result">') >= 1
+    assert page.status_code == 200 and page.text.count('<figure class="result" data-image-id=') >= 1
     assert "<script>" not in page.text and "&lt;script&gt;" in page.text
     assert_page_error(client.get("/", params={"q": ""}), 400, "The query has no words")
     assert_page_error(client.get("/", params={"q": "zyzzyva"}), 404, "No indexed caption has any word")
@@ -589,6 +650,22 @@ def test_the_page_in_headless_chromium(live, built):
         figures = driver.find_elements(By.CSS_SELECTOR, ".grid figure")
         assert 1 <= len(figures) <= 10 and re.search(r"score \d\.\d{4}", figures[0].text)
         assert driver.find_element(By.NAME, "q").get_attribute("value") == "a red circle on a white background"
+
+        # Relevance feedback: mark the last result "more like this" and search again: its colour rises.
+        colour = {key: image["tags"][0] for key, image in built["images"].items()}
+        before = [f.get_attribute("data-image-id") for f in figures]
+        marked = before[-1]
+        assert colour[before[0]] != colour[marked]
+        figures[-1].find_element(By.CSS_SELECTOR, "input[name=like]").click()
+        driver.find_element(By.CSS_SELECTOR, "button.again").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".examples figure.like"))
+        wait.until(lambda d: d.execute_script(all_loaded, ".grid figure img"))
+        driver.save_screenshot(str(ARTIFACTS / "more-like-this.png"))
+        after = [f.get_attribute("data-image-id") for f in driver.find_elements(By.CSS_SELECTOR, ".grid figure")]
+        same = [key for key in after if colour[key] == colour[marked]]
+        assert after[: len(same)] == same and marked in same  # its colour first, the text kept
+        assert driver.find_element(By.NAME, "q").get_attribute("value") == "a red circle on a white background"
+        assert "looks like example" in driver.find_element(By.CSS_SELECTOR, ".grid figure").text
 
         key, image = next(iter(built["images"].items()))
         driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(image["uri"])

@@ -6,17 +6,20 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from web.deps import SEARCHER, checked_id, read_upload, shown_details, shown_uri
-from web.library import Answer
+from web.library import Answer, Result
 from web.schemas import (
     ERRORS,
+    FOLD,
     FORM_K,
     IMAGE_RESPONSES,
+    LIKE,
+    OPTIONAL_Q,
+    UNLIKE,
     UPLOAD,
     UPLOAD_ERRORS,
     ErrorOut,
     ImageOut,
     K,
-    Q,
     ResultOut,
     SearchOut,
     StatusOut,
@@ -26,22 +29,25 @@ router = APIRouter()
 CACHED = {"cache-control": "public, max-age=86400, immutable"}  # an image id names its bytes
 
 
+def result_out(r: Result) -> ResultOut:
+    return ResultOut(
+        rank=r.rank,
+        image_id=r.image_id,
+        score=r.score,
+        caption=r.caption,
+        uri=shown_uri(r.uri),
+        matched_kind=r.matched_kind,
+        matched_text=r.matched_text,
+        example=r.example,
+        image_url=f"/img/{r.image_id}",
+        thumbnail_url=f"/thumb/{r.image_id}",
+        page_url=f"/image/{r.image_id}",
+        folded=[result_out(copy) for copy in r.folded],
+    )
+
+
 def search_out(answer: Answer, text: str | None, k: int) -> SearchOut:
-    results = [
-        ResultOut(
-            rank=r.rank,
-            image_id=r.image_id,
-            score=r.score,
-            caption=r.caption,
-            uri=shown_uri(r.uri),
-            matched_kind=r.matched_kind,
-            matched_text=r.matched_text,
-            image_url=f"/img/{r.image_id}",
-            thumbnail_url=f"/thumb/{r.image_id}",
-            page_url=f"/image/{r.image_id}",
-        )
-        for r in answer.results
-    ]
+    results = [result_out(r) for r in answer.results]
     return SearchOut(
         query=text,
         caption=answer.caption,
@@ -52,15 +58,31 @@ def search_out(answer: Answer, text: str | None, k: int) -> SearchOut:
         caption_ms=answer.extra.get("caption_ms"),
         model_version=answer.version,
         captions=answer.captions,
+        like=answer.like,
+        unlike=answer.unlike,
+        left_out=answer.left_out,
         results=results,
     )
 
 
-@router.get("/api/search", response_model=SearchOut, responses=ERRORS, tags=["search"], summary="Search by text")
-def api_search_text(searcher: SEARCHER, q: Q, k: K = None) -> SearchOut:
+@router.get(
+    "/api/search",
+    response_model=SearchOut,
+    responses=ERRORS,
+    tags=["search"],
+    summary="Search by text, by example images of the index (more like these, less like those), or both",
+)
+def api_search_text(
+    searcher: SEARCHER,
+    q: OPTIONAL_Q = None,
+    k: K = None,
+    like: LIKE = None,
+    unlike: UNLIKE = None,
+    fold: FOLD = True,
+) -> SearchOut:
     searcher.maybe_reload()
     k = k or searcher.settings.query.k
-    return search_out(searcher.search_text(q, k), q, k)
+    return search_out(searcher.search(q, k, like or [], unlike or [], fold), q, k)
 
 
 @router.post(

@@ -34,9 +34,10 @@ from cbir.settings import Settings
 from cbir.text import words
 from models import store
 from search.captioning import ImageCaptioner, indexed
+from search.examples import check_examples
 from search.gallery import thumbnail, thumbnail_jpeg
 from search.rules import QueryRefused
-from search.searcher import Searcher
+from search.searcher import Searcher, folded
 
 log = logging.getLogger("cbir.web")
 
@@ -128,6 +129,8 @@ class Result:
     uri: str | None
     matched_kind: str | None = None  # which of the image's texts matched the query best
     matched_text: str | None = None
+    example: str | None = None  # the positive example it resembles most
+    folded: list[Result] = field(default_factory=list)  # its near-duplicates ranked below it (search.duplicates)
 
 
 @dataclass
@@ -139,6 +142,9 @@ class Answer:
     version: str | None = None
     captions: int = 0
     extra: dict = field(default_factory=dict)
+    like: list[str] = field(default_factory=list)  # the example images used (image ids)
+    unlike: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # examples that could not be used: which and why
 
 
 class Library:
@@ -226,14 +232,33 @@ class Library:
 
     # Searching.
     def search_text(self, text: str, k: int) -> Answer:
+        return self.search(text, k)
+
+    def search(
+        self, text: str | None, k: int, like: list[str] = (), unlike: list[str] = (), fold: bool = True
+    ) -> Answer:
+        """A text query, with or without example images of the index (image ids): more like `like`, less like
+        `unlike` (search.examples); an example the index does not know is left out, and said so. With `fold`
+        (and duplicates.fold), near-duplicates fold under the first of them."""
         snapshot = self.snapshot
+        like, unlike = list(dict.fromkeys(like)), list(dict.fromkeys(unlike))
         try:
-            query = snapshot.searcher.rules.words(text)
+            if like or unlike:
+                check_examples(like, unlike, self.settings.query.max_examples, has_text=bool(text))
+            query = snapshot.searcher.rules.words(text) if text or not like else []
         except QueryRefused as exc:
             hint = ": type a few words that describe a picture" if exc.reason == "empty-text" else ""
             reason = "empty-query" if exc.reason == "empty-text" else exc.reason
             raise Refused(400, reason, f"{str(exc).capitalize()}{hint}.") from None
-        return self._answer(snapshot, query, k)
+        if not (like or unlike):
+            return self._answer(snapshot, query, k, fold=fold)
+        examples, left_out = snapshot.searcher.examples(like, unlike)
+        if not text and not examples.positive:
+            raise Refused(404, "not-found", "No positive example could be used: " + "; ".join(left_out) + ".")
+        answer = self._answer(snapshot, query, k, examples=examples, fold=fold)
+        answer.like, answer.unlike = [e.name for e in examples.positive], [e.name for e in examples.negative]
+        answer.left_out = left_out
+        return answer
 
     def search_image(self, data: bytes, k: int) -> Answer:
         snapshot = self.snapshot
@@ -250,7 +275,14 @@ class Library:
         return answer
 
     def _answer(
-        self, snapshot: Snapshot, query: list[str], k: int, caption: str | None = None, features=None
+        self,
+        snapshot: Snapshot,
+        query: list[str],
+        k: int,
+        caption: str | None = None,
+        features=None,
+        examples=None,
+        fold: bool = True,
     ) -> Answer:
         searcher = snapshot.searcher
         if not searcher.index:
@@ -259,14 +291,17 @@ class Library:
                 "empty-index",
                 "Nothing is indexed yet: run `cbir index`; this page picks up the new index by itself.",
             )
-        if not searcher.index.knows_any(query):
+        if not examples and not searcher.index.knows_any(query):
             said = f"the caption \u201c{caption}\u201d" if caption is not None else "the query"
             raise Refused(404, "no-match", f"No indexed caption has any word of {said}.")
         started = time.perf_counter()
-        hits = searcher.search(searcher.plan("query", query, k, features))
-        results = [Result(**hit) for hit in hits]
+        plan = searcher.plan("query", query, k, features, examples)
+        hits = searcher.search(plan)
+        if fold and self.settings.duplicates.fold:
+            hits = folded(searcher.index, hits, self.settings.duplicates.threshold)
+        results = [Result(**{**hit, "folded": [Result(**copy) for copy in hit.get("folded", [])]}) for hit in hits]
         took = (time.perf_counter() - started) * 1000
-        return Answer(query, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
+        return Answer(plan.words, results, caption, round(took, 3), snapshot.marker.version, len(snapshot))
 
     # Uploaded images.
     def warm_up(self, wait: bool = False) -> None:

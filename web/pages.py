@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 from cbir.text import highlight
 from web.deps import SEARCHER, checked_id, read_upload, shown_details
 from web.library import Refused
-from web.schemas import FORM_K, MAX_QUERY, OPTIONAL_Q, OPTIONAL_UPLOAD, K
+from web.schemas import FOLD, FORM_K, LIKE, MAX_QUERY, OPTIONAL_Q, OPTIONAL_UPLOAD, UNLIKE, K
 
 router = APIRouter(include_in_schema=False)
 _environment = jinja2.Environment(loader=jinja2.PackageLoader("web", "templates"), autoescape=True)
@@ -33,11 +33,22 @@ def page(request: Request, name: str, status: int = 200, **context) -> HTMLRespo
 
 
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, searcher: SEARCHER, q: OPTIONAL_Q = None, k: K = None) -> HTMLResponse:
+def home(
+    request: Request,
+    searcher: SEARCHER,
+    q: OPTIONAL_Q = None,
+    k: K = None,
+    like: LIKE = None,
+    unlike: UNLIKE = None,
+    fold: FOLD = True,
+) -> HTMLResponse:
+    """The search page; with results, each has "more like this" and "less like this" boxes, and "search again"
+    asks the same text with the images marked (relevance feedback)."""
     searcher.maybe_reload()
-    if q is None:
+    if q is None and not like and not unlike:
         return page(request, "search.html")
-    return page(request, "search.html", q=q, answer=searcher.search_text(q, k or searcher.settings.query.k))
+    answer = searcher.search(q or None, k or searcher.settings.query.k, like or [], unlike or [], fold)
+    return page(request, "search.html", q=q, k=k, answer=answer)
 
 
 @router.post("/", response_class=HTMLResponse)

@@ -32,10 +32,14 @@ class ResultOut(BaseModel):
         description="which of its texts matched the query best: caption, label, title, description, tags or given"
     )
     matched_text: str | None = Field(description="that text")
+    example: str | None = Field(None, description="for a query with positive examples: the one it resembles most")
     uri: str | None = Field(description="where the image came from (a web address; of a server file, its name)")
     image_url: str = Field(description="the stored image")
     thumbnail_url: str = Field(description="a JPEG of at most 240 x 240 pixels")
     page_url: str = Field(description="the image's page, with its source metadata")
+    folded: list[ResultOut] = Field(
+        [], description="its near-duplicates ranked below it, folded under it (duplicates.threshold; fold=false: none)"
+    )
 
 
 class SearchOut(BaseModel):
@@ -48,6 +52,9 @@ class SearchOut(BaseModel):
     caption_ms: float | None = Field(None, description="time to caption the uploaded image")
     model_version: str | None = Field(description="the captioner version whose captions were searched")
     captions: int = Field(description="captions in the index")
+    like: list[str] = Field([], description="the positive example images used (image ids)")
+    unlike: list[str] = Field([], description="the negative example images used (image ids)")
+    left_out: list[str] = Field([], description="example images that could not be used: which, and why")
     results: list[ResultOut]
 
 
@@ -83,8 +90,12 @@ class StatusOut(BaseModel):
 
 
 # Parameters (module level: FastAPI resolves the annotations by name).
-Q = Annotated[str, Query(max_length=MAX_QUERY, description="words that describe a picture")]
 OPTIONAL_Q = Annotated[str | None, Query(max_length=MAX_QUERY, description="words that describe a picture")]
+FOLD = Annotated[
+    bool, Query(description="fold near-duplicates under the first of them (with the setting duplicates.fold)")
+]
+LIKE = Annotated[list[str] | None, Query(description="more like this: an indexed image's id (repeat for several)")]
+UNLIKE = Annotated[list[str] | None, Query(description="less like this: an indexed image's id (repeat for several)")]
 K = Annotated[int | None, Query(ge=1, le=MAX_K, description="how many results (default: the setting query.k)")]
 FORM_K = Annotated[int | None, Form(ge=1, le=MAX_K, description="how many results (default: the setting query.k)")]
 UPLOAD = Annotated[UploadFile, File(description="a JPEG, PNG, GIF, WebP, BMP or TIFF image")]
