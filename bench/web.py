@@ -8,7 +8,9 @@
 3. Q queries drawn the same way (a quarter of them one to three words), k=10, one after another
    through GET /api/search on one keep-alive connection, timed at the client from request to
    the whole body read (text_p50_ms, text_p95_ms); inside the server, the time in the index
-   (the answer's took_ms); a sample through the page, GET /?q= (HTML with the result grid).
+   (the answer's took_ms); a sample through the page, GET /?q= (HTML with the result grid); and a
+   sample again with 2 positive and 1 negative example images of the lake drawn at random, as the
+   page's "search again" asks it (examples_p50_ms, examples_p95_ms).
 4. The baseline, after the server has stopped: the same queries on a BleuIndex built in this
    process, BleuIndex.search called directly on one thread (engine_p50_ms, engine_p95_ms). The
    difference is what HTTP, FastAPI and JSON add.
@@ -16,7 +18,8 @@
     .venv/bin/python -m bench.web [--captions N] [--queries Q]
 
 Prints a table, then one JSON line: captions, text_p50_ms, text_p95_ms, engine_p50_ms, engine_p95_ms,
-server_engine_p50_ms, page_p50_ms, page_p95_ms, load_s, server_rss_gb, queries, no_match.
+server_engine_p50_ms, page_p50_ms, page_p95_ms, examples_p50_ms, examples_p95_ms, load_s, server_rss_gb,
+queries, no_match.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
     return response.status, response.read()
 
 
-def serve_and_query(root: Path, texts: list[str], page_sample: int) -> dict:
+def serve_and_query(root: Path, texts: list[str], page_sample: int, image_ids: list[str]) -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -178,6 +181,14 @@ def serve_and_query(root: Path, texts: list[str], page_sample: int) -> dict:
             status, body = get(connection, f"/?q={quote(text)}&k=10")
             page_ms.append((time.perf_counter() - clock) * 1000)
             assert status in (200, 404) and b"<html" in body
+        examples_ms, rng = [], np.random.default_rng(5)
+        for text in texts[:page_sample]:
+            like, unlike = (rng.choice(image_ids, 2, replace=False), rng.choice(image_ids, 1))
+            marked = "".join(f"&like={i}" for i in like) + "".join(f"&unlike={i}" for i in unlike)
+            clock = time.perf_counter()
+            status, body = get(connection, f"/api/search?q={quote(text)}&k=10{marked}")
+            examples_ms.append((time.perf_counter() - clock) * 1000)
+            assert status in (200, 404), body[:300]
         rss = Path(f"/proc/{server.pid}/status").read_text().split("VmRSS:")[1].split()[0]
         captions = json.loads(get(connection, "/api/status")[1])["captions"]
     finally:
@@ -191,6 +202,7 @@ def serve_and_query(root: Path, texts: list[str], page_sample: int) -> dict:
         client_ms=client_ms,
         server_ms=server_ms,
         page_ms=page_ms,
+        examples_ms=examples_ms,
         no_match=no_match,
         rss_gb=int(rss) / 2**20,
         captions=captions,
@@ -210,7 +222,8 @@ def main() -> None:
         clock = time.perf_counter()
         images = write_lake(root, args.captions)
         write_s = time.perf_counter() - clock
-        served = serve_and_query(root, texts, min(args.page_queries, len(texts)))
+        sample = min(args.page_queries, len(texts))
+        served = serve_and_query(root, texts, sample, images.column("image_id").to_pylist()[:100_000])
         assert served["captions"] == args.captions, served["captions"]
 
         # The baseline: the engine called directly, in this process, once the server is gone.
@@ -234,6 +247,7 @@ def main() -> None:
         ("engine inside the server (the answer's took_ms)", percentiles(served["server_ms"] or [0.0])),
         ("GET /api/search over HTTP, keep-alive", percentiles(served["client_ms"])),
         (f"GET /?q= the page ({len(served['page_ms'])} of the queries)", percentiles(served["page_ms"])),
+        ("GET /api/search, 2 positive + 1 negative examples", percentiles(served["examples_ms"])),
     ]
     print(
         f"{args.captions:,} captions, {len(texts):,} text queries (k=10; {served['no_match']} had no known word), "
@@ -247,6 +261,7 @@ def main() -> None:
         f"{served['load_s']:.1f} s; server memory {served['rss_gb']:.2f} GB; in-process index build {build_s:.1f} s"
     )
     engine, text, page = percentiles(engine_ms), percentiles(served["client_ms"]), percentiles(served["page_ms"])
+    examples = percentiles(served["examples_ms"])
     print(
         json.dumps(
             {
@@ -258,6 +273,8 @@ def main() -> None:
                 "server_engine_p50_ms": round(percentiles(served["server_ms"] or [0.0])[0], 3),
                 "page_p50_ms": round(page[0], 3),
                 "page_p95_ms": round(page[1], 3),
+                "examples_p50_ms": round(examples[0], 3),
+                "examples_p95_ms": round(examples[1], 3),
                 "load_s": round(served["load_s"], 2),
                 "server_rss_gb": round(served["rss_gb"], 2),
                 "queries": len(texts),

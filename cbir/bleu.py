@@ -81,14 +81,6 @@ def _smooth(matches, dens, smoothing: str) -> list[float]:
     return p_n
 
 
-def sentence_bleu(query: list[str], references: list[list[str]], params: BleuParams) -> float:
-    """nltk's sentence_bleu of the query against these references (for a few candidates: the engine scores many)."""
-    if not query or not references:
-        return 0.0
-    closest = min((len(reference) for reference in references), key=lambda n: (abs(n - len(query)), n))
-    return score(matches(query, references, params.max_order), len(query), closest, params)
-
-
 def matches(query: list[str], references: list[list[str]], max_order: int) -> tuple[int, ...]:
     """Clipped n-gram matches per order: the slow, obvious way (for tests and tiny inputs)."""
     out = []

@@ -244,6 +244,23 @@ class BleuIndex:
         with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
             return list(pool.map(lambda query: self.search(query, k, params), queries))
 
+    def scores(self, query: list[str], images: np.ndarray, params: BleuParams) -> list[float]:
+        """BLEU of the query against each of these images (their numbers in this index, image_ids' order), as
+        search scores them: for a few images that another query found."""
+        c = len(query)
+        ids = np.array([self.vocabulary.get(word, -1) for word in query], np.int64)
+        gids, counts, orders = _query_grams(ids, self.codes, self.code_offsets, self.renumbered, self.base)
+        if not c or not len(gids) or orders[0] != 1:
+            return [0.0] * len(images)
+        keep = orders <= params.max_order
+        gids, counts, orders = gids[keep], counts[keep], orders[keep]
+        nums = np.zeros(params.max_order, np.int64)
+        out = []
+        for image in np.asarray(images, np.int64).tolist():
+            _matches(self.fwd_gids, self.meta[image, 0], self.meta[image + 1, 0], gids, counts, orders, nums)
+            out.append(score(tuple(nums.tolist()), c, _penalised_length(self.meta, self.ref_lens, image, c), params))
+        return out
+
     def search(self, query: list[str], k: int, params: BleuParams) -> list[Hit]:
         """The k images that score highest against the query (ties: image_id ascending); zero scores are no hits."""
         if params.max_order > self.max_order:

@@ -8,19 +8,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from cbir.bleu import BleuParams, sentence_bleu
+from cbir.bleu import BleuParams
 from cbir.engine import BleuIndex
 from cbir.lake import Lake
 from cbir.references import SOURCE, SOURCE_COLUMNS, References, build_index, reference_texts
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
-from cbir.text import words as text_words
 from search.ranking import Candidate, cosines, top
 
 log = logging.getLogger("cbir.search")
@@ -235,10 +235,17 @@ class Index:
         texts = [plan.words, *map(list, plan.also)]
         for words in texts[1:]:
             hits.update({self.row_of[hit.image_id]: hit.score for hit in self.engine.search(words, n, params)})
-        return {row: max(sentence_bleu(words, self._texts(row), params) for words in texts) for row in hits}
+        rows = list(hits)
+        images = self.engine_numbers[rows]
+        best = np.max([self.engine.scores(words, images, params) for words in texts], axis=0)
+        return dict(zip(rows, best.tolist()))
 
-    def _texts(self, row: int) -> list[list[str]]:
-        return [text_words(text) for _, text in self.references.of(row)]
+    @cached_property
+    def engine_numbers(self) -> np.ndarray:
+        """Each row's image number in the engine (which orders images its own way)."""
+        numbers = np.empty(len(self.row_of), np.int64)
+        numbers[[self.row_of[image_id] for image_id in self.engine.image_ids]] = np.arange(len(numbers))
+        return numbers
 
     def _resembles(self, plan, rows: list[int]) -> list[int]:
         """For each row, the positive example its likeness vector is nearest (-1: none, or no vector)."""

@@ -99,7 +99,7 @@ class Rules:
         borrows, an image query (its caption's words and its features) with its own, a query with examples
         (its text's words, maybe none) as search.examples says."""
         if examples:
-            return self._by_examples(query_id, query, k, pictures, examples)
+            return self._by_examples(query_id, query, k, images, pictures, examples)
         picture, likeness = None, None
         if pictures is not None and features is None and self.text_pictures:
             picture = pictures.of_words(query, self.params)
@@ -110,13 +110,15 @@ class Rules:
         return Plan(query_id, query, k, picture, likeness if picture is not None else None)
 
     def _by_examples(
-        self, query_id: str, query: list[str], k: int, pictures: Pictures | None, examples: Examples
+        self, query_id: str, query: list[str], k: int, images: int, pictures: Pictures | None, examples: Examples
     ) -> Plan:
-        """Rocchio's picture over every image, BLEU for the text and each positive's caption (search.examples)."""
+        """Rocchio's picture, BLEU for the text and each positive's caption (search.examples); as for a text
+        query, every image is compared with the picture in an index of at most likeness.all_images, the BLEU
+        pools of the text and the captions in a larger one (a pass over every vector would take a second at 1M)."""
         texts = examples.texts(query)
         text_picture = pictures.of_words(query, self.params) if query and pictures is not None else None
         picture = examples.picture(text_picture, self.rocchio)
-        likeness = Likeness(self.example_weight, max(k, self.text_pool), everyone=True)
+        likeness = Likeness(self.example_weight, max(k, self.text_pool), images <= self.all_images)
         names, likes = examples.likes()
         return Plan(
             query_id,
