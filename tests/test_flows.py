@@ -387,7 +387,9 @@ def test_queries_with_examples_rank_alike_in_the_query_job_cbir_search_and_cbir_
         "ids": ("a circle", [red], [blue]),
         "file": (None, [rows[2]["uri"]], []),
         "unknown": ("a circle", [red, "f" * 64], []),
+        "not-an-image": ("a circle", [red, str(tmp / "notes.txt")], []),
     }
+    (tmp / "notes.txt").write_text("just words")
     with open(tmp / "examples.jsonl", "w") as handle:
         for query_id, (text, positive, negative) in asked.items():
             row = {"query_id": query_id, "text": text, "positive": positive, "negative": negative, "k": 6}
@@ -395,8 +397,10 @@ def test_queries_with_examples_rank_alike_in_the_query_job_cbir_search_and_cbir_
     summary = run_job(QueryJob(lake, settings, str(tmp / "examples.jsonl")), spark)
     results, errors = lake.query_tables(summary.run_id)
     found = sorted(results.read().to_pylist(), key=lambda r: (r["query_id"], r["rank"]))
-    assert [(e["query_id"], e["reason"]) for e in errors.read().to_pylist()] == [("unknown", "not-found")]
-    assert "positive example " + "f" * 64 in errors.read().to_pylist()[0]["error"]
+    failed = {e["query_id"]: e for e in errors.read().to_pylist()}
+    assert {q: e["reason"] for q, e in failed.items()} == {"unknown": "not-found", "not-an-image": "not-an-image"}
+    assert "positive example " + "f" * 64 in failed["unknown"]["error"]
+    assert f"positive example {tmp / 'notes.txt'}" in failed["not-an-image"]["error"]
     web = Library(settings, lake)
     for query_id, (text, positive, negative) in asked.items():
         job = [(r["image_id"], r["score"], r["example"]) for r in found if r["query_id"] == query_id]
@@ -404,8 +408,8 @@ def test_queries_with_examples_rank_alike_in_the_query_job_cbir_search_and_cbir_
         one = [(h["image_id"], h["score"], h["example"]) for h in hits]
         assert job and job == one, query_id
         assert all(hit[2] for hit in job) and (blue not in [hit[0] for hit in job] or not negative)
-        assert len(left_out) == (query_id == "unknown")
-        if query_id != "file":  # the page and the API take image ids of the index
+        assert len(left_out) == (query_id in failed)
+        if query_id in ("ids", "unknown"):  # the page and the API take image ids of the index
             page = web.search(text, 6, positive, negative)
             assert [(r.image_id, r.score, r.example) for r in page.results] == one
     assert found[0]["query_id"] == "file" and found[0]["image_id"] == by_uri[rows[2]["uri"]]  # finds itself first
