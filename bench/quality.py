@@ -253,13 +253,18 @@ def _judged(hits: list[dict], target: str, group: dict, sizes: dict) -> tuple[fl
 
 def training_rows(rows: list[dict], texts: str) -> list[dict]:
     """One row per training caption: the caption, and with texts=all also the description and the tags
-    (as one line of keywords), as a data set with several captions an image (Flickr8k's five) has."""
+    (as one line of keywords), as a data set with several captions an image (Flickr8k's five) has; and the
+    image's category (the learned likeness's positives, where every image has one)."""
     out = []
     for row in rows:
         captions = [row["caption"]]
         if texts == "all":
             captions += [row.get("description") or "", " ".join(row.get("tags") or [])]
-        out += [{"uri": row["uri"], "caption": caption, "split": row["split"]} for caption in captions if caption]
+        out += [
+            {"uri": row["uri"], "caption": caption, "split": row["split"], "category": row.get("category") or ""}
+            for caption in captions
+            if caption
+        ]
     return out
 
 

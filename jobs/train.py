@@ -226,25 +226,29 @@ def _identify(spark: SparkSession, settings: Settings, dataset: Dataset) -> dict
 
 
 def _splits(dataset: Dataset, image_of: dict[str, str], features: dict[str, np.ndarray]) -> dict[str, Split]:
-    """Rows -> one Split each for train/dev/test: unique images' features and an index per caption."""
+    """Rows -> one Split each for train/dev/test: unique images' features and an index per caption (and each
+    image's category, when the data set gives every image one)."""
     grouped: dict[str, dict[str, list[str]]] = {
         "train": defaultdict(list),
         "dev": defaultdict(list),
         "test": defaultdict(list),
     }
+    category: dict[str, str] = {}
     for row in dataset.rows:
         image_id = image_of[row.uri]
         if image_id in features:
             grouped[row.split][image_id].append(row.caption)
+            category[image_id] = category.get(image_id) or row.category
         else:
             dataset.skipped["no-features"] += 1
+    every = all(category.values())
     splits = {}
     for name, by_image in grouped.items():
         ids = sorted(by_image)
         index = [i for i, image_id in enumerate(ids) for _ in by_image[image_id]]
         captions = [caption for image_id in ids for caption in by_image[image_id]]
         matrix = np.stack([features[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
-        splits[name] = Split(matrix, np.array(index, np.int32), captions)
+        splits[name] = Split(matrix, np.array(index, np.int32), captions, [category[i] for i in ids] if every else None)
     return splits
 
 
@@ -259,16 +263,24 @@ def fit_memory(settings: Settings, splits: dict[str, Split]) -> tuple[Memory, He
     memory = Memory.build(features, texts, settings.captioner.memory_images, t.seed)
     if not t.likeness_head:
         return memory, None
+    labels = [_image_labels(splits[name], picked) for name, picked in (("train", train), ("dev", dev))]
     head = fit_head(
         memory.project(features[: len(train)]),
         list(train.values()),
         memory.project(features[len(train) :]),
         list(dev.values()),
+        train_labels=labels[0],
+        dev_labels=labels[1],
         epochs=t.likeness_epochs,
         margin=t.likeness_margin,
         seed=t.seed,
     )
     return (memory.learned(head.weights) if head.used else memory), head
+
+
+def _image_labels(split: Split, images: dict[int, list[str]]) -> list[str] | None:
+    """The categories of these images of the split (its feature rows), or None when the data set has none."""
+    return None if split.categories is None else [split.categories[i] for i in images]
 
 
 def _captions_per_image(split: Split) -> dict[int, list[str]]:

@@ -5,7 +5,8 @@ Three shapes are read:
     Flickr_8k.{train,dev,test}Images.txt lists; or the Kaggle copy, captions.txt ("image,caption");
   * a COCO captions JSON ("images" + "annotations") with its image folder (--images, or a
     folder beside the JSON named like it: captions_val2017.json -> val2017/);
-  * any table (CSV, JSONL, Parquet) with `uri` and `caption`, and optionally `split`.
+  * any table (CSV, JSONL, Parquet) with `uri` and `caption`, and optionally `split` and `category` (what
+    the learned likeness takes as its positives, where a data set has one).
 Rows without a split are assigned one from a hash of the image, so reruns agree.
 """
 
@@ -35,6 +36,7 @@ class Row(NamedTuple):
     uri: str
     caption: str
     split: str
+    category: str = ""
 
 
 @dataclass
@@ -76,9 +78,9 @@ def split_key(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _caption_rows(dataset: Dataset, items: Iterator[tuple[str | None, object, str]]) -> Dataset:
-    """Keep (uri, caption, split) items with a uri and a caption; count the others by reason."""
-    for uri, caption, split in items:
+def _caption_rows(dataset: Dataset, items: Iterator[tuple]) -> Dataset:
+    """Keep (uri, caption, split[, category]) items with a uri and a caption; count the others by reason."""
+    for uri, caption, split, *category in items:
         caption = text_value(caption)
         if not uri:
             dataset.skipped["no-uri"] += 1
@@ -87,7 +89,9 @@ def _caption_rows(dataset: Dataset, items: Iterator[tuple[str | None, object, st
         elif split and split not in SPLITS:
             dataset.skipped["unknown-split"] += 1
         else:
-            dataset.rows.append(Row(uri, caption, SPLITS.get(split, "")))
+            dataset.rows.append(
+                Row(uri, caption, SPLITS.get(split, ""), text_value(category[0]) or "" if category else "")
+            )
     return dataset
 
 
@@ -106,7 +110,7 @@ def _table(source: Source) -> Dataset:
             except ValueError:
                 dataset.skipped["unsupported-uri"] += 1
                 continue
-            yield uri, row.get("caption"), (text_value(row.get("split")) or "").lower()
+            yield uri, row.get("caption"), (text_value(row.get("split")) or "").lower(), row.get("category")
 
     return _caption_rows(dataset, items())
 

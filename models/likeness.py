@@ -7,9 +7,10 @@ epoch 0 is the raw space), its output L2-normalised. A linear map keeps a direct
 head folds into the memory's basis (Memory.learned): the memory, its prototypes, the neighbour references, the
 stored likeness vectors and image queries' pictures all move into its space with no other change.
 
-Pairs: positive when the TF-IDF cosine of two images' content words (stop words out) reaches POSITIVE,
+Pairs: where the data set gives every image a category, positive when two images share it and negative
+otherwise; else positive when the TF-IDF cosine of two images' content words (stop words out) reaches POSITIVE,
 negative when it stays below NEGATIVE (they share no content word, or only words most images have: a word
-every image has weighs nothing); the rest are neither. Triplets are mined in each batch, semi-hard
+every image has weighs nothing), and the rest are neither. Triplets are mined in each batch, semi-hard
 (Schroff et al., FaceNet, 2015): for an anchor and a positive, the most similar negative that is still less
 similar than the positive, else the least similar negative. The epoch kept is the one with the best
 image-to-image mAP@10 (relevant: the positives) on the dev images, epoch 0 included: a head that does not
@@ -75,6 +76,21 @@ class TextWeights:
         return matrix @ matrix.T
 
 
+class Categories:
+    """Images' categories as relevance: 1 for two images of one category, 0 otherwise (TextWeights' interface)."""
+
+    def __init__(self, labels: list[str]):
+        self.labels = np.unique(np.asarray(labels), return_inverse=True)[1]
+
+    def relevance(self, rows) -> np.ndarray:
+        picked = self.labels[np.asarray(list(rows), np.int64)]
+        return (picked[:, None] == picked[None, :]).astype(np.float32)
+
+
+def relevance_of(texts: list[list[str]], labels: list[str] | None) -> TextWeights | Categories:
+    return TextWeights(texts) if labels is None else Categories(labels)
+
+
 def ranked_at_10(vectors: np.ndarray, relevant: np.ndarray) -> tuple[float, float]:
     """Image to image, over the images with a relevant other: each one's ten most alike others (cosine of unit
     vectors) against relevant[i] (bool, (n, n)): (mAP@10, recall@10: a relevant image among the ten)."""
@@ -120,14 +136,16 @@ def fit_head(
     dev: np.ndarray,
     dev_texts: list[list[str]],
     *,
+    train_labels: list[str] | None = None,
+    dev_labels: list[str] | None = None,
     epochs: int,
     margin: float,
     batch_size: int = 128,
     learning_rate: float = 1e-2,
     seed: int = 0,
 ) -> Head:
-    """Fit the head on the train images' unit vectors (the memory's space) and their texts; keep the epoch
-    with the best mAP@10 on the dev images (a seeded sample of MEASURED at most)."""
+    """Fit the head on the train images' unit vectors (the memory's space) and their texts (or categories:
+    `*_labels`); keep the epoch with the best mAP@10 on the dev images (a seeded sample of MEASURED at most)."""
     import keras
     import tensorflow as tf
 
@@ -137,10 +155,10 @@ def fit_head(
     layer = keras.layers.Dense(dim, use_bias=False, kernel_initializer="identity")
     layer.build((None, dim))
     optimizer = keras.optimizers.Adam(learning_rate)
-    texts = TextWeights(train_texts)
-    measured_on, check, check_related = "dev", *_sample(dev, dev_texts, rng)
+    texts = relevance_of(train_texts, train_labels)
+    measured_on, check, check_related = "dev", *_sample(dev, dev_texts, dev_labels, rng)
     if not (np.triu(check_related, 1) >= POSITIVE).any():  # no dev pair to tell better from worse
-        measured_on, check, check_related = "train", *_sample(train, train_texts, rng)
+        measured_on, check, check_related = "train", *_sample(train, train_texts, train_labels, rng)
 
     @tf.function(reduce_retracing=True)
     def step(x, related):
@@ -166,10 +184,13 @@ def fit_head(
     return Head(best_weights.astype(np.float32), history, best, measured_on)
 
 
-def _sample(vectors: np.ndarray, texts: list[list[str]], rng) -> tuple[np.ndarray, np.ndarray]:
+def _sample(
+    vectors: np.ndarray, texts: list[list[str]], labels: list[str] | None, rng
+) -> tuple[np.ndarray, np.ndarray]:
     """At most MEASURED of these images (seeded) and their relevance: mAP@10 compares every pair."""
     rows = np.sort(rng.choice(len(texts), min(MEASURED, len(texts)), replace=False))
-    return vectors[rows].astype(np.float32), TextWeights([texts[i] for i in rows]).relevance(range(len(rows)))
+    picked = relevance_of([texts[i] for i in rows], None if labels is None else [labels[i] for i in rows])
+    return vectors[rows].astype(np.float32), picked.relevance(range(len(rows)))
 
 
 def semi_hard_loss(similarity, related, margin: float):

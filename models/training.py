@@ -31,6 +31,7 @@ class Split:
     features: np.ndarray
     image_index: np.ndarray
     captions: list[str]
+    categories: list[str] | None = None  # per image (features' rows), where the data set gives every one
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -379,6 +379,22 @@ def test_a_table_needs_uri_and_caption_columns(local_settings, tmp_path):
     assert data.skipped == {"bad-row": 1}
 
 
+def test_a_tables_categories_reach_the_splits_only_when_every_image_has_one(local_settings, tmp_path):
+    from jobs.train import _splits
+
+    (tmp_path / "t.csv").write_text(
+        "uri,caption,split,category\na.jpg,x,train,cats\nb.jpg,y,train,dogs\nb.jpg,z,train,\n"
+    )
+    data = read_dataset(str(tmp_path / "t.csv"), local_settings)
+    assert [r.category for r in data.rows] == ["cats", "dogs", ""]
+    image_of = {str(tmp_path / name): name[0] * 64 for name in ("a.jpg", "b.jpg")}
+    features = {image_id: np.ones(2, np.float32) for image_id in image_of.values()}
+    assert _splits(data, image_of, features)["train"].categories == ["cats", "dogs"]  # b's first category
+    data.rows.append(data.rows[0]._replace(uri=str(tmp_path / "c.jpg"), category=""))
+    image_of[str(tmp_path / "c.jpg")], features["c" * 64] = "c" * 64, np.ones(2, np.float32)
+    assert _splits(data, image_of, features)["train"].categories is None  # c has none: texts decide
+
+
 # Helpers over the trained fixture.
 def _uris(trained) -> dict[str, str]:
     import hashlib

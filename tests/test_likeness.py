@@ -8,7 +8,7 @@ import pytest
 
 from cbir.settings import load_settings
 from jobs.train import fit_memory
-from models.likeness import POSITIVE, TextWeights, fit_head, ranked_at_10
+from models.likeness import POSITIVE, Categories, TextWeights, fit_head, ranked_at_10
 from models.neighbours import Memory, _unit
 from models.training import Split
 
@@ -47,6 +47,19 @@ def test_the_head_lowers_the_triplet_loss_and_raises_map_where_raw_features_mix_
     assert summary["map_at_10"] == {"raw": raw, "learned": learned} and summary["epochs_run"] == 12
     relevant = TextWeights(dev_texts).relevance(range(len(dev)))
     assert ranked_at_10(_unit(dev @ head.weights), relevant >= POSITIVE)[0] == pytest.approx(learned)
+
+
+def test_categories_are_the_positives_where_the_data_set_has_them():
+    """Texts that tell nothing ("a drawing"), categories that tell the groups: the head learns from these."""
+    train, train_texts = mixed_groups(600, 1)
+    dev, dev_texts = mixed_groups(200, 2)
+    labels = [[text[0].split()[1] for text in texts] for texts in (train_texts, dev_texts)]
+    blank = [[["a drawing"]] * len(texts) for texts in (train_texts, dev_texts)]
+    assert not fit_head(train, blank[0], dev, blank[1], epochs=4, margin=0.2).used  # nothing to learn from
+    head = fit_head(train, blank[0], dev, blank[1], train_labels=labels[0], dev_labels=labels[1], epochs=12, margin=0.2)
+    raw, learned = head.history[0]["map_at_10"], head.history[head.best_epoch]["map_at_10"]
+    assert head.used and head.measured_on == "dev" and learned >= raw + 0.1, head.history
+    assert Categories(["a", "b", "a"]).relevance([0, 1, 2]).tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
 
 
 def test_a_head_that_measures_no_better_than_the_raw_space_is_not_used():
