@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,9 @@ from cbir.references import SOURCE, SOURCE_COLUMNS, References, build_index, ref
 from cbir.schemas import CAPTIONS, subschema
 from cbir.settings import Settings
 from search.ranking import Candidate, cosines, top
+
+if TYPE_CHECKING:
+    from search.searcher import Plan
 
 log = logging.getLogger("cbir.search")
 
@@ -198,7 +202,7 @@ class Index:
         """Whether this index has likeness vectors of the picture's space."""
         return picture is not None and self.visual is not None and len(picture) == self.visual.shape[1]
 
-    def candidates(self, plan, params: BleuParams) -> list[Candidate]:
+    def candidates(self, plan: Plan, params: BleuParams) -> list[Candidate]:
         """The images that may rank in the plan's top k (search.ranking.rank orders them): its top k by BLEU;
         with a picture, the top max(k, likeness.pool) by BLEU and, for likeness.everyone, the top k + pool by
         cosine too (a target outside the pool ranks by likeness alone, behind at most pool + k others). A plan
@@ -225,7 +229,7 @@ class Index:
         ]
         return [c for c in found if c.image_id not in plan.excluded] if plan.excluded else found
 
-    def _bleu(self, plan, n: int, params: BleuParams) -> dict[int, float]:
+    def _bleu(self, plan: Plan, n: int, params: BleuParams) -> dict[int, float]:
         """row -> BLEU of the plan's top n: by its words, or with examples the best of its words' and each
         positive's caption's, scored exactly for every image any of them found (a share and the whole index
         give an image the same score)."""
@@ -247,7 +251,7 @@ class Index:
         numbers[[self.row_of[image_id] for image_id in self.engine.image_ids]] = np.arange(len(numbers))
         return numbers
 
-    def _resembles(self, plan, rows: list[int]) -> list[int]:
+    def _resembles(self, plan: Plan, rows: list[int]) -> list[int]:
         """For each row, the positive example its likeness vector is nearest (-1: none, or no vector)."""
         if plan.likes is None or self.visual is None or plan.likes.shape[1] != self.visual.shape[1] or not rows:
             return [-1] * len(rows)

@@ -168,14 +168,14 @@ class Searcher:
         version: str | None,
         extra: tuple[str, ...] = (),
         by_text: bool = True,
-        examples: bool = True,
+        by_examples: bool = False,
     ) -> Searcher:
         """The searcher of this captioner version's captions in the lake: the index from the cache (or built
         and saved), and the memory's pictures when a query may use them (not `by_text`: image queries only;
-        `examples`: queries with example images)."""
+        `by_examples`: example files are projected into its space)."""
         rules = Rules.from_settings(settings)
         index = cached_index(lake, settings.state_dir, version, rules.kinds, rules.params.max_order, extra)
-        pictures = rules.pictures(lake, version, by_text, examples) if index.visual is not None else None
+        pictures = rules.pictures(lake, version, by_text, by_examples) if index.visual is not None else None
         return cls(index, rules, pictures)
 
     def __len__(self) -> int:
@@ -253,7 +253,7 @@ def search_one(
         query = rules.words(caption, "the caption of the query image")
     else:  # examples alone search for their positives' captions
         query = rules.words(text) if text is not None or not like else []
-    searcher = Searcher.open(lake, settings, card["version"], by_text=image is None, examples=bool(like or unlike))
+    searcher = Searcher.open(lake, settings, card["version"], by_text=image is None, by_examples=bool(like or unlike))
     examples, failures = None, []
     if like or unlike:
         check_examples(like, unlike, settings.query.max_examples, has_text=text is not None)

@@ -323,7 +323,7 @@ def test_the_query_job_cbir_search_and_cbir_web_find_the_same(spark, shapes_lake
             (r["image_id"], r["score"], r["matched_kind"], r["matched_text"])
             for r in sorted((r for r in rows if r["query_id"] == q.query_id), key=lambda r: r["rank"])
         ]
-        page = [(r.image_id, r.score, r.matched_kind, r.matched_text) for r in web.search_text(q.text, q.k).results]
+        page = [(r.image_id, r.score, r.matched_kind, r.matched_text) for r in web.search(q.text, q.k).results]
         one = [
             (h["image_id"], h["score"], h["matched_kind"], h["matched_text"])
             for h in search_one(lake, settings, q.k, text=q.text)[1]

@@ -228,7 +228,7 @@ def test_cbir_web_loads_the_saved_index_and_rebuilds_when_a_run_is_committed(lak
     assert stats["built"] == 1
     second = Library(settings)  # a restart: the same lake state
     assert stats["loaded"] == 1 and stats["built"] == 1
-    assert second.search_text("w1 w2 w30", 10).results == first.search_text("w1 w2 w30", 10).results
+    assert second.search("w1 w2 w30", 10).results == first.search("w1 w2 w30", 10).results
     assert second.snapshot.searcher.index.table.column_names == ["image_id", "uri", "caption", "format"]
     write_lake(lake_root, N)  # a new index run: the next reload must not find the old index
     assert second.reload()

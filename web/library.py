@@ -231,9 +231,6 @@ class Library:
         return True
 
     # Searching.
-    def search_text(self, text: str, k: int) -> Answer:
-        return self.search(text, k)
-
     def search(
         self, text: str | None, k: int, like: list[str] = (), unlike: list[str] = (), fold: bool = True
     ) -> Answer:
