@@ -245,10 +245,10 @@ def by_feedback(lake: Lake, settings, version: str, rows: list[dict]) -> dict:
 
 def _judged(hits: list[dict], target: str, group: dict, sizes: dict) -> tuple[float, float]:
     """(the target in the top 10, AP@10 of its category's images)."""
-    relevant = [group[h["image_id"]] == group[target] for h in hits[:10]]
-    precision = [sum(relevant[: n + 1]) / (n + 1) for n in range(len(relevant))]
-    ap = sum(p for p, r in zip(precision, relevant) if r) / min(sizes[group[target]], 10)
-    return float(target in [h["image_id"] for h in hits[:10]]), ap
+    from jobs.evaluate import average_precision_at
+
+    relevant = [group[h["image_id"]] == group[target] for h in hits]
+    return float(target in [h["image_id"] for h in hits[:10]]), average_precision_at(relevant, sizes[group[target]])
 
 
 def training_rows(rows: list[dict], texts: str) -> list[dict]:

@@ -4,9 +4,10 @@ counts by its caption and its likeness vector (in the space of the images' store
 
 How they rank (search.searcher.Rules.plan): the query's picture moves toward the positives and away from
 the negatives (Rocchio: a x the text's picture + b x the positives' mean - c x the negatives' mean,
-likeness.rocchio), every image of the index is compared with it (not only the BLEU pool), the positives'
-captions are searched for beside the text (an image's BLEU is its best against any of them), and the
-negatives themselves are not results. Each result names the positive it resembles most.
+likeness.rocchio), every image is compared with it (in an index of at most likeness.all_images; a larger one
+re-ranks the BLEU pools, as for a text query), the positives' captions are searched for beside the text (an
+image's BLEU is its best against any of them), and the negatives themselves are not results. Each result
+names the positive it resembles most.
 
 Every front door resolves its examples to `Example`s (image ids from the index or the captions table, files
 captioned as image queries are) and plans them here, so query files, cbir search and cbir web rank alike.
@@ -15,16 +16,15 @@ captioned as image queries are) and plans them here, so query files, cbir search
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from cbir.lake import IMAGE_ID
 from cbir.text import words
 from search.rules import QueryRefused
 
-IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 SIDES = ("positive", "negative")
 
 
@@ -50,14 +50,14 @@ class Examples:
     def picture(self, text_picture: np.ndarray | None, weights: tuple[float, float, float]) -> np.ndarray | None:
         """Rocchio's query: a x the text's picture + b x the positives' mean - c x the negatives' mean, unit
         length; None when no example has a vector and there is no text picture."""
+        if text_picture is None and not any(e.vector is not None for e in self.positive):
+            return None  # negatives alone point nowhere
         a, b, c = weights
         parts = [a * np.asarray(text_picture, np.float64)] if text_picture is not None else []
         for weight, side in ((b, self.positive), (-c, self.negative)):
             vectors = [e.vector for e in side if e.vector is not None]
             if vectors:
                 parts.append(weight * np.mean(np.asarray(vectors, np.float64), axis=0))
-        if not parts or (text_picture is None and not any(e.vector is not None for e in self.positive)):
-            return None  # negatives alone point nowhere
         query = np.sum(parts, axis=0)
         norm = np.linalg.norm(query)
         return None if norm < 1e-12 else (query / norm).astype(np.float32)

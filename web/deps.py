@@ -3,14 +3,12 @@ request names."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
 
+from cbir.lake import IMAGE_ID
 from web.library import Library, Refused
-
-IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def searcher(request: Request) -> Library:
